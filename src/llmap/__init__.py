@@ -1,0 +1,50 @@
+"""llmap: map an LLM prompt over every row of a dataset: structured, fast, cheap, resumable.
+
+Public API::
+
+    import llmap
+    llmap.Job.from_toml("job.toml").run()
+    llmap.map(rows, prompt="Classify: {{ text }}", fields={"label": "string"})
+"""
+
+from llmap.api import map
+from llmap.engine import Job, RunResult
+from llmap.errors import (
+    AnswerInvalid,
+    AuthError,
+    BadRequest,
+    FatalProviderError,
+    InputError,
+    LlmapError,
+    ProviderError,
+    RateLimited,
+    RunInterrupted,
+    SpecError,
+    TerminalError,
+    TransientError,
+)
+from llmap.spec import JobSpec, ModelSpec, load_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnswerInvalid",
+    "AuthError",
+    "BadRequest",
+    "FatalProviderError",
+    "InputError",
+    "Job",
+    "JobSpec",
+    "LlmapError",
+    "ModelSpec",
+    "ProviderError",
+    "RateLimited",
+    "RunInterrupted",
+    "RunResult",
+    "SpecError",
+    "TerminalError",
+    "TransientError",
+    "__version__",
+    "load_spec",
+    "map",
+]

@@ -1,0 +1,5 @@
+"""``python -m llmap`` runs the CLI."""
+
+from llmap.cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""``llmap.map``: the one-call Python API over in-memory data."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from llmap.engine import Job
+from llmap.errors import SpecError
+from llmap.io.sinks import result_batches
+from llmap.io.sources import Source
+from llmap.spec import ModelSpec, spec_from_dict
+from llmap.store.ledger import Ledger
+
+__all__ = ["map"]
+
+_builtin_map = map
+
+
+def _to_arrow(data: Any) -> tuple[pa.Table, str]:
+    """(table, kind) where kind is how to give the result back."""
+    if isinstance(data, pa.Table):
+        return data, "arrow"
+    mod = type(data).__module__.split(".")[0]
+    if mod == "pandas":
+        return pa.Table.from_pandas(data, preserve_index=False), "pandas"
+    if mod == "polars":
+        return data.to_arrow(), "polars"
+    if isinstance(data, Sequence) and not isinstance(data, str | bytes):
+        if not all(isinstance(r, Mapping) for r in data):
+            raise SpecError("llmap.map: data must be a list of dicts, a pandas or polars DataFrame, or a pyarrow Table")
+        return pa.Table.from_pylist(list(data)), "records"
+    raise SpecError(
+        f"llmap.map: cannot read {type(data).__name__}; pass a list of dicts, a pandas or polars DataFrame, "
+        "or a pyarrow Table"
+    )
+
+
+def _from_arrow(table: pa.Table, kind: str) -> Any:
+    if kind == "pandas":
+        return table.to_pandas()
+    if kind == "polars":
+        import polars as pl
+
+        return pl.from_arrow(table)
+    if kind == "records":
+        return table.to_pylist()
+    return table
+
+
+def _fields(fields: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: ({"type": v} if isinstance(v, str) else dict(v)) for k, v in fields.items()}
+
+
+def _model(model: str | Mapping[str, Any] | ModelSpec, base_url: str | None,
+           api_key_env: str | None) -> dict[str, Any]:
+    if isinstance(model, ModelSpec):
+        return model.model_dump(exclude_defaults=True)
+    if isinstance(model, Mapping):
+        return dict(model)
+    if model == "local":
+        return {"provider": "local"}
+    doc: dict[str, Any] = {"provider": "openai", "name": model}
+    if base_url:
+        doc["base_url"] = base_url
+    if api_key_env:
+        doc["api_key_env"] = api_key_env
+    return doc
+
+
+def map(  # noqa: A001 - the library's name for its one verb
+    data: Any,
+    *,
+    prompt: str,
+    fields: Mapping[str, Any],
+    model: str | Mapping[str, Any] | ModelSpec = "local",
+    system: str | None = None,
+    examples: Sequence[Mapping[str, Any]] = (),
+    base_url: str | None = None,
+    api_key_env: str | None = None,
+    concurrency: int = 16,
+    max_reask: int = 2,
+    ledger: str | Path | None = None,
+) -> Any:
+    """Ask the model once per row and return the rows with the answer fields added.
+
+    Args:
+        data: a list of dicts, a pandas or polars DataFrame, or a pyarrow Table.
+        prompt: the user message, a Jinja2 template over the row's columns.
+        fields: output field name -> type (``"string"``, ``"integer"``,
+            ``"number"``, ``"boolean"``) or a dict with ``type``, ``enum``,
+            ``description``.
+        model: ``"local"`` (embedded Gemma 3 270M; needs ``llmap[local]``), an
+            OpenAI-compatible model name (with ``base_url``), or a ``[model]``
+            dict / :class:`~llmap.spec.ModelSpec`.
+        system: optional system prompt template.
+        examples: few-shot ``{"input": {...}, "output": {...}}`` pairs.
+        base_url: OpenAI-compatible base URL when ``model`` is a name.
+        api_key_env: environment variable holding the API key.
+        concurrency: requests in flight.
+        max_reask: re-asks after an invalid answer.
+        ledger: a ledger file to make the call resumable; default a temp file.
+
+    Returns:
+        The same kind as ``data`` (list of dicts for a list), with one column
+        per field plus ``_status``, ``_error`` and ``_model``, in input order.
+
+    Raises:
+        SpecError: bad arguments or a field name that clashes with a column.
+        RunInterrupted: Ctrl-C.
+    """
+    table, kind = _to_arrow(data)
+    clash = [f for f in fields if f in table.column_names]
+    if clash:
+        raise SpecError(f"llmap.map: field {clash[0]!r} is already a column of data; rename the field")
+    with tempfile.TemporaryDirectory(prefix="llmap-map-") as tmp:
+        doc = {
+            "name": "map",
+            "input": {"sql": "SELECT 1"},  # replaced by the Arrow source below
+            "prompt": {"user": prompt, **({"system": system} if system else {}), "examples": list(examples)},
+            "output": {"path": str(Path(tmp) / "out.parquet"), "fields": _fields(fields), "max_reask": max_reask},
+            "model": _model(model, base_url, api_key_env),
+            "limits": {"concurrency": concurrency},
+            "ledger": str(ledger) if ledger else str(Path(tmp) / "map.ledger.sqlite"),
+        }
+        spec = spec_from_dict(doc, base_dir=Path.cwd(), name="map", source="llmap.map")
+        job = Job(spec, source=Source.from_arrow(table))
+        job.run(export_output=False)
+        with Ledger(spec.ledger_path) as led:
+            plan = led.latest_plan()
+            layout = job.last_layout
+            answers = pa.Table.from_batches(list(result_batches(led, plan, layout)), schema=layout.schema)
+    out = table
+    for name in [*fields, "_status", "_error", "_model"]:
+        out = out.append_column(name, answers.column(name))
+    return _from_arrow(out, kind)

@@ -1,0 +1,46 @@
+"""The ``llmap`` command line: ``run``, ``status``, ``export``, ``simulate``.
+
+Exit codes: 0 every row done or skipped; 1 some rows failed or the run
+stopped on a provider error; 2 bad job or input (nothing sent); 130
+interrupted (progress kept).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from llmap.cli import jobs
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="llmap",
+    help=(
+        "Map an LLM prompt over every row of a dataset and write one structured result per row: "
+        "fast, cheap, resumable.\n\n"
+        "Start with: llmap run examples/districts.toml"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.command("run")(jobs.run)
+app.command("status")(jobs.status)
+app.command("export")(jobs.export)
+
+
+def _register_simulate() -> None:
+    try:
+        from llmap.cli.simulate import simulate
+    except ImportError:  # pragma: no cover - the simulator ships with llmap
+        return
+    app.command("simulate")(simulate)
+
+
+_register_simulate()
+
+
+def main() -> None:
+    """Entry point of the ``llmap`` console script."""
+    app()

@@ -1,0 +1,117 @@
+"""``llmap run``, ``llmap status`` and ``llmap export``: commands over one job file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from llmap.engine import Job, job_export, job_status
+from llmap.errors import RunInterrupted, SpecError
+from llmap.report import RichProgress
+from llmap.store.ledger import STATUSES
+
+__all__ = ["export", "run", "status"]
+
+err = Console(stderr=True)
+out = Console()
+
+JobFile = Annotated[Path, typer.Argument(help="The job spec, a TOML file (see README.md: 'The job spec').",
+                                         show_default=False)]
+
+
+def _fail(exc: SpecError) -> typer.Exit:
+    err.print(f"[bold red]llmap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _load(job_file: Path) -> Job:
+    try:
+        return Job.from_toml(job_file)
+    except SpecError as exc:
+        raise _fail(exc) from None
+
+
+def run(
+    job_file: JobFile,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N rows (overrides [input] limit).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier results in the ledger and start over.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run a job: read the input, ask the model once per row, write the output.
+
+    Every result is committed to the job's ledger before it counts, so Ctrl-C or a
+    crash loses nothing: run the same command again and it continues where it
+    stopped, sending requests only for rows not yet done.
+
+    Exit codes: 0 all rows done or skipped, 1 some rows failed, 2 bad job or input
+    (nothing sent), 130 interrupted.
+    """
+    job = _load(job_file)
+    progress = None if quiet or not err.is_terminal else RichProgress(err)
+    try:
+        result = job.run(limit=limit, fresh=fresh, progress=progress)
+    except SpecError as exc:
+        raise _fail(exc) from None
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        msg = str(exc) if isinstance(exc, RunInterrupted) else "interrupted; finished rows are kept"
+        err.print(f"[yellow]llmap: {escape(msg)}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    c = result.counts
+    tokens = result.prompt_tokens + result.completion_tokens
+    rate = (c["done"] + c["failed"]) / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    err.print(
+        f"llmap: {c['done']:,} done, {c['failed']:,} failed, {c['skipped']:,} skipped, {c['pending']:,} pending "
+        f"of {sum(c.values()):,} rows; {result.requests:,} requests, {tokens:,} tokens, "
+        f"{result.elapsed_s:.1f} s ({rate:,.1f} rows/s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.stop_reason:
+        err.print(f"[bold red]llmap: run stopped:[/] {escape(result.stop_reason)}", highlight=False, soft_wrap=True)
+    if c["failed"]:
+        err.print(f"llmap: see failed rows with: llmap status {job_file}; errors are in the output's _error column",
+                  highlight=False, soft_wrap=True)
+    if result.output_path is not None:
+        out.print(f"output: {result.output_path}", highlight=False, soft_wrap=True)
+    raise typer.Exit(result.exit_code)
+
+
+def status(
+    job_file: JobFile,
+    by: Annotated[str | None, typer.Option("--by", help="Also count per value of this input column, e.g. state.")] = None,
+) -> None:
+    """Show how many rows are pending, done, failed and skipped, read from the job's ledger."""
+    job = _load(job_file)
+    try:
+        rep = job_status(job, by)
+    except SpecError as exc:
+        raise _fail(exc) from None
+    table = Table(title=f"{job.spec.name}: {sum(rep.total.values()):,} rows", title_justify="left")
+    table.add_column(by or "", style="bold")
+    for s in STATUSES:
+        table.add_column(s, justify="right")
+    table.add_column("total", justify="right")
+    table.add_row("all", *[f"{rep.total[s]:,}" for s in STATUSES], f"{sum(rep.total.values()):,}", end_section=bool(by))
+    for g, counts in rep.groups.items():
+        table.add_row("(null)" if g is None else str(g), *[f"{counts[s]:,}" for s in STATUSES],
+                      f"{sum(counts.values()):,}")
+    Console(width=max(100, out.width) if not sys.stdout.isatty() else None).print(table)
+
+
+def export(
+    job_file: JobFile,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of [output] path (.parquet, .jsonl or .csv).")] = None,
+) -> None:
+    """Write the output file again from the ledger (no model calls)."""
+    job = _load(job_file)
+    try:
+        path, n = job_export(job, output)
+    except SpecError as exc:
+        raise _fail(exc) from None
+    out.print(f"output: {path} ({n:,} rows)", highlight=False, soft_wrap=True)

@@ -1,0 +1,168 @@
+"""llmap's one exception tree.
+
+Everything llmap raises on purpose derives from :class:`LlmapError`. Third-party
+errors (aiohttp, llama.cpp, DuckDB, SQLite) are mapped into this tree at one
+boundary each (``providers/base.py`` for model calls, ``io/sources.py`` for
+input), with ``raise ... from exc`` so the original stays in ``__cause__``.
+
+::
+
+    LlmapError
+    ├── SpecError                 bad job spec or input; exit code 2, nothing sent
+    │   └── InputError            unreadable input, missing column, duplicate key
+    ├── ProviderError             a model call failed (attrs: model, row_key, attempt, status)
+    │   ├── TransientError        worth retrying with backoff
+    │   │   ├── RateLimited       429; ``retry_after`` seconds when the server said so
+    │   │   ├── Overloaded        503 / 529 / 5xx
+    │   │   ├── RequestTimeout    connect or read timeout, 408
+    │   │   ├── ConnectionFailed  refused / reset connection
+    │   │   └── MalformedResponse 200 with a body that is not a chat completion
+    │   └── TerminalError         retrying cannot help this row
+    │       ├── BadRequest        400 / 404 / 422
+    │       │   └── ContextTooLong
+    │       └── FatalProviderError  every row would hit it: stop the run (exit 1)
+    │           ├── AuthError       401 / 403
+    │           └── QuotaExhausted  insufficient_quota
+    ├── AnswerInvalid             the answer does not validate against the fields
+    └── RunInterrupted            Ctrl-C / SIGTERM; progress is kept (exit 130)
+
+Exit codes used by the CLI: 0 every row done or skipped, 1 some rows failed
+or a fatal provider error stopped the run, 2 :class:`SpecError`, 130
+:class:`RunInterrupted`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AnswerInvalid",
+    "AuthError",
+    "BadRequest",
+    "ConnectionFailed",
+    "ContextTooLong",
+    "FatalProviderError",
+    "InputError",
+    "LlmapError",
+    "MalformedResponse",
+    "Overloaded",
+    "ProviderError",
+    "QuotaExhausted",
+    "RateLimited",
+    "RequestTimeout",
+    "RunInterrupted",
+    "SpecError",
+    "TerminalError",
+    "TransientError",
+]
+
+
+class LlmapError(Exception):
+    """Root of every error llmap raises on purpose."""
+
+
+class SpecError(LlmapError):
+    """The job spec is invalid. Raised before any request is sent; CLI exit code 2.
+
+    The message is one line that names the problem and the fix.
+    """
+
+    exit_code = 2
+
+
+class InputError(SpecError):
+    """The input cannot be used: unreadable file, missing column, duplicate key."""
+
+
+class ProviderError(LlmapError):
+    """A model call failed.
+
+    Attributes:
+        model: the model name the request was sent to, if known.
+        row_key: the key of the row (or first row of a pack) the request served.
+        attempt: 1-based attempt number of the failed request.
+        status: the HTTP status code, or ``None`` for non-HTTP failures.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        row_key: str | None = None,
+        attempt: int | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.model = model
+        self.row_key = row_key
+        self.attempt = attempt
+        self.status = status
+
+
+class TransientError(ProviderError):
+    """Retrying later may succeed (rate limit, overload, timeout, 5xx, bad body)."""
+
+
+class RateLimited(TransientError):
+    """HTTP 429. ``retry_after`` is the server's Retry-After in seconds, or None."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class Overloaded(TransientError):
+    """HTTP 5xx or 529: the server is overloaded or broken right now."""
+
+
+class RequestTimeout(TransientError):
+    """The connect or read timeout expired (or the server answered 408)."""
+
+
+class ConnectionFailed(TransientError):
+    """The connection was refused, reset or closed before an answer came."""
+
+
+class MalformedResponse(TransientError):
+    """HTTP 200 whose body is not a well-formed chat completion."""
+
+
+class TerminalError(ProviderError):
+    """Retrying cannot help this row: fail it at once with this error."""
+
+
+class BadRequest(TerminalError):
+    """HTTP 400 / 404 / 422: the request itself is wrong (bad model name, bad params)."""
+
+
+class ContextTooLong(BadRequest):
+    """The prompt does not fit the model's context window."""
+
+
+class FatalProviderError(TerminalError):
+    """Every row would hit this error: the run stops (exit 1), progress is kept."""
+
+
+class AuthError(FatalProviderError):
+    """HTTP 401 / 403: the API key is missing, wrong or lacks permission."""
+
+
+class QuotaExhausted(FatalProviderError):
+    """The account has no quota left (OpenAI ``insufficient_quota``)."""
+
+
+class AnswerInvalid(LlmapError):
+    """The model's answer does not validate against the output fields.
+
+    Attributes:
+        detail: the validation error text that is appended to a re-ask.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class RunInterrupted(LlmapError):
+    """The run was interrupted (Ctrl-C, SIGTERM); completed rows are kept. Exit 130."""
+
+    exit_code = 130

@@ -1,0 +1,175 @@
+"""Sinks: export the ledger to Parquet, JSONL or CSV.
+
+The output is built from the ledger, never from in-flight state: it is
+streamed page by page into a temp file beside the target, then renamed into
+place (``os.replace``), so a crash never leaves a half-written output.
+
+Columns: the key, the ``keep`` columns, the output fields, then ``_status``,
+``_error`` and ``_model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from llmap.errors import SpecError
+from llmap.store.ledger import Ledger
+
+__all__ = ["FIELD_ARROW", "ResultLayout", "check_writable", "export", "result_batches"]
+
+#: Arrow type of each output field type.
+FIELD_ARROW = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
+
+_META = [("_status", pa.string()), ("_error", pa.string()), ("_model", pa.string())]
+
+
+def _portable(t: pa.DataType) -> pa.DataType:
+    # The ledger stores values as JSON: keep simple types, render the rest as text.
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_string(t):
+        return t
+    if pa.types.is_large_string(t):
+        return pa.string()
+    return pa.string()
+
+
+class ResultLayout:
+    """The output table's shape.
+
+    Args:
+        data_schema: Arrow schema of the input columns to copy (key first, then keep).
+        fields: output field name -> llmap field type.
+    """
+
+    def __init__(self, data_schema: pa.Schema, fields: dict[str, str]) -> None:
+        self.data_fields = [pa.field(f.name, _portable(f.type)) for f in data_schema]
+        self.fields = dict(fields)
+        names = [f.name for f in self.data_fields]
+        clash = [n for n in fields if n in names]
+        if clash:
+            raise SpecError(
+                f"output field {clash[0]!r} has the same name as an input column in the output; rename the field "
+                "or drop the column from [output] keep"
+            )
+        self.schema = pa.schema(
+            self.data_fields + [pa.field(n, FIELD_ARROW[t]) for n, t in fields.items()] + [pa.field(n, t) for n, t in _META]
+        )
+
+    @classmethod
+    def from_schema(cls, schema: pa.Schema, fields: dict[str, str]) -> ResultLayout:
+        """Rebuild a layout from a full output schema (as stored in the ledger's meta)."""
+        skip = set(fields) | {n for n, _ in _META}
+        return cls(pa.schema([f for f in schema if f.name not in skip]), fields)
+
+    def batch(self, rows: Sequence[tuple]) -> pa.RecordBatch:
+        """Build one batch from ledger rows ``(key, data, status, output, error, model)``."""
+        cols: dict[str, list] = {f.name: [] for f in self.schema}
+        data_names = [f.name for f in self.data_fields]
+        field_names = list(self.fields)
+        for _key, data, status, output, error, model in rows:
+            d = json.loads(data)
+            for n in data_names:
+                cols[n].append(d.get(n))
+            o = json.loads(output) if output else {}
+            for n in field_names:
+                cols[n].append(o.get(n))
+            cols["_status"].append(status)
+            cols["_error"].append(error)
+            cols["_model"].append(model)
+        arrays = []
+        for f in self.schema:
+            vals = cols[f.name]
+            if pa.types.is_string(f.type):
+                vals = [v if v is None or isinstance(v, str) else str(v) for v in vals]
+            arrays.append(pa.array(vals, type=f.type))
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+
+def result_batches(ledger: Ledger, plan: int, layout: ResultLayout, *, page: int = 5000) -> Iterator[pa.RecordBatch]:
+    """Stream the plan's rows, in input order, as Arrow batches of ``layout.schema``."""
+    for rows in ledger.iter_rows(plan, page=page):
+        yield layout.batch(rows)
+
+
+def check_writable(path: Path) -> None:
+    """Make sure ``path`` can be written: its folder exists (or is created) and accepts a file.
+
+    Raises:
+        SpecError: naming the path and the fix.
+    """
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SpecError(
+                    f"cannot write output {str(path)!r}: {str(parent)!r} is a file, not a folder; "
+                    "choose another [output] path"
+                )
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".llmap-check-", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise SpecError(
+            f"cannot write output {str(path)!r}: {exc.strerror or exc}; choose a writable [output] path"
+        ) from None
+    if path.is_dir():
+        raise SpecError(f"output {str(path)!r} is a folder; give [output] path a file name")
+
+
+def export(batches: Iterator[pa.RecordBatch], schema: pa.Schema, path: Path) -> int:
+    """Write batches to ``path`` (format by extension) atomically.
+
+    Args:
+        batches: record batches of ``schema``.
+        schema: the output schema.
+        path: target file; ``.parquet``, ``.jsonl`` or ``.csv``.
+
+    Returns:
+        the number of rows written.
+
+    Raises:
+        SpecError: the extension is not one llmap writes.
+        OSError: the file cannot be written.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".jsonl", ".csv"):
+        raise SpecError(f"cannot export to {str(path)!r}: use a .parquet, .jsonl or .csv file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    n = 0
+    try:
+        if suffix == ".parquet":
+            with pq.ParquetWriter(tmp, schema) as w:
+                for b in batches:
+                    w.write_batch(b)
+                    n += b.num_rows
+        elif suffix == ".csv":
+            with pacsv.CSVWriter(tmp, schema) as w:
+                for b in batches:
+                    w.write_batch(b)
+                    n += b.num_rows
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for b in batches:
+                    for row in b.to_pylist():
+                        f.write(json.dumps(row, ensure_ascii=False, default=str))
+                        f.write("\n")
+                    n += b.num_rows
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return n

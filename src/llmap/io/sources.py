@@ -1,0 +1,234 @@
+"""Sources: read rows from CSV, Parquet, JSONL, a DuckDB query, or an Arrow table.
+
+DuckDB does the reading: it projects to the columns the job uses (a 36-column
+file is read for its 3 columns), applies ``where`` while scanning, caps rows
+at ``limit``, and streams Arrow record batches so memory does not grow with
+the input. DuckDB errors are mapped here into :class:`~llmap.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from llmap.errors import InputError
+
+__all__ = ["Source", "quote_ident"]
+
+_READERS = {
+    ".csv": "read_csv",
+    ".tsv": "read_csv",
+    ".parquet": "read_parquet",
+    ".jsonl": "read_json",
+    ".ndjson": "read_json",
+    ".json": "read_json",
+}
+
+#: Rows per Arrow batch when streaming (a batch is the unit of planning work).
+BATCH_ROWS = 4096
+
+
+def quote_ident(name: str) -> str:
+    """Quote a column name for DuckDB SQL."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class Source:
+    """One input, queried through DuckDB.
+
+    Build with :meth:`from_path`, :meth:`from_sql` or :meth:`from_arrow`.
+
+    Attributes:
+        label: how errors name the input (a path, ``[input] sql``, ``data``).
+        where: optional DuckDB SQL boolean expression applied while reading.
+        limit: optional cap on rows (after ``where``).
+    """
+
+    def __init__(self, relation_sql: str, *, label: str, con: duckdb.DuckDBPyConnection,
+                 where: str | None = None, limit: int | None = None) -> None:
+        self._rel = relation_sql
+        self._con = con
+        self.label = label
+        self.where = where
+        self.limit = limit
+        self._schema: pa.Schema | None = None
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_path(cls, path: Path, *, where: str | None = None, limit: int | None = None) -> Source:
+        """A file source; the reader is picked by extension.
+
+        Raises:
+            InputError: the extension is unknown or the file does not exist.
+        """
+        reader = _READERS.get(path.suffix.lower())
+        if reader is None:
+            raise InputError(
+                f"input {str(path)!r}: unknown file type {path.suffix!r}; use .csv, .parquet or .jsonl, or [input] sql"
+            )
+        if not path.is_file():
+            raise InputError(f"input file {str(path)!r} does not exist; check [input] path (relative to the job file)")
+        opts = ", delim='\\t'" if path.suffix.lower() == ".tsv" else ""
+        if reader == "read_json":
+            opts = ", format='newline_delimited'" if path.suffix.lower() != ".json" else ""
+        rel = f"{reader}({_sql_str(str(path))}{opts})"
+        return cls(rel, label=str(path), con=_connect(path.parent), where=where, limit=limit)
+
+    @classmethod
+    def from_sql(cls, sql: str, *, base_dir: Path, where: str | None = None, limit: int | None = None) -> Source:
+        """A DuckDB query source; relative file names in it resolve against ``base_dir``."""
+        return cls(f"({sql.strip().rstrip(';')})", label="[input] sql", con=_connect(base_dir),
+                   where=where, limit=limit)
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table, *, where: str | None = None, limit: int | None = None) -> Source:
+        """An in-memory Arrow table (used by :func:`llmap.map`)."""
+        con = duckdb.connect()
+        con.register("llmap_input", table)
+        return cls("llmap_input", label="data", con=con, where=where, limit=limit)
+
+    # -- header -------------------------------------------------------------
+    @property
+    def schema(self) -> pa.Schema:
+        """The input's columns and Arrow types (reads only the header / a sample).
+
+        Raises:
+            InputError: the input cannot be read or the query fails.
+        """
+        if self._schema is None:
+            try:
+                self._schema = _arrow_table(self._con.sql(f"SELECT * FROM {self._rel} LIMIT 0")).schema
+            except duckdb.Error as exc:
+                raise InputError(f"cannot read input {self.label}: {_first_line(exc)}; check the file and its format") from None
+        return self._schema
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names)
+
+    def require_columns(self, needed: Sequence[tuple[str, str]]) -> None:
+        """Check that every column the job names exists.
+
+        Args:
+            needed: ``(column, who names it)`` pairs, e.g. ``("state", "[output] keep")``.
+
+        Raises:
+            InputError: naming the first missing column, who wants it, and
+                close matches among the input's columns.
+        """
+        have = self.columns
+        lower = {c.lower(): c for c in have}
+        for col, who in needed:
+            if col in have:
+                continue
+            hint = f"did you mean {lower[col.lower()]!r}? " if col.lower() in lower else ""
+            shown = ", ".join(have[:20]) + (" ..." if len(have) > 20 else "")
+            raise InputError(
+                f"{who} names column {col!r}, which input {self.label} lacks; {hint}input columns: {shown}"
+            )
+
+    # -- queries ------------------------------------------------------------
+    def _select(self, columns: Sequence[str]) -> str:
+        cols = ", ".join(quote_ident(c) for c in columns) if columns else "1 AS _one"
+        sql = f"SELECT {cols} FROM {self._rel}"
+        if self.where:
+            sql += f" WHERE ({self.where})"
+        if self.limit is not None:
+            sql += f" LIMIT {int(self.limit)}"
+        return sql
+
+    def _run(self, sql: str, what: str) -> duckdb.DuckDBPyRelation:
+        try:
+            return self._con.sql(sql)
+        except duckdb.Error as exc:
+            msg = _first_line(exc)
+            if self.where and re.search(r"Binder Error|Parser Error|Conversion Error|Catalog Error", msg):
+                raise InputError(
+                    f"[input] where {self.where!r} fails on {self.label}: {msg}; fix the expression "
+                    f"(DuckDB SQL over columns: {', '.join(self.columns[:20])})"
+                ) from None
+            raise InputError(f"cannot {what} input {self.label}: {msg}") from None
+
+    def check_where(self) -> None:
+        """Compile ``where`` against the input without reading rows.
+
+        Raises:
+            InputError: the expression does not parse or names unknown columns.
+        """
+        if self.where:
+            self._run(f"SELECT * FROM ({self._select(self.columns)}) LIMIT 0", "filter")
+
+    def count(self) -> int:
+        """Rows the job will see (after ``where`` and ``limit``)."""
+        return int(self._run(f"SELECT count(*) FROM ({self._select([])})", "count").fetchall()[0][0])
+
+    def first_duplicate(self, key: str) -> tuple[Any, int] | None:
+        """The first key value that occurs more than once, with its count, or None."""
+        k = quote_ident(key)
+        rows = self._run(
+            f"SELECT {k}, count(*) AS n FROM ({self._select([key])}) GROUP BY {k} HAVING count(*) > 1 "
+            f"ORDER BY n DESC, {k} LIMIT 1",
+            "check keys of",
+        ).fetchall()
+        return (rows[0][0], int(rows[0][1])) if rows else None
+
+    def null_keys(self, key: str) -> int:
+        """How many rows have a NULL key."""
+        k = quote_ident(key)
+        sql = f"SELECT count(*) FROM ({self._select([key])}) WHERE {k} IS NULL"
+        return int(self._run(sql, "check keys of").fetchall()[0][0])
+
+    def batches(self, columns: Sequence[str], *, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        """Stream the projected, filtered, limited rows as Arrow record batches.
+
+        Args:
+            columns: the columns to read, in this order.
+            batch_rows: rows per batch.
+
+        Yields:
+            ``pyarrow.RecordBatch`` objects with exactly ``columns``.
+
+        Raises:
+            InputError: the input cannot be read.
+        """
+        reader = _arrow_reader(self._run(self._select(columns), "read"), batch_rows)
+        try:
+            yield from reader
+        except duckdb.Error as exc:
+            raise InputError(f"reading input {self.label} failed: {_first_line(exc)}") from None
+
+    def arrow_schema(self, columns: Sequence[str]) -> pa.Schema:
+        """Arrow types of the given columns, as :meth:`batches` will yield them."""
+        return pa.schema([self.schema.field(c) for c in columns])
+
+    def close(self) -> None:
+        self._con.close()
+
+
+def _arrow_table(rel: duckdb.DuckDBPyRelation) -> pa.Table:
+    return rel.to_arrow_table()
+
+
+def _arrow_reader(rel: duckdb.DuckDBPyRelation, batch_rows: int) -> pa.RecordBatchReader:
+    return rel.to_arrow_reader(batch_rows)
+
+
+def _connect(base_dir: Path) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    # Relative file names inside [input] sql resolve against the job file's folder.
+    con.execute(f"SET file_search_path = {_sql_str(str(base_dir))}")
+    return con

