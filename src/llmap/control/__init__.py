@@ -17,7 +17,7 @@ from llmap.control.headers import (
     parse_retry_after,
 )
 from llmap.control.limits import Limiter, Permit, RateLimiter, TokenBucket
-from llmap.control.retry import RetryDecision, RetryPolicy, classify_status, error_for_response
+from llmap.control.retry import RetryDecision, RetryPolicy
 
 __all__ = [
     "AIMDConcurrency",
@@ -33,8 +33,6 @@ __all__ = [
     "RetryDecision",
     "RetryPolicy",
     "TokenBucket",
-    "classify_status",
-    "error_for_response",
     "parse_duration",
     "parse_rate_limit_headers",
     "parse_reset",

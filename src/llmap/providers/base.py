@@ -1,25 +1,41 @@
 """The provider protocol and the one boundary where third-party errors are mapped.
 
 Nothing above this layer sees an aiohttp, asyncio-timeout or llama.cpp
-exception: :func:`error_for_status` and :func:`map_transport_error` turn them
+exception: :func:`error_for_response` (HTTP answers, classified by
+:func:`classify_status`) and :func:`map_transport_error` turn them
 into :mod:`llmap.errors` classes (``raise ... from exc``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from llmap import errors as E
+from llmap.control.headers import parse_rate_limit_headers
+from llmap.errors import (
+    AuthError,
+    BadRequest,
+    ContextTooLong,
+    FatalProviderError,
+    MalformedResponse,
+    Overloaded,
+    ProviderError,
+    QuotaExhausted,
+    RateLimited,
+    RequestTimeout,
+)
 
 __all__ = [
     "Completion",
     "Provider",
     "Request",
-    "error_for_status",
+    "classify_status",
+    "error_for_response",
     "map_transport_error",
-    "parse_retry_after",
 ]
 
 
@@ -91,63 +107,132 @@ class Provider(Protocol):
         """Release connections and models."""
 
 
-def parse_retry_after(headers: dict[str, str]) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``retry-after`` (seconds), or None."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    ra = headers.get("retry-after")
-    if ra:
-        try:
-            return max(0.0, float(ra))
-        except ValueError:
-            return None  # an HTTP date; rare for LLM APIs, fall back to backoff
-    return None
+_CONTEXT_MARKERS = (
+    "context_length_exceeded",
+    "maximum context length",
+    "context length",
+    "context size",
+    "context window",
+    "prompt is too long",
+    "too many tokens",
+    "exceed_context_size",
+)
+_QUOTA_MARKERS = ("insufficient_quota", "exceeded your current quota", "billing_hard_limit")
 
 
-def error_for_status(status: int, body: Any, headers: dict[str, str], *, model: str,
-                     row_key: str | None = None) -> E.ProviderError:
-    """Map an HTTP error answer to an exception (not raised; the caller raises it).
+def _error_fields(body: Any) -> tuple[str, str]:
+    """Return (code and type joined by a space, message) from an error body; "" when absent."""
+    if not isinstance(body, Mapping):
+        return "", ""
+    inner: Any = body.get("error", body)
+    if isinstance(inner, str):
+        return "", inner
+    if not isinstance(inner, Mapping):
+        return "", ""
+    code = " ".join(str(inner[key]) for key in ("code", "type") if inner.get(key))
+    message = inner.get("message") or inner.get("detail") or body.get("detail") or ""
+    return code, str(message)
+
+
+def classify_status(status: int, body: Mapping[str, Any] | None = None) -> type[ProviderError]:
+    """Map an HTTP status and error body to the exception class to raise.
+
+    Reads OpenAI-style bodies (``{"error": {"code", "type", "message"}}``),
+    Anthropic's (``{"type": "error", "error": {"type", "message"}}``) and
+    looser ones (``{"error": "text"}``, ``{"detail": "text"}``).
+
+    * 2xx: MalformedResponse (call it only when the body is unusable).
+    * 401, 403: AuthError (fatal: stops the run).
+    * 402, and 429 whose code or message says ``insufficient_quota``:
+      QuotaExhausted (fatal). OpenRouter and others answer 402 when credits run out.
+    * 408: RequestTimeout.
+    * 409: Overloaded (a conflict or lock timeout; transient, as the OpenAI SDK treats it).
+    * 429: RateLimited.
+    * 400, 404, 413, 422 and any other 4xx: BadRequest, or ContextTooLong when the
+      code or message says the context length was exceeded
+      (``context_length_exceeded``, "maximum context length", "prompt is too long", ...).
+    * 5xx, 529: Overloaded.
+    * anything else (1xx, 3xx): FatalProviderError: an unfollowed redirect or an
+      odd status means a wrong base URL, which every row would hit.
 
     Args:
-        status: HTTP status code (>= 400).
-        body: the parsed JSON body, or the raw text if it was not JSON.
-        headers: response headers with lower-cased names.
-        model: model label, for context.
-        row_key: the row served, for context.
+        status: the HTTP status code.
+        body: the decoded JSON body, or None.
 
     Returns:
-        ``AuthError`` for 401/403, ``QuotaExhausted`` for OpenAI's
-        ``insufficient_quota``, ``RateLimited`` (with ``retry_after``) for 429,
-        ``ContextTooLong`` for ``context_length_exceeded``, ``BadRequest`` for
-        other 400/404/422, ``RequestTimeout`` for 408, ``Overloaded`` for 409,
-        5xx and 529; any other status is ``BadRequest``.
+        A subclass of :class:`~llmap.errors.ProviderError` (not an instance).
     """
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict):
-        message = str(err.get("message") or err)
-        code = str(err.get("code") or err.get("type") or "")
-    else:
-        message = str(err or body or "")[:300]
-        code = ""
-    text = f"HTTP {status} from {model}: {message}".strip().rstrip(":")
-    kw = {"model": model, "row_key": row_key, "status": status}
+    code, message = _error_fields(body)
+    text = f"{code} {message}".lower()
+    if 200 <= status < 300:
+        return MalformedResponse
     if status in (401, 403):
-        return E.AuthError(text, **kw)
-    if code == "insufficient_quota":
-        return E.QuotaExhausted(text, **kw)
-    if status == 429:
-        return E.RateLimited(text, retry_after=parse_retry_after(headers), **kw)
-    if code == "context_length_exceeded" or "context length" in message.lower():
-        return E.ContextTooLong(text, **kw)
+        return AuthError
+    if status == 402:
+        return QuotaExhausted
     if status == 408:
-        return E.RequestTimeout(text, **kw)
-    if status == 409 or status == 529 or status >= 500:
-        return E.Overloaded(text, **kw)
-    return E.BadRequest(text, **kw)
+        return RequestTimeout
+    if status == 409:
+        return Overloaded
+    if status == 429:
+        if any(marker in text for marker in _QUOTA_MARKERS):
+            return QuotaExhausted
+        return RateLimited
+    if 400 <= status < 500:
+        if any(marker in text for marker in _CONTEXT_MARKERS):
+            return ContextTooLong
+        return BadRequest
+    if 500 <= status < 600:
+        return Overloaded
+    return FatalProviderError
+
+
+def error_for_response(
+    status: int,
+    body: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+    *,
+    message: str | None = None,
+    model: str | None = None,
+    row_key: str | None = None,
+    attempt: int | None = None,
+    wall_now: float | None = None,
+) -> ProviderError:
+    """Build the :mod:`llmap.errors` instance for a failed HTTP response.
+
+    The class comes from :func:`classify_status`; a :class:`RateLimited` gets
+    ``retry_after`` (seconds) from ``retry-after-ms`` / ``retry-after``.
+
+    Args:
+        status: the HTTP status code.
+        body: the decoded JSON error body, if any.
+        headers: the response headers, if any.
+        message: the message to use; by default the body's message or "HTTP <status>".
+        model: the model the request was for.
+        row_key: the key of the row the request served.
+        attempt: the 1-based attempt number.
+        wall_now: wall-clock POSIX seconds for HTTP-date Retry-After; default ``time.time()``.
+
+    Returns:
+        The exception, not raised; the caller raises it ``from`` the original.
+    """
+    cls = classify_status(status, body)
+    if message is None:
+        _, detail = _error_fields(body)
+        message = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
+    context: dict[str, Any] = {
+        "model": model,
+        "row_key": row_key,
+        "attempt": attempt,
+        "status": status,
+    }
+    if cls is RateLimited:
+        retry_after = None
+        if headers:
+            now = time.time() if wall_now is None else wall_now
+            retry_after = parse_rate_limit_headers(headers, wall_now=now).retry_after_s
+        return RateLimited(message, retry_after=retry_after, **context)
+    return cls(message, **context)
 
 
 def map_transport_error(exc: BaseException, *, model: str, row_key: str | None = None) -> E.ProviderError:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from llmap import errors as E
-from llmap.providers.base import Completion, Request, error_for_status, map_transport_error
+from llmap.providers.base import Completion, Request, error_for_response, map_transport_error
 from llmap.spec import ModelSpec
 
 __all__ = ["OpenAIProvider"]
@@ -115,8 +115,8 @@ class OpenAIProvider:
             try:
                 parsed: Any = json.loads(raw)
             except ValueError:
-                parsed = raw.decode("utf-8", "replace")
-            raise error_for_status(status, parsed, headers, model=self.label, row_key=request.row_key)
+                parsed = {"error": raw.decode("utf-8", "replace")[:300]}
+            raise error_for_response(status, parsed, headers, model=self.label, row_key=request.row_key)
         try:
             doc = json.loads(raw)
             content = doc["choices"][0]["message"]["content"]

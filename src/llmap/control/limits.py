@@ -1,0 +1,430 @@
+"""Rate limits (RPM / TPM token buckets) and adaptive concurrency.
+
+The pieces, from the inside out:
+
+* :class:`TokenBucket` — one continuously refilled budget. Pure: every method
+  takes ``now`` (clock seconds) and nothing reads a clock.
+* :class:`RateLimiter` — a requests-per-minute bucket and a tokens-per-minute
+  bucket, a server-imposed pause (``Retry-After``), and header sync. Pure.
+* :class:`Limiter` — the async wrapper the dispatcher awaits. It owns the
+  injected ``clock`` and ``sleep`` and serves waiters in FIFO order.
+* :class:`AIMDConcurrency` (defined in :mod:`llmap.control.concurrency`,
+  re-exported here) — the in-flight request limit used when neither the job
+  nor the provider gives a rate limit.
+
+Time is in seconds of a monotonic clock (``time.monotonic`` by default);
+budgets are per ``window_s`` (60 s: "per minute") as the providers state them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from llmap.control.concurrency import AIMDConcurrency
+from llmap.control.headers import Budget, RateLimitInfo, parse_rate_limit_headers
+
+__all__ = ["AIMDConcurrency", "Limiter", "Permit", "RateLimiter", "TokenBucket"]
+
+# Slack for float round-off: a bucket this close to the amount admits it, so a
+# waiter that slept exactly time_until() is not sent back to sleep for 1e-16 s.
+_EPS = 1e-9
+
+
+class TokenBucket:
+    """A token bucket with continuous refill, allowed to go into debt.
+
+    The level grows by ``refill_per_s`` per second up to ``capacity``. Taking
+    more than the level is allowed and leaves a negative level (debt) that the
+    refill pays back before anything else is admitted; this is how a request
+    larger than the whole bucket, or a reservation that turned out too small,
+    is accounted for.
+
+    The bucket does **not** start full. A provider's per-minute limit is
+    enforced as a rolling budget, and a full bucket at start-up lets a job send
+    a whole minute's quota in its first second, which the server then answers
+    with a wave of 429s. By default the bucket starts with one second's worth of
+    refill (``min(capacity, refill_per_s)``), i.e. ``capacity / 60`` for a
+    per-minute budget, and earns the rest at the steady rate.
+
+    Args:
+        capacity: the most the bucket holds (e.g. tokens per minute), > 0.
+        refill_per_s: units added per second, >= 0 (capacity / 60 for a per-minute budget).
+        level: the starting level; defaults to one second's worth, as above.
+        now: the current clock time in seconds.
+
+    Raises:
+        ValueError: capacity <= 0 or refill_per_s < 0.
+    """
+
+    def __init__(
+        self, capacity: float, refill_per_s: float, *, level: float | None = None, now: float
+    ) -> None:
+        if not capacity > 0:
+            raise ValueError(f"capacity must be > 0, got {capacity}")
+        if not refill_per_s >= 0:
+            raise ValueError(f"refill_per_s must be >= 0, got {refill_per_s}")
+        self.capacity = float(capacity)
+        self.refill_per_s = float(refill_per_s)
+        if level is None:
+            level = refill_per_s
+        self._level = min(float(level), self.capacity)
+        self._updated = now
+        #: Clock time at which the server last said its budget is full again (diagnostic).
+        self.server_reset_at: float | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenBucket(capacity={self.capacity}, refill_per_s={self.refill_per_s}, "
+            f"level={self._level}, updated={self._updated})"
+        )
+
+    def available(self, now: float) -> float:
+        """Return the level at ``now`` (negative while in debt). Does not change state."""
+        elapsed = now - self._updated
+        if elapsed <= 0:
+            return self._level
+        return min(self.capacity, self._level + elapsed * self.refill_per_s)
+
+    def _advance(self, now: float) -> None:
+        self._level = self.available(now)
+        self._updated = max(self._updated, now)
+
+    def time_until(self, amount: float, now: float) -> float:
+        """Return seconds from ``now`` until ``amount`` can be taken (0 if it can now).
+
+        An amount larger than the capacity is admitted when the bucket is full
+        (and then leaves it in debt); otherwise it would never be admitted.
+        Returns ``math.inf`` when the bucket is short and does not refill.
+        """
+        need = min(amount, self.capacity) - self.available(now)
+        if need <= _EPS * max(1.0, self.capacity):
+            return 0.0
+        if self.refill_per_s <= 0:
+            return math.inf
+        return need / self.refill_per_s
+
+    def take(self, amount: float, now: float) -> None:
+        """Take ``amount`` at ``now`` whether or not it is available (the level may go negative)."""
+        self._advance(now)
+        self._level -= amount
+
+    def refund(self, amount: float, now: float | None = None) -> None:
+        """Give back ``amount`` (a reservation that was too large); the level stays <= capacity.
+
+        Raises:
+            ValueError: amount is negative.
+        """
+        if amount < 0:
+            raise ValueError(f"refund amount must be >= 0, got {amount}")
+        if now is not None:
+            self._advance(now)
+        self._level = min(self.capacity, self._level + amount)
+
+    def owe(self, amount: float, now: float | None = None) -> None:
+        """Charge ``amount`` more (a reservation that was too small); may leave debt.
+
+        Raises:
+            ValueError: amount is negative.
+        """
+        if amount < 0:
+            raise ValueError(f"owed amount must be >= 0, got {amount}")
+        if now is not None:
+            self._advance(now)
+        self._level -= amount
+
+    def set_limit(self, capacity: float, now: float, *, refill_per_s: float | None = None) -> None:
+        """Change the capacity at ``now``; the level is clipped to it, never raised.
+
+        Args:
+            capacity: the new capacity, > 0.
+            now: the current clock time in seconds.
+            refill_per_s: the new refill rate; by default it is scaled with the
+                capacity, so the time to fill an empty bucket stays the same.
+
+        Raises:
+            ValueError: capacity <= 0 or refill_per_s < 0.
+        """
+        if not capacity > 0:
+            raise ValueError(f"capacity must be > 0, got {capacity}")
+        if refill_per_s is not None and not refill_per_s >= 0:
+            raise ValueError(f"refill_per_s must be >= 0, got {refill_per_s}")
+        self._advance(now)
+        if refill_per_s is None:
+            refill_per_s = self.refill_per_s * capacity / self.capacity
+        self.capacity = float(capacity)
+        self.refill_per_s = float(refill_per_s)
+        self._level = min(self._level, self.capacity)
+
+    def set_remaining(
+        self,
+        remaining: float,
+        reset_s: float | None,
+        now: float,
+        *,
+        as_of: float | None = None,
+    ) -> None:
+        """Sync with the server's ``remaining`` figure without ever raising the level.
+
+        Responses arrive out of order and each header describes the server at
+        the moment it handled that request, so a header can be stale: it does
+        not yet count requests we admitted since. The level therefore only
+        goes *down* to match the server (``min(level, remaining')``), where
+        ``remaining'`` is ``remaining`` refilled at our rate from ``as_of`` to
+        ``now`` (capped at capacity), so that a slow response does not drag the
+        level below what the server has by now.
+
+        ``reset_s`` is recorded in :attr:`server_reset_at` but does not change
+        the refill rate: providers round it and disagree on its meaning (time to
+        a full bucket vs. end of a fixed window), and a 429's ``Retry-After`` is
+        the authoritative signal to stop.
+
+        Args:
+            remaining: what the server says is left (same unit as capacity).
+            reset_s: seconds until the server's budget is full, or None.
+            now: the current clock time in seconds.
+            as_of: clock time the figure describes, e.g. when the request was
+                sent; defaults to ``now`` (the most conservative reading).
+        """
+        self._advance(now)
+        if as_of is not None and as_of < now:
+            remaining = min(self.capacity, remaining + (now - as_of) * self.refill_per_s)
+        self._level = min(self._level, remaining)
+        if reset_s is not None:
+            self.server_reset_at = now + reset_s
+
+
+class RateLimiter:
+    """Requests-per-minute and tokens-per-minute budgets, plus server pauses. Pure.
+
+    Each request costs 1 from the request bucket and its estimated tokens
+    (prompt + completion) from the token bucket. Either bucket may be None
+    (unlimited). Limits learned from response headers apply even when the job
+    configured none; when both exist the lower one wins (the job may share its
+    key with others). Both buckets refill at ``limit / window_s`` per second;
+    the request bucket starts with at least one request so the first request is
+    never delayed.
+
+    Args:
+        rpm: requests per ``window_s`` configured by the job, or None.
+        tpm: tokens per ``window_s`` configured by the job, or None.
+        now: the current clock time in seconds.
+        window_s: the period the limits are stated for (60 s: per minute).
+
+    Raises:
+        ValueError: a limit or window_s is not > 0.
+    """
+
+    def __init__(
+        self,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        *,
+        now: float,
+        window_s: float = 60.0,
+    ) -> None:
+        for name, value in (("rpm", rpm), ("tpm", tpm), ("window_s", window_s)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self.window_s = float(window_s)
+        self.configured_rpm = rpm
+        self.configured_tpm = tpm
+        self.requests: TokenBucket | None = None if rpm is None else self._bucket(rpm, 1.0, now)
+        self.tokens: TokenBucket | None = None if tpm is None else self._bucket(tpm, 0.0, now)
+        #: Clock time before which nothing is admitted (from Retry-After); -inf when none.
+        self.paused_until = -math.inf
+
+    def _bucket(self, limit: float, floor: float, now: float) -> TokenBucket:
+        rate = limit / self.window_s
+        return TokenBucket(limit, rate, level=min(limit, max(floor, rate)), now=now)
+
+    @property
+    def limited(self) -> bool:
+        """True when a request or token budget is in force (else use AIMD concurrency)."""
+        return self.requests is not None or self.tokens is not None
+
+    def time_until(self, est_tokens: float, now: float) -> float:
+        """Return seconds until a request of ``est_tokens`` would be admitted; no state change."""
+        wait = max(0.0, self.paused_until - now)
+        if self.requests is not None:
+            wait = max(wait, self.requests.time_until(1.0, now))
+        if self.tokens is not None:
+            wait = max(wait, self.tokens.time_until(est_tokens, now))
+        return wait
+
+    def reserve(self, est_tokens: float, now: float) -> float:
+        """Admit one request of ``est_tokens`` tokens, or say how long to wait.
+
+        Args:
+            est_tokens: estimated prompt + completion tokens of the request.
+            now: the current clock time in seconds.
+
+        Returns:
+            0.0 when admitted: 1 request and ``est_tokens`` tokens are taken
+            (settle later with :meth:`settle`). Otherwise the seconds to wait
+            before asking again; nothing is taken.
+        """
+        wait = self.time_until(est_tokens, now)
+        if wait > 0:
+            return wait
+        if self.requests is not None:
+            self.requests.take(1.0, now)
+        if self.tokens is not None:
+            self.tokens.take(est_tokens, now)
+        return 0.0
+
+    def settle(self, reserved_tokens: float, actual_tokens: float, now: float) -> None:
+        """Correct a reservation with the real usage: refund or owe the difference.
+
+        Args:
+            reserved_tokens: the ``est_tokens`` passed to :meth:`reserve`.
+            actual_tokens: ``usage.total_tokens`` of the answer. For a failed
+                request the server may still have charged it; pass
+                ``reserved_tokens`` to keep the reservation (conservative).
+            now: the current clock time in seconds.
+        """
+        if self.tokens is None:
+            return
+        difference = actual_tokens - reserved_tokens
+        if difference > 0:
+            self.tokens.owe(difference, now)
+        elif difference < 0:
+            self.tokens.refund(-difference, now)
+
+    def pause_until(self, until: float) -> None:
+        """Admit nothing before clock time ``until`` (a Retry-After). Pauses only extend."""
+        self.paused_until = max(self.paused_until, until)
+
+    def update_from_headers(
+        self,
+        headers: Mapping[str, str],
+        now: float,
+        *,
+        sent_at: float | None = None,
+        wall_now: float | None = None,
+    ) -> RateLimitInfo:
+        """Learn limits, remaining budget and pauses from one response's headers.
+
+        Reads OpenAI ``x-ratelimit-*`` and Anthropic ``anthropic-ratelimit-*``
+        headers (see :mod:`llmap.control.headers`). A ``limit`` creates the
+        bucket if the job set none, or lowers/raises it to
+        ``min(configured, limit)``; a ``remaining`` lowers the level (see
+        :meth:`TokenBucket.set_remaining`); ``retry-after(-ms)`` pauses all
+        reservations until ``now + retry_after``.
+
+        Args:
+            headers: the response headers (any case).
+            now: the current clock time in seconds.
+            sent_at: clock time the request was sent, if known (see ``as_of``).
+            wall_now: wall-clock POSIX seconds for absolute reset instants;
+                defaults to ``time.time()``.
+
+        Returns:
+            The parsed headers.
+        """
+        info = parse_rate_limit_headers(headers, wall_now=wall_now)
+        self.requests = self._sync(
+            self.requests, info.requests, self.configured_rpm, 1.0, now, sent_at
+        )
+        self.tokens = self._sync(self.tokens, info.tokens, self.configured_tpm, 0.0, now, sent_at)
+        if info.retry_after_s is not None:
+            self.pause_until(now + info.retry_after_s)
+        return info
+
+    def _sync(
+        self,
+        bucket: TokenBucket | None,
+        budget: Budget,
+        configured: float | None,
+        floor: float,
+        now: float,
+        sent_at: float | None,
+    ) -> TokenBucket | None:
+        if budget.limit is not None and budget.limit > 0:
+            limit = budget.limit if configured is None else min(configured, budget.limit)
+            if bucket is None:
+                bucket = self._bucket(limit, floor, now)
+            elif bucket.capacity != limit:
+                bucket.set_limit(limit, now, refill_per_s=limit / self.window_s)
+        if bucket is not None and budget.remaining is not None:
+            bucket.set_remaining(budget.remaining, budget.reset_s, now, as_of=sent_at)
+        return bucket
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """An admitted request: what it reserved and how long it waited.
+
+    Attributes:
+        tokens: the tokens reserved (pass back to :meth:`Limiter.settle`).
+        sent_at: clock time of admission, in seconds.
+        waited_s: seconds spent waiting in :meth:`Limiter.acquire`.
+    """
+
+    tokens: float
+    sent_at: float
+    waited_s: float
+
+
+class Limiter:
+    """Async front of a :class:`RateLimiter`: waits until a request is admitted.
+
+    Waiters are served first come, first served: one waiter at a time holds an
+    ``asyncio.Lock`` (FIFO) while it sleeps for its admission, so a large
+    request is not starved by a stream of small ones. After each sleep it asks
+    again, so a Retry-After that arrived meanwhile is honoured.
+
+    Args:
+        rate: the policy to apply; by default a new ``RateLimiter(rpm, tpm)``.
+        rpm: requests per minute, when ``rate`` is not given.
+        tpm: tokens per minute, when ``rate`` is not given.
+        clock: returns the current time in seconds (default ``time.monotonic``).
+        sleep: awaits a number of seconds (default ``asyncio.sleep``). Tests
+            pass a fake that advances a fake clock.
+    """
+
+    def __init__(
+        self,
+        rate: RateLimiter | None = None,
+        *,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        self.clock = clock
+        self.sleep = sleep
+        self.rate = rate if rate is not None else RateLimiter(rpm, tpm, now=clock())
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, est_tokens: float = 0.0) -> Permit:
+        """Wait until a request of ``est_tokens`` tokens is admitted and reserve it.
+
+        Raises:
+            asyncio.CancelledError: when cancelled while waiting; nothing is reserved.
+        """
+        start = self.clock()
+        async with self._lock:
+            while True:
+                now = self.clock()
+                wait = self.rate.reserve(est_tokens, now)
+                if wait <= 0:
+                    return Permit(tokens=est_tokens, sent_at=now, waited_s=now - start)
+                await self.sleep(wait)
+
+    def settle(self, permit: Permit, actual_tokens: float) -> None:
+        """Refund or owe the difference between the permit's reservation and real usage."""
+        self.rate.settle(permit.tokens, actual_tokens, self.clock())
+
+    def pause_for(self, seconds: float) -> None:
+        """Admit nothing for ``seconds`` from now (a Retry-After)."""
+        self.rate.pause_until(self.clock() + seconds)
+
+    def update_from_headers(
+        self, headers: Mapping[str, str], *, sent_at: float | None = None
+    ) -> RateLimitInfo:
+        """Apply one response's rate-limit headers (see :meth:`RateLimiter.update_from_headers`)."""
+        return self.rate.update_from_headers(headers, self.clock(), sent_at=sent_at)
