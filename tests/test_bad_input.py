@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import chat_requests
 from typer.testing import CliRunner
 
+from _support import chat_requests
 from llmap.cli import app
 from llmap.sim import Simulator
 

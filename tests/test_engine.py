@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import chat_requests, people, write_csv
 
+from _support import chat_requests, people, write_csv
 from llmap import Job
 from llmap.engine import job_export, job_status
 from llmap.errors import AnswerInvalid

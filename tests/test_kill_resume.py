@@ -9,8 +9,8 @@ import subprocess
 import time
 
 import pyarrow.parquet as pq
-from conftest import LLMAP, chat_requests
 
+from _support import LLMAP, chat_requests
 from llmap.sim import Simulator
 
 N = 200

@@ -295,7 +295,11 @@ def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: st
     models = doc.pop("model", {})
     if isinstance(models, dict):
         models = [models]
-    doc["models"] = models or [{}]
+    models = [dict(m) if isinstance(m, dict) else m for m in (models or [{}])]
+    for m in models:  # model_path, like every path in the spec, is relative to the job file
+        if isinstance(m, dict) and isinstance(m.get("model_path"), str):
+            m["model_path"] = str(base_dir / Path(m["model_path"]).expanduser())
+    doc["models"] = models
     doc.setdefault("name", name)
     doc["base_dir"] = base_dir
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -85,6 +86,7 @@ def run(
 def status(
     job_file: JobFile,
     by: Annotated[str | None, typer.Option("--by", help="Also count per value of this input column, e.g. state.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show how many rows are pending, done, failed and skipped, read from the job's ledger."""
     job = _load(job_file)
@@ -92,6 +94,11 @@ def status(
         rep = job_status(job, by)
     except SpecError as exc:
         raise _fail(exc) from None
+    if as_json:
+        groups = [{"group": g, **c} for g, c in rep.groups.items()]
+        sys.stdout.write(json.dumps({"job": job.spec.name, "total": rep.total, "by": by, "groups": groups},
+                                    default=str) + "\n")
+        return
     table = Table(title=f"{job.spec.name}: {sum(rep.total.values()):,} rows", title_justify="left")
     table.add_column(by or "", style="bold")
     for s in STATUSES:

@@ -1,0 +1,48 @@
+"""Helpers shared by the tests: data files, job files, simulator counts."""
+
+from __future__ import annotations
+
+import csv
+import sys
+import textwrap
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DISTRICTS = SHARED_DATA / "districts_2023_24_nces.csv"
+
+#: The CLI, run with the same interpreter as the tests.
+LLMAP = [sys.executable, "-m", "llmap"]
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def people(n: int) -> list[dict]:
+    return [{"id": f"p{i:04d}", "name": f"Person {i}", "city": ["Laramie", "Casper", "Cody"][i % 3], "age": 20 + i % 50}
+            for i in range(n)]
+
+
+def job_toml(base_url: str, *, input_path: str = "people.csv", extra_input: str = "", user: str | None = None,
+             keep: str = '["name"]', fields: str | None = None, model_extra: str = "", concurrency: int = 4,
+             output: str = "out/result.parquet", top: str = "", prompt_extra: str = "") -> str:
+    user = user or "Name: {{ name }}; city: {{ city }}."
+    fields = fields or textwrap.dedent('''\
+        kind = { type = "string", enum = ["a", "b", "c"] }
+        score = { type = "number", description = "0 to 1" }
+        ''')
+    return (
+        f"{top}\n"
+        f"[input]\npath = \"{input_path}\"\nkey = \"id\"\n{extra_input}\n"
+        f"[prompt]\nsystem = \"You sort people.\"\nuser = \"{user}\"\n{prompt_extra}\n"
+        f"[output]\npath = \"{output}\"\nkeep = {keep}\n[output.fields]\n{fields}\n"
+        f"[model]\nprovider = \"openai\"\nname = \"sim\"\nbase_url = \"{base_url}\"\n{model_extra}\n"
+        f"[limits]\nconcurrency = {concurrency}\n"
+    )
+
+
+def chat_requests(sim) -> int:
+    """Chat completion requests the simulator has received."""
+    return int(sim.stats()["requests"])
