@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from llmap.providers.base import Completion
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DISTRICTS = SHARED_DATA / "districts_2023_24_nces.csv"
 
@@ -46,3 +48,33 @@ def job_toml(base_url: str, *, input_path: str = "people.csv", extra_input: str 
 def chat_requests(sim) -> int:
     """Chat completion requests the simulator has received."""
     return int(sim.stats()["requests"])
+
+
+class ScriptedProvider:
+    """A provider that answers from a script, for re-ask and failover tests."""
+
+    max_concurrency = 4
+
+    def __init__(self, label: str, answers) -> None:
+        self.label = label
+        self.answers = answers
+        self.requests: list = []
+
+    async def check(self) -> None:
+        return None
+
+    async def complete(self, request):
+        self.requests.append(request)
+        a = self.answers(len(self.requests), request)
+        if isinstance(a, Exception):
+            raise a
+        return Completion(a, 10, 5, 0.0)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def with_providers(monkeypatch, providers):
+    """Make the engine use these providers, in [[model]] order, instead of building real ones."""
+    it = iter(providers)
+    monkeypatch.setattr("llmap.engine.make_provider", lambda spec, concurrency: next(it))

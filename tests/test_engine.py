@@ -8,11 +8,10 @@ import sqlite3
 import pyarrow.parquet as pq
 import pytest
 
-from _support import chat_requests, people, write_csv
+from _support import ScriptedProvider, chat_requests, people, with_providers, write_csv
 from llmap import Job
 from llmap.engine import job_export, job_status
 from llmap.errors import AnswerInvalid
-from llmap.providers.base import Completion
 from llmap.report import CountingProgress
 
 
@@ -21,7 +20,7 @@ def test_run_writes_every_row_once_with_valid_fields(make_job, sim):
     progress = CountingProgress()
     res = Job.from_toml(job_path).run(progress=progress)
     assert res.exit_code == 0
-    assert res.counts == {"pending": 0, "done": 30, "failed": 0, "skipped": 0}
+    assert res.counts == {"pending": 0, "done": 30, "failed": 0, "skipped": 0, "fallback": 0}
     assert chat_requests(sim) == 30
     t = pq.read_table(res.output_path)
     assert t.column_names == ["id", "name", "kind", "score", "_status", "_error", "_model"]
@@ -91,7 +90,7 @@ def test_rows_with_empty_inputs_are_skipped_with_a_reason(make_job, sim, tmp_pat
     rows[1]["city"] = ""
     write_csv(tmp_path / "people.csv", rows)
     res = Job.from_toml(job_path).run()
-    assert res.counts == {"pending": 0, "done": 2, "failed": 0, "skipped": 1}
+    assert res.counts == {"pending": 0, "done": 2, "failed": 0, "skipped": 1, "fallback": 0}
     out = pq.read_table(res.output_path).to_pylist()
     assert out[1]["_status"] == "skipped" and "empty" in out[1]["_error"]
     assert chat_requests(sim) == 2 and res.exit_code == 0
@@ -175,40 +174,11 @@ def test_export_again_to_another_format(make_job, tmp_path):
     assert n == 4 and [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["p0000", "p0001", "p0002", "p0003"]
 
 
-class ScriptedProvider:
-    """A provider that answers from a script, for re-ask and failover tests."""
-
-    max_concurrency = 4
-
-    def __init__(self, label: str, answers) -> None:
-        self.label = label
-        self.answers = answers
-        self.requests: list = []
-
-    async def check(self) -> None:
-        return None
-
-    async def complete(self, request):
-        self.requests.append(request)
-        a = self.answers(len(self.requests), request)
-        if isinstance(a, Exception):
-            raise a
-        return Completion(a, 10, 5, 0.0)
-
-    async def aclose(self) -> None:
-        return None
-
-
-def _with_providers(monkeypatch, providers):
-    it = iter(providers)
-    monkeypatch.setattr("llmap.engine.make_provider", lambda spec, concurrency: next(it))
-
-
 def test_invalid_answer_is_reasked_with_the_error(make_job, monkeypatch):
     job_path = make_job(1)
     bad_then_good = ScriptedProvider("openai:sim", lambda n, r: '{"kind": "z", "score": 0.5}' if n == 1
                                      else '{"kind": "a", "score": 0.5}')
-    _with_providers(monkeypatch, [bad_then_good])
+    with_providers(monkeypatch, [bad_then_good])
     res = Job.from_toml(job_path).run()
     assert res.counts["done"] == 1
     second = bad_then_good.requests[1].messages
@@ -220,7 +190,7 @@ def test_row_fails_after_max_reask(make_job, monkeypatch):
     job_path = make_job(1)
     job_path.write_text(job_path.read_text().replace('keep = ["name"]', 'keep = ["name"]\nmax_reask = 1'))
     always_bad = ScriptedProvider("openai:sim", lambda n, r: "not json")
-    _with_providers(monkeypatch, [always_bad])
+    with_providers(monkeypatch, [always_bad])
     res = Job.from_toml(job_path).run()
     assert res.counts["failed"] == 1 and res.exit_code == 1 and len(always_bad.requests) == 2
     row = pq.read_table(res.output_path).to_pylist()[0]
@@ -256,7 +226,7 @@ def test_failover_to_second_model_and_recorded(make_job, monkeypatch):
         "[model]", "[[model]]").replace('name = "sim"', 'name = "backup"').split("[limits]")[0])
     primary = ScriptedProvider("openai:sim", lambda n, r: BadRequest("HTTP 404: no such model"))
     backup = ScriptedProvider("openai:backup", lambda n, r: '{"kind": "b", "score": 1.0}')
-    _with_providers(monkeypatch, [primary, backup])
+    with_providers(monkeypatch, [primary, backup])
     res = Job.from_toml(job_path).run()
     assert res.counts["done"] == 3
     assert {r["_model"] for r in pq.read_table(res.output_path).to_pylist()} == {"openai:backup"}
@@ -268,7 +238,7 @@ def test_transient_errors_are_retried(make_job, monkeypatch):
     job_path = make_job(2)
     flaky = ScriptedProvider("openai:sim", lambda n, r: Overloaded("HTTP 503") if n <= 2
                              else '{"kind": "c", "score": 0.1}')
-    monkeypatch.setattr("llmap.engine._backoff", lambda attempt, exc: 0.0)
-    _with_providers(monkeypatch, [flaky])
+    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.0)
+    with_providers(monkeypatch, [flaky])
     res = Job.from_toml(job_path).run()
     assert res.counts["done"] == 2 and len(flaky.requests) == 4

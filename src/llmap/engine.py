@@ -21,23 +21,22 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import math
-import random
-import signal
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from llmap import errors as E
+from llmap.control.breaker import BreakerState
+from llmap.control.route import MAX_CONCURRENCY, Lane
+from llmap.dispatch import Dispatcher, DispatchStats, Stop, install_sigterm
 from llmap.io.sinks import ResultLayout, check_writable, export, result_batches
 from llmap.io.sources import Source
 from llmap.prompt.render import Renderer
-from llmap.prompt.schema import OutputSchema, reask_message
-from llmap.providers.base import Provider, Request
+from llmap.prompt.schema import OutputSchema
+from llmap.providers.base import Provider
 from llmap.report import NullProgress, Progress, Tally
 from llmap.spec import JobSpec, ModelSpec, load_spec
 from llmap.store.ledger import Ledger, PlannedRow, RowResult
@@ -71,11 +70,14 @@ class RunResult:
     Attributes:
         counts: rows per status in this run's plan (``pending``/``done``/``failed``/``skipped``).
         output_path: the exported file, or None when nothing was exported.
-        exit_code: 0 every row done or skipped; 1 some rows failed or the run stopped early.
-        stop_reason: why dispatch stopped early (a fatal provider error), or None.
+        exit_code: 0 every row done, skipped or fallback; 1 some rows failed or the run stopped early.
+        stop_reason: why dispatch stopped early (a fatal provider error or a budget cap), or None.
         requests: requests sent in this run.
         prompt_tokens, completion_tokens: tokens spent in this run.
         elapsed_s: wall time of the run in seconds.
+        cost_usd: USD spent in this run at the models' prices.
+        rate_limited: 429 answers in this run.
+        retries: attempts after the first, summed over rows and models.
     """
 
     counts: dict[str, int]
@@ -86,6 +88,9 @@ class RunResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     elapsed_s: float = 0.0
+    cost_usd: float = 0.0
+    rate_limited: int = 0
+    retries: int = 0
 
 
 @dataclass
@@ -97,15 +102,6 @@ class _Prepared:
     data_columns: list[str]
     layout: ResultLayout
     fingerprint: str
-
-
-@dataclass
-class _Stats:
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    fatal: E.FatalProviderError | None = None
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _key_text(v: Any) -> str:
@@ -193,7 +189,7 @@ class Job:
         layout = ResultLayout(key_schema, {n: f.type for n, f in spec.output.fields.items()})
         if check_output:
             check_writable(spec.output_path)
-        providers = [make_provider(m, concurrency=spec.limits.concurrency) for m in spec.models]
+        providers = [make_provider(m, concurrency=spec.limits.concurrency or MAX_CONCURRENCY) for m in spec.models]
         try:
             for p in providers:
                 await p.check()
@@ -227,63 +223,6 @@ class Job:
                     planned.append(PlannedRow(key, seq, h, data))
             ledger.plan(run_id, planned)
 
-    # -- one row --------------------------------------------------------------
-    async def _solve(self, key: str, row: dict[str, Any], prep: _Prepared, stats: _Stats) -> RowResult:
-        spec = self.spec
-        res = RowResult(key=key, status="failed")
-        t0 = time.monotonic()
-        last_error = "no model answered"
-        for model, provider in zip(spec.models, prep.providers, strict=True):
-            messages = prep.renderer.messages(row)
-            reasks = 0
-            attempt = 0
-            while True:
-                if stats.stop.is_set():
-                    raise _Stop
-                attempt += 1
-                req = Request(messages, prep.schema.json_schema, model.temperature, model.max_tokens, row_key=key)
-                try:
-                    stats.requests += 1
-                    res.attempts += 1
-                    comp = await provider.complete(req)
-                except E.FatalProviderError as exc:
-                    exc.row_key = key
-                    stats.fatal = stats.fatal or exc
-                    stats.stop.set()
-                    raise _Stop from exc
-                except E.TransientError as exc:
-                    delay = _backoff(attempt, exc)
-                    if delay is None or time.monotonic() - t0 + delay > _RETRY_BUDGET_S:
-                        last_error = f"{type(exc).__name__}: {exc} (gave up after {attempt} attempts)"
-                        break
-                    await asyncio.sleep(delay)
-                    continue
-                except E.TerminalError as exc:
-                    last_error = f"{type(exc).__name__}: {exc}"
-                    break
-                res.prompt_tokens += comp.prompt_tokens
-                res.completion_tokens += comp.completion_tokens
-                stats.prompt_tokens += comp.prompt_tokens
-                stats.completion_tokens += comp.completion_tokens
-                try:
-                    res.output = prep.schema.validate(comp.content)
-                except E.AnswerInvalid as exc:
-                    if reasks < spec.output.max_reask:
-                        reasks += 1
-                        messages = [*messages, {"role": "assistant", "content": comp.content},
-                                    reask_message(exc.detail, prep.schema.json_schema)]
-                        continue
-                    last_error = f"AnswerInvalid: {exc.detail} (after {reasks} re-asks)"
-                    break
-                res.status = "done"
-                res.model = provider.label
-                res.latency_s = time.monotonic() - t0
-                return res
-        res.error = last_error
-        res.model = prep.providers[-1].label
-        res.latency_s = time.monotonic() - t0
-        return res
-
     # -- run ------------------------------------------------------------------
     def run(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
             export_output: bool = True) -> RunResult:
@@ -303,7 +242,7 @@ class Job:
         prep = await self.prepare(limit=limit, check_output=export_output)
         self.last_layout = prep.layout
         ledger = Ledger(self.spec.ledger_path)
-        stats = _Stats()
+        stats = DispatchStats()
         run_id = None
         planned = False
         counts: dict[str, int] = {}
@@ -317,7 +256,8 @@ class Job:
             self._plan(ledger, run_id, prep)
             planned = True
             c = ledger.counts(run_id)
-            tally = Tally(total=sum(c.values()), done=c["done"], failed=c["failed"], skipped=c["skipped"])
+            tally = Tally(total=sum(c.values()), done=c["done"], failed=c["failed"], skipped=c["skipped"],
+                          fallback=c["fallback"])
             progress.start(tally)
             try:
                 await self._dispatch(ledger, run_id, prep, stats, tally, progress)
@@ -328,8 +268,8 @@ class Job:
                 ) from None
             finally:
                 progress.finish(tally)
-            if stats.fatal is not None:
-                reason = f"stopped: {type(stats.fatal).__name__}"
+            if stats.stop_reason is not None:
+                reason = f"stopped: {stats.stop_reason}"
         finally:
             for p in prep.providers:
                 with contextlib.suppress(Exception):
@@ -337,23 +277,39 @@ class Job:
             out = None
             if run_id is not None:
                 ledger.end_run(run_id, exit_reason=reason, requests=stats.requests,
-                               prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens)
+                               prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
+                               cost_usd=stats.cost_usd, rate_limited=stats.rate_limited, retries=stats.retries)
                 if export_output and planned:
                     out = self.spec.output_path
                     export(result_batches(ledger, run_id, prep.layout), prep.layout.schema, out)
                 counts = ledger.counts(run_id)
             ledger.close()
         stop = None
-        if stats.fatal is not None:
-            stop = f"{stats.fatal}; fix it and run again: finished rows are kept"
+        if stats.stop_reason is not None:
+            stop = f"{stats.stop_reason}; fix it and run again: finished rows are kept"
         exit_code = 0 if counts["failed"] == 0 and counts["pending"] == 0 and stop is None else 1
         return RunResult(counts, out, exit_code, stop, stats.requests, stats.prompt_tokens,
-                         stats.completion_tokens, time.monotonic() - started)
+                         stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
+                         stats.retries)
 
-    async def _dispatch(self, ledger: Ledger, run_id: int, prep: _Prepared, stats: _Stats, tally: Tally,
+    async def _dispatch(self, ledger: Ledger, run_id: int, prep: _Prepared, stats: DispatchStats, tally: Tally,
                         progress: Progress) -> None:
-        concurrency = self.spec.limits.concurrency
-        todo: asyncio.Queue = asyncio.Queue(maxsize=concurrency * 2)
+        spec = self.spec
+
+        def on_breaker(lane: Lane, old: BreakerState, new: BreakerState) -> None:
+            if new is BreakerState.OPEN:
+                progress.message(f"llmap: circuit breaker for {lane.label} opened; "
+                                 + ("failing over" if len(prep.providers) > 1 else "pausing requests to it"))
+            elif new is BreakerState.CLOSED and old is not BreakerState.CLOSED:
+                progress.message(f"llmap: {lane.label} answers again; circuit breaker closed")
+
+        lanes = [Lane(i, p, m, spec.limits, on_breaker=on_breaker)
+                 for i, (p, m) in enumerate(zip(prep.providers, spec.models, strict=True))]
+        dispatcher = Dispatcher(lanes, prep.renderer, prep.schema, spec.limits, max_reask=spec.output.max_reask,
+                                fallback=spec.output.fallback, stats=stats)
+        # Rows waiting out a backoff hold a worker but no request slot: keep more workers than slots.
+        n_workers = min(1024, 2 * max(lane.max_in_flight for lane in lanes))
+        todo: asyncio.Queue = asyncio.Queue(maxsize=n_workers * 2)
         buffer: list[RowResult] = []
 
         def flush() -> None:
@@ -361,13 +317,11 @@ class Job:
                 return
             ledger.record(buffer)  # durable before it counts
             for r in buffer:
-                if r.status == "done":
-                    tally.done += 1
-                else:
-                    tally.failed += 1
+                setattr(tally, r.status, getattr(tally, r.status) + 1)
             buffer.clear()
             tally.requests = stats.requests
             tally.prompt_tokens, tally.completion_tokens = stats.prompt_tokens, stats.completion_tokens
+            tally.cost_usd, tally.rate_limited = stats.cost_usd, stats.rate_limited
             progress.advance(tally)
 
         async def producer() -> None:
@@ -379,7 +333,7 @@ class Job:
                 for seq, key, data in page:
                     await todo.put((key, data))
                     after = seq
-            for _ in range(concurrency):
+            for _ in range(n_workers):
                 await todo.put(None)
 
         async def worker() -> None:
@@ -388,8 +342,8 @@ class Job:
                     continue  # keep draining so the producer never blocks; the row stays pending
                 key, data = item
                 try:
-                    buffer.append(await self._solve(key, json.loads(data), prep, stats))
-                except _Stop:
+                    buffer.append(await dispatcher.solve(key, json.loads(data)))
+                except Stop:
                     continue
                 if len(buffer) >= _COMMIT_ROWS:
                     flush()
@@ -400,9 +354,9 @@ class Job:
                 flush()
 
         prod = asyncio.create_task(producer())
-        workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        tick = asyncio.create_task(ticker())
-        undo_sigterm = _install_sigterm(asyncio.current_task())
+        workers = [asyncio.create_task(worker()) for _ in range(n_workers)]
+        helpers = [asyncio.create_task(ticker()), asyncio.create_task(dispatcher.watchdog())]
+        undo_sigterm = install_sigterm(asyncio.current_task())
         try:
             results = await asyncio.gather(prod, *workers, return_exceptions=True)
             for r in results:
@@ -414,41 +368,12 @@ class Job:
             await asyncio.gather(prod, *workers, return_exceptions=True)
             raise
         finally:
-            tick.cancel()
+            for t in helpers:
+                t.cancel()
             undo_sigterm()
             flush()
-
-
-class _Stop(Exception):
-    """Raised inside a worker when the run is stopping; the row stays pending."""
-
-
-#: Seconds a row may spend retrying transient errors before it fails (issue #3 makes this configurable).
-_RETRY_BUDGET_S = 300.0
-_MAX_ATTEMPTS = 6
-
-
-def _backoff(attempt: int, exc: E.TransientError) -> float | None:
-    """Exponential backoff with full jitter (0.5 s base, 30 s cap); None once attempts run out."""
-    if attempt >= _MAX_ATTEMPTS:
-        return None
-    delay = random.uniform(0, min(30.0, 0.5 * 2 ** (attempt - 1)))
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None and not math.isnan(retry_after):
-        delay = max(delay, retry_after)
-    return delay
-
-
-def _install_sigterm(task: asyncio.Task | None):
-    """Make SIGTERM cancel the run like Ctrl-C (main thread only). Returns an undo function."""
-    if task is None or threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    except (NotImplementedError, RuntimeError):
-        return lambda: None
-    return lambda: loop.remove_signal_handler(signal.SIGTERM)
+        if stats.stop_reason and not stats.fatal:
+            progress.message(f"llmap: {stats.stop_reason}; in-flight requests finished, progress kept")
 
 
 # -- reading a job's ledger (status, export) ------------------------------------

@@ -35,23 +35,27 @@ class Tally:
 
     Attributes:
         total: rows in this run's plan.
-        done, failed, skipped: rows settled so far (including earlier runs).
+        done, failed, skipped, fallback: rows settled so far (including earlier runs).
         prompt_tokens, completion_tokens: tokens spent in this run.
         requests: requests sent in this run.
+        cost_usd: USD spent in this run; rate_limited: 429 answers in this run.
     """
 
     total: int = 0
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    fallback: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0
+    cost_usd: float = 0.0
+    rate_limited: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
     def settled(self) -> int:
-        return self.done + self.failed + self.skipped
+        return self.done + self.failed + self.skipped + self.fallback
 
 
 class Progress(Protocol):
@@ -82,7 +86,7 @@ class CountingProgress:
 
     def __init__(self) -> None:
         self.started: Tally | None = None
-        self.advances: list[tuple[int, int, int]] = []
+        self.advances: list[tuple[int, int, int]] = []  # (done, failed, skipped)
         self.messages: list[str] = []
         self.finished: Tally | None = None
 
@@ -102,10 +106,13 @@ class CountingProgress:
 class _RowsColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         t: Tally = task.fields["tally"]
-        return Text.assemble(
-            (f"{t.done:,} done", "green"), " ", (f"{t.failed:,} failed", "red" if t.failed else "dim"),
-            " ", (f"{t.skipped:,} skipped", "dim"),
-        )
+        parts = [(f"{t.done:,} done", "green"), " ", (f"{t.failed:,} failed", "red" if t.failed else "dim"),
+                 " ", (f"{t.skipped:,} skipped", "dim")]
+        if t.fallback:
+            parts += [" ", (f"{t.fallback:,} fallback", "yellow")]
+        if t.rate_limited:
+            parts += [" ", (f"{t.rate_limited:,} 429s", "yellow")]
+        return Text.assemble(*parts)
 
 
 class _RateColumn(ProgressColumn):
@@ -114,7 +121,8 @@ class _RateColumn(ProgressColumn):
         el = max(1e-9, time.monotonic() - t.started)
         rate = (task.completed - task.fields["base"]) / el
         tokens = t.prompt_tokens + t.completion_tokens
-        return Text(f"{rate:,.1f} rows/s  {tokens:,} tokens", style="cyan")
+        cost = f"  ${t.cost_usd:,.4f}" if t.cost_usd else ""
+        return Text(f"{rate:,.1f} rows/s  {tokens:,} tokens{cost}", style="cyan")
 
 
 class RichProgress:

@@ -124,13 +124,16 @@ class OutputSpec(_Strict):
     ``path`` is relative to the job file; its extension (.parquet, .jsonl,
     .csv) picks the format. ``keep`` copies input columns into the output.
     ``max_reask`` (default 2) is how many times an invalid answer is re-asked
-    with the validation error appended before the row fails.
+    with the validation error appended before the row fails. ``fallback``
+    is an optional static answer (validated against the fields) given to rows
+    no model could answer; they are marked ``_status = "fallback"``.
     """
 
     path: str
     keep: list[str] = []
     max_reask: int = Field(default=2, ge=0)
     fields: dict[str, FieldSpec]
+    fallback: dict[str, Any] | None = None
 
     @field_validator("fields")
     @classmethod
@@ -166,8 +169,13 @@ class ModelSpec(_Strict):
         temperature: sampling temperature, default 0.
         max_tokens: cap on completion tokens per request, default 256.
         n_ctx: context window for ``local`` in tokens, default 2048.
-        timeout_s: read timeout per request in seconds, default 120.
+        timeout_s: read timeout per request in seconds, default 120; llmap
+            tightens it to 4 x the p99 latency it observes (at least 2 s).
         connect_timeout_s: connect timeout in seconds, default 10.
+        price_in, price_out: USD per million prompt / completion tokens,
+            default 0; used for cost and ``limits.max_cost_usd``.
+        rpm, tpm: this model's requests / tokens per minute, overriding
+            ``[limits] rpm`` / ``tpm``.
     """
 
     provider: Literal["local", "openai"] = "local"
@@ -180,6 +188,10 @@ class ModelSpec(_Strict):
     n_ctx: int = Field(default=2048, gt=0)
     timeout_s: float = Field(default=120.0, gt=0)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    price_in: float = Field(default=0.0, ge=0)
+    price_out: float = Field(default=0.0, ge=0)
+    rpm: float | None = Field(default=None, gt=0)
+    tpm: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _provider_keys(self) -> ModelSpec:
@@ -198,9 +210,30 @@ class ModelSpec(_Strict):
 
 
 class LimitsSpec(_Strict):
-    """``[limits]``: ``concurrency`` is the number of requests in flight (default 16)."""
+    """``[limits]``: how hard llmap may push a provider, and when to stop.
 
-    concurrency: int = Field(default=16, gt=0, le=1024)
+    Args (TOML keys):
+        concurrency: the most requests in flight per model. Default: adaptive
+            (AIMD), starting at 16 and growing to 256 while answers come back
+            without 429s; set it to fix the ceiling.
+        rpm: requests per minute; default: learned from the provider's
+            rate-limit headers, else unlimited.
+        tpm: tokens (prompt + completion) per minute; as ``rpm``.
+        retry_budget_s: seconds a row may spend on retries before it fails
+            over or fails (default 300).
+        max_attempts: attempts per row and model, the first included (default 10).
+        max_cost_usd: stop sending new requests once this much is spent (USD,
+            from ``[model] price_in`` / ``price_out``); in-flight requests finish.
+        max_tokens: the same, counted in tokens (prompt + completion).
+    """
+
+    concurrency: int | None = Field(default=None, gt=0, le=1024)
+    rpm: float | None = Field(default=None, gt=0)
+    tpm: float | None = Field(default=None, gt=0)
+    retry_budget_s: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
 
 
 class JobSpec(_Strict):
@@ -307,10 +340,12 @@ def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: st
     except ValidationError as exc:
         raise SpecError(_one_line(exc, source)) from None
     from llmap.prompt.render import Renderer  # template syntax is part of the spec
-    from llmap.prompt.schema import check_examples
+    from llmap.prompt.schema import check_examples, check_fallback
 
     Renderer.from_spec(spec.prompt, source=source)
     check_examples(spec.output.fields, spec.prompt.examples, source=source)
+    if spec.output.fallback is not None:
+        check_fallback(spec.output.fields, spec.output.fallback, source=source)
     return spec
 
 

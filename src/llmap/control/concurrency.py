@@ -16,7 +16,9 @@ class AIMDConcurrency:
 
     Used when neither the job nor the provider states a rate limit: the
     dispatcher keeps at most :attr:`limit` requests in flight and reports each
-    outcome. The limit grows by 1 once per round trip — after ``limit``
+    outcome. Until the first congestion signal it is in *slow start* (as in
+    TCP): every success adds 1, so the limit doubles each round trip. After
+    that the limit grows by 1 once per round trip — after ``limit``
     successes since the last change — and halves (never below ``minimum``) on
     congestion (a 429 or an overload). Congestion signals from requests that
     were already in flight when the limit was cut are ignored: after a
@@ -27,12 +29,13 @@ class AIMDConcurrency:
         initial: the starting limit.
         minimum: the lowest limit (>= 1).
         maximum: the highest limit.
+        slow_start: grow by 1 per success until the first congestion (default True).
 
     Raises:
         ValueError: unless 1 <= minimum <= initial <= maximum.
     """
 
-    def __init__(self, initial: int = 8, minimum: int = 1, maximum: int = 256) -> None:
+    def __init__(self, initial: int = 8, minimum: int = 1, maximum: int = 256, *, slow_start: bool = True) -> None:
         if not 1 <= minimum <= initial <= maximum:
             raise ValueError(
                 f"need 1 <= minimum <= initial <= maximum, got {minimum}, {initial}, {maximum}"
@@ -42,6 +45,7 @@ class AIMDConcurrency:
         self._limit = initial
         self._successes = 0
         self._holdoff = 0
+        self.slow_start = slow_start
 
     @property
     def limit(self) -> int:
@@ -53,6 +57,10 @@ class AIMDConcurrency:
         if self._holdoff > 0:
             self._holdoff -= 1
         self._successes += 1
+        if self.slow_start and self._limit < self.maximum:
+            self._limit += 1
+            self._successes = 0
+            return True
         if self._successes >= self._limit and self._limit < self.maximum:
             self._limit += 1
             self._successes = 0
@@ -70,6 +78,7 @@ class AIMDConcurrency:
             self._holdoff -= 1
             return False
         old = self._limit
+        self.slow_start = False
         self._limit = max(self.minimum, old // 2)
         self._successes = 0
         self._holdoff = old if in_flight is None else max(0, in_flight)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, create_
 from llmap.errors import AnswerInvalid, SpecError
 from llmap.spec import FIELD_TYPES, Example, FieldSpec
 
-__all__ = ["OutputSchema", "check_examples", "reask_message"]
+__all__ = ["OutputSchema", "check_examples", "check_fallback", "reask_message"]
 
 _PY_TYPES: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": StrictBool}
 
@@ -127,3 +127,17 @@ def check_examples(fields: Mapping[str, FieldSpec], examples: Sequence[Example],
             raise SpecError(
                 f"{source}: [prompt] examples #{i}: output does not match [output.fields] ({exc.detail}); fix the example"
             ) from None
+
+
+def check_fallback(fields: Mapping[str, FieldSpec], fallback: Mapping[str, Any], *, source: str = "job") -> None:
+    """Check that ``[output] fallback`` is a valid answer.
+
+    Raises:
+        SpecError: it would fail validation against the fields.
+    """
+    try:
+        OutputSchema(fields).validate(json.dumps(fallback))
+    except AnswerInvalid as exc:
+        raise SpecError(
+            f"{source}: [output] fallback does not match [output.fields] ({exc.detail}); give a value for every field"
+        ) from None

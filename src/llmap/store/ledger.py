@@ -27,8 +27,8 @@ from typing import Any
 
 __all__ = ["STATUSES", "Ledger", "PlannedRow", "RowResult"]
 
-#: Every status a row can have.
-STATUSES = ("pending", "done", "failed", "skipped")
+#: Every status a row can have. ``fallback``: no model answered; ``[output] fallback`` was used.
+STATUSES = ("pending", "done", "failed", "skipped", "fallback")
 
 MIGRATIONS: list[tuple[str, str]] = [
     (
@@ -71,6 +71,38 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB);
         """,
     ),
+    (
+        # SQLite cannot alter a CHECK constraint: rebuild the table to admit 'fallback'.
+        "002_status_fallback",
+        """
+        CREATE TABLE rows_new (
+            key TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            plan INTEGER NOT NULL,
+            input_hash TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed', 'skipped', 'fallback')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            data TEXT NOT NULL,
+            output TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            latency_s REAL,
+            model TEXT,
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        INSERT INTO rows_new SELECT * FROM rows;
+        DROP TABLE rows;
+        ALTER TABLE rows_new RENAME TO rows;
+        CREATE INDEX rows_plan_status_seq ON rows (plan, status, seq);
+        CREATE INDEX rows_plan_seq ON rows (plan, seq);
+        ALTER TABLE runs ADD COLUMN fallback INTEGER;
+        ALTER TABLE runs ADD COLUMN cost_usd REAL;
+        ALTER TABLE runs ADD COLUMN rate_limited INTEGER;
+        ALTER TABLE runs ADD COLUMN retries INTEGER;
+        """,
+    ),
 ]
 
 
@@ -101,7 +133,7 @@ class RowResult:
 
     Attributes:
         key: the row's key.
-        status: ``done`` or ``failed``.
+        status: ``done``, ``failed`` or ``fallback``.
         output: field name -> value for ``done`` rows.
         error: the error text for ``failed`` rows.
         attempts: requests spent on this row in this run (re-asks and retries count).
@@ -211,14 +243,15 @@ class Ledger:
         return int(cur.lastrowid)
 
     def end_run(self, run_id: int, *, exit_reason: str, requests: int, prompt_tokens: int,
-                completion_tokens: int) -> None:
-        """Stamp a run's end with its final row counts and usage."""
+                completion_tokens: int, cost_usd: float = 0.0, rate_limited: int = 0, retries: int = 0) -> None:
+        """Stamp a run's end with its final row counts and usage (tokens, USD, 429s, retries)."""
         c = self.counts(run_id)
         self._db.execute(
             "UPDATE runs SET ended_at = ?, rows_total = ?, done = ?, failed = ?, skipped = ?, pending = ?, "
-            "requests = ?, prompt_tokens = ?, completion_tokens = ?, exit_reason = ? WHERE id = ?",
-            (time.time(), sum(c.values()), c["done"], c["failed"], c["skipped"], c["pending"], requests,
-             prompt_tokens, completion_tokens, exit_reason, run_id),
+            "fallback = ?, requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, rate_limited = ?, "
+            "retries = ?, exit_reason = ? WHERE id = ?",
+            (time.time(), sum(c.values()), c["done"], c["failed"], c["skipped"], c["pending"], c["fallback"],
+             requests, prompt_tokens, completion_tokens, cost_usd, rate_limited, retries, exit_reason, run_id),
         )
 
     def latest_plan(self) -> int | None:

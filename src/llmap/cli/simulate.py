@@ -1,0 +1,156 @@
+"""``llmap simulate``: serve the OpenAI-compatible simulator on this machine.
+
+The command prints ``llmap simulator listening on http://HOST:PORT/v1`` as
+its first line (flushed) so a parent process can read the URL, then serves
+until interrupted. ``python -m llmap.sim`` runs the same function.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from llmap.sim.config import SimConfig, parse_outage
+from llmap.sim.server import serve_forever
+
+__all__ = ["HeaderStyle", "simulate"]
+
+
+class HeaderStyle(StrEnum):
+    """Which provider's rate-limit headers the simulator sends."""
+
+    openai = "openai"
+    anthropic = "anthropic"
+
+
+def simulate(
+    port: Annotated[
+        int,
+        typer.Option(
+            help="TCP port to listen on; 0 picks a free port (read it from the first line)."
+        ),
+    ] = 8000,
+    host: Annotated[
+        str,
+        typer.Option(help="Interface to bind. Keep 127.0.0.1 unless other machines must reach it."),
+    ] = "127.0.0.1",
+    latency_median: Annotated[
+        float, typer.Option(help="Median answer latency in seconds (0 = answer at once).")
+    ] = 0.0,
+    latency_sigma: Annotated[
+        float,
+        typer.Option(
+            help="Spread of the latency: sigma of a lognormal around the median "
+            "(0 = always the median; 0.5 gives a realistic long tail)."
+        ),
+    ] = 0.0,
+    per_token_ms: Annotated[
+        float, typer.Option(help="Extra latency per completion token, in milliseconds.")
+    ] = 0.0,
+    rpm: Annotated[
+        int | None,
+        typer.Option(
+            help="Requests per minute allowed; beyond it answer 429 with retry-after. Unlimited if unset."
+        ),
+    ] = None,
+    tpm: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per minute allowed; a request costs its estimated prompt tokens "
+            "plus max_tokens (16 if absent). Unlimited if unset."
+        ),
+    ] = None,
+    header_style: Annotated[
+        HeaderStyle,
+        typer.Option(
+            help="Rate-limit headers to send: openai (x-ratelimit-*, resets like '6m0s') "
+            "or anthropic (anthropic-ratelimit-*, RFC 3339 reset times)."
+        ),
+    ] = HeaderStyle.openai,
+    fail_rate: Annotated[
+        float, typer.Option(help="Fraction of admitted requests answered 500 or 503 (0..1).")
+    ] = 0.0,
+    hang_rate: Annotated[
+        float,
+        typer.Option(
+            help="Fraction of requests never answered: tests your client's timeout (0..1)."
+        ),
+    ] = 0.0,
+    malformed_rate: Annotated[
+        float,
+        typer.Option(help="Fraction answered 200 with a truncated, unparsable JSON body (0..1)."),
+    ] = 0.0,
+    outage: Annotated[
+        str | None,
+        typer.Option(
+            metavar="START:END",
+            help="Window in seconds after start during which every request gets 503, e.g. 10:20.",
+        ),
+    ] = None,
+    drop_item_rate: Annotated[
+        float,
+        typer.Option(
+            help="In packed answers (several rows per request), fraction of items left out."
+        ),
+    ] = 0.0,
+    corrupt_item_rate: Annotated[
+        float,
+        typer.Option(help="In packed answers, fraction of items given a value of the wrong type."),
+    ] = 0.0,
+    require_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Require 'Authorization: Bearer KEY'; other requests get 401 invalid_api_key."
+        ),
+    ] = None,
+    quota_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="After this many tokens served, answer 429 insufficient_quota (a fatal error)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed for the random faults and latency. Answers are always deterministic; "
+            "faults are drawn per request, so a retry can succeed."
+        ),
+    ] = None,
+    context_chars: Annotated[
+        int,
+        typer.Option(
+            help="A message longer than this many characters gets 400 context_length_exceeded."
+        ),
+    ] = 200_000,
+) -> None:
+    """Serve an OpenAI-compatible chat completions API that answers from JSON schemas.
+
+    Point llmap (or any OpenAI client) at the printed base URL to try a job
+    offline, for free, with rate limits and failures you choose.
+    """
+    try:
+        config = SimConfig(
+            host=host,
+            port=port,
+            latency_median=latency_median,
+            latency_sigma=latency_sigma,
+            per_token_ms=per_token_ms,
+            rpm=rpm,
+            tpm=tpm,
+            header_style=header_style.value,
+            fail_rate=fail_rate,
+            hang_rate=hang_rate,
+            malformed_rate=malformed_rate,
+            outage=parse_outage(outage) if outage else None,
+            drop_item_rate=drop_item_rate,
+            corrupt_item_rate=corrupt_item_rate,
+            require_key=require_key,
+            quota_tokens=quota_tokens,
+            seed=seed,
+            context_chars=context_chars,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    serve_forever(config)

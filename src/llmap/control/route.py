@@ -1,0 +1,135 @@
+"""Lanes and failover: one lane per ``[[model]]``, tried in order.
+
+A :class:`Lane` bundles what llmap knows about one (provider, model): its
+rate limiter (RPM/TPM, Retry-After pauses, budgets learned from headers),
+its adaptive concurrency gate (AIMD), its circuit breaker, its adaptive
+timeout and its token estimators. :func:`pick_lane` is the failover rule:
+the first lane at or after a row's starting lane whose breaker lets a call
+through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from llmap.control.breaker import BreakerState, CircuitBreaker
+from llmap.control.concurrency import AIMDConcurrency
+from llmap.control.estimate import OutputTokenEstimator, PromptTokenEstimator
+from llmap.control.limits import Limiter, RateLimiter
+from llmap.control.timeouts import AdaptiveTimeout
+
+__all__ = ["Lane", "pick_lane"]
+
+#: Starting in-flight limit when the job sets no ``concurrency`` (AIMD grows it).
+INITIAL_CONCURRENCY = 16
+#: Ceiling of adaptive concurrency when the job sets no ``concurrency``.
+MAX_CONCURRENCY = 256
+
+
+class Lane:
+    """Everything the dispatcher tracks for one model.
+
+    Args:
+        index: position in the job's ``[[model]]`` list (0 = primary).
+        provider: the provider (see :class:`llmap.providers.base.Provider`).
+        model: the ``[model]`` spec (prices, max_tokens, timeout, rpm/tpm overrides).
+        limits: the ``[limits]`` spec (rpm, tpm, concurrency).
+        clock: monotonic seconds; injected in tests.
+        on_breaker: called ``(lane, old_state, new_state)`` when the breaker changes.
+    """
+
+    def __init__(self, index: int, provider: Any, model: Any, limits: Any, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_breaker: Callable[[Lane, BreakerState, BreakerState], None] | None = None) -> None:
+        self.index = index
+        self.provider = provider
+        self.model = model
+        self.label: str = provider.label
+        rpm = model.rpm or limits.rpm
+        tpm = model.tpm or limits.tpm
+        self.limiter = Limiter(RateLimiter(rpm, tpm, now=clock()), clock=clock)
+        cap = min(limits.concurrency or MAX_CONCURRENCY, provider.max_concurrency)
+        self.aimd = AIMDConcurrency(initial=min(cap, limits.concurrency or INITIAL_CONCURRENCY), minimum=1,
+                                    maximum=cap)
+        self.breaker = CircuitBreaker(
+            clock=clock,
+            on_change=(lambda old, new: on_breaker(self, old, new)) if on_breaker else None,
+        )
+        self.timeout = AdaptiveTimeout(model.timeout_s)
+        self.output_tokens = OutputTokenEstimator(model.max_tokens)
+        self.prompt_tokens = PromptTokenEstimator()
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future] = deque()
+        #: requests in flight: id -> (loop start time, asyncio.Timeout), for the timeout watchdog
+        self.deadlines: dict[int, tuple[float, asyncio.Timeout]] = {}
+
+    @property
+    def max_in_flight(self) -> int:
+        """The ceiling of this lane's concurrency."""
+        return self.aimd.maximum
+
+    # -- concurrency gate -----------------------------------------------------
+    async def enter(self) -> None:
+        """Wait for a free slot under the current AIMD limit, then take it."""
+        while self.in_flight >= self.aimd.limit:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._wake()  # pass the wake-up on
+                raise
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        """Free a slot taken by :meth:`enter`."""
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        free = self.aimd.limit - self.in_flight
+        while free > 0 and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                free -= 1
+
+    # -- outcomes -------------------------------------------------------------
+    def on_success(self) -> None:
+        if self.aimd.on_success():
+            self._wake()
+
+    def on_congestion(self) -> None:
+        self.aimd.on_congestion(self.in_flight)
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD for this usage at ``price_in`` / ``price_out`` per million tokens."""
+        return (prompt_tokens * self.model.price_in + completion_tokens * self.model.price_out) / 1e6
+
+
+def pick_lane(lanes: Sequence[Lane], start: int, now: float) -> tuple[Lane | None, float]:
+    """The failover rule.
+
+    Args:
+        lanes: every lane, primary first.
+        start: the first lane this row may use (a row that spent its retries
+            on lane ``i`` starts at ``i + 1``).
+        now: monotonic seconds.
+
+    Returns:
+        ``(lane, 0.0)`` for the first lane from ``start`` whose breaker allows
+        a call (a half-open breaker's probe slot is taken), else ``(None,
+        seconds until the soonest breaker will let a probe through)``.
+    """
+    wait = math.inf
+    for lane in lanes[start:]:
+        if lane.breaker.allow(now):
+            return lane, 0.0
+        wait = min(wait, lane.breaker.time_until_probe(now))
+    return None, wait

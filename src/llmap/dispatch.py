@@ -1,0 +1,277 @@
+"""The dispatcher: rows in, one settled :class:`~llmap.store.ledger.RowResult` per row out.
+
+For each row it renders the messages, then loops over attempts:
+
+1. **Route** (:func:`~llmap.control.route.pick_lane`): the first model from
+   the row's starting lane whose circuit breaker lets a call through.
+2. **Admit**: the lane's concurrency gate (AIMD) and rate limiter (RPM/TPM
+   reservations, Retry-After pauses) decide when the request may go.
+3. **Send** under an adaptive timeout, so a hung request is abandoned.
+4. **Settle**: usage corrects the token reservation, headers update budgets,
+   the answer is validated (re-asked with the error up to ``max_reask``).
+5. **On error** the retry policy decides: back off and retry (transient),
+   move to the next model (terminal, or retries spent), or stop the run
+   (errors every row would hit: auth, quota).
+
+Rows whose retries are spent on every model fail with the last error, or get
+``[output] fallback`` when the job gives one. The budget caps stop new
+requests; in-flight ones finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmap import errors as E
+from llmap.control.retry import RetryPolicy
+from llmap.control.route import Lane, pick_lane
+from llmap.prompt.render import Renderer
+from llmap.prompt.schema import OutputSchema, reask_message
+from llmap.providers.base import Completion, Request
+from llmap.store.ledger import RowResult
+
+__all__ = ["DispatchStats", "Dispatcher", "Stop"]
+
+#: Errors that mean the provider is down or broken: they count against its circuit breaker.
+_OUTAGE = (E.Overloaded, E.RequestTimeout, E.ConnectionFailed, E.MalformedResponse)
+#: How often the watchdog tightens deadlines of requests in flight, seconds.
+_WATCHDOG_S = 0.25
+
+
+class Stop(Exception):
+    """Raised inside a worker when the run is stopping; the row stays pending."""
+
+
+@dataclass
+class DispatchStats:
+    """Counters of one run (this run's requests only).
+
+    Attributes:
+        requests: requests sent.
+        prompt_tokens, completion_tokens: usage reported by the providers.
+        cost_usd: spend at the models' prices.
+        rate_limited: 429 answers.
+        retries: attempts after the first, per row and model.
+        stop_reason: why dispatch stopped early (a fatal error or a budget cap), or None.
+        fatal: the error every row would hit, when that stopped the run.
+    """
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    rate_limited: int = 0
+    retries: int = 0
+    stop_reason: str | None = None
+    fatal: E.FatalProviderError | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def halt(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop.set()
+
+
+class Dispatcher:
+    """Settles rows against the job's models.
+
+    Args:
+        lanes: one :class:`~llmap.control.route.Lane` per model, primary first.
+        renderer: the compiled prompt.
+        schema: the output contract.
+        limits: the ``[limits]`` spec (retry budget, attempts, caps).
+        max_reask: re-asks after an invalid answer, per model.
+        fallback: static answer for rows no model could answer, or None.
+        stats: counters to update.
+        clock: monotonic seconds; ``sleep``: awaitable delay (both injectable).
+    """
+
+    def __init__(self, lanes: Sequence[Lane], renderer: Renderer, schema: OutputSchema, limits: Any, *,
+                 max_reask: int, fallback: dict[str, Any] | None, stats: DispatchStats,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+        self.lanes = list(lanes)
+        self.renderer = renderer
+        self.schema = schema
+        self.limits = limits
+        self.max_reask = max_reask
+        self.fallback = fallback
+        self.stats = stats
+        self.clock = clock
+        self.sleep = sleep
+        self.retry = RetryPolicy(max_attempts=limits.max_attempts, budget_s=limits.retry_budget_s)
+
+    # -- caps -----------------------------------------------------------------
+    def _check_caps(self) -> None:
+        st, lim = self.stats, self.limits
+        if lim.max_cost_usd is not None and st.cost_usd >= lim.max_cost_usd:
+            st.halt(f"budget cap reached: limits.max_cost_usd = {lim.max_cost_usd:g} USD "
+                    f"(spent {st.cost_usd:.4f} USD)")
+        elif lim.max_tokens is not None and st.prompt_tokens + st.completion_tokens >= lim.max_tokens:
+            st.halt(f"budget cap reached: limits.max_tokens = {lim.max_tokens:,} "
+                    f"(spent {st.prompt_tokens + st.completion_tokens:,} tokens)")
+        if st.stop.is_set():
+            raise Stop
+
+    # -- one request ----------------------------------------------------------
+    async def _send(self, lane: Lane, req: Request, est_tokens: float) -> Completion:
+        await lane.enter()
+        try:
+            permit = await lane.limiter.acquire(est_tokens)
+            self._check_caps()
+            self.stats.requests += 1
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            try:
+                async with asyncio.timeout(start + lane.timeout.current()) as cm:
+                    lane.deadlines[id(cm)] = (start, cm)
+                    try:
+                        comp = await lane.provider.complete(req)
+                    finally:
+                        lane.deadlines.pop(id(cm), None)
+            except TimeoutError:
+                raise E.RequestTimeout(
+                    f"no answer from {lane.label} within {loop.time() - start:.1f} s (adaptive timeout)",
+                    model=lane.label, row_key=req.row_key) from None
+        finally:
+            lane.leave()
+        lane.limiter.settle(permit, comp.prompt_tokens + comp.completion_tokens)
+        if comp.headers:
+            lane.limiter.update_from_headers(comp.headers, sent_at=permit.sent_at)
+        lane.timeout.observe(comp.latency_s)
+        if comp.completion_tokens:
+            lane.output_tokens.observe(comp.completion_tokens)
+        return comp
+
+    async def watchdog(self) -> None:
+        """Tighten the deadline of every request in flight to its lane's current adaptive timeout."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_WATCHDOG_S)
+            for lane in self.lanes:
+                limit = lane.timeout.current()
+                for start, cm in list(lane.deadlines.values()):
+                    when = cm.when()
+                    if when is not None and start + limit < when:
+                        cm.reschedule(max(loop.time(), start + limit))
+
+    # -- one row --------------------------------------------------------------
+    async def solve(self, key: str, row: dict[str, Any]) -> RowResult:
+        """Settle one row: ``done`` (with output), ``failed`` (with error) or ``fallback``.
+
+        Raises:
+            Stop: the run is stopping (fatal error, budget cap); the row stays pending.
+        """
+        st = self.stats
+        res = RowResult(key=key, status="failed")
+        base_messages = self.renderer.messages(row)
+        prompt_chars = sum(len(m["content"]) for m in base_messages)
+        t0 = self.clock()
+        start = 0  # first lane this row may use
+        last_error = "no model answered"
+        tries: dict[int, int] = {}  # lane index -> attempts there
+        reasks: dict[int, int] = {}
+        messages: dict[int, list[dict[str, str]]] = {}
+        while start < len(self.lanes):
+            if st.stop.is_set():
+                raise Stop
+            lane, wait = pick_lane(self.lanes, start, self.clock())
+            if lane is None:  # every remaining model's breaker is open
+                if self.clock() - t0 + wait > self.limits.retry_budget_s:
+                    last_error = "every model is unavailable (circuit breakers open)"
+                    break
+                await self.sleep(min(wait, 1.0))
+                continue
+            i = lane.index
+            msgs = messages.setdefault(i, base_messages)
+            tries[i] = tries.get(i, 0) + 1
+            res.attempts += 1
+            if tries[i] > 1:
+                st.retries += 1
+            model = lane.model
+            req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key)
+            est = lane.prompt_tokens.estimate(prompt_chars) + lane.output_tokens.estimate()
+            try:
+                comp = await self._send(lane, req, est)
+            except E.ProviderError as exc:
+                exc.row_key, exc.attempt = key, tries[i]
+                last_error = f"{type(exc).__name__}: {exc}"
+                self._record_failure(lane, exc)
+                decision = self.retry.decide(exc, tries[i], self.clock() - t0)
+                if decision.stop_run:
+                    st.fatal = st.fatal or exc  # type: ignore[assignment]
+                    st.halt(f"{exc}")
+                    raise Stop from exc
+                if decision.retry:
+                    await self.sleep(decision.delay_s)
+                else:
+                    start = i + 1  # fail over to the next model
+                continue
+            except Stop:
+                lane.breaker.release()
+                raise
+            lane.breaker.record_success()
+            lane.on_success()
+            lane.prompt_tokens.observe(prompt_chars, comp.prompt_tokens)
+            res.prompt_tokens += comp.prompt_tokens
+            res.completion_tokens += comp.completion_tokens
+            st.prompt_tokens += comp.prompt_tokens
+            st.completion_tokens += comp.completion_tokens
+            st.cost_usd += lane.cost_usd(comp.prompt_tokens, comp.completion_tokens)
+            try:
+                res.output = self.schema.validate(comp.content)
+            except E.AnswerInvalid as exc:
+                if reasks.get(i, 0) < self.max_reask:
+                    reasks[i] = reasks.get(i, 0) + 1
+                    messages[i] = [*msgs, {"role": "assistant", "content": comp.content},
+                                   reask_message(exc.detail, self.schema.json_schema)]
+                    continue
+                last_error = f"AnswerInvalid: {exc.detail} (after {reasks.get(i, 0)} re-asks)"
+                start = i + 1
+                continue
+            res.status, res.model, res.error = "done", lane.label, None
+            res.latency_s = self.clock() - t0
+            return res
+        res.error = last_error
+        res.latency_s = self.clock() - t0
+        if self.fallback is not None:
+            res.status, res.output = "fallback", dict(self.fallback)
+        return res
+
+    def _record_failure(self, lane: Lane, exc: E.ProviderError) -> None:
+        if isinstance(exc, E.RateLimited):
+            self.stats.rate_limited += 1
+            lane.on_congestion()
+            if exc.retry_after:
+                lane.limiter.pause_for(exc.retry_after)  # the whole lane waits, not only this row
+            lane.breaker.release()
+        elif isinstance(exc, _OUTAGE):
+            if exc.status == 529:
+                lane.on_congestion()
+            lane.breaker.record_failure()
+        else:  # a 4xx answer: the server is up
+            lane.breaker.record_success()
+
+
+def install_sigterm(task: asyncio.Task | None) -> Callable[[], None]:
+    """Make SIGTERM cancel ``task`` like Ctrl-C does (main thread only). Returns an undo function."""
+    if task is None or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    except (NotImplementedError, RuntimeError):
+        return lambda: None
+
+    def undo() -> None:
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    return undo

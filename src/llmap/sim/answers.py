@@ -1,0 +1,255 @@
+"""Deterministic answers for the simulator, and its token counts.
+
+The simulator never thinks; it derives every answer from a 64-bit seed taken
+from the request (:func:`request_seed`), so the same canonical request always
+gets the same answer and different requests usually get different ones. The
+values come from the compiled schema (:mod:`llmap.sim.schema`).
+
+*Packed* requests (several rows in one request): the ids come from the last
+user message, which holds a JSON array of objects with an ``id`` key; the
+answer then holds exactly one item per id, carrying that id, in the same
+order. Each item is seeded by the request seed and its id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from llmap.sim.schema import (
+    SchemaPlan,
+    canonical_json,
+    compact_json,
+    compile_schema,
+    mix,
+    salt,
+    schema_key,
+    words,
+)
+
+__all__ = [
+    "Answer",
+    "completion_tokens",
+    "extract_ids",
+    "make_answer",
+    "message_text",
+    "prompt_tokens",
+    "request_seed",
+]
+
+
+def message_text(content: Any) -> str:
+    """The text of one message's ``content``: a string or a list of parts.
+
+    Args:
+        content: an OpenAI message content; a list holds ``{"type": "text",
+            "text": ...}`` parts, other parts are ignored.
+
+    Returns:
+        The text, parts joined by newlines; ``""`` for anything else.
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def prompt_tokens(messages: Sequence[Any]) -> int:
+    """Estimated prompt tokens: ``ceil(chars / 4) + 4`` per message.
+
+    Args:
+        messages: OpenAI chat messages; non-dict entries count as empty.
+
+    Returns:
+        Tokens (the simulator's cheap stand-in for a tokenizer).
+    """
+    chars = 0
+    for m in messages:
+        if isinstance(m, dict):
+            chars += len(message_text(m.get("content")))
+    return math.ceil(chars / 4) + 4 * len(messages)
+
+
+def completion_tokens(content: str) -> int:
+    """Completion tokens of an answer: ``ceil(len(content) / 4)``."""
+    return math.ceil(len(content) / 4)
+
+
+def request_seed(body: Mapping[str, Any]) -> int:
+    """The 64-bit seed of a request: sha256 of its canonical JSON.
+
+    The canonical JSON is ``{"messages", "model", "response_format",
+    "temperature"}`` with sorted keys and no spaces (absent keys are ``null``);
+    other parameters (``max_tokens``, ``stream``...) do not change the answer.
+
+    Args:
+        body: the parsed request body.
+
+    Returns:
+        The first 8 bytes of the digest as an unsigned integer.
+    """
+    canonical = canonical_json(
+        {
+            "messages": body.get("messages"),
+            "model": body.get("model"),
+            "response_format": body.get("response_format"),
+            "temperature": body.get("temperature"),
+        }
+    )
+    return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big")
+
+
+# --------------------------------------------------------------------------- packed ids
+
+
+def extract_ids(messages: Sequence[Any]) -> list[Any] | None:
+    """The row ids of a packed request, from its last user message.
+
+    Args:
+        messages: OpenAI chat messages.
+
+    Returns:
+        The ``id`` values of the first JSON array of objects (each with an
+        ``id`` key) found in the last user message, in order; ``None`` when
+        there is no such array.
+    """
+    text = ""
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            text = message_text(m.get("content"))
+            break
+    decoder = json.JSONDecoder()
+    pos = text.find("[")
+    while pos != -1:
+        try:
+            value, _ = decoder.raw_decode(text, pos)
+        except ValueError:
+            value = None
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, dict) and "id" in v for v in value)
+        ):
+            return [v["id"] for v in value]
+        pos = text.find("[", pos + 1)
+    return None
+
+
+# --------------------------------------------------------------------------- answers
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One simulated completion.
+
+    Attributes:
+        content: the message content (JSON text for structured requests).
+        finish_reason: ``"stop"``, or ``"length"`` when plain text was cut
+            at ``max_tokens``.
+    """
+
+    content: str
+    finish_reason: str = "stop"
+
+
+def _corrupt(item: dict[str, Any], rng: random.Random) -> None:
+    """Give one field of ``item`` a value of the wrong type (``id`` last)."""
+    keys = [k for k in item if k != "id"] or list(item)
+    if not keys:
+        item["id"] = ["corrupt"]
+        return
+    key = rng.choice(keys)
+    value = item[key]
+    if isinstance(value, bool) or value is None:
+        item[key] = "maybe"
+    elif isinstance(value, int | float):
+        item[key] = "not a number"
+    elif isinstance(value, str):
+        item[key] = 12345
+    else:
+        item[key] = "oops"
+
+
+def _packed_items(
+    plan: SchemaPlan,
+    seed: int,
+    ids: list[Any],
+    rng: random.Random | None,
+    drop_item_rate: float,
+    corrupt_item_rate: float,
+) -> list[Any]:
+    assert plan.item is not None
+    items: list[Any] = []
+    for row_id in ids:
+        if rng is not None and drop_item_rate and rng.random() < drop_item_rate:
+            continue
+        item = plan.item(mix(seed ^ salt(canonical_json(row_id))), 1)
+        if isinstance(item, dict):
+            item["id"] = row_id
+            if rng is not None and corrupt_item_rate and rng.random() < corrupt_item_rate:
+                _corrupt(item, rng)
+        items.append(item)
+    return items
+
+
+def make_answer(
+    body: Mapping[str, Any],
+    *,
+    rng: random.Random | None = None,
+    drop_item_rate: float = 0.0,
+    corrupt_item_rate: float = 0.0,
+) -> Answer:
+    """The deterministic answer to a chat completion request.
+
+    Args:
+        body: the parsed request body (``model``, ``messages``, optional
+            ``response_format``, ``temperature``, ``max_tokens``).
+        rng: the random source for item faults; ``None`` disables them.
+        drop_item_rate: fraction of packed items left out (0..1).
+        corrupt_item_rate: fraction of packed items given a wrong-typed value.
+
+    Returns:
+        The :class:`Answer`. With a ``json_schema`` response format the
+        content validates against the schema (unless item faults apply); with
+        ``json_object`` it is a small JSON object; otherwise plain text, cut
+        to ``max_tokens * 4`` characters when that is smaller.
+
+    Raises:
+        ValueError: the schema is missing, not an object, or has a ``$ref``
+            that is not local or points nowhere.
+    """
+    seed = request_seed(body)
+    fmt = body.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+    if kind == "json_schema":
+        spec = fmt.get("json_schema") or {}
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise ValueError("response_format.json_schema.schema must be an object")
+        plan = compile_schema(schema_key(schema))
+        ids = extract_ids(body.get("messages") or []) if plan.pack_key is not None else None
+        if ids is None:
+            value = plan.generate(seed, 0)
+        else:
+            items = _packed_items(plan, seed, ids, rng, drop_item_rate, corrupt_item_rate)
+            if plan.pack_key == "":
+                value = items
+            else:
+                value = plan.generate(seed, 0)
+                value[plan.pack_key] = items
+        return Answer(compact_json(value))
+    if kind == "json_object":
+        return Answer(compact_json({"answer": words(seed, 3)}))
+    text = f"Simulated answer {seed % 100_000}: {words(seed, 8)}."
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+    if isinstance(max_tokens, int) and 0 < max_tokens * 4 < len(text):
+        return Answer(text[: max_tokens * 4], "length")
+    return Answer(text)

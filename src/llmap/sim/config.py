@@ -1,0 +1,159 @@
+"""The simulator's configuration: one frozen dataclass, also the CLI's flags.
+
+Every field of :class:`SimConfig` is a flag of ``llmap simulate`` (and of
+``python -m llmap.sim``) named after it with dashes: ``fail_rate`` is
+``--fail-rate``. :meth:`SimConfig.to_argv` writes those flags, so a parent
+process can start a simulator with the same settings it would give
+:class:`~llmap.sim.simulator.Simulator`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["HEADER_STYLES", "SimConfig", "parse_outage"]
+
+HEADER_STYLES = ("openai", "anthropic")
+
+
+def parse_outage(text: str) -> tuple[float, float]:
+    """Parse an outage window ``"START:END"`` (seconds after server start).
+
+    Args:
+        text: two non-negative numbers of seconds, e.g. ``"5:10"`` or ``"0:2.5"``.
+
+    Returns:
+        ``(start, end)`` in seconds.
+
+    Raises:
+        ValueError: not two numbers separated by ``:``, or ``end < start``.
+    """
+    start_text, sep, end_text = text.partition(":")
+    if not sep:
+        raise ValueError(f"outage must look like START:END (seconds), got {text!r}")
+    start, end = float(start_text), float(end_text)
+    if start < 0 or end < start:
+        raise ValueError(f"outage needs 0 <= START <= END, got {text!r}")
+    return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """How the simulator behaves. All rates are fractions of requests (0..1).
+
+    Attributes:
+        host: interface to bind.
+        port: TCP port; 0 picks a free (ephemeral) one.
+        latency_median: median answer latency, seconds.
+        latency_sigma: sigma of the lognormal latency (0 = always the median).
+        per_token_ms: extra latency per completion token, milliseconds.
+        rpm: requests per minute allowed (``None`` = unlimited).
+        tpm: tokens per minute allowed (``None`` = unlimited); a request costs
+            its estimated prompt tokens plus ``max_tokens`` (16 when absent).
+        header_style: ``"openai"`` (``x-ratelimit-*``) or ``"anthropic"``
+            (``anthropic-ratelimit-*``) rate-limit headers.
+        fail_rate: fraction answered 500 or 503 (after admission).
+        hang_rate: fraction never answered; the server waits until the client
+            goes away.
+        malformed_rate: fraction answered 200 with a truncated JSON body.
+        outage: ``(start, end)`` seconds after server start during which every
+            chat request gets 503; ``None`` = no outage.
+        drop_item_rate: fraction of packed items left out of answers.
+        corrupt_item_rate: fraction of packed items given a wrong-typed value.
+        require_key: when set, requests must send ``Authorization: Bearer
+            <key>`` or get 401 ``invalid_api_key``.
+        quota_tokens: after this many tokens served (prompt + completion), every
+            chat request gets 429 ``insufficient_quota``; ``None`` = no quota.
+        seed: seed of the fault/latency random source (``None`` = random).
+            Faults are drawn per request, not per body, so a retry can succeed.
+        context_chars: a message longer than this many characters gets 400
+            ``context_length_exceeded``.
+
+    Raises:
+        ValueError: on construction, when a value is out of range.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    latency_median: float = 0.0
+    latency_sigma: float = 0.0
+    per_token_ms: float = 0.0
+    rpm: int | None = None
+    tpm: int | None = None
+    header_style: str = "openai"
+    fail_rate: float = 0.0
+    hang_rate: float = 0.0
+    malformed_rate: float = 0.0
+    outage: tuple[float, float] | None = None
+    drop_item_rate: float = 0.0
+    corrupt_item_rate: float = 0.0
+    require_key: str | None = None
+    quota_tokens: int | None = None
+    seed: int | None = None
+    context_chars: int = 200_000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.outage, str):
+            object.__setattr__(self, "outage", parse_outage(self.outage))
+        elif self.outage is not None:
+            start, end = (float(x) for x in self.outage)
+            if start < 0 or end < start:
+                raise ValueError(f"outage needs 0 <= start <= end, got {self.outage!r}")
+            object.__setattr__(self, "outage", (start, end))
+        for name in ("fail_rate", "hang_rate", "malformed_rate"):
+            _check_rate(name, getattr(self, name))
+        for name in ("drop_item_rate", "corrupt_item_rate"):
+            _check_rate(name, getattr(self, name))
+        if self.fail_rate + self.hang_rate + self.malformed_rate > 1.0 + 1e-9:
+            raise ValueError("fail_rate + hang_rate + malformed_rate must not exceed 1")
+        for name in ("rpm", "tpm", "quota_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value!r}")
+        for name in ("latency_median", "latency_sigma", "per_token_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.header_style not in HEADER_STYLES:
+            raise ValueError(
+                f"header_style must be one of {HEADER_STYLES}, got {self.header_style!r}"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port!r}")
+        if self.context_chars <= 0:
+            raise ValueError(f"context_chars must be positive, got {self.context_chars!r}")
+
+    def replace(self, **changes: Any) -> SimConfig:
+        """A copy with ``changes`` applied (validated again).
+
+        Raises:
+            TypeError: an unknown field name.
+            ValueError: a value out of range.
+        """
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (``outage`` as a list or ``None``)."""
+        data = dataclasses.asdict(self)
+        if self.outage is not None:
+            data["outage"] = list(self.outage)
+        return data
+
+    def to_argv(self) -> list[str]:
+        """Command-line flags reproducing this config; defaults are left out."""
+        argv: list[str] = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value == field.default:
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            if field.name == "outage":
+                value = f"{value[0]}:{value[1]}"
+            argv += [flag, str(value)]
+        return argv
+
+
+def _check_rate(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")

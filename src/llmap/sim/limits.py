@@ -1,0 +1,277 @@
+"""Server-side rate limits for the simulator, enforced the way OpenAI does.
+
+Two token buckets, one for requests (RPM) and one for tokens (TPM). Each
+holds at most its per-minute limit, starts full and refills continuously at
+``limit / 60`` per second. A request is admitted only when both buckets hold
+its cost (1 request; estimated prompt tokens + ``max_tokens``); then both are
+charged at once. Otherwise it is refused with the wait until it would fit.
+
+The buckets read time from an injected clock (seconds, monotonic), so they
+are tested by moving a fake clock instead of sleeping.
+
+:func:`ratelimit_headers` renders a decision as OpenAI ``x-ratelimit-*``
+headers (resets as durations like ``6m0s``) or Anthropic
+``anthropic-ratelimit-*`` headers (resets as RFC 3339 UTC timestamps).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+__all__ = [
+    "Admission",
+    "BucketState",
+    "Clock",
+    "RateLimiter",
+    "TokenBucket",
+    "format_duration",
+    "format_rfc3339",
+    "ratelimit_headers",
+]
+
+Clock = Callable[[], float]
+"""Returns the current time in seconds (monotonic)."""
+
+
+class TokenBucket:
+    """A continuously refilled bucket of ``capacity`` units.
+
+    Args:
+        capacity: most units the bucket holds (the per-minute limit).
+        refill_per_second: units added per second.
+        clock: current time in seconds; :func:`time.monotonic` by default.
+
+    Raises:
+        ValueError: ``capacity`` or ``refill_per_second`` is not positive.
+    """
+
+    __slots__ = ("_clock", "_level", "_stamp", "capacity", "rate")
+
+    def __init__(
+        self, capacity: float, refill_per_second: float, clock: Clock = time.monotonic
+    ) -> None:
+        if capacity <= 0 or refill_per_second <= 0:
+            raise ValueError("capacity and refill_per_second must be positive")
+        self.capacity = float(capacity)
+        self.rate = float(refill_per_second)
+        self._clock = clock
+        self._level = self.capacity
+        self._stamp = clock()
+
+    def level(self) -> float:
+        """Units available now (refilled up to the current clock)."""
+        now = self._clock()
+        if now > self._stamp:
+            self._level = min(self.capacity, self._level + (now - self._stamp) * self.rate)
+            self._stamp = now
+        return self._level
+
+    def wait_for(self, amount: float) -> float:
+        """Seconds until ``amount`` units are available (0 when they are now).
+
+        An ``amount`` above ``capacity`` never fits; the answer is then the
+        time until the bucket is full.
+        """
+        missing = min(amount, self.capacity) - self.level()
+        return max(missing, 0.0) / self.rate
+
+    def take(self, amount: float) -> None:
+        """Remove ``amount`` units (the level may not go below zero)."""
+        self._level = max(self.level() - amount, 0.0)
+
+    def time_to_full(self) -> float:
+        """Seconds until the bucket is full again."""
+        return (self.capacity - self.level()) / self.rate
+
+    def fill(self) -> None:
+        """Refill the bucket completely, now."""
+        self._level = self.capacity
+        self._stamp = self._clock()
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    """One limit as a client sees it in headers.
+
+    Attributes:
+        limit: the per-minute limit (requests or tokens).
+        remaining: whole units left after this request.
+        reset: seconds until the bucket is full again.
+    """
+
+    limit: int
+    remaining: int
+    reset: float
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The rate limiter's decision about one request.
+
+    Attributes:
+        allowed: whether the request was admitted (and charged).
+        limited_by: ``"requests"`` or ``"tokens"`` when refused, else ``None``.
+        retry_after: seconds to wait before the request would fit (0 when
+            admitted).
+        too_large: the request costs more tokens than the TPM limit: it can
+            never be admitted.
+        requested: the token cost of the request.
+        requests: the RPM bucket's state, or ``None`` when RPM is unlimited.
+        tokens: the TPM bucket's state, or ``None`` when TPM is unlimited.
+    """
+
+    allowed: bool
+    limited_by: str | None
+    retry_after: float
+    too_large: bool
+    requested: int
+    requests: BucketState | None
+    tokens: BucketState | None
+
+
+class RateLimiter:
+    """Admits requests against an RPM and a TPM bucket, charging both at once.
+
+    Args:
+        rpm: requests per minute (``None`` = unlimited).
+        tpm: tokens per minute (``None`` = unlimited).
+        clock: current time in seconds; :func:`time.monotonic` by default.
+    """
+
+    def __init__(
+        self, rpm: int | None = None, tpm: int | None = None, clock: Clock = time.monotonic
+    ) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self.requests = TokenBucket(rpm, rpm / 60, clock) if rpm else None
+        self.tokens = TokenBucket(tpm, tpm / 60, clock) if tpm else None
+
+    @property
+    def active(self) -> bool:
+        """Whether any limit is configured."""
+        return self.requests is not None or self.tokens is not None
+
+    def admit(self, tokens: int) -> Admission:
+        """Admit one request costing ``tokens`` tokens, or say how long to wait.
+
+        Args:
+            tokens: estimated prompt tokens + ``max_tokens``.
+
+        Returns:
+            The :class:`Admission`; when allowed, both buckets were charged.
+        """
+        wait_r = self.requests.wait_for(1) if self.requests else 0.0
+        wait_t = self.tokens.wait_for(tokens) if self.tokens else 0.0
+        too_large = self.tokens is not None and tokens > self.tokens.capacity
+        allowed = wait_r == 0.0 and wait_t == 0.0 and not too_large
+        if allowed:
+            if self.requests:
+                self.requests.take(1)
+            if self.tokens:
+                self.tokens.take(tokens)
+        limited_by = None
+        if not allowed:
+            limited_by = (
+                "requests" if wait_r > 0 and wait_r >= wait_t and not too_large else "tokens"
+            )
+        return Admission(
+            allowed=allowed,
+            limited_by=limited_by,
+            retry_after=max(wait_r, wait_t),
+            too_large=too_large,
+            requested=tokens,
+            requests=_state(self.requests),
+            tokens=_state(self.tokens),
+        )
+
+    def reset(self) -> None:
+        """Fill both buckets."""
+        for bucket in (self.requests, self.tokens):
+            if bucket is not None:
+                bucket.fill()
+
+
+def _state(bucket: TokenBucket | None) -> BucketState | None:
+    if bucket is None:
+        return None
+    return BucketState(int(bucket.capacity), int(bucket.level()), bucket.time_to_full())
+
+
+def format_duration(seconds: float) -> str:
+    """Format seconds the way OpenAI's ``x-ratelimit-reset-*`` headers do.
+
+    Go-style durations at millisecond precision: ``12ms``, ``1s``, ``1.5s``,
+    ``6m0s``, ``1h2m3s``; zero or less is ``0s``.
+
+    Args:
+        seconds: a duration in seconds.
+
+    Returns:
+        The duration text.
+    """
+    ms = round(seconds * 1000)
+    if ms <= 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = str(rest // 1000) if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def format_rfc3339(epoch_seconds: float) -> str:
+    """An RFC 3339 UTC timestamp, whole seconds rounded up: ``2024-05-01T12:00:03Z``."""
+    moment = datetime.fromtimestamp(math.ceil(epoch_seconds), UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def ratelimit_headers(
+    admission: Admission, style: str = "openai", wall_now: float | None = None
+) -> dict[str, str]:
+    """The rate-limit headers for a decision.
+
+    Args:
+        admission: the limiter's decision.
+        style: ``"openai"``: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``
+            with duration resets, and on refusal ``retry-after`` (seconds, may be
+            fractional) and ``retry-after-ms``. ``"anthropic"``:
+            ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}``
+            with RFC 3339 resets, and on refusal ``retry-after`` in whole
+            seconds (rounded up).
+        wall_now: current Unix time in seconds for Anthropic timestamps;
+            :func:`time.time` when ``None``.
+
+    Returns:
+        Header names (lowercase) to values; only configured limits appear.
+    """
+    headers: dict[str, str] = {}
+    pairs = (("requests", admission.requests), ("tokens", admission.tokens))
+    if style == "anthropic":
+        now = time.time() if wall_now is None else wall_now
+        for kind, state in pairs:
+            if state is not None:
+                headers[f"anthropic-ratelimit-{kind}-limit"] = str(state.limit)
+                headers[f"anthropic-ratelimit-{kind}-remaining"] = str(state.remaining)
+                headers[f"anthropic-ratelimit-{kind}-reset"] = format_rfc3339(now + state.reset)
+        if not admission.allowed:
+            headers["retry-after"] = str(max(1, math.ceil(admission.retry_after)))
+        return headers
+    for kind, state in pairs:
+        if state is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(state.limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = format_duration(state.reset)
+    if not admission.allowed:
+        retry_ms = max(1, math.ceil(admission.retry_after * 1000))
+        headers["retry-after"] = f"{retry_ms / 1000:.3f}".rstrip("0").rstrip(".")
+        headers["retry-after-ms"] = str(retry_ms)
+    return headers
