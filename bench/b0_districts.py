@@ -73,7 +73,7 @@ def main() -> int:
             ("requests at simulator", f"{stats['requests']:,}"),
             ("status --by state: every row done", "yes" if done_everywhere else "NO"),
             ("status --by state", f"{len(groups)} states, {status['total']}"),
-            ("command", "python bench/b0_districts.py --concurrency %d" % args.concurrency),
+            ("command", f"python bench/b0_districts.py --concurrency {args.concurrency}"),
         ], "B0 districts: 17,842 rows, zero-latency simulator"))
         print(json.dumps({"rows_per_s": round(rows / wall, 1), "peak_rss_mb": round(peak_mb, 1),
                           "all_done": done_everywhere}))

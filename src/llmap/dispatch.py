@@ -59,6 +59,7 @@ class DispatchStats:
         cost_usd: spend at the models' prices.
         rate_limited: 429 answers.
         retries: attempts after the first, per row and model.
+        hedged: attempts that sent a second copy in the run's tail (see ``limits.hedge_tail``).
         stop_reason: why dispatch stopped early (a fatal error or a budget cap), or None.
         fatal: the error every row would hit, when that stopped the run.
     """
@@ -69,6 +70,7 @@ class DispatchStats:
     cost_usd: float = 0.0
     rate_limited: int = 0
     retries: int = 0
+    hedged: int = 0
     stop_reason: str | None = None
     fatal: E.FatalProviderError | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -106,7 +108,10 @@ class Dispatcher:
         self.stats = stats
         self.clock = clock
         self.sleep = sleep
-        self.retry = RetryPolicy(max_attempts=limits.max_attempts, budget_s=limits.retry_budget_s)
+        self.retry = RetryPolicy(max_attempts=limits.max_attempts, cap_s=limits.backoff_cap_s,
+                                 budget_s=limits.retry_budget_s)
+        #: Returns True once every row has been handed to a worker (the run's tail).
+        self.draining: Callable[[], bool] = lambda: False
 
     # -- caps -----------------------------------------------------------------
     def _check_caps(self) -> None:
@@ -149,6 +154,35 @@ class Dispatcher:
         if comp.completion_tokens:
             lane.output_tokens.observe(comp.completion_tokens)
         return comp
+
+    async def _hedged(self, lane: Lane, req: Request, est_tokens: float, delay_s: float) -> Completion:
+        """A hedged request ("The Tail at Scale"): a second copy after ``delay_s`` if the first is late.
+
+        Used only in the run's tail while the lane has spare capacity, so that
+        a straggler row waits for the faster of two tries instead of a hang's
+        timeout. The first answer wins; the other copy is cancelled.
+        """
+        first = asyncio.create_task(self._send(lane, req, est_tokens))
+        tasks = [first]
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=delay_s)
+            if not done and lane.in_flight * 2 < lane.aimd.limit:
+                self.stats.hedged += 1
+                tasks.append(asyncio.create_task(self._send(lane, req, est_tokens)))
+            # An answer wins. After an error, the other copy gets at most the p95 latency more
+            # (it may be a hang); then the error goes to the retry policy, whose retry hedges again.
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            first = done.pop()
+            if first.exception() is None or not pending:
+                return first.result()
+            done, _ = await asyncio.wait(pending, timeout=lane.timeout.quantile(0.95))
+            if done and done.pop().exception() is None:
+                return next(iter(pending)).result()
+            return first.result()  # raises the first error
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def watchdog(self) -> None:
         """Tighten the deadline of every request in flight to its lane's current adaptive timeout."""
@@ -198,8 +232,12 @@ class Dispatcher:
             model = lane.model
             req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key)
             est = lane.prompt_tokens.estimate(prompt_chars) + lane.output_tokens.estimate()
+            hedge = self.limits.hedge_tail and self.draining() and lane.in_flight * 2 < lane.aimd.limit
             try:
-                comp = await self._send(lane, req, est)
+                if hedge:  # a row that failed before hedges at once; others once they are slower than p95
+                    comp = await self._hedged(lane, req, est, 0.0 if tries[i] > 1 else lane.timeout.quantile(0.95))
+                else:
+                    comp = await self._send(lane, req, est)
             except E.ProviderError as exc:
                 exc.row_key, exc.attempt = key, tries[i]
                 last_error = f"{type(exc).__name__}: {exc}"
@@ -210,7 +248,11 @@ class Dispatcher:
                     st.halt(f"{exc}")
                     raise Stop from exc
                 if decision.retry:
-                    await self.sleep(decision.delay_s)
+                    delay = decision.delay_s
+                    if hedge and not isinstance(exc, E.RateLimited):
+                        # In the tail with spare capacity there is no load to shed: retry soon.
+                        delay = min(delay, self.retry.backoff(1))
+                    await self.sleep(delay)
                 else:
                     start = i + 1  # fail over to the next model
                 continue

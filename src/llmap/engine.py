@@ -324,6 +324,9 @@ class Job:
             tally.cost_usd, tally.rate_limited = stats.cost_usd, stats.rate_limited
             progress.advance(tally)
 
+        handed_out = asyncio.Event()
+        dispatcher.draining = lambda: handed_out.is_set() and todo.qsize() <= n_workers
+
         async def producer() -> None:
             after = -1
             while not stats.stop.is_set():
@@ -333,6 +336,7 @@ class Job:
                 for seq, key, data in page:
                     await todo.put((key, data))
                     after = seq
+            handed_out.set()
             for _ in range(n_workers):
                 await todo.put(None)
 

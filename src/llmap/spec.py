@@ -170,7 +170,7 @@ class ModelSpec(_Strict):
         max_tokens: cap on completion tokens per request, default 256.
         n_ctx: context window for ``local`` in tokens, default 2048.
         timeout_s: read timeout per request in seconds, default 120; llmap
-            tightens it to 4 x the p99 latency it observes (at least 2 s).
+            tightens it to 3 x the p99 latency it observes (at least 2 s).
         connect_timeout_s: connect timeout in seconds, default 10.
         price_in, price_out: USD per million prompt / completion tokens,
             default 0; used for cost and ``limits.max_cost_usd``.
@@ -222,6 +222,14 @@ class LimitsSpec(_Strict):
         retry_budget_s: seconds a row may spend on retries before it fails
             over or fails (default 300).
         max_attempts: attempts per row and model, the first included (default 10).
+        backoff_cap_s: the longest backoff between attempts, seconds (default 8;
+            exponential from 0.5 s with full jitter). A Retry-After is always
+            honoured in full, and outages are handled by the circuit breaker.
+        hedge_tail: in the run's tail (every row handed out, spare capacity),
+            a request slower than the p95 latency, or the retry of a row that
+            already failed, gets a second copy and the first answer wins, so
+            stragglers do not set the run's end (default true; costs a few
+            extra requests per run, counted in ``requests``).
         max_cost_usd: stop sending new requests once this much is spent (USD,
             from ``[model] price_in`` / ``price_out``); in-flight requests finish.
         max_tokens: the same, counted in tokens (prompt + completion).
@@ -232,6 +240,8 @@ class LimitsSpec(_Strict):
     tpm: float | None = Field(default=None, gt=0)
     retry_budget_s: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=10, ge=1)
+    backoff_cap_s: float = Field(default=8.0, gt=0)
+    hedge_tail: bool = True
     max_cost_usd: float | None = Field(default=None, gt=0)
     max_tokens: int | None = Field(default=None, gt=0)
 

@@ -152,3 +152,15 @@ def test_retry_after_past_the_budget_gives_up():
 def test_invalid_parameters(kwargs):
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)
+
+
+def test_timeout_retries_after_the_first_attempt_backoff():
+    import random
+
+    from llmap.errors import Overloaded, RequestTimeout
+
+    policy = RetryPolicy(base_s=0.5, cap_s=30.0, rng=random.Random(1))
+    delays = [policy.decide(RequestTimeout("late"), 5, 0.0).delay_s for _ in range(200)]
+    assert max(delays) <= 0.5
+    overloaded = [policy.decide(Overloaded("503"), 5, 0.0).delay_s for _ in range(200)]
+    assert max(overloaded) > 0.5  # other transient errors keep growing

@@ -40,3 +40,11 @@ def test_window_forgets_old_latencies():
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError):
         AdaptiveTimeout(0)
+
+
+def test_quantile_of_recent_latencies():
+    t = AdaptiveTimeout(60.0, min_samples=4)
+    assert t.quantile(0.95) == 60.0  # not enough samples yet
+    for v in (1.0, 2.0, 3.0, 4.0):
+        t.observe(v)
+    assert t.quantile(0.5) == 2.0 and t.quantile(0.95) == 4.0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from llmap.errors import (
     FatalProviderError,
+    RequestTimeout,
     TerminalError,
     TransientError,
 )
@@ -49,6 +50,9 @@ class RetryPolicy:
     must respect, and the jitter above it keeps rows that were told the same
     figure from all returning at the same instant. ``cap_s`` bounds only our
     own backoff, never the server's Retry-After.
+
+    A :class:`~llmap.errors.RequestTimeout` always draws the first attempt's
+    delay: the request already waited out its timeout.
 
     Only :class:`~llmap.errors.TransientError` is retried. A request is given
     up when ``max_attempts`` attempts have been made, or when waiting
@@ -118,7 +122,9 @@ class RetryPolicy:
             return RetryDecision(False, 0.0, f"not retryable: {name}")
         if attempt >= self.max_attempts:
             return RetryDecision(False, 0.0, f"{name}: gave up after {attempt} attempts")
-        delay = self.backoff(attempt)
+        # A timed-out request has already waited longer than any early backoff: retry it
+        # after the first-attempt backoff instead of letting its delay grow.
+        delay = self.backoff(1 if isinstance(error, RequestTimeout) else attempt)
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None and retry_after > delay:
             delay = float(retry_after)

@@ -26,7 +26,7 @@ class AdaptiveTimeout:
         ceiling_s: the longest timeout, seconds (the configured read timeout).
         floor_s: the shortest timeout, seconds (default 2.0: below that,
             network jitter alone would abandon honest requests).
-        multiple: factor over the p99 latency (default 4.0).
+        multiple: factor over the p99 latency (default 3.0).
         min_samples: answers needed before adapting (default 20).
         window: how many recent latencies are kept (default 500).
 
@@ -34,7 +34,7 @@ class AdaptiveTimeout:
         ValueError: a non-positive duration or multiple, or floor above ceiling.
     """
 
-    def __init__(self, ceiling_s: float, *, floor_s: float = 2.0, multiple: float = 4.0,
+    def __init__(self, ceiling_s: float, *, floor_s: float = 2.0, multiple: float = 3.0,
                  min_samples: int = 20, window: int = 500) -> None:
         if not (ceiling_s > 0 and floor_s > 0 and multiple > 0):
             raise ValueError("ceiling_s, floor_s and multiple must be > 0")
@@ -51,12 +51,17 @@ class AdaptiveTimeout:
             self._window.append(latency_s)
             self._cached = None
 
+    def quantile(self, q: float) -> float:
+        """The ``q`` quantile (0 to 1) of recent latencies, seconds; ``ceiling_s`` until ``min_samples``."""
+        if len(self._window) < self.min_samples:
+            return self.ceiling_s
+        ordered = sorted(self._window)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
     def current(self) -> float:
         """The timeout to apply now, seconds."""
         if len(self._window) < self.min_samples:
             return self.ceiling_s
         if self._cached is None:
-            ordered = sorted(self._window)
-            p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
-            self._cached = min(self.ceiling_s, max(self.floor_s, self.multiple * p99))
+            self._cached = min(self.ceiling_s, max(self.floor_s, self.multiple * self.quantile(0.99)))
         return self._cached
