@@ -7,7 +7,7 @@ runs in this process so breaker changes are timestamped as they happen.
 Targets: all rows done; the primary's breaker opens within 2 s of the outage's start; the
 backup serves during the outage; traffic returns to the primary after it.
 
-    python bench/b4_outage.py [--rows 2400]
+    python bench/b4_outage.py [--rows 3000]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Timeline(NullProgress):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=2400)
+    ap.add_argument("--rows", type=int, default=3000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as t, \
             start_simulator_process(latency_median=0.2, latency_sigma=0.3, outage=OUTAGE, seed=4) as primary, \

@@ -74,10 +74,14 @@ class DispatchStats:
     stop_reason: str | None = None
     fatal: E.FatalProviderError | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    on_halt: Callable[[str], None] | None = None
 
     def halt(self, reason: str) -> None:
+        """Stop sending new requests (in-flight ones finish); the first reason is kept and announced."""
         if self.stop_reason is None:
             self.stop_reason = reason
+            if self.on_halt is not None:
+                self.on_halt(reason)
         self.stop.set()
 
 

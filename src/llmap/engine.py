@@ -305,6 +305,8 @@ class Job:
 
         lanes = [Lane(i, p, m, spec.limits, on_breaker=on_breaker)
                  for i, (p, m) in enumerate(zip(prep.providers, spec.models, strict=True))]
+        stats.on_halt = lambda reason: progress.message(
+            f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
         dispatcher = Dispatcher(lanes, prep.renderer, prep.schema, spec.limits, max_reask=spec.output.max_reask,
                                 fallback=spec.output.fallback, stats=stats)
         # Rows waiting out a backoff hold a worker but no request slot: keep more workers than slots.
@@ -376,8 +378,6 @@ class Job:
                 t.cancel()
             undo_sigterm()
             flush()
-        if stats.stop_reason and not stats.fatal:
-            progress.message(f"llmap: {stats.stop_reason}; in-flight requests finished, progress kept")
 
 
 # -- reading a job's ledger (status, export) ------------------------------------

@@ -26,7 +26,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["CountingProgress", "NullProgress", "Progress", "RichProgress", "Tally"]
+__all__ = ["CountingProgress", "MessagesOnly", "NullProgress", "Progress", "RichProgress", "Tally"]
 
 
 @dataclass
@@ -79,6 +79,16 @@ class NullProgress:
 
     def finish(self, tally: Tally) -> None:
         pass
+
+
+class MessagesOnly(NullProgress):
+    """No bar, but warnings (breaker changes, budget stops) still reach stderr: for logs and ``--quiet``."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 class CountingProgress:
@@ -155,7 +165,7 @@ class RichProgress:
             self._bar.update(self._task, completed=tally.settled, tally=tally)
 
     def message(self, text: str) -> None:
-        self._bar.console.print(text)
+        self._bar.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def finish(self, tally: Tally) -> None:
         if self._task is not None:

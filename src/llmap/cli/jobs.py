@@ -14,7 +14,7 @@ from rich.table import Table
 
 from llmap.engine import Job, job_export, job_status
 from llmap.errors import RunInterrupted, SpecError
-from llmap.report import RichProgress
+from llmap.report import MessagesOnly, RichProgress
 from llmap.store.ledger import STATUSES
 
 __all__ = ["export", "run", "status"]
@@ -42,7 +42,7 @@ def run(
     job_file: JobFile,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N rows (overrides [input] limit).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier results in the ledger and start over.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (warnings still print).")] = False,
 ) -> None:
     """Run a job: read the input, ask the model once per row, write the output.
 
@@ -54,7 +54,7 @@ def run(
     (nothing sent), 130 interrupted.
     """
     job = _load(job_file)
-    progress = None if quiet or not err.is_terminal else RichProgress(err)
+    progress = MessagesOnly(err) if quiet or not err.is_terminal else RichProgress(err)
     try:
         result = job.run(limit=limit, fresh=fresh, progress=progress)
     except SpecError as exc:
@@ -65,10 +65,13 @@ def run(
         raise typer.Exit(130) from None
     c = result.counts
     tokens = result.prompt_tokens + result.completion_tokens
-    rate = (c["done"] + c["failed"]) / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    rate = (c["done"] + c["failed"] + c["fallback"]) / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    fallback = f", {c['fallback']:,} fallback" if c["fallback"] else ""
+    cost = f", ${result.cost_usd:,.4f}" if result.cost_usd else ""
     err.print(
-        f"llmap: {c['done']:,} done, {c['failed']:,} failed, {c['skipped']:,} skipped, {c['pending']:,} pending "
-        f"of {sum(c.values()):,} rows; {result.requests:,} requests, {tokens:,} tokens, "
+        f"llmap: {c['done']:,} done, {c['failed']:,} failed, {c['skipped']:,} skipped{fallback}, {c['pending']:,} "
+        f"pending of {sum(c.values()):,} rows; {result.requests:,} requests ({result.retries:,} retries, "
+        f"{result.rate_limited:,} rate-limited), {tokens:,} tokens{cost}, "
         f"{result.elapsed_s:.1f} s ({rate:,.1f} rows/s)",
         highlight=False,
         soft_wrap=True,

@@ -29,6 +29,9 @@ __all__ = ["Lane", "pick_lane"]
 INITIAL_CONCURRENCY = 16
 #: Ceiling of adaptive concurrency when the job sets no ``concurrency``.
 MAX_CONCURRENCY = 256
+#: Longest wait between half-open probes of a down model, seconds: the cooldown doubles
+#: from 2 s while probes fail, up to this, so traffic returns within ~10 s of a recovery.
+BREAKER_COOLDOWN_MAX_S = 10.0
 
 
 class Lane:
@@ -57,6 +60,7 @@ class Lane:
         self.aimd = AIMDConcurrency(initial=min(cap, limits.concurrency or INITIAL_CONCURRENCY), minimum=1,
                                     maximum=cap)
         self.breaker = CircuitBreaker(
+            cooldown_max_s=BREAKER_COOLDOWN_MAX_S,
             clock=clock,
             on_change=(lambda old, new: on_breaker(self, old, new)) if on_breaker else None,
         )
