@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +31,6 @@ def make_job(tmp_path: Path, sim: Simulator):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Never write into the real user cache from tests, except the local model file (large; shared).
-    if "LLMAP_CACHE_DIR" not in os.environ:
-        monkeypatch.setenv("LLMAP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each test gets its own response cache; never the real user cache.
+    monkeypatch.setenv("LLMAP_CACHE_DIR", str(tmp_path / "llmap-cache"))

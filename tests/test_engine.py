@@ -10,9 +10,9 @@ import pytest
 
 from _support import ScriptedProvider, chat_requests, people, with_providers, write_csv
 from llmap import Job
-from llmap.engine import job_export, job_status
 from llmap.errors import AnswerInvalid
 from llmap.report import CountingProgress
+from llmap.status import job_export, job_status
 
 
 def test_run_writes_every_row_once_with_valid_fields(make_job, sim):
@@ -23,7 +23,7 @@ def test_run_writes_every_row_once_with_valid_fields(make_job, sim):
     assert res.counts == {"pending": 0, "done": 30, "failed": 0, "skipped": 0, "fallback": 0}
     assert chat_requests(sim) == 30
     t = pq.read_table(res.output_path)
-    assert t.column_names == ["id", "name", "kind", "score", "_status", "_error", "_model"]
+    assert t.column_names == ["id", "name", "kind", "score", "_status", "_error", "_model", "_source"]
     rows = t.to_pylist()
     assert [r["id"] for r in rows] == [p["id"] for p in people(30)]
     assert all(r["kind"] in ("a", "b", "c") and isinstance(r["score"], float) for r in rows)
@@ -57,6 +57,10 @@ def test_rerun_sends_nothing_and_fresh_starts_over(make_job, sim):
     res = Job.from_toml(job_path).run()
     assert chat_requests(sim) == 12  # every row done with the same input hash
     assert res.counts["done"] == 12 and res.requests == 0
+    res = Job.from_toml(job_path).run(fresh=True)  # the ledger starts over; the response cache answers
+    assert chat_requests(sim) == 12 and res.counts["done"] == 12
+    assert {r["_source"] for r in pq.read_table(res.output_path).to_pylist()} == {"cache"}
+    job_path.write_text(job_path.read_text() + "\n[cache]\nenabled = false\n")
     Job.from_toml(job_path).run(fresh=True)
     assert chat_requests(sim) == 24
 
@@ -125,7 +129,7 @@ def test_formats_in_and_out(make_job, sim, tmp_path, ext):
         lines = [json.loads(x) for x in text.splitlines()]
         assert [x["id"] for x in lines] == [p["id"] for p in people(6)] and lines[0]["_status"] == "done"
     elif ext == "csv":
-        assert text.splitlines()[0] == '"id","name","kind","score","_status","_error","_model"'
+        assert text.splitlines()[0] == '"id","name","kind","score","_status","_error","_model","_source"'
         assert len(text.splitlines()) == 7
     else:
         assert pq.read_table(res.output_path).num_rows == 6

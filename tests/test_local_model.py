@@ -17,7 +17,7 @@ pytestmark = pytest.mark.local_model
 
 @pytest.fixture(autouse=True)
 def _real_model_cache(monkeypatch):
-    # Reuse the assembled 250 MB GGUF across test sessions.
+    # Reuse the assembled 250 MB GGUF across test sessions (the jobs below keep the response cache off).
     monkeypatch.setenv("LLMAP_CACHE_DIR", os.environ.get("LLMAP_TEST_MODEL_CACHE", str(Path.home() / ".cache" / "llmap")))
 
 
@@ -41,6 +41,8 @@ kind = { type = "string", enum = ["city", "county", "charter", "other"] }
 confidence = { type = "number" }
 [model]
 max_tokens = 48
+[cache]
+enabled = false
 ''')
     res = Job.from_toml(tmp_path / "job.toml").run()
     assert res.counts["done"] == 3, res

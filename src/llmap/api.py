@@ -107,7 +107,7 @@ def map(  # noqa: A001 - the library's name for its one verb
 
     Returns:
         The same kind as ``data`` (list of dicts for a list), with one column
-        per field plus ``_status``, ``_error`` and ``_model``, in input order.
+        per field plus ``_status``, ``_error``, ``_model`` and ``_source``, in input order.
 
     Raises:
         SpecError: bad arguments or a field name that clashes with a column.
@@ -135,6 +135,6 @@ def map(  # noqa: A001 - the library's name for its one verb
             layout = job.last_layout
             answers = pa.Table.from_batches(list(result_batches(led, plan, layout)), schema=layout.schema)
     out = table
-    for name in [*fields, "_status", "_error", "_model"]:
+    for name in [*fields, "_status", "_error", "_model", "_source"]:
         out = out.append_column(name, answers.column(name))
     return _from_arrow(out, kind)

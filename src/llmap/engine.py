@@ -31,21 +31,21 @@ import pyarrow as pa
 from llmap import errors as E
 from llmap.control.breaker import BreakerState
 from llmap.control.route import MAX_CONCURRENCY, Lane
-from llmap.dispatch import Dispatcher, DispatchStats, Stop, install_sigterm
+from llmap.dispatch import Dispatcher, DispatchStats
 from llmap.io.sinks import ResultLayout, check_writable, export, result_batches
 from llmap.io.sources import Source
+from llmap.pool import run_pool
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema
 from llmap.providers.base import Provider
 from llmap.report import NullProgress, Progress, Tally
 from llmap.spec import JobSpec, ModelSpec, load_spec
-from llmap.store.ledger import Ledger, PlannedRow, RowResult
+from llmap.store.answers import AnswerCache
+from llmap.store.cache import ResponseCache
+from llmap.store.ledger import Ledger, PlannedRow
 
-__all__ = ["Job", "RunResult", "StatusReport", "job_export", "job_status", "make_provider"]
+__all__ = ["Job", "RunResult", "make_provider"]
 
-#: Rows committed to the ledger per transaction (results are also flushed every ``_FLUSH_S``).
-_COMMIT_ROWS = 256
-_FLUSH_S = 0.25
 
 
 def make_provider(spec: ModelSpec, *, concurrency: int) -> Provider:
@@ -136,8 +136,9 @@ class Job:
             self._source.limit = lim
             return self._source
         if inp.sql is not None:
-            return Source.from_sql(inp.sql, base_dir=self.spec.base_dir, where=inp.where, limit=lim)
-        return Source.from_path(self.spec.resolve(inp.path), where=inp.where, limit=lim)
+            return Source.from_sql(inp.sql, base_dir=self.spec.base_dir, where=inp.where, limit=lim,
+                                   order_by=inp.order_by)
+        return Source.from_path(self.spec.resolve(inp.path), where=inp.where, limit=lim, order_by=inp.order_by)
 
     def _check_columns(self, source: Source, renderer: Renderer) -> list[str]:
         spec = self.spec
@@ -148,13 +149,13 @@ class Job:
         needed += [(c, "[output] keep") for c in spec.output.keep]
         for i, ex in enumerate(spec.prompt.examples, 1):
             needed += [(c, f"[prompt] examples #{i}") for c in ex.input]
+        group = [spec.input.per_group.column] if spec.input.per_group else []
+        needed += [(c, "[input] per_group") for c in group]
+        needed += [(c, "[input] max_chars") for c in spec.input.max_chars]
         source.require_columns(needed)
         source.check_where()
-        cols: list[str] = []
-        for c in ([spec.input.key] if spec.input.key else []) + list(renderer.variables) + list(spec.output.keep):
-            if c not in cols:
-                cols.append(c)
-        return cols
+        key = [spec.input.key] if spec.input.key else []
+        return list(dict.fromkeys(key + list(renderer.variables) + list(spec.output.keep) + group))
 
     def _check_keys(self, source: Source) -> None:
         key = self.spec.input.key
@@ -176,7 +177,7 @@ class Job:
     async def prepare(self, *, limit: int | None = None, check_output: bool = True) -> _Prepared:
         """Run every check that needs no paid request. Raises :class:`~llmap.errors.SpecError`."""
         spec = self.spec
-        renderer = Renderer.from_spec(spec.prompt)
+        renderer = Renderer.from_spec(spec.prompt, max_chars=spec.input.max_chars)
         schema = OutputSchema(spec.output.fields)
         source = self._build_source(limit)
         data_columns = self._check_columns(source, renderer)
@@ -217,10 +218,12 @@ class Job:
                 inputs = {v: row[v] for v in variables}
                 h = hashlib.sha256(fp + json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
                 data = json.dumps(row, ensure_ascii=False, default=str)
+                cut = prep.renderer.truncated_columns(row) if prep.renderer.max_chars else None
+                truncated = json.dumps(cut) if cut else None
                 if variables and all(v is None or v == "" for v in inputs.values()):
-                    planned.append(PlannedRow(key, seq, h, data, "skipped", "every template input is empty"))
+                    planned.append(PlannedRow(key, seq, h, data, "skipped", "every template input is empty", truncated))
                 else:
-                    planned.append(PlannedRow(key, seq, h, data))
+                    planned.append(PlannedRow(key, seq, h, data, truncated=truncated))
             ledger.plan(run_id, planned)
 
     # -- run ------------------------------------------------------------------
@@ -283,6 +286,8 @@ class Job:
                     out = self.spec.output_path
                     export(result_batches(ledger, run_id, prep.layout), prep.layout.schema, out)
                 counts = ledger.counts(run_id)
+                if reason == "complete" and counts["pending"] == 0 and counts["failed"] == 0:
+                    self._mark_complete(ledger)
             ledger.close()
         stop = None
         if stats.stop_reason is not None:
@@ -291,6 +296,14 @@ class Job:
         return RunResult(counts, out, exit_code, stop, stats.requests, stats.prompt_tokens,
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
                          stats.retries)
+
+    def _mark_complete(self, ledger: Ledger) -> None:
+        """Record what ``llmap run --if-changed`` compares against (see :mod:`llmap.status`)."""
+        from llmap.status import completion_fingerprint
+
+        fingerprint = completion_fingerprint(self.spec, ledger.connection)
+        at = time.strftime("%Y-%m-%d %H:%M:%S")
+        ledger.set_meta("complete", json.dumps({"fingerprint": fingerprint, "at": at}))
 
     async def _dispatch(self, ledger: Ledger, run_id: int, prep: _Prepared, stats: DispatchStats, tally: Tally,
                         progress: Progress) -> None:
@@ -307,175 +320,15 @@ class Job:
                  for i, (p, m) in enumerate(zip(prep.providers, spec.models, strict=True))]
         stats.on_halt = lambda reason: progress.message(
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
-        dispatcher = Dispatcher(lanes, prep.renderer, prep.schema, spec.limits, max_reask=spec.output.max_reask,
-                                fallback=spec.output.fallback, stats=stats)
-        # Rows waiting out a backoff hold a worker but no request slot: keep more workers than slots.
-        n_workers = min(1024, 2 * max(lane.max_in_flight for lane in lanes))
-        todo: asyncio.Queue = asyncio.Queue(maxsize=n_workers * 2)
-        buffer: list[RowResult] = []
-
-        def flush() -> None:
-            if not buffer:
-                return
-            ledger.record(buffer)  # durable before it counts
-            for r in buffer:
-                setattr(tally, r.status, getattr(tally, r.status) + 1)
-            buffer.clear()
-            tally.requests = stats.requests
-            tally.prompt_tokens, tally.completion_tokens = stats.prompt_tokens, stats.completion_tokens
-            tally.cost_usd, tally.rate_limited = stats.cost_usd, stats.rate_limited
-            progress.advance(tally)
-
-        handed_out = asyncio.Event()
-        dispatcher.draining = lambda: handed_out.is_set() and todo.qsize() <= n_workers
-
-        async def producer() -> None:
-            after = -1
-            while not stats.stop.is_set():
-                page = ledger.pending(run_id, after_seq=after, limit=512)
-                if not page:
-                    break
-                for seq, key, data in page:
-                    await todo.put((key, data))
-                    after = seq
-            handed_out.set()
-            for _ in range(n_workers):
-                await todo.put(None)
-
-        async def worker() -> None:
-            while (item := await todo.get()) is not None:
-                if stats.stop.is_set():
-                    continue  # keep draining so the producer never blocks; the row stays pending
-                key, data = item
-                try:
-                    buffer.append(await dispatcher.solve(key, json.loads(data)))
-                except Stop:
-                    continue
-                if len(buffer) >= _COMMIT_ROWS:
-                    flush()
-
-        async def ticker() -> None:
-            while True:
-                await asyncio.sleep(_FLUSH_S)
-                flush()
-
-        prod = asyncio.create_task(producer())
-        workers = [asyncio.create_task(worker()) for _ in range(n_workers)]
-        helpers = [asyncio.create_task(ticker()), asyncio.create_task(dispatcher.watchdog())]
-        undo_sigterm = install_sigterm(asyncio.current_task())
+        cache = ResponseCache(ttl_s=spec.cache.ttl_s) if spec.cache.enabled else None
         try:
-            results = await asyncio.gather(prod, *workers, return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-        except asyncio.CancelledError:
-            for t in (prod, *workers):
-                t.cancel()
-            await asyncio.gather(prod, *workers, return_exceptions=True)
-            raise
+            dispatcher = Dispatcher(lanes, prep.renderer, prep.schema, spec.limits,
+                                    max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
+                                    answers=AnswerCache(cache), pack=spec.prompt.pack)
+            per_group = spec.input.per_group
+            await run_pool(ledger, run_id, dispatcher, stats, tally, progress,
+                           quota=(per_group.column, per_group.n) if per_group else None,
+                           pack_size=dispatcher.pack_size)
         finally:
-            for t in helpers:
-                t.cancel()
-            undo_sigterm()
-            flush()
-
-
-# -- reading a job's ledger (status, export) ------------------------------------
-
-
-@dataclass
-class StatusReport:
-    """Rows per status, overall and optionally per group.
-
-    Attributes:
-        total: status -> rows, over the latest run's plan.
-        by: the grouping column, or None.
-        groups: group value -> (status -> rows), sorted by group value.
-        ledger_path: the ledger that was read.
-    """
-
-    total: dict[str, int]
-    by: str | None
-    groups: dict[Any, dict[str, int]]
-    ledger_path: Path
-
-
-def _open_ledger(spec: JobSpec) -> tuple[Ledger, int]:
-    path = spec.ledger_path
-    if not path.is_file():
-        raise E.SpecError(f"job {spec.name!r} has no ledger at {str(path)!r} yet; run `llmap run` on it first")
-    ledger = Ledger(path)
-    plan = ledger.latest_plan()
-    if plan is None:
-        ledger.close()
-        raise E.SpecError(f"job {spec.name!r} has no planned rows yet; run `llmap run` on it first")
-    return ledger, plan
-
-
-def job_status(job: Job, by: str | None = None) -> StatusReport:
-    """Counts per status from the ledger, optionally grouped by an input column.
-
-    A column the ledger stores (key, template variables, ``keep``) is grouped
-    there; any other input column is read from the input (key + column only).
-
-    Raises:
-        SpecError: no ledger yet, or ``by`` is not an input column.
-    """
-    from llmap.store.ledger import STATUSES
-
-    ledger, plan = _open_ledger(job.spec)
-    try:
-        total = ledger.counts(plan)
-        groups: dict[Any, dict[str, int]] = {}
-        if by:
-            stored = json.loads(ledger.get_meta("data_columns") or "[]")
-            if by in stored:
-                for g, status, n in ledger.grouped_counts(plan, by):
-                    groups.setdefault(g, dict.fromkeys(STATUSES, 0))[status] = n
-            else:
-                groups = _group_from_source(job, ledger, plan, by)
-    finally:
-        ledger.close()
-    ordered = dict(sorted(groups.items(), key=lambda kv: (kv[0] is None, str(kv[0]))))
-    return StatusReport(total, by, ordered, job.spec.ledger_path)
-
-
-def _group_from_source(job: Job, ledger: Ledger, plan: int, by: str) -> dict[Any, dict[str, int]]:
-    from llmap.store.ledger import STATUSES
-
-    spec = job.spec
-    source = job._build_source(None)
-    key = spec.input.key
-    source.require_columns([(by, "--by")] + ([(key, "[input] key")] if key else []))
-    status_of = dict(ledger.statuses(plan))
-    groups: dict[Any, dict[str, int]] = {}
-    seq = -1
-    cols = [key, by] if key else [by]
-    for batch in source.batches(cols):
-        for row in batch.to_pylist():
-            seq += 1
-            k = _key_text(row[key]) if key else str(seq)
-            st = status_of.get(k)
-            if st is not None:
-                groups.setdefault(row[by], dict.fromkeys(STATUSES, 0))[st] += 1
-    return groups
-
-
-def job_export(job: Job, path: Path | None = None) -> tuple[Path, int]:
-    """Export the latest run's rows from the ledger to ``path`` (default ``[output] path``).
-
-    Returns:
-        (the written path, rows written).
-
-    Raises:
-        SpecError: no ledger yet, or an unsupported extension.
-    """
-    ledger, plan = _open_ledger(job.spec)
-    try:
-        schema = pa.ipc.read_schema(pa.py_buffer(ledger.get_meta("output_schema")))
-        layout = ResultLayout.from_schema(schema, {n: f.type for n, f in job.spec.output.fields.items()})
-        out = path or job.spec.output_path
-        n = export(result_batches(ledger, plan, layout), layout.schema, out)
-    finally:
-        ledger.close()
-    return out, n
+            if cache is not None:
+                cache.close()

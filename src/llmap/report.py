@@ -39,6 +39,7 @@ class Tally:
         prompt_tokens, completion_tokens: tokens spent in this run.
         requests: requests sent in this run.
         cost_usd: USD spent in this run; rate_limited: 429 answers in this run.
+        cache_hits: rows answered from the cache or an identical request in this run.
     """
 
     total: int = 0
@@ -51,6 +52,7 @@ class Tally:
     requests: int = 0
     cost_usd: float = 0.0
     rate_limited: int = 0
+    cache_hits: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -120,6 +122,8 @@ class _RowsColumn(ProgressColumn):
                  " ", (f"{t.skipped:,} skipped", "dim")]
         if t.fallback:
             parts += [" ", (f"{t.fallback:,} fallback", "yellow")]
+        if t.cache_hits:
+            parts += [" ", (f"{t.cache_hits:,} cached", "cyan")]
         if t.rate_limited:
             parts += [" ", (f"{t.rate_limited:,} 429s", "yellow")]
         return Text.assemble(*parts)

@@ -32,11 +32,13 @@ __all__ = [
     "FIELD_TYPES",
     "Example",
     "FieldSpec",
+    "CacheSpec",
     "InputSpec",
     "JobSpec",
     "LimitsSpec",
     "ModelSpec",
     "OutputSpec",
+    "PerGroup",
     "PromptSpec",
     "load_spec",
     "spec_from_dict",
@@ -58,19 +60,42 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class PerGroup(_Strict):
+    """``[input] per_group``: take at most ``n`` done rows per value of ``column``."""
+
+    column: str
+    n: int = Field(gt=0)
+
+
 class InputSpec(_Strict):
     """``[input]``: where rows come from.
 
     Exactly one of ``path`` (a .csv, .parquet or .jsonl file, relative to the
     job file) or ``sql`` (a DuckDB query; relative file names in it resolve
     against the job file's folder) is required.
+
+    ``order_by`` (DuckDB SQL) sets which rows go first. ``per_group`` stops
+    taking rows from a group once it has ``n`` done rows, across runs.
+    ``max_chars`` maps a column to the most characters of it a prompt gets;
+    longer values are cut with a visible marker, and the ledger records it.
     """
 
     path: str | None = None
     sql: str | None = None
     key: str | None = None
     where: str | None = None
+    order_by: str | None = None
     limit: int | None = Field(default=None, gt=0)
+    per_group: PerGroup | None = None
+    max_chars: dict[str, int] = {}
+
+    @field_validator("max_chars")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [k for k, n in v.items() if n < 1]
+        if bad:
+            raise ValueError(f"max_chars for {bad[0]!r} must be at least 1")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> InputSpec:
@@ -87,11 +112,24 @@ class Example(_Strict):
 
 
 class PromptSpec(_Strict):
-    """``[prompt]``: Jinja2 templates (StrictUndefined) rendered per row."""
+    """``[prompt]``: Jinja2 templates (StrictUndefined) rendered per row.
+
+    ``pack = N`` sends N rows per request (a JSON array of items, answered by
+    id); ``"auto"`` picks N from a target prompt size and the observed item
+    failure rate. Default 1: one row per request.
+    """
 
     system: str | None = None
     user: str
     examples: list[Example] = []
+    pack: int | Literal["auto"] = 1
+
+    @field_validator("pack")
+    @classmethod
+    def _pack_size(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 200:
+            raise ValueError("pack must be 1 (no packing) to 200 rows per request, or \"auto\"")
+        return v
 
 
 class FieldSpec(_Strict):
@@ -176,6 +214,9 @@ class ModelSpec(_Strict):
             default 0; used for cost and ``limits.max_cost_usd``.
         rpm, tpm: this model's requests / tokens per minute, overriding
             ``[limits] rpm`` / ``tpm``.
+        escalate_if: a SQL-like condition on the answer's fields (e.g.
+            ``"confidence < 0.7"``); rows whose answer meets it, or fails
+            validation, go on to the next ``[[model]]`` (a cascade).
     """
 
     provider: Literal["local", "openai"] = "local"
@@ -192,6 +233,7 @@ class ModelSpec(_Strict):
     price_out: float = Field(default=0.0, ge=0)
     rpm: float | None = Field(default=None, gt=0)
     tpm: float | None = Field(default=None, gt=0)
+    escalate_if: str | None = None
 
     @model_validator(mode="after")
     def _provider_keys(self) -> ModelSpec:
@@ -246,6 +288,41 @@ class LimitsSpec(_Strict):
     max_tokens: int | None = Field(default=None, gt=0)
 
 
+class CacheSpec(_Strict):
+    """``[cache]``: the response cache shared across jobs and runs.
+
+    ``enabled`` (default true); ``ttl``: how long an answer stays fresh, as a
+    duration like ``"30d"`` or ``"12h"`` (default: forever). An expired entry
+    is still served when every model fails for a row (``_source = "stale"``).
+    """
+
+    enabled: bool = True
+    ttl: str | None = None
+
+    @property
+    def ttl_s(self) -> float | None:
+        """``ttl`` in seconds, or None."""
+        if self.ttl is None:
+            return None
+        from llmap.control.headers import parse_duration
+
+        return parse_duration(self.ttl)
+
+    @field_validator("ttl")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from llmap.control.headers import parse_duration
+
+        try:
+            if parse_duration(v) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"ttl {v!r} is not a duration; write e.g. \"30d\", \"12h\" or \"90m\"") from None
+        return v
+
+
 class JobSpec(_Strict):
     """A whole job. ``base_dir`` (not a TOML key) is the job file's folder."""
 
@@ -255,6 +332,7 @@ class JobSpec(_Strict):
     output: OutputSpec
     models: list[ModelSpec] = Field(min_length=1)
     limits: LimitsSpec = LimitsSpec()
+    cache: CacheSpec = CacheSpec()
     ledger: str | None = None
     base_dir: Path = Path(".")
 
@@ -286,10 +364,12 @@ class JobSpec(_Strict):
         of them makes done rows pending again on the next run.
         """
         doc = {
-            "prompt": self.prompt.model_dump(),
+            "prompt": self.prompt.model_dump(exclude={"pack"}),
+            "max_chars": self.input.max_chars,
             "fields": {k: v.model_dump() for k, v in self.output.fields.items()},
             "models": [
-                m.model_dump(include={"provider", "name", "base_url", "model_path", "temperature", "max_tokens"})
+                m.model_dump(include={"provider", "name", "base_url", "model_path", "temperature", "max_tokens",
+                                      "escalate_if"})
                 for m in self.models
             ],
         }
@@ -356,7 +436,26 @@ def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: st
     check_examples(spec.output.fields, spec.prompt.examples, source=source)
     if spec.output.fallback is not None:
         check_fallback(spec.output.fields, spec.output.fallback, source=source)
+    _check_cascade(spec, source)
     return spec
+
+
+def _check_cascade(spec: JobSpec, source: str) -> None:
+    from llmap.prompt.condition import Condition
+
+    types = {n: f.type for n, f in spec.output.fields.items()}
+    for i, m in enumerate(spec.models):
+        if m.escalate_if is None:
+            continue
+        if i == len(spec.models) - 1:
+            raise SpecError(
+                f"{source}: [[model]] {m.name!r} has escalate_if but no model after it to escalate to; "
+                "add a stronger [[model]] below it or remove escalate_if"
+            )
+        try:
+            Condition.parse(m.escalate_if, types, name=f"[[model]] {m.name!r} escalate_if")
+        except ValueError as exc:
+            raise SpecError(f"{source}: {exc}") from None
 
 
 def load_spec(path: str | Path) -> JobSpec:

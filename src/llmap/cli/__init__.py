@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from llmap.cli import jobs
+from llmap.cli.cache import cache_app
 
 __all__ = ["app", "main"]
 
@@ -28,6 +29,8 @@ app = typer.Typer(
 app.command("run")(jobs.run)
 app.command("status")(jobs.status)
 app.command("export")(jobs.export)
+app.command("report")(jobs.report)
+app.add_typer(cache_app, name="cache")
 
 
 def _register_simulate() -> None:

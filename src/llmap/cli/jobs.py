@@ -12,12 +12,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llmap.engine import Job, job_export, job_status
+from llmap.engine import Job
 from llmap.errors import RunInterrupted, SpecError
 from llmap.report import MessagesOnly, RichProgress
+from llmap.status import job_export, job_status, model_report, unchanged_since_complete
 from llmap.store.ledger import STATUSES
 
-__all__ = ["export", "run", "status"]
+__all__ = ["export", "report", "run", "status"]
 
 err = Console(stderr=True)
 out = Console()
@@ -43,6 +44,9 @@ def run(
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N rows (overrides [input] limit).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier results in the ledger and start over.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (warnings still print).")] = False,
+    if_changed: Annotated[bool, typer.Option(
+        "--if-changed", help="Exit 0 at once, touching nothing, when the input files, the spec and the done rows "
+        "are unchanged since the last complete run. For cron.")] = False,
 ) -> None:
     """Run a job: read the input, ask the model once per row, write the output.
 
@@ -54,6 +58,11 @@ def run(
     (nothing sent), 130 interrupted.
     """
     job = _load(job_file)
+    if if_changed and not fresh:
+        unchanged = unchanged_since_complete(job.spec)
+        if unchanged:
+            err.print(f"llmap: {unchanged}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(0)
     progress = MessagesOnly(err) if quiet or not err.is_terminal else RichProgress(err)
     try:
         result = job.run(limit=limit, fresh=fresh, progress=progress)
@@ -98,19 +107,30 @@ def status(
     except SpecError as exc:
         raise _fail(exc) from None
     if as_json:
-        groups = [{"group": g, **c} for g, c in rep.groups.items()]
+        quota = job.spec.input.per_group
+        groups = [{"group": g, **c, **({"quota_met": c["done"] >= quota.n} if quota and by == quota.column else {})}
+                  for g, c in rep.groups.items()]
         sys.stdout.write(json.dumps({"job": job.spec.name, "total": rep.total, "by": by, "groups": groups},
                                     default=str) + "\n")
         return
+    quota = job.spec.input.per_group
+    show_quota = quota is not None and by == quota.column
     table = Table(title=f"{job.spec.name}: {sum(rep.total.values()):,} rows", title_justify="left")
     table.add_column(by or "", style="bold")
     for s in STATUSES:
         table.add_column(s, justify="right")
     table.add_column("total", justify="right")
-    table.add_row("all", *[f"{rep.total[s]:,}" for s in STATUSES], f"{sum(rep.total.values()):,}", end_section=bool(by))
+    if show_quota:
+        table.add_column(f"quota (n = {quota.n})", justify="right")
+    quota_cell = [""] if show_quota else []
+    table.add_row("all", *[f"{rep.total[s]:,}" for s in STATUSES], f"{sum(rep.total.values()):,}", *quota_cell,
+                  end_section=bool(by))
     for g, counts in rep.groups.items():
-        table.add_row("(null)" if g is None else str(g), *[f"{counts[s]:,}" for s in STATUSES],
-                      f"{sum(counts.values()):,}")
+        cells = [f"{counts[s]:,}" for s in STATUSES] + [f"{sum(counts.values()):,}"]
+        if show_quota:
+            met = counts["done"] >= quota.n
+            cells.append(f"{min(counts['done'], quota.n)}/{quota.n}" + (" met" if met else ""))
+        table.add_row("(null)" if g is None else str(g), *cells)
     Console(width=max(100, out.width) if not sys.stdout.isatty() else None).print(table)
 
 
@@ -125,3 +145,23 @@ def export(
     except SpecError as exc:
         raise _fail(exc) from None
     out.print(f"output: {path} ({n:,} rows)", highlight=False, soft_wrap=True)
+
+
+def report(
+    job_file: JobFile,
+) -> None:
+    """Show how many rows each model settled (a cascade's split), from the cache or not, and what it cost."""
+    job = _load(job_file)
+    try:
+        lines, counts = model_report(job)
+    except SpecError as exc:
+        raise _fail(exc) from None
+    table = Table(title=f"{job.spec.name}: rows settled per model", title_justify="left")
+    for col in ("model", "settled", "from cache", "stale", "escalated", "prompt tokens", "completion tokens",
+                "cost (USD)"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for ln in lines:
+        table.add_row(ln.model, f"{ln.settled:,}", f"{ln.from_cache:,}", f"{ln.stale:,}", f"{ln.escalated:,}",
+                      f"{ln.prompt_tokens:,}", f"{ln.completion_tokens:,}", f"{ln.cost_usd:,.4f}")
+    Console(width=max(120, out.width) if not sys.stdout.isatty() else None).print(table)
+    out.print(", ".join(f"{n:,} {s}" for s, n in counts.items()), highlight=False)

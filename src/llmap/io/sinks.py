@@ -5,7 +5,7 @@ streamed page by page into a temp file beside the target, then renamed into
 place (``os.replace``), so a crash never leaves a half-written output.
 
 Columns: the key, the ``keep`` columns, the output fields, then ``_status``,
-``_error`` and ``_model``.
+``_error``, ``_model`` and ``_source`` (``model``, ``cache`` or ``stale``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["FIELD_ARROW", "ResultLayout", "check_writable", "export", "result_ba
 #: Arrow type of each output field type.
 FIELD_ARROW = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
 
-_META = [("_status", pa.string()), ("_error", pa.string()), ("_model", pa.string())]
+_META = [("_status", pa.string()), ("_error", pa.string()), ("_model", pa.string()), ("_source", pa.string())]
 
 
 def _portable(t: pa.DataType) -> pa.DataType:
@@ -70,11 +70,11 @@ class ResultLayout:
         return cls(pa.schema([f for f in schema if f.name not in skip]), fields)
 
     def batch(self, rows: Sequence[tuple]) -> pa.RecordBatch:
-        """Build one batch from ledger rows ``(key, data, status, output, error, model)``."""
+        """Build one batch from ledger rows ``(key, data, status, output, error, model, source)``."""
         cols: dict[str, list] = {f.name: [] for f in self.schema}
         data_names = [f.name for f in self.data_fields]
         field_names = list(self.fields)
-        for _key, data, status, output, error, model in rows:
+        for _key, data, status, output, error, model, source in rows:
             d = json.loads(data)
             for n in data_names:
                 cols[n].append(d.get(n))
@@ -84,6 +84,7 @@ class ResultLayout:
             cols["_status"].append(status)
             cols["_error"].append(error)
             cols["_model"].append(model)
+            cols["_source"].append(source)
         arrays = []
         for f in self.schema:
             vals = cols[f.name]

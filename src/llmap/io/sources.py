@@ -55,21 +55,24 @@ class Source:
     Attributes:
         label: how errors name the input (a path, ``[input] sql``, ``data``).
         where: optional DuckDB SQL boolean expression applied while reading.
-        limit: optional cap on rows (after ``where``).
+        order_by: optional DuckDB SQL ``ORDER BY`` list: which rows go first.
+        limit: optional cap on rows (after ``where`` and ``order_by``).
     """
 
     def __init__(self, relation_sql: str, *, label: str, con: duckdb.DuckDBPyConnection,
-                 where: str | None = None, limit: int | None = None) -> None:
+                 where: str | None = None, limit: int | None = None, order_by: str | None = None) -> None:
         self._rel = relation_sql
         self._con = con
         self.label = label
         self.where = where
+        self.order_by = order_by
         self.limit = limit
         self._schema: pa.Schema | None = None
 
     # -- construction -------------------------------------------------------
     @classmethod
-    def from_path(cls, path: Path, *, where: str | None = None, limit: int | None = None) -> Source:
+    def from_path(cls, path: Path, *, where: str | None = None, limit: int | None = None,
+                  order_by: str | None = None) -> Source:
         """A file source; the reader is picked by extension.
 
         Raises:
@@ -86,13 +89,14 @@ class Source:
         if reader == "read_json":
             opts = ", format='newline_delimited'" if path.suffix.lower() != ".json" else ""
         rel = f"{reader}({_sql_str(str(path))}{opts})"
-        return cls(rel, label=str(path), con=_connect(path.parent), where=where, limit=limit)
+        return cls(rel, label=str(path), con=_connect(path.parent), where=where, limit=limit, order_by=order_by)
 
     @classmethod
-    def from_sql(cls, sql: str, *, base_dir: Path, where: str | None = None, limit: int | None = None) -> Source:
+    def from_sql(cls, sql: str, *, base_dir: Path, where: str | None = None, limit: int | None = None,
+                 order_by: str | None = None) -> Source:
         """A DuckDB query source; relative file names in it resolve against ``base_dir``."""
         return cls(f"({sql.strip().rstrip(';')})", label="[input] sql", con=_connect(base_dir),
-                   where=where, limit=limit)
+                   where=where, limit=limit, order_by=order_by)
 
     @classmethod
     def from_arrow(cls, table: pa.Table, *, where: str | None = None, limit: int | None = None) -> Source:
@@ -147,6 +151,8 @@ class Source:
         sql = f"SELECT {cols} FROM {self._rel}"
         if self.where:
             sql += f" WHERE ({self.where})"
+        if self.order_by:
+            sql += f" ORDER BY {self.order_by}"
         if self.limit is not None:
             sql += f" LIMIT {int(self.limit)}"
         return sql
@@ -156,20 +162,22 @@ class Source:
             return self._con.sql(sql)
         except duckdb.Error as exc:
             msg = _first_line(exc)
-            if self.where and re.search(r"Binder Error|Parser Error|Conversion Error|Catalog Error", msg):
+            if (self.where or self.order_by) and re.search(r"Binder Error|Parser Error|Conversion Error|Catalog Error",
+                                                           msg):
+                what = " and ".join(f"{k} {v!r}" for k, v in (("where", self.where), ("order_by", self.order_by)) if v)
                 raise InputError(
-                    f"[input] where {self.where!r} fails on {self.label}: {msg}; fix the expression "
+                    f"[input] {what} fails on {self.label}: {msg}; fix the expression "
                     f"(DuckDB SQL over columns: {', '.join(self.columns[:20])})"
                 ) from None
             raise InputError(f"cannot {what} input {self.label}: {msg}") from None
 
     def check_where(self) -> None:
-        """Compile ``where`` against the input without reading rows.
+        """Compile ``where`` and ``order_by`` against the input without reading rows.
 
         Raises:
-            InputError: the expression does not parse or names unknown columns.
+            InputError: an expression does not parse or names unknown columns.
         """
-        if self.where:
+        if self.where or self.order_by:
             self._run(f"SELECT * FROM ({self._select(self.columns)}) LIMIT 0", "filter")
 
     def count(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
@@ -53,9 +53,11 @@ class Renderer:
     user: jinja2.Template
     examples: tuple[tuple[Mapping[str, Any], Mapping[str, Any]], ...]
     variables: tuple[str, ...]
+    user_source: str = ""
+    max_chars: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_spec(cls, prompt: Any, *, source: str = "job") -> Renderer:
+    def from_spec(cls, prompt: Any, *, source: str = "job", max_chars: Mapping[str, int] | None = None) -> Renderer:
         """Compile a :class:`~llmap.spec.PromptSpec`.
 
         Raises:
@@ -74,7 +76,22 @@ class Renderer:
                     "add it to the example's input"
                 )
         examples = tuple((ex.input, ex.output) for ex in prompt.examples)
-        return cls(system, user, examples, tuple(sorted(user_vars | system_vars)))
+        return cls(system, user, examples, tuple(sorted(user_vars | system_vars)), prompt.user, dict(max_chars or {}))
+
+    def truncated_columns(self, row: Mapping[str, Any]) -> list[str]:
+        """The columns of ``row`` longer than their ``max_chars`` (they will be cut when rendered)."""
+        return [c for c, n in self.max_chars.items() if isinstance(row.get(c), str) and len(row[c]) > n]
+
+    def cut(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``row`` with string columns over ``max_chars`` cut, ending with a visible marker."""
+        cut = self.truncated_columns(row) if self.max_chars else ()
+        if not cut:
+            return row
+        out = dict(row)
+        for c in cut:
+            n = self.max_chars[c]
+            out[c] = f"{row[c][:n]}… [truncated {len(row[c]) - n} chars]"
+        return out
 
     def messages(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
         """Render one row into OpenAI-style chat messages.
@@ -85,12 +102,14 @@ class Renderer:
         Returns:
             ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``:
             the system prompt, one user/assistant pair per example, then the
-            row's user prompt.
+            row's user prompt. String columns longer than ``max_chars`` are
+            cut, ending with a visible ``… [truncated N chars]`` marker.
 
         Raises:
             jinja2.UndefinedError: the row lacks a variable (callers check
                 columns up front, so this means a bug or a bad row).
         """
+        row = self.cut(row)
         out: list[dict[str, str]] = []
         if self.system is not None:
             out.append({"role": "system", "content": self.system.render(row)})

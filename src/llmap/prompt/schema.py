@@ -64,6 +64,7 @@ class OutputSchema:
     def __init__(self, fields: Mapping[str, FieldSpec]) -> None:
         self.fields = dict(fields)
         self.names: tuple[str, ...] = tuple(fields)
+        self.field_types: dict[str, str] = {n: f.type for n, f in fields.items()}
         self.json_schema = _json_schema(fields)
         self._model = _model(fields)
 

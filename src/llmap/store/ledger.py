@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmap.store.migrate import apply_migrations
+
 __all__ = ["STATUSES", "Ledger", "PlannedRow", "RowResult"]
 
 #: Every status a row can have. ``fallback``: no model answered; ``[output] fallback`` was used.
@@ -103,6 +105,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE runs ADD COLUMN retries INTEGER;
         """,
     ),
+    (
+        "003_source_truncated_attempts",
+        """
+        ALTER TABLE rows ADD COLUMN source TEXT;
+        ALTER TABLE rows ADD COLUMN truncated TEXT;
+        CREATE TABLE attempts (
+            id INTEGER PRIMARY KEY,
+            run INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            model TEXT,
+            outcome TEXT NOT NULL,
+            output TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX attempts_key ON attempts (key);
+        """,
+    ),
 ]
 
 
@@ -117,6 +138,7 @@ class PlannedRow:
         data: JSON text of the row's projected columns.
         status: ``pending`` or ``skipped``.
         error: the skip reason, for ``skipped`` rows.
+        truncated: JSON list of the columns cut to ``[input] max_chars``, or None.
     """
 
     key: str
@@ -125,6 +147,7 @@ class PlannedRow:
     data: str
     status: str = "pending"
     error: str | None = None
+    truncated: str | None = None
 
 
 @dataclass(slots=True)
@@ -140,6 +163,11 @@ class RowResult:
         prompt_tokens, completion_tokens: usage summed over those requests.
         latency_s: seconds from the first request to the final answer.
         model: ``provider:name`` of the model that settled the row.
+        source: where the answer came from: ``model``, ``cache`` (the response
+            cache or an identical request in this run) or ``stale`` (an expired
+            cache entry served because every model failed).
+        tried: every model answer on the way (cascade, re-asks):
+            ``(model, outcome, output or None, prompt tokens, completion tokens)``.
     """
 
     key: str
@@ -151,15 +179,18 @@ class RowResult:
     completion_tokens: int = 0
     latency_s: float = 0.0
     model: str | None = None
+    source: str | None = None
+    tried: list[tuple[str, str, dict[str, Any] | None, int, int]] | None = None
 
 
 _UPSERT = """
-INSERT INTO rows (key, seq, plan, input_hash, status, data, error, created_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO rows (key, seq, plan, input_hash, status, data, error, truncated, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (key) DO UPDATE SET
     seq = excluded.seq,
     plan = excluded.plan,
     data = excluded.data,
+    truncated = excluded.truncated,
     updated_at = excluded.updated_at,
     status = CASE WHEN rows.status = 'done' AND rows.input_hash = excluded.input_hash
                   THEN 'done' ELSE excluded.status END,
@@ -173,8 +204,12 @@ ON CONFLICT (key) DO UPDATE SET
 
 _RECORD = """
 UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prompt_tokens = ?,
-    completion_tokens = ?, latency_s = ?, model = ?, updated_at = ?
+    completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?
 WHERE key = ?
+"""
+_ATTEMPT = """
+INSERT INTO attempts (run, key, model, outcome, output, prompt_tokens, completion_tokens, created_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 
@@ -198,22 +233,12 @@ class Ledger:
         self._migrate()
 
     def _migrate(self) -> None:
-        db = self._db
-        db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-        done = {r[0] for r in db.execute("SELECT name FROM _migrations")}
-        for name, sql in MIGRATIONS:
-            if name in done:
-                continue
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in sql.split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-                db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        apply_migrations(self._db, MIGRATIONS)
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The underlying SQLite connection (for read-only queries elsewhere)."""
+        return self._db
 
     def close(self) -> None:
         self._db.close()
@@ -267,23 +292,33 @@ class Ledger:
         other row becomes ``pending`` (or ``skipped``) again.
         """
         now = time.time()
-        params = [(r.key, r.seq, run_id, r.input_hash, r.status, r.data, r.error, now, now) for r in rows]
+        params = [(r.key, r.seq, run_id, r.input_hash, r.status, r.data, r.error, r.truncated, now, now) for r in rows]
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(_UPSERT, params)
 
     # -- results --------------------------------------------------------------
-    def record(self, results: Sequence[RowResult]) -> None:
-        """Commit a batch of results in one transaction. Returns once durable."""
+    def record(self, results: Sequence[RowResult], *, run_id: int = 0) -> None:
+        """Commit a batch of results, and the model answers each went through, in one transaction.
+
+        Returns once durable.
+        """
         now = time.time()
         params = [
             (r.status, json.dumps(r.output, ensure_ascii=False) if r.output is not None else None, r.error,
-             r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s, r.model, now, r.key)
+             r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s, r.model, r.source, now, r.key)
             for r in results
+        ]
+        tried = [
+            (run_id, r.key, model, outcome, json.dumps(out, ensure_ascii=False) if out is not None else None, pt, ct,
+             now)
+            for r in results if r.tried for model, outcome, out, pt, ct in r.tried
         ]
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany(_RECORD, params)
+            if tried:
+                self._db.executemany(_ATTEMPT, tried)
 
     # -- reading --------------------------------------------------------------
     def counts(self, plan: int) -> dict[str, int]:
@@ -309,11 +344,11 @@ class Ledger:
         ).fetchall()
 
     def iter_rows(self, plan: int, *, page: int = 5000) -> Iterator[list[tuple]]:
-        """Pages of ``(key, data, status, output, error, model)`` in input order."""
+        """Pages of ``(key, data, status, output, error, model, source)`` in input order."""
         last = -1
         while True:
             rows = self._db.execute(
-                "SELECT seq, key, data, status, output, error, model FROM rows WHERE plan = ? AND seq > ? "
+                "SELECT seq, key, data, status, output, error, model, source FROM rows WHERE plan = ? AND seq > ? "
                 "ORDER BY seq LIMIT ?",
                 (plan, last, page),
             ).fetchall()
@@ -334,3 +369,20 @@ class Ledger:
     def statuses(self, plan: int) -> Iterator[tuple[str, str]]:
         """``(key, status)`` for every row of ``plan`` (for grouping by unstored columns)."""
         yield from self._db.execute("SELECT key, status FROM rows WHERE plan = ?", (plan,))
+
+    def settled_by_model(self, plan: int) -> list[tuple[str | None, str, str | None, int, int, int]]:
+        """Per ``(model, status, source)``: rows, prompt tokens, completion tokens (for ``llmap report``)."""
+        return self._db.execute(
+            "SELECT model, status, source, count(*), coalesce(sum(prompt_tokens), 0), "
+            "coalesce(sum(completion_tokens), 0) FROM rows WHERE plan = ? GROUP BY model, status, source "
+            "ORDER BY model, status, source",
+            (plan,),
+        ).fetchall()
+
+    def attempts_by_model(self, run_id: int) -> list[tuple[str, str, int, int, int]]:
+        """Per ``(model, outcome)`` in one run: answers, prompt tokens, completion tokens."""
+        return self._db.execute(
+            "SELECT model, outcome, count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) "
+            "FROM attempts WHERE run = ? GROUP BY model, outcome ORDER BY model, outcome",
+            (run_id,),
+        ).fetchall()

@@ -1,0 +1,194 @@
+"""The worker pool: pending rows out of the ledger, settled rows back into it.
+
+A producer pages ``pending`` rows out of the ledger (in input order, or
+``order_by``) into a bounded queue; workers settle them through the
+:class:`~llmap.dispatch.Dispatcher`, one row or one pack at a time; results
+are committed in batches (every 256 rows or 0.25 s) and only then counted.
+With ``per_group`` quotas the producer works in passes: each pass takes
+rows while a group lacks done rows, waits for them, and the next pass
+replaces the rows that failed, until a pass takes nothing.
+
+Memory stays flat: the queue, the commit buffer and the packs are bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from llmap.control.quota import GroupQuota, QuotaDecision
+from llmap.dispatch import Dispatcher, DispatchStats, Stop, install_sigterm
+from llmap.report import Progress, Tally
+from llmap.store.ledger import Ledger, RowResult
+
+__all__ = ["run_pool"]
+
+#: Rows committed to the ledger per transaction (results are also flushed every ``FLUSH_S``).
+COMMIT_ROWS = 256
+FLUSH_S = 0.25
+#: Pending rows read from the ledger per query.
+PAGE_ROWS = 512
+
+
+async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: DispatchStats, tally: Tally,
+                   progress: Progress, *, quota: tuple[str, int] | None = None,
+                   pack_size: Callable[[], int] | None = None) -> None:
+    """Settle every pending row of plan ``run_id``.
+
+    Args:
+        ledger: the job's ledger (rows planned, results recorded here).
+        run_id: the plan to work on.
+        dispatcher: settles one row (or one pack).
+        stats: run counters; ``stats.stop`` ends dispatch early.
+        tally: progress totals, advanced after each commit.
+        progress: the progress reporter.
+        quota: ``(column, n)`` from ``[input] per_group``, or None.
+        pack_size: returns the rows per request now (``[prompt] pack``), or None for 1.
+
+    Raises:
+        asyncio.CancelledError: on Ctrl-C / SIGTERM, after committing every finished row.
+    """
+    n_workers = min(1024, 2 * max(lane.max_in_flight for lane in dispatcher.lanes))
+    todo: asyncio.Queue = asyncio.Queue(maxsize=n_workers * 2)  # packs: lists of (key, data JSON, group)
+    buffer: list[RowResult] = []
+    outstanding = 0  # rows handed out and not yet settled (quota passes wait for 0)
+    settled = asyncio.Event()
+    group_quota: GroupQuota | None = None
+    if quota is not None:
+        column, n = quota
+        done = {}
+        for g, status, count in ledger.grouped_counts(run_id, column):
+            if status == "done":
+                done[g] = count
+        group_quota = GroupQuota(n, done)
+
+    def flush() -> None:
+        if dispatcher.answers is not None:
+            dispatcher.answers.flush()
+        if not buffer:
+            return
+        ledger.record(buffer, run_id=run_id)  # durable before it counts
+        for r in buffer:
+            setattr(tally, r.status, getattr(tally, r.status) + 1)
+        buffer.clear()
+        tally.requests = stats.requests
+        tally.prompt_tokens, tally.completion_tokens = stats.prompt_tokens, stats.completion_tokens
+        tally.cost_usd, tally.rate_limited = stats.cost_usd, stats.rate_limited
+        tally.cache_hits = dispatcher.answers.hits if dispatcher.answers is not None else 0
+        progress.advance(tally)
+
+    def settle(results: list[RowResult], groups: list[Any] | None) -> None:
+        nonlocal outstanding
+        buffer.extend(results)
+        if group_quota is not None and groups is not None:
+            for r, g in zip(results, groups, strict=True):
+                group_quota.settle(g, done=r.status == "done")
+        outstanding -= len(results)
+        if outstanding == 0:
+            settled.set()
+        if len(buffer) >= COMMIT_ROWS:
+            flush()
+
+    handed_out = asyncio.Event()
+    dispatcher.draining = lambda: handed_out.is_set() and todo.qsize() <= n_workers
+
+    pack: list[tuple[str, str, Any]] = []  # rows gathered into the next request
+
+    async def hand_out(key: str, data: str, group: Any = None) -> None:
+        nonlocal outstanding, pack
+        outstanding += 1
+        settled.clear()
+        pack.append((key, data, group))
+        if len(pack) >= (pack_size() if pack_size is not None else 1):
+            await end_pack()
+
+    async def end_pack() -> None:
+        nonlocal pack
+        if pack:
+            items, pack = pack, []
+            await todo.put(items)
+
+    async def one_pass() -> int:
+        """Hand out every pending row the quota allows; returns how many were handed out."""
+        taken, after = 0, -1
+        while not stats.stop.is_set():
+            page = ledger.pending(run_id, after_seq=after, limit=PAGE_ROWS)
+            if not page:
+                break
+            for seq, key, data in page:
+                after = seq
+                if group_quota is None:
+                    await hand_out(key, data)
+                    taken += 1
+                    continue
+                g = json.loads(data).get(quota[0])
+                decision = group_quota.decide(g)
+                if decision is QuotaDecision.TAKE:
+                    await hand_out(key, data, g)
+                    taken += 1
+                elif decision is QuotaDecision.SKIP:
+                    buffer.append(RowResult(key=key, status="skipped", error=group_quota.reason(g, quota[0])))
+        await end_pack()
+        return taken
+
+    async def producer() -> None:
+        if group_quota is None:
+            await one_pass()
+        else:
+            while await one_pass() and not stats.stop.is_set():
+                await _first_of(settled, stats.stop)  # the next pass replaces rows that failed
+                flush()
+        handed_out.set()
+        for _ in range(n_workers):
+            await todo.put(None)
+
+    async def worker() -> None:
+        while (items := await todo.get()) is not None:
+            if stats.stop.is_set():
+                continue  # keep draining so the producer never blocks; the rows stay pending
+            try:
+                if len(items) == 1:
+                    key, data, _ = items[0]
+                    results = [await dispatcher.solve(key, json.loads(data))]
+                else:
+                    results = await dispatcher.solve_pack([(k, json.loads(d)) for k, d, _ in items])
+            except Stop:
+                continue
+            settle(results, [g for _, _, g in items])
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            flush()
+
+    prod = asyncio.create_task(producer())
+    workers = [asyncio.create_task(worker()) for _ in range(n_workers)]
+    helpers = [asyncio.create_task(ticker()), asyncio.create_task(dispatcher.watchdog())]
+    undo_sigterm = install_sigterm(asyncio.current_task())
+    try:
+        results = await asyncio.gather(prod, *workers, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+    except asyncio.CancelledError:
+        for t in (prod, *workers):
+            t.cancel()
+        await asyncio.gather(prod, *workers, return_exceptions=True)
+        raise
+    finally:
+        for t in helpers:
+            t.cancel()
+        undo_sigterm()
+        flush()
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    waits = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
