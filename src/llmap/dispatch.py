@@ -38,7 +38,6 @@ from llmap import errors as E
 from llmap.control.retry import RetryPolicy
 from llmap.control.route import Lane, pick_lane
 from llmap.prompt.condition import Condition
-from llmap.prompt.pack import AutoPackSize, bisect, pack_messages, pack_schema, parse_pack
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema, reask_message
 from llmap.providers.base import Completion, Request
@@ -106,20 +105,17 @@ class Dispatcher:
         fallback: static answer for rows no model could answer, or None.
         stats: counters to update.
         answers: the response cache and in-run dedup, or None to ask every time.
-        pack: ``[prompt] pack``: rows per request, or ``"auto"``.
         clock: monotonic seconds; ``sleep``: awaitable delay (both injectable).
     """
 
     def __init__(self, lanes: Sequence[Lane], renderer: Renderer, schema: OutputSchema, limits: Any, *,
                  max_reask: int, fallback: dict[str, Any] | None, stats: DispatchStats,
-                 answers: AnswerCache | None = None, pack: int | str = 1,
+                 answers: AnswerCache | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         self.lanes = list(lanes)
         self.answers = answers
-        self.pack = pack if isinstance(pack, int) else 1
-        self.auto_pack = AutoPackSize() if pack == "auto" else None
-        self._row_chars = 400.0  # EWMA of a row's user-message length, for pack = "auto"
+
         self.escalate_if = [
             Condition.parse(lane.model.escalate_if, schema.field_types) if lane.model.escalate_if else None
             for lane in self.lanes
@@ -353,130 +349,6 @@ class Dispatcher:
         if self.fallback is not None:
             res.status, res.output = "fallback", dict(self.fallback)
         return res
-
-    # -- packs ----------------------------------------------------------------
-    def pack_size(self) -> int:
-        """Rows per request now: ``[prompt] pack``, or the adaptive size for ``"auto"``."""
-        if self.auto_pack is None:
-            return self.pack
-        row_tokens = max(1, round(self._row_chars / self.lanes[0].prompt_tokens.chars_per_token))
-        return self.auto_pack.size(row_tokens)
-
-    async def solve_pack(self, rows: list[tuple[str, dict[str, Any]]]) -> list[RowResult]:
-        """Settle several rows with one request per pack; results in the order of ``rows``.
-
-        Rows answered by the cache or an identical in-flight request are
-        settled first. The rest go out as one pack on the primary model;
-        items are matched by id. Missing, duplicate, unknown or invalid items
-        are retried by bisecting: only the affected rows, in packs of N/2,
-        N/4, ... down to single rows, which take the ordinary per-row path
-        (re-asks, retries, failover). A valid item that meets ``escalate_if``
-        goes on to the next model on its own.
-
-        Raises:
-            Stop: the run is stopping; unsettled rows stay pending.
-        """
-        results: dict[str, RowResult] = {}
-        items = []
-        for key, row in rows:
-            base = self.renderer.messages(row)
-            self._row_chars = 0.9 * self._row_chars + 0.1 * len(base[-1]["content"])
-            if self.answers is not None:
-                ckey = self.answers.key(self.lanes[0], base, self.schema.json_schema)
-                hit = await self.answers.lookup(ckey)
-                if hit is not None and not self._escalate(self.lanes[0], hit.output):
-                    results[key] = RowResult(key, "done", output=hit.output, model=hit.model, source="cache",
-                                             tried=[(hit.model, "cache", hit.output, 0, 0)])
-                    continue
-            items.append((key, row, base))
-        await self._pack_round(items, results)
-        return [results[key] for key, _ in rows]
-
-    async def _pack_round(self, items: list[tuple[str, dict[str, Any], list[dict[str, str]]]],
-                          results: dict[str, RowResult]) -> None:
-        if not items:
-            return
-        if len(items) == 1:
-            key, _, base = items[0]
-            results[key] = await self.solve_messages(key, base)
-            return
-        lane, _ = pick_lane(self.lanes, 0, self.clock())
-        if lane is None or lane.index != 0:  # the primary is down: rows take the per-row path (failover)
-            if lane is not None:
-                lane.breaker.release()
-            await asyncio.gather(*(self._pack_round([it], results) for it in items))
-            return
-        by_id = {key: (key, row, base) for key, row, base in items}
-        messages = pack_messages(self.renderer, [(key, row) for key, row, _ in items])
-        model = lane.model
-        req = Request(messages, pack_schema(self.schema.json_schema), model.temperature,
-                      max(model.max_tokens, model.max_tokens * len(items)), row_key=items[0][0])
-        est = lane.prompt_tokens.estimate(sum(len(m["content"]) for m in messages)) \
-            + lane.output_tokens.estimate() * len(items)
-        t0 = self.clock()
-        attempt = 0
-        while True:
-            if self.stats.stop.is_set():
-                raise Stop
-            attempt += 1
-            try:
-                comp = await self._send(lane, req, est)
-                break
-            except E.ProviderError as exc:
-                self._record_failure(lane, exc)
-                decision = self.retry.decide(exc, attempt, self.clock() - t0)
-                if decision.stop_run:
-                    self.stats.fatal = self.stats.fatal or exc  # type: ignore[assignment]
-                    self.stats.halt(f"{exc}")
-                    raise Stop from exc
-                if not decision.retry:  # e.g. the pack is too long: smaller packs, down to single rows
-                    await asyncio.gather(*(self._pack_round([by_id[k] for k in half], results)
-                                           for half in bisect(list(by_id))))
-                    return
-                await self.sleep(decision.delay_s)
-                lane, _ = pick_lane(self.lanes, 0, self.clock())
-                if lane is None or lane.index != 0:
-                    if lane is not None:
-                        lane.breaker.release()
-                    await asyncio.gather(*(self._pack_round([it], results) for it in items))
-                    return
-            except BaseException:
-                lane.breaker.release()
-                raise
-        lane.breaker.record_success()
-        lane.on_success()
-        st = self.stats
-        st.prompt_tokens += comp.prompt_tokens
-        st.completion_tokens += comp.completion_tokens
-        st.cost_usd += lane.cost_usd(comp.prompt_tokens, comp.completion_tokens)
-        outcome = parse_pack(comp.content, list(by_id), self.schema.validate)
-        if self.auto_pack is not None:
-            self.auto_pack.observe(len(by_id), len(outcome.problems))
-        n = len(by_id)
-        share_p, share_c = comp.prompt_tokens // n, comp.completion_tokens // n
-        escalate = []
-        for key, output in outcome.answers.items():
-            base = by_id[key][2]
-            if self.answers is not None:
-                ckey = self.answers.key(lane, base, self.schema.json_schema)
-                self.answers.resolve(ckey, CacheEntry(ckey, lane.label, output, share_p, share_c))
-            tried = [(lane.label, "done", output, share_p, share_c)]
-            if self._escalate(lane, output):
-                tried[0] = (lane.label, "escalated", output, share_p, share_c)
-                escalate.append((key, base, tried))
-                continue
-            results[key] = RowResult(key, "done", output=output, model=lane.label, source="model", attempts=1,
-                                     prompt_tokens=share_p, completion_tokens=share_c, tried=tried,
-                                     latency_s=self.clock() - t0)
-        for key, base, tried in escalate:  # cascade, one row at a time
-            res = await self.solve_messages(key, base, start=lane.index + 1)
-            res.tried = tried + (res.tried or [])
-            if res.status != "done":  # every stronger model failed: keep the first answer
-                res.status, res.output, res.model, res.source, res.error = "done", tried[0][2], lane.label, "model", None
-            results[key] = res
-        if outcome.problems:
-            await asyncio.gather(*(self._pack_round([by_id[k] for k in half], results)
-                                   for half in bisect(list(outcome.problems))))
 
     def _escalate(self, lane: Lane, output: dict[str, Any]) -> bool:
         """True when this lane's ``escalate_if`` holds for ``output`` and a later model exists."""

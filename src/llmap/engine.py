@@ -34,6 +34,7 @@ from llmap.control.route import MAX_CONCURRENCY, Lane
 from llmap.dispatch import Dispatcher, DispatchStats
 from llmap.io.sinks import ResultLayout, check_writable, export, result_batches
 from llmap.io.sources import Source
+from llmap.packer import Packer
 from llmap.pool import run_pool
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema
@@ -324,11 +325,13 @@ class Job:
         try:
             dispatcher = Dispatcher(lanes, prep.renderer, prep.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
-                                    answers=AnswerCache(cache), pack=spec.prompt.pack)
+                                    answers=AnswerCache(cache))
+            packer = None
+            if spec.prompt.pack != 1:
+                packer = Packer(dispatcher, spec.prompt.pack, draining=lambda: dispatcher.draining())
             per_group = spec.input.per_group
             await run_pool(ledger, run_id, dispatcher, stats, tally, progress,
-                           quota=(per_group.column, per_group.n) if per_group else None,
-                           pack_size=dispatcher.pack_size)
+                           quota=(per_group.column, per_group.n) if per_group else None, packer=packer)
         finally:
             if cache is not None:
                 cache.close()

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from typing import Any
 
 from llmap.control.quota import GroupQuota, QuotaDecision
 from llmap.dispatch import Dispatcher, DispatchStats, Stop, install_sigterm
+from llmap.packer import Packer
 from llmap.report import Progress, Tally
 from llmap.store.ledger import Ledger, RowResult
 
@@ -34,7 +34,7 @@ PAGE_ROWS = 512
 
 async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: DispatchStats, tally: Tally,
                    progress: Progress, *, quota: tuple[str, int] | None = None,
-                   pack_size: Callable[[], int] | None = None) -> None:
+                   packer: Packer | None = None) -> None:
     """Settle every pending row of plan ``run_id``.
 
     Args:
@@ -45,7 +45,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         tally: progress totals, advanced after each commit.
         progress: the progress reporter.
         quota: ``(column, n)`` from ``[input] per_group``, or None.
-        pack_size: returns the rows per request now (``[prompt] pack``), or None for 1.
+        packer: settles packs of rows (``[prompt] pack``), or None for one row per request.
 
     Raises:
         asyncio.CancelledError: on Ctrl-C / SIGTERM, after committing every finished row.
@@ -101,7 +101,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         outstanding += 1
         settled.clear()
         pack.append((key, data, group))
-        if len(pack) >= (pack_size() if pack_size is not None else 1):
+        if len(pack) >= (packer.size() if packer is not None else 1):
             await end_pack()
 
     async def end_pack() -> None:
@@ -153,7 +153,8 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
                     key, data, _ = items[0]
                     results = [await dispatcher.solve(key, json.loads(data))]
                 else:
-                    results = await dispatcher.solve_pack([(k, json.loads(d)) for k, d, _ in items])
+                    assert packer is not None
+                    results = await packer.solve([(k, json.loads(d)) for k, d, _ in items])
             except Stop:
                 continue
             settle(results, [g for _, _, g in items])

@@ -1,0 +1,229 @@
+"""Packs: several rows in one request, with per-row recovery by bisecting.
+
+``[prompt] pack = N`` sends N rows per request as a JSON array of items; the
+answer is matched to rows by ``id``, never by position (see
+:mod:`llmap.prompt.pack`). Rows whose item is missing, duplicated or invalid
+are retried in packs of N/2, then N/4, ... down to single rows, which take
+the dispatcher's ordinary per-row path (re-asks, retries, failover).
+
+Retried rows are *regrouped*: the affected rows of many packs that failed at
+the same level wait briefly (:data:`REGROUP_WAIT_S`) to fill one pack of
+that level's size, so that 5% bad items cost about 5% more requests, not one
+request per damaged pack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from llmap import errors as E
+from llmap.control.route import pick_lane
+from llmap.dispatch import Dispatcher, Stop
+from llmap.prompt.pack import AutoPackSize, pack_messages, pack_schema, parse_pack
+from llmap.providers.base import Request
+from llmap.store.cache import CacheEntry
+from llmap.store.ledger import RowResult
+
+__all__ = ["Packer"]
+
+#: Seconds a retried row waits for others to fill its smaller pack.
+REGROUP_WAIT_S = 0.2
+
+Item = tuple[str, dict[str, Any], list[dict[str, str]]]  # key, row, rendered single-row messages
+
+
+class Packer:
+    """Settles packs of rows through a :class:`~llmap.dispatch.Dispatcher`.
+
+    Args:
+        dispatcher: sends requests and settles single rows.
+        pack: ``[prompt] pack``: rows per request, or ``"auto"``.
+        draining: returns True once every row has been handed out (no more
+            rows will come to fill a regrouped pack: send at once).
+    """
+
+    def __init__(self, dispatcher: Dispatcher, pack: int | str, *,
+                 draining: Callable[[], bool] = lambda: False) -> None:
+        self.d = dispatcher
+        self.pack = pack if isinstance(pack, int) else 1
+        self.auto = AutoPackSize() if pack == "auto" else None
+        self.draining = draining
+        self._row_chars = 400.0  # EWMA of a row's user-message length, for pack = "auto"
+        self._waiting: dict[int, list[tuple[Item, asyncio.Future[RowResult]]]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+
+    def size(self) -> int:
+        """Rows per request now: ``pack``, or the adaptive size for ``"auto"``."""
+        if self.auto is None:
+            return self.pack
+        row_tokens = max(1, round(self._row_chars / self.d.lanes[0].prompt_tokens.chars_per_token))
+        return self.auto.size(row_tokens)
+
+    async def solve(self, rows: list[tuple[str, dict[str, Any]]]) -> list[RowResult]:
+        """Settle ``rows`` (one pack); results in the order of ``rows``.
+
+        Rows answered by the cache or an identical in-flight request are
+        settled first; the rest go out as one pack on the primary model.
+
+        Raises:
+            Stop: the run is stopping; unsettled rows stay pending.
+        """
+        d = self.d
+        results: dict[str, RowResult] = {}
+        items: list[Item] = []
+        for key, row in rows:
+            base = d.renderer.messages(row)
+            self._row_chars = 0.9 * self._row_chars + 0.1 * len(base[-1]["content"])
+            if d.answers is not None:
+                hit = await d.answers.lookup(d.answers.key(d.lanes[0], base, d.schema.json_schema))
+                if hit is not None and not d._escalate(d.lanes[0], hit.output):
+                    results[key] = RowResult(key, "done", output=hit.output, model=hit.model, source="cache",
+                                             tried=[(hit.model, "cache", hit.output, 0, 0)])
+                    continue
+            items.append((key, row, base))
+        await self._round(items, results, size=len(items))
+        return [results[key] for key, _ in rows]
+
+    # -- one pack ---------------------------------------------------------------
+    async def _round(self, items: list[Item], results: dict[str, RowResult], *, size: int) -> None:
+        """Send ``items`` as one pack; regroup the rows that come back damaged at half the size."""
+        if not items:
+            return
+        if len(items) == 1:
+            key, _, base = items[0]
+            results[key] = await self.d.solve_messages(key, base)
+            return
+        d = self.d
+        lane, _ = pick_lane(d.lanes, 0, d.clock())
+        if lane is None or lane.index != 0:  # the primary is down: rows take the per-row path (failover)
+            if lane is not None:
+                lane.breaker.release()
+            await self._singly(items, results)
+            return
+        by_key = {it[0]: it for it in items}
+        messages = pack_messages(d.renderer, [(key, row) for key, row, _ in items])
+        model = lane.model
+        req = Request(messages, pack_schema(d.schema.json_schema), model.temperature,
+                      model.max_tokens * len(items), row_key=items[0][0])
+        est = lane.prompt_tokens.estimate(sum(len(m["content"]) for m in messages)) \
+            + lane.output_tokens.estimate() * len(items)
+        t0 = d.clock()
+        attempt = 0
+        while True:
+            if d.stats.stop.is_set():
+                lane.breaker.release()
+                raise Stop
+            attempt += 1
+            try:
+                comp = await d._send(lane, req, est)
+                break
+            except E.ProviderError as exc:
+                d._record_failure(lane, exc)
+                decision = d.retry.decide(exc, attempt, d.clock() - t0)
+                if decision.stop_run:
+                    d.stats.fatal = d.stats.fatal or exc  # type: ignore[assignment]
+                    d.stats.halt(f"{exc}")
+                    raise Stop from exc
+                if not decision.retry:  # e.g. the pack is too long: smaller packs
+                    await self._regroup(items, results, size=max(1, size // 2))
+                    return
+                await d.sleep(decision.delay_s)
+                lane, _ = pick_lane(d.lanes, 0, d.clock())
+                if lane is None or lane.index != 0:
+                    if lane is not None:
+                        lane.breaker.release()
+                    await self._singly(items, results)
+                    return
+            except BaseException:
+                lane.breaker.release()
+                raise
+        lane.breaker.record_success()
+        lane.on_success()
+        st = d.stats
+        st.prompt_tokens += comp.prompt_tokens
+        st.completion_tokens += comp.completion_tokens
+        st.cost_usd += lane.cost_usd(comp.prompt_tokens, comp.completion_tokens)
+        outcome = parse_pack(comp.content, list(by_key), d.schema.validate)
+        if self.auto is not None:
+            self.auto.observe(len(by_key), len(outcome.problems))
+        n = len(by_key)
+        share_p, share_c = comp.prompt_tokens // n, comp.completion_tokens // n
+        escalate = []
+        for key, output in outcome.answers.items():
+            base = by_key[key][2]
+            if d.answers is not None:
+                ckey = d.answers.key(lane, base, d.schema.json_schema)
+                d.answers.resolve(ckey, CacheEntry(ckey, lane.label, output, share_p, share_c))
+            tried = [(lane.label, "done", output, share_p, share_c)]
+            if d._escalate(lane, output):
+                tried[0] = (lane.label, "escalated", output, share_p, share_c)
+                escalate.append((key, base, tried))
+                continue
+            results[key] = RowResult(key, "done", output=output, model=lane.label, source="model", attempts=1,
+                                     prompt_tokens=share_p, completion_tokens=share_c, tried=tried,
+                                     latency_s=d.clock() - t0)
+        work = [self._escalate(key, base, tried, results) for key, base, tried in escalate]
+        if outcome.problems:
+            work.append(self._regroup([by_key[k] for k in outcome.problems], results, size=max(1, size // 2)))
+        await asyncio.gather(*work)
+
+    async def _escalate(self, key: str, base: list[dict[str, str]], tried: list, results: dict) -> None:
+        """Cascade one row to the models after the primary."""
+        res = await self.d.solve_messages(key, base, start=1)
+        res.tried = tried + (res.tried or [])
+        if res.status != "done":  # every stronger model failed: keep the primary's answer
+            res.status, res.output, res.model, res.source, res.error = "done", tried[0][2], tried[0][0], "model", None
+        results[key] = res
+
+    async def _singly(self, items: list[Item], results: dict[str, RowResult]) -> None:
+        await asyncio.gather(*(self._round([it], results, size=1) for it in items))
+
+    # -- regrouping ---------------------------------------------------------------
+    async def _regroup(self, items: list[Item], results: dict[str, RowResult], *, size: int) -> None:
+        """Retry ``items`` in packs of ``size``, sharing packs with other packs' damaged rows."""
+        if size <= 1:
+            await self._singly(items, results)
+            return
+        loop = asyncio.get_running_loop()
+        futures = []
+        for it in items:
+            fut: asyncio.Future[RowResult] = loop.create_future()
+            self._waiting.setdefault(size, []).append((it, fut))
+            futures.append(fut)
+        self._fill(size)
+        if self._waiting.get(size) and size not in self._timers:
+            wait = 0.0 if self.draining() else REGROUP_WAIT_S
+            self._timers[size] = loop.call_later(wait, self._flush_level, size)
+        for it, res in zip(items, await asyncio.gather(*futures), strict=True):
+            results[it[0]] = res
+
+    def _fill(self, size: int) -> None:
+        """Launch full packs of ``size`` from the waiting rows."""
+        waiting = self._waiting.get(size, [])
+        while len(waiting) >= size:
+            batch, waiting[:] = waiting[:size], waiting[size:]
+            asyncio.get_running_loop().create_task(self._send_batch(batch, size))
+
+    def _flush_level(self, size: int) -> None:
+        """The wait is over: send what is waiting at this level, full or not."""
+        self._timers.pop(size, None)
+        batch, self._waiting[size] = self._waiting.get(size, []), []
+        if batch:
+            asyncio.get_running_loop().create_task(self._send_batch(batch, size))
+
+    async def _send_batch(self, batch: list[tuple[Item, asyncio.Future[RowResult]]], size: int) -> None:
+        results: dict[str, RowResult] = {}
+        try:
+            await self._round([it for it, _ in batch], results, size=size)
+        except BaseException as exc:  # Stop or cancellation: hand it to every waiting caller
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Stop) else Stop())
+            if not isinstance(exc, Stop | asyncio.CancelledError):
+                raise
+            return
+        for it, fut in batch:
+            if not fut.done():
+                fut.set_result(results[it[0]])
