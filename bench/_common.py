@@ -40,7 +40,7 @@ def write_rows_csv(path: Path, n: int) -> Path:
         f.write("id,title,body\n")
         for i in range(n):
             w = [words[(i * 7 + k * 3) % len(words)] for k in range(18)]
-            f.write(f"r{i:07d},Item {i} {w[0]},{' '.join(w)}\n")
+            f.write(f"r{i:07d},Item {i} {w[0]},note {i}: {' '.join(w)}\n")
     return path
 
 

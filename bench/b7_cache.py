@@ -31,7 +31,7 @@ def write_dupes(path: Path, n: int, dup_share: float, changed: set[int] = frozen
             j = i if i < unique else (i * 7919) % unique
             body = f"note {j} about the district budget and the bus schedule"
             if i in changed:
-                body += " (revised)"
+                body += f" (revised in row {i})"
             f.write(f"r{i:06d},Item {j},{body}\n")
     return unique
 

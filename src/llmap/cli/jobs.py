@@ -41,7 +41,7 @@ def _load(job_file: Path) -> Job:
 
 def run(
     job_file: JobFile,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N rows (overrides [input] limit).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N rows (overrides \\[input] limit).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier results in the ledger and start over.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (warnings still print).")] = False,
     if_changed: Annotated[bool, typer.Option(
@@ -54,7 +54,8 @@ def run(
     crash loses nothing: run the same command again and it continues where it
     stopped, sending requests only for rows not yet done.
 
-    Exit codes: 0 all rows done or skipped, 1 some rows failed, 2 bad job or input
+    Exit codes: 0 all rows done, skipped or given the fallback, 1 some rows failed or a
+    budget cap or an error every row would hit stopped the run, 2 bad job or input
     (nothing sent), 130 interrupted.
     """
     job = _load(job_file)
@@ -136,7 +137,7 @@ def status(
 
 def export(
     job_file: JobFile,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of [output] path (.parquet, .jsonl or .csv).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of \\[output] path (.parquet, .jsonl or .csv).")] = None,
 ) -> None:
     """Write the output file again from the ledger (no model calls)."""
     job = _load(job_file)

@@ -44,12 +44,19 @@ class AdaptiveTimeout:
         self.min_samples = max(1, int(min_samples))
         self._window: deque[float] = deque(maxlen=max(self.min_samples, int(window)))
         self._cached: float | None = None
+        self._fresh = 0  # observations since the timeout was last computed
+
+    #: Observations between recomputations of the timeout: the p99 of a window of hundreds
+    #: moves slowly, and sorting the window for every request would cost more than it tells.
+    RECOMPUTE_EVERY = 32
 
     def observe(self, latency_s: float) -> None:
         """Record the latency of one answered request, seconds."""
         if latency_s >= 0 and math.isfinite(latency_s):
             self._window.append(latency_s)
-            self._cached = None
+            self._fresh += 1
+            if self._fresh >= self.RECOMPUTE_EVERY or len(self._window) <= self.min_samples:
+                self._cached = None
 
     def quantile(self, q: float) -> float:
         """The ``q`` quantile (0 to 1) of recent latencies, seconds; ``ceiling_s`` until ``min_samples``."""
@@ -64,4 +71,5 @@ class AdaptiveTimeout:
             return self.ceiling_s
         if self._cached is None:
             self._cached = min(self.ceiling_s, max(self.floor_s, self.multiple * self.quantile(0.99)))
+            self._fresh = 0
         return self._cached
