@@ -129,11 +129,12 @@ def _items_json(rows: Sequence[tuple[Any, Mapping[str, Any]]], names: Sequence[s
     return json.dumps(items, ensure_ascii=False, separators=(",", ":"))
 
 
-def _has_id_array(text: str) -> bool:
-    """Whether ``text`` holds a JSON array of objects with an ``id`` key.
+def find_items(text: str) -> list[dict[str, Any]] | None:
+    """The first JSON array of objects that all have an ``id`` key in ``text``, or None.
 
-    The same scan as the simulator's ``extract_ids``: a packed request's items
-    must be the first such array of its last user message.
+    This is how a packed request's items are found: they must be the first
+    such array of its last user message (the in-repo simulator reads packs
+    with this function too).
     """
     decoder = json.JSONDecoder()
     pos = text.find("[")
@@ -142,19 +143,15 @@ def _has_id_array(text: str) -> bool:
             value, _ = decoder.raw_decode(text, pos)
         except ValueError:
             value = None
-        if (
-            isinstance(value, list)
-            and value
-            and all(isinstance(v, dict) and "id" in v for v in value)
-        ):
-            return True
+        if isinstance(value, list) and value and all(isinstance(v, dict) and "id" in v for v in value):
+            return value
         pos = text.find("[", pos + 1)
-    return False
+    return None
 
 
 def _user_content(task: str, items: str) -> str:
     head = "Task, for each item (the {{ name }} placeholders are the item's fields):\n"
-    if _has_id_array(task):
+    if find_items(task) is not None:
         # The task text itself holds an id-array: put the items first so that
         # they are the first id-array of the message.
         return f"Items (JSON array):\n{items}\n\n{head}{task}"

@@ -1,26 +1,29 @@
 """Deterministic answers for the simulator, and its token counts.
 
-The simulator never thinks; it derives every answer from a 64-bit seed taken
-from the request (:func:`request_seed`), so the same canonical request always
-gets the same answer and different requests usually get different ones. The
-values come from the compiled schema (:mod:`llmap.sim.schema`).
+The simulator never thinks; it derives every answer from a 64-bit seed, so
+the same request always gets the same answer and different requests usually
+get different ones. A structured answer is seeded by the model and the row
+(:func:`row_seed`: the last user message); plain-text answers by the whole
+request (:func:`request_seed`). The values come from the compiled schema
+(:mod:`llmap.sim.schema`).
 
-*Packed* requests (several rows in one request): the ids come from the last
-user message, which holds a JSON array of objects with an ``id`` key; the
-answer then holds exactly one item per id, carrying that id, in the same
-order. Each item is seeded by the request seed and its id.
+*Packed* requests (several rows in one request): the items come from the
+last user message, which holds a JSON array of objects with an ``id`` key;
+the answer then holds exactly one item per id, carrying that id, in the same
+order. Each item is seeded by the model and the item's values, so a row whose
+user message is just its one column gets the same answer packed or not.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmap.prompt.pack import find_items
 from llmap.sim.schema import (
     SchemaPlan,
     canonical_json,
@@ -151,22 +154,7 @@ def extract_ids(messages: Sequence[Any]) -> list[Any] | None:
 
 def extract_items(messages: Sequence[Any]) -> list[dict[str, Any]] | None:
     """The items of a packed request (see :func:`extract_ids`), or None."""
-    text = last_user_text(messages)
-    decoder = json.JSONDecoder()
-    pos = text.find("[")
-    while pos != -1:
-        try:
-            value, _ = decoder.raw_decode(text, pos)
-        except ValueError:
-            value = None
-        if (
-            isinstance(value, list)
-            and value
-            and all(isinstance(v, dict) and "id" in v for v in value)
-        ):
-            return value
-        pos = text.find("[", pos + 1)
-    return None
+    return find_items(last_user_text(messages))
 
 
 # --------------------------------------------------------------------------- answers
