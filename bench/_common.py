@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Benchmarks never read or fill the user's response cache: a cache hit would skip the work
+# being measured. Each benchmark process gets an empty cache folder (B7-B9 set their own).
+os.environ.setdefault("LLMAP_CACHE_DIR", tempfile.mkdtemp(prefix="llmap-bench-cache-"))
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

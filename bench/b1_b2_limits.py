@@ -63,7 +63,7 @@ def main() -> int:
             ("rows", f"{args.rows:,}"),
             ("theoretical N/(RPM/60)", f"{r['ideal_s']:.1f} s"),
             ("wall time (llmap run, incl. start-up)", f"{r['wall_s']:.1f} s"),
-            ("slowest row (from the ledger)", f"{r['slowest_s']:.2f} s"),
+            ("slowest request (ledger latency_s)", f"{r['slowest_s']:.2f} s"),
             ("wall / theoretical", f"{r['ratio']:.3f} (target <= {target}"
                                    + (f" + slowest request: wall <= {1.05 * r['ideal_s'] + r['slowest_s']:.1f} s)"
                                       if target == 1.05 else ")")),

@@ -5,13 +5,17 @@ simulator with --latency-median 0.5 --latency-sigma 0.5: once fault-free, once w
 --fail-rate 0.3 --hang-rate 0.02. Targets: every row done, each exactly once in the output,
 and wall time at most 2 x the fault-free run.
 
-    python bench/b3_faults.py [--rows 2000]
+    python bench/b3_faults.py [--rows 2000] [--repeat 3]
+
+With --repeat K both runs are repeated K times (alternating) and the median ratio is the
+figure: one unlucky row that fails several times in a row sets a single run's end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -36,25 +40,32 @@ def one(name: str, csv: Path, tmp: Path, **faults) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
+    ratios = []
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         csv = write_rows_csv(tmp / "rows.csv", args.rows)
-        clean = one("b3-clean", csv, tmp)
-        faulty = one("b3-faults", csv, tmp, fail_rate=0.3, hang_rate=0.02)
-    ratio = faulty["wall_s"] / clean["wall_s"]
+        for _ in range(args.repeat):
+            clean = one("b3-clean", csv, tmp)
+            faulty = one("b3-faults", csv, tmp, fail_rate=0.3, hang_rate=0.02)
+            ratios.append(faulty["wall_s"] / clean["wall_s"])
+            for name in ("b3-clean", "b3-faults"):  # the next repeat starts from scratch
+                (tmp / ".llmap" / f"{name}.ledger.sqlite").unlink(missing_ok=True)
+    ratio = statistics.median(ratios)
     ok = faulty["done"] == args.rows == faulty["unique"] == faulty["rows_out"] and ratio <= 2.0
     print(table([
         ("rows", f"{args.rows:,}"),
         ("fault-free wall time", f"{clean['wall_s']:.1f} s ({clean['requests']:,} requests)"),
         ("faulty wall time", f"{faulty['wall_s']:.1f} s ({faulty['requests']:,} requests, "
                              f"{faulty['hung']} hung, by status {faulty['by_status']})"),
-        ("faulty / fault-free", f"{ratio:.2f} (target <= 2.0)"),
+        ("faulty / fault-free", f"{ratio:.2f} (target <= 2.0)"
+                                + (f"; median of {', '.join(f'{r:.2f}' for r in ratios)}" if len(ratios) > 1 else "")),
         ("rows done", f"{faulty['done']:,} of {args.rows:,} (target: all)"),
         ("rows in output / distinct keys", f"{faulty['rows_out']:,} / {faulty['unique']:,} (target: each once)"),
-        ("command", f"python bench/b3_faults.py --rows {args.rows}"),
+        ("command", f"python bench/b3_faults.py --rows {args.rows} --repeat {args.repeat}"),
     ], "B3 faults: --fail-rate 0.3 --hang-rate 0.02, latency median 0.5 s, sigma 0.5, no limits"))
-    print(json.dumps({"clean": clean, "faulty": faulty, "ratio": ratio, "met": ok}))
+    print(json.dumps({"clean": clean, "faulty": faulty, "ratios": ratios, "ratio": ratio, "met": ok}))
     return 0 if ok else 1
 
 

@@ -259,7 +259,7 @@ class Dispatcher:
                         start = i + 1
                         continue
                     res.status, res.output, res.model, res.source = "done", hit.output, hit.model, "cache"
-                    res.error, res.latency_s = None, self.clock() - t0
+                    res.error = None
                     return res
             tries[i] = tries.get(i, 0) + 1
             res.attempts += 1
@@ -303,6 +303,7 @@ class Dispatcher:
             lane.breaker.record_success()
             lane.on_success()
             lane.prompt_tokens.observe(prompt_chars, comp.prompt_tokens)
+            res.latency_s += comp.latency_s
             res.prompt_tokens += comp.prompt_tokens
             res.completion_tokens += comp.completion_tokens
             st.prompt_tokens += comp.prompt_tokens
@@ -331,10 +332,8 @@ class Dispatcher:
                 continue
             res.tried.append((lane.label, "done", output, comp.prompt_tokens, comp.completion_tokens))
             res.status, res.output, res.model, res.error, res.source = "done", output, lane.label, None, "model"
-            res.latency_s = self.clock() - t0
             return res
         res.error = last_error
-        res.latency_s = self.clock() - t0
         escalated = [(m, out) for m, outcome, out, _, _ in res.tried if outcome in ("escalated", "cache") and out]
         if escalated:
             # Every later model failed: the last escalated answer is still an answer.

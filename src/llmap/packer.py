@@ -163,7 +163,7 @@ class Packer:
                 continue
             results[key] = RowResult(key, "done", output=output, model=lane.label, source="model", attempts=1,
                                      prompt_tokens=share_p, completion_tokens=share_c, tried=tried,
-                                     latency_s=d.clock() - t0)
+                                     latency_s=comp.latency_s)
         work = [self._escalate(key, base, tried, results) for key, base, tried in escalate]
         if outcome.problems:
             work.append(self._regroup([by_key[k] for k in outcome.problems], results, size=max(1, size // 2)))

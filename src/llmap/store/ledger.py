@@ -161,7 +161,8 @@ class RowResult:
         error: the error text for ``failed`` rows.
         attempts: requests spent on this row in this run (re-asks and retries count).
         prompt_tokens, completion_tokens: usage summed over those requests.
-        latency_s: seconds from the first request to the final answer.
+        latency_s: seconds spent waiting for answers, summed over this row's
+            requests (queueing for a rate limit not included).
         model: ``provider:name`` of the model that settled the row.
         source: where the answer came from: ``model``, ``cache`` (the response
             cache or an identical request in this run) or ``stale`` (an expired
