@@ -30,6 +30,7 @@ import contextlib
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,34 @@ class DispatchStats:
     fatal: E.FatalProviderError | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     on_halt: Callable[[str], None] | None = None
+    #: request log entries not yet written to the ledger: (t, model, outcome, latency_s, pt, ct, pack_size)
+    request_log: list[tuple] = field(default_factory=list)
+    #: model -> {"requests", "prompt_tokens", "completion_tokens", "cost_usd"} (this run)
+    by_model: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: (model, outcome) -> requests, for metrics; outcome "200", an HTTP status, or an error class
+    outcomes: Counter = field(default_factory=Counter)
+    #: called with every request log entry (structured logs)
+    on_request: Callable[[tuple], None] | None = None
+
+    def log(self, model: str, error: BaseException | None, latency_s: float, prompt_tokens: int,
+            completion_tokens: int, pack_size: int, cost_usd: float = 0.0) -> None:
+        """Record one request's outcome (an answer when ``error`` is None)."""
+        if error is None:
+            outcome = "200"
+        else:
+            status = getattr(error, "status", None)
+            outcome = str(status) if status else type(error).__name__
+        entry = (time.time(), model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size)
+        self.request_log.append(entry)
+        self.outcomes[(model, outcome)] += 1
+        m = self.by_model.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                             "cost_usd": 0.0})
+        m["requests"] += 1
+        m["prompt_tokens"] += prompt_tokens
+        m["completion_tokens"] += completion_tokens
+        m["cost_usd"] += cost_usd
+        if self.on_request is not None:
+            self.on_request(entry)
 
     def halt(self, reason: str) -> None:
         """Stop sending new requests (in-flight ones finish); the first reason is kept and announced."""
@@ -146,7 +175,7 @@ class Dispatcher:
             raise Stop
 
     # -- one request ----------------------------------------------------------
-    async def _send(self, lane: Lane, req: Request, est_tokens: float) -> Completion:
+    async def _send(self, lane: Lane, req: Request, est_tokens: float, pack_size: int = 1) -> Completion:
         await lane.enter()
         try:
             permit = await lane.limiter.acquire(est_tokens)
@@ -162,11 +191,18 @@ class Dispatcher:
                     finally:
                         lane.deadlines.pop(id(cm), None)
             except TimeoutError:
-                raise E.RequestTimeout(
+                exc = E.RequestTimeout(
                     f"no answer from {lane.label} within {loop.time() - start:.1f} s (adaptive timeout)",
-                    model=lane.label, row_key=req.row_key) from None
+                    model=lane.label, row_key=req.row_key)
+                self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
+                raise exc from None
+            except E.ProviderError as exc:
+                self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
+                raise
         finally:
             lane.leave()
+        self.stats.log(lane.label, None, comp.latency_s, comp.prompt_tokens, comp.completion_tokens, pack_size,
+                       lane.cost_usd(comp.prompt_tokens, comp.completion_tokens))
         lane.limiter.settle(permit, comp.prompt_tokens + comp.completion_tokens)
         if comp.headers:
             lane.limiter.update_from_headers(comp.headers, sent_at=permit.sent_at)

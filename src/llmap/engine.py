@@ -250,6 +250,7 @@ class Job:
         run_id = None
         planned = False
         counts: dict[str, int] = {}
+        tally: Tally | None = None
         reason = "complete"
         try:
             if fresh:
@@ -282,7 +283,8 @@ class Job:
             if run_id is not None:
                 ledger.end_run(run_id, exit_reason=reason, requests=stats.requests,
                                prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                               cost_usd=stats.cost_usd, rate_limited=stats.rate_limited, retries=stats.retries)
+                               cost_usd=stats.cost_usd, rate_limited=stats.rate_limited, retries=stats.retries,
+                               cached=tally.cache_hits if tally else 0, by_model=stats.by_model)
                 if export_output and planned:
                     out = self.spec.output_path
                     export(result_batches(ledger, run_id, prep.layout), prep.layout.schema, out)

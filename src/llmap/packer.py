@@ -117,7 +117,7 @@ class Packer:
                 raise Stop
             attempt += 1
             try:
-                comp = await d._send(lane, req, est)
+                comp = await d._send(lane, req, est, pack_size=len(items))
                 break
             except E.ProviderError as exc:
                 d._record_failure(lane, exc)

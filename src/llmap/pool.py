@@ -67,9 +67,10 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
     def flush() -> None:
         if dispatcher.answers is not None:
             dispatcher.answers.flush()
-        if not buffer:
+        if not buffer and not stats.request_log:
             return
-        ledger.record(buffer, run_id=run_id)  # durable before it counts
+        log, stats.request_log = stats.request_log, []
+        ledger.record(buffer, run_id=run_id, requests=log)  # durable before it counts
         for r in buffer:
             setattr(tally, r.status, getattr(tally, r.status) + 1)
         buffer.clear()

@@ -124,6 +124,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX attempts_key ON attempts (key);
         """,
     ),
+    (
+        "004_request_log_run_details",
+        """
+        CREATE TABLE requests (
+            id INTEGER PRIMARY KEY,
+            run INTEGER NOT NULL,
+            t REAL NOT NULL,
+            model TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            latency_s REAL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            pack_size INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE INDEX requests_run_t ON requests (run, t);
+        ALTER TABLE runs ADD COLUMN cached INTEGER;
+        ALTER TABLE runs ADD COLUMN by_model TEXT;
+        """,
+    ),
 ]
 
 
@@ -208,6 +227,10 @@ UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prom
     completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?
 WHERE key = ?
 """
+_REQUEST = """
+INSERT INTO requests (run, t, model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
 _ATTEMPT = """
 INSERT INTO attempts (run, key, model, outcome, output, prompt_tokens, completion_tokens, created_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -269,15 +292,26 @@ class Ledger:
         return int(cur.lastrowid)
 
     def end_run(self, run_id: int, *, exit_reason: str, requests: int, prompt_tokens: int,
-                completion_tokens: int, cost_usd: float = 0.0, rate_limited: int = 0, retries: int = 0) -> None:
-        """Stamp a run's end with its final row counts and usage (tokens, USD, 429s, retries)."""
+                completion_tokens: int, cost_usd: float = 0.0, rate_limited: int = 0, retries: int = 0,
+                cached: int = 0, by_model: dict[str, Any] | None = None) -> None:
+        """Stamp a run's end with its row counts and usage.
+
+        Args:
+            run_id: the run.
+            exit_reason: ``complete``, ``interrupted`` or ``stopped: <why>``.
+            requests, prompt_tokens, completion_tokens, cost_usd, rate_limited,
+                retries, cached: this run's totals (tokens, USD, 429 answers,
+                retried attempts, rows answered from the cache or dedup).
+            by_model: ``{model: {"requests", "prompt_tokens", "completion_tokens", "cost_usd"}}``.
+        """
         c = self.counts(run_id)
         self._db.execute(
             "UPDATE runs SET ended_at = ?, rows_total = ?, done = ?, failed = ?, skipped = ?, pending = ?, "
             "fallback = ?, requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, rate_limited = ?, "
-            "retries = ?, exit_reason = ? WHERE id = ?",
+            "retries = ?, cached = ?, by_model = ?, exit_reason = ? WHERE id = ?",
             (time.time(), sum(c.values()), c["done"], c["failed"], c["skipped"], c["pending"], c["fallback"],
-             requests, prompt_tokens, completion_tokens, cost_usd, rate_limited, retries, exit_reason, run_id),
+             requests, prompt_tokens, completion_tokens, cost_usd, rate_limited, retries, cached,
+             json.dumps(by_model or {}), exit_reason, run_id),
         )
 
     def latest_plan(self) -> int | None:
@@ -299,8 +333,17 @@ class Ledger:
             self._db.executemany(_UPSERT, params)
 
     # -- results --------------------------------------------------------------
-    def record(self, results: Sequence[RowResult], *, run_id: int = 0) -> None:
-        """Commit a batch of results, and the model answers each went through, in one transaction.
+    def record(self, results: Sequence[RowResult], *, run_id: int = 0,
+               requests: Sequence[tuple] = ()) -> None:
+        """Commit a batch of results, the model answers each went through, and the request log.
+
+        Args:
+            results: settled rows.
+            run_id: the run they belong to.
+            requests: request log entries ``(t, model, outcome, latency_s,
+                prompt_tokens, completion_tokens, pack_size)``: ``t`` in POSIX
+                seconds; ``outcome`` ``"200"``, another HTTP status, or an
+                error class such as ``RequestTimeout``.
 
         Returns once durable.
         """
@@ -320,6 +363,8 @@ class Ledger:
             self._db.executemany(_RECORD, params)
             if tried:
                 self._db.executemany(_ATTEMPT, tried)
+            if requests:
+                self._db.executemany(_REQUEST, [(run_id, *r) for r in requests])
 
     # -- reading --------------------------------------------------------------
     def counts(self, plan: int) -> dict[str, int]:
