@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,13 @@ from typing import Any
 import pyarrow as pa
 
 from llmap import errors as E
+from llmap.control.alerts import FailureRateAlert
 from llmap.control.breaker import BreakerState
 from llmap.control.route import MAX_CONCURRENCY, Lane
 from llmap.dispatch import Dispatcher, DispatchStats
 from llmap.io.sinks import ResultLayout, check_writable, export, result_batches
 from llmap.io.sources import Source
+from llmap.logs import JsonLog
 from llmap.packer import Packer
 from llmap.pool import run_pool
 from llmap.prompt.render import Renderer
@@ -43,7 +46,7 @@ from llmap.report import NullProgress, Progress, Tally
 from llmap.spec import JobSpec, ModelSpec, load_spec
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import ResponseCache
-from llmap.store.ledger import Ledger, PlannedRow
+from llmap.store.ledger import Ledger, PlannedRow, RowResult
 
 __all__ = ["Job", "RunResult", "make_provider"]
 
@@ -123,6 +126,8 @@ class Job:
     def __init__(self, spec: JobSpec, *, source: Source | None = None) -> None:
         self.spec = spec
         self._source = source
+        self._log: JsonLog | None = None
+        self._on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Job:
@@ -229,19 +234,34 @@ class Job:
 
     # -- run ------------------------------------------------------------------
     def run(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
-            export_output: bool = True) -> RunResult:
+            export_output: bool = True, log: JsonLog | None = None,
+            on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None) -> RunResult:
         """Run the job to completion (sync wrapper over :meth:`arun`).
+
+        Args:
+            limit: at most this many rows (overrides ``[input] limit``).
+            fresh: forget the ledger's rows first.
+            progress: a progress reporter (default: none).
+            export_output: write ``[output] path`` at the end.
+            log: a structured event log (``--log-json``), or None.
+            on_start: called once dispatch starts with the live counters and lanes
+                (e.g. to serve metrics).
 
         Raises:
             SpecError: bad spec or input; nothing was sent.
             RunInterrupted: Ctrl-C or SIGTERM; committed rows are kept.
         """
-        return asyncio.run(self.arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output))
+        return asyncio.run(self.arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
+                                     log=log, on_start=on_start))
 
     async def arun(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
-                   export_output: bool = True) -> RunResult:
+                   export_output: bool = True, log: JsonLog | None = None,
+                   on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None) -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
         progress = progress or NullProgress()
+        if log is not None:
+            progress = _Logged(progress, log)
+        self._log, self._on_start = log, on_start
         started = time.monotonic()
         prep = await self.prepare(limit=limit, check_output=export_output)
         self.last_layout = prep.layout
@@ -300,6 +320,22 @@ class Job:
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
                          stats.retries)
 
+    def _settled_hook(self, stats: DispatchStats, prep: _Prepared) -> Callable[[list[RowResult], list[str]], None]:
+        """Alerts and structured row logs, run on every batch of settled rows."""
+        alerts = self.spec.alerts
+        alert = FailureRateAlert(alerts.max_failure_rate, alerts.window) if alerts.max_failure_rate is not None else None
+        log = self._log
+
+        def hook(results: list[RowResult], datas: list[str]) -> None:
+            for r, data in zip(results, datas, strict=True):
+                if log is not None:
+                    messages = prep.renderer.messages(json.loads(data)) if log.log_prompts else None
+                    log.row(r, messages)
+                if alert is not None and r.status in ("done", "failed") and alert.observe(r.status == "failed"):
+                    stats.halt(alert.message())
+
+        return hook
+
     def _mark_complete(self, ledger: Ledger) -> None:
         """Record what ``llmap run --if-changed`` compares against (see :mod:`llmap.status`)."""
         from llmap.status import completion_fingerprint
@@ -332,8 +368,35 @@ class Job:
             if spec.prompt.pack != 1:
                 packer = Packer(dispatcher, spec.prompt.pack, draining=lambda: dispatcher.draining())
             per_group = spec.input.per_group
+            if self._log is not None:
+                stats.on_request = self._log.request
+            if self._on_start is not None:
+                self._on_start(stats, tally, lanes)
             await run_pool(ledger, run_id, dispatcher, stats, tally, progress,
-                           quota=(per_group.column, per_group.n) if per_group else None, packer=packer)
+                           quota=(per_group.column, per_group.n) if per_group else None, packer=packer,
+                           on_settled=self._settled_hook(stats, prep))
         finally:
             if cache is not None:
                 cache.close()
+
+
+class _Logged:
+    """A progress reporter that also writes its messages to the structured log."""
+
+    def __init__(self, inner: Progress, log: JsonLog) -> None:
+        self.inner, self.log = inner, log
+
+    def start(self, tally: Tally) -> None:
+        self.inner.start(tally)
+
+    def advance(self, tally: Tally) -> None:
+        self.inner.advance(tally)
+        self.log.flush()
+
+    def message(self, text: str) -> None:
+        self.inner.message(text)
+        self.log.message(text)
+
+    def finish(self, tally: Tally) -> None:
+        self.inner.finish(tally)
+        self.log.flush()

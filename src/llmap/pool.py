@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from llmap.control.quota import GroupQuota, QuotaDecision
@@ -34,7 +35,8 @@ PAGE_ROWS = 512
 
 async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: DispatchStats, tally: Tally,
                    progress: Progress, *, quota: tuple[str, int] | None = None,
-                   packer: Packer | None = None) -> None:
+                   packer: Packer | None = None,
+                   on_settled: Callable[[list[RowResult], list[str]], None] | None = None) -> None:
     """Settle every pending row of plan ``run_id``.
 
     Args:
@@ -46,6 +48,8 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         progress: the progress reporter.
         quota: ``(column, n)`` from ``[input] per_group``, or None.
         packer: settles packs of rows (``[prompt] pack``), or None for one row per request.
+        on_settled: called with each batch of settled rows and their input data
+            (JSON), before they are committed (alerts, structured logs).
 
     Raises:
         asyncio.CancelledError: on Ctrl-C / SIGTERM, after committing every finished row.
@@ -78,10 +82,14 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         tally.prompt_tokens, tally.completion_tokens = stats.prompt_tokens, stats.completion_tokens
         tally.cost_usd, tally.rate_limited = stats.cost_usd, stats.rate_limited
         tally.cache_hits = dispatcher.answers.hits if dispatcher.answers is not None else 0
+        tally.in_flight = sum(lane.in_flight for lane in dispatcher.lanes)
+        tally.concurrency = sum(lane.aimd.limit for lane in dispatcher.lanes)
         progress.advance(tally)
 
-    def settle(results: list[RowResult], groups: list[Any] | None) -> None:
+    def settle(results: list[RowResult], groups: list[Any] | None, datas: list[str]) -> None:
         nonlocal outstanding
+        if on_settled is not None:
+            on_settled(results, datas)
         buffer.extend(results)
         if group_quota is not None and groups is not None:
             for r, g in zip(results, groups, strict=True):
@@ -158,7 +166,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
                     results = await packer.solve([(k, json.loads(d)) for k, d, _ in items])
             except Stop:
                 continue
-            settle(results, [g for _, _, g in items])
+            settle(results, [g for _, _, g in items], [d for _, d, _ in items])
 
     async def ticker() -> None:
         while True:

@@ -40,6 +40,7 @@ class Tally:
         requests: requests sent in this run.
         cost_usd: USD spent in this run; rate_limited: 429 answers in this run.
         cache_hits: rows answered from the cache or an identical request in this run.
+        in_flight, concurrency: requests in flight now, and the current limit (AIMD).
     """
 
     total: int = 0
@@ -53,6 +54,8 @@ class Tally:
     cost_usd: float = 0.0
     rate_limited: int = 0
     cache_hits: int = 0
+    in_flight: int = 0
+    concurrency: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -136,7 +139,8 @@ class _RateColumn(ProgressColumn):
         rate = (task.completed - task.fields["base"]) / el
         tokens = t.prompt_tokens + t.completion_tokens
         cost = f"  ${t.cost_usd:,.4f}" if t.cost_usd else ""
-        return Text(f"{rate:,.1f} rows/s  {tokens:,} tokens{cost}", style="cyan")
+        conc = f"  {t.in_flight}/{t.concurrency} in flight" if t.concurrency else ""
+        return Text(f"{rate:,.1f} rows/s  {tokens:,} tokens{cost}{conc}", style="cyan")
 
 
 class RichProgress:

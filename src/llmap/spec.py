@@ -30,6 +30,7 @@ from llmap.errors import SpecError
 
 __all__ = [
     "FIELD_TYPES",
+    "AlertsSpec",
     "Example",
     "FieldSpec",
     "CacheSpec",
@@ -323,6 +324,18 @@ class CacheSpec(_Strict):
         return v
 
 
+class AlertsSpec(_Strict):
+    """``[alerts]``: stop early when a run is going wrong.
+
+    ``max_failure_rate`` (0 to 1, default none): stop dispatch once more than
+    this share of the last ``window`` settled rows (default 50) failed; a
+    broken prompt should not burn the budget.
+    """
+
+    max_failure_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    window: int = Field(default=50, ge=1)
+
+
 class JobSpec(_Strict):
     """A whole job. ``base_dir`` (not a TOML key) is the job file's folder."""
 
@@ -333,6 +346,7 @@ class JobSpec(_Strict):
     models: list[ModelSpec] = Field(min_length=1)
     limits: LimitsSpec = LimitsSpec()
     cache: CacheSpec = CacheSpec()
+    alerts: AlertsSpec = AlertsSpec()
     ledger: str | None = None
     base_dir: Path = Path(".")
 

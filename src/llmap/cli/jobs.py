@@ -14,6 +14,7 @@ from rich.table import Table
 
 from llmap.engine import Job
 from llmap.errors import RunInterrupted, SpecError
+from llmap.logs import JsonLog
 from llmap.report import MessagesOnly, RichProgress
 from llmap.status import job_export, job_status, model_report, unchanged_since_complete
 from llmap.store.ledger import STATUSES
@@ -47,6 +48,14 @@ def run(
     if_changed: Annotated[bool, typer.Option(
         "--if-changed", help="Exit 0 at once, touching nothing, when the input files, the spec and the done rows "
         "are unchanged since the last complete run. For cron.")] = False,
+    log_json: Annotated[Path | None, typer.Option(
+        "--log-json", help="Append structured events (requests, rows, warnings) as JSON lines to this file.",
+        show_default=False)] = None,
+    log_prompts: Annotated[bool, typer.Option(
+        "--log-prompts", help="With --log-json: also log each row's rendered prompt and answer.")] = False,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=0, max=65535, show_default=False,
+        help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics while the run lasts.")] = None,
 ) -> None:
     """Run a job: read the input, ask the model once per row, write the output.
 
@@ -65,14 +74,37 @@ def run(
             err.print(f"llmap: {unchanged}", highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(0)
     progress = MessagesOnly(err) if quiet or not err.is_terminal else RichProgress(err)
+    if log_prompts and log_json is None:
+        raise _fail(SpecError("--log-prompts needs --log-json PATH: prompts go to the structured log only"))
+    log = None
+    stop_metrics = None
+
+    def on_start(stats, tally, lanes) -> None:
+        nonlocal stop_metrics
+        if metrics_port is None:
+            return
+        from llmap.metrics import RunMetrics, serve_metrics
+
+        metrics = RunMetrics(job=job.spec.name, stats_fn=lambda: stats, tally_fn=lambda: tally,
+                             lanes_fn=lambda: lanes)
+        port, stop_metrics = serve_metrics(metrics, metrics_port)
+        err.print(f"llmap: metrics on http://127.0.0.1:{port}/metrics", highlight=False, soft_wrap=True)
+
     try:
-        result = job.run(limit=limit, fresh=fresh, progress=progress)
+        if log_json is not None:
+            log = JsonLog(log_json, log_prompts=log_prompts)
+        result = job.run(limit=limit, fresh=fresh, progress=progress, log=log, on_start=on_start)
     except SpecError as exc:
         raise _fail(exc) from None
     except (RunInterrupted, KeyboardInterrupt) as exc:
         msg = str(exc) if isinstance(exc, RunInterrupted) else "interrupted; finished rows are kept"
         err.print(f"[yellow]llmap: {escape(msg)}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    finally:
+        if log is not None:
+            log.close()
+        if stop_metrics is not None:
+            stop_metrics()
     c = result.counts
     tokens = result.prompt_tokens + result.completion_tokens
     rate = (c["done"] + c["failed"] + c["fallback"]) / result.elapsed_s if result.elapsed_s > 0 else 0.0

@@ -48,6 +48,7 @@ class OpenAIProvider:
         self.max_concurrency = concurrency
         self.base_url = (spec.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._headers = {"Content-Type": "application/json"}
+        self._secret: bytes | None = None
         if spec.api_key_env:
             key = os.environ.get(spec.api_key_env)
             if not key:
@@ -56,6 +57,7 @@ class OpenAIProvider:
                     "or change [model] api_key_env"
                 )
             self._headers["Authorization"] = f"Bearer {key}"
+            self._secret = key.encode()
         self._timeout = aiohttp.ClientTimeout(total=None, connect=spec.connect_timeout_s, sock_read=spec.timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -111,6 +113,8 @@ class OpenAIProvider:
         except Exception as exc:  # the transport boundary: map everything
             raise map_transport_error(exc, model=self.label, row_key=request.row_key) from exc
         latency = time.monotonic() - t0
+        if self._secret and self._secret in raw:  # a server that echoes the key must not put it in our errors
+            raw = raw.replace(self._secret, b"***")
         if status >= 400:
             try:
                 parsed: Any = json.loads(raw)

@@ -1,0 +1,77 @@
+"""Structured logs: ``llmap run --log-json PATH`` writes one JSON object per line.
+
+Events (every one has ``t``, POSIX seconds, and ``event``):
+
+- ``request``: ``model``, ``outcome`` (``"200"``, another HTTP status, or an
+  error class such as ``RequestTimeout``), ``latency_s``, ``prompt_tokens``,
+  ``completion_tokens``, ``pack_size``;
+- ``row``: ``key``, ``status``, ``model``, ``source``, ``attempts``,
+  ``error_class``, ``error`` and ``latency_s``; with ``--log-prompts`` also
+  ``messages`` (the rendered prompt) and ``output`` (the answer);
+- ``message``: warnings as printed (breaker changes, budget stops, alerts).
+
+Prompts and answers are left out unless ``log_prompts`` is set. API keys never
+reach the log: providers redact them from every error text first.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from llmap.errors import SpecError
+from llmap.store.ledger import RowResult
+
+__all__ = ["JsonLog"]
+
+
+class JsonLog:
+    """An append-only JSON-lines event log.
+
+    Args:
+        path: the log file (appended to; its folder is created).
+        log_prompts: include rendered prompts and answers in ``row`` events.
+
+    Raises:
+        SpecError: the file cannot be opened for writing.
+    """
+
+    def __init__(self, path: Path, *, log_prompts: bool = False) -> None:
+        self.path = Path(path)
+        self.log_prompts = log_prompts
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise SpecError(f"cannot write --log-json {str(path)!r}: {exc.strerror}; choose a writable path") from None
+
+    def _write(self, doc: dict[str, Any]) -> None:
+        self._f.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
+
+    def request(self, entry: tuple) -> None:
+        """A request log entry ``(t, model, outcome, latency_s, pt, ct, pack_size)``."""
+        t, model, outcome, latency, pt, ct, pack = entry
+        self._write({"t": t, "event": "request", "model": model, "outcome": outcome, "latency_s": round(latency, 4),
+                     "prompt_tokens": pt, "completion_tokens": ct, "pack_size": pack})
+
+    def row(self, r: RowResult, messages: list[dict[str, str]] | None = None) -> None:
+        """A settled row; ``messages`` is logged only with ``log_prompts``."""
+        error_class = r.error.split(":", 1)[0] if r.error else None
+        doc: dict[str, Any] = {"t": time.time(), "event": "row", "key": r.key, "status": r.status, "model": r.model,
+                               "source": r.source, "attempts": r.attempts, "error_class": error_class,
+                               "error": r.error, "latency_s": round(r.latency_s, 4)}
+        if self.log_prompts:
+            doc["messages"] = messages
+            doc["output"] = r.output
+        self._write(doc)
+
+    def message(self, text: str) -> None:
+        self._write({"t": time.time(), "event": "message", "text": text})
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
