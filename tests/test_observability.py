@@ -7,10 +7,10 @@ import json
 import threading
 
 import pyarrow.parquet as pq
-from _support import chat_requests
 from aiohttp import web
 from typer.testing import CliRunner
 
+from _support import chat_requests
 from llmap import Job
 from llmap.cli import app
 from llmap.sim import Simulator
