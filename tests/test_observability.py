@@ -112,3 +112,9 @@ def test_api_key_never_in_logs_ledger_cache_output_or_errors(make_job, tmp_path,
     files = list(tmp_path.rglob("*"))
     assert any(f.name.endswith(".sqlite") for f in files)  # the ledger and the cache were written
     assert _leaks(files) == []
+
+
+def test_metrics_port_is_served_during_the_run(make_job):
+    out = runner.invoke(app, ["run", str(make_job(5)), "--metrics-port", "0"])
+    assert out.exit_code == 0, out.stderr
+    assert "metrics on http://127.0.0.1:" in out.stderr
