@@ -118,3 +118,17 @@ def test_metrics_port_is_served_during_the_run(make_job):
     out = runner.invoke(app, ["run", str(make_job(5)), "--metrics-port", "0"])
     assert out.exit_code == 0, out.stderr
     assert "metrics on http://127.0.0.1:" in out.stderr
+
+
+def test_estimate_and_report_html_commands(make_job, sim, tmp_path):
+    job = make_job(6)
+    est = runner.invoke(app, ["estimate", str(job)])
+    assert est.exit_code == 0 and "rows to request" in est.stdout and chat_requests(sim) == 0
+    assert runner.invoke(app, ["run", str(job)]).exit_code == 0
+    html = tmp_path / "report.html"
+    rep = runner.invoke(app, ["report", str(job), "--html", str(html), "--by", "city"])
+    assert rep.exit_code == 0, rep.stderr
+    text = html.read_text()
+    assert text.count('class="plot"') == 5 and "http" not in text.split("<body", 1)[1]
+    bad = runner.invoke(app, ["report", str(job), "--run", "9"])
+    assert bad.exit_code == 2 and "run 9 not found" in bad.stderr

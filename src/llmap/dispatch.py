@@ -93,11 +93,13 @@ class DispatchStats:
     #: called with every request log entry (structured logs)
     on_request: Callable[[tuple], None] | None = None
 
-    def log(self, model: str, error: BaseException | None, latency_s: float, prompt_tokens: int,
+    def log(self, model: str, error: BaseException | str | None, latency_s: float, prompt_tokens: int,
             completion_tokens: int, pack_size: int, cost_usd: float = 0.0) -> None:
-        """Record one request's outcome (an answer when ``error`` is None)."""
+        """Record one request's outcome: an answer when ``error`` is None, else the error or an outcome name."""
         if error is None:
             outcome = "200"
+        elif isinstance(error, str):
+            outcome = error
         else:
             status = getattr(error, "status", None)
             outcome = str(status) if status else type(error).__name__
@@ -198,6 +200,9 @@ class Dispatcher:
                 raise exc from None
             except E.ProviderError as exc:
                 self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
+                raise
+            except asyncio.CancelledError:  # a hedged copy that lost, or the run stopping
+                self.stats.log(lane.label, "cancelled", loop.time() - start, 0, 0, pack_size)
                 raise
         finally:
             lane.leave()

@@ -27,6 +27,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.command("run")(jobs.run)
+app.command("estimate")(jobs.estimate)
 app.command("status")(jobs.status)
 app.command("export")(jobs.export)
 app.command("report")(jobs.report)

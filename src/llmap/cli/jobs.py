@@ -19,7 +19,7 @@ from llmap.report import MessagesOnly, RichProgress
 from llmap.status import job_export, job_status, model_report, unchanged_since_complete
 from llmap.store.ledger import STATUSES
 
-__all__ = ["export", "report", "run", "status"]
+__all__ = ["estimate", "export", "report", "run", "status"]
 
 err = Console(stderr=True)
 out = Console()
@@ -182,11 +182,28 @@ def export(
 
 def report(
     job_file: JobFile,
+    html: Annotated[Path | None, typer.Option(
+        "--html", show_default=False,
+        help="Also write one self-contained HTML file with plots (throughput, latency, errors, "
+             "tokens and cost by model, rows by group); it opens offline.")] = None,
+    run_no: Annotated[int | None, typer.Option("--run", min=1, show_default=False,
+                                               help="Which run to report (default: the latest).")] = None,
+    by: Annotated[str | None, typer.Option("--by", show_default=False,
+                                           help="Group the HTML's row-status plot by this input column.")] = None,
 ) -> None:
-    """Show how many rows each model settled (a cascade's split), from the cache or not, and what it cost."""
+    """Show how many rows each model settled (a cascade's split), from the cache or not, and what it cost.
+
+    Then a summary of one run (the latest, or --run N): rows, requests, 429s, retries,
+    tokens, cost, wall time. With --html, the same as a file with plots.
+    """
     job = _load(job_file)
     try:
         lines, counts = model_report(job)
+        from llmap.htmlreport import build_run_summary, write_html_report
+
+        summary = build_run_summary(job.spec.ledger_path, run_no, by)
+        if html is not None:
+            write_html_report(job.spec.ledger_path, html, run=run_no, group_by=by, title=f"llmap: {job.spec.name}")
     except SpecError as exc:
         raise _fail(exc) from None
     table = Table(title=f"{job.spec.name}: rows settled per model", title_justify="left")
@@ -196,5 +213,47 @@ def report(
     for ln in lines:
         table.add_row(ln.model, f"{ln.settled:,}", f"{ln.from_cache:,}", f"{ln.stale:,}", f"{ln.escalated:,}",
                       f"{ln.prompt_tokens:,}", f"{ln.completion_tokens:,}", f"{ln.cost_usd:,.4f}")
-    Console(width=max(120, out.width) if not sys.stdout.isatty() else None).print(table)
+    console = Console(width=max(120, out.width) if not sys.stdout.isatty() else None)
+    console.print(table)
     out.print(", ".join(f"{n:,} {s}" for s, n in counts.items()), highlight=False)
+    console.print(_run_table(summary))
+    if html is not None:
+        out.print(f"html report: {html}", highlight=False, soft_wrap=True)
+
+
+def _run_table(sm) -> Table:
+    t = Table(title=f"run {sm.run}: {sm.exit_reason or 'not ended'}", title_justify="left")
+    t.add_column("", style="bold")
+    t.add_column("", justify="right")
+    rows = [("rows done / failed / skipped", f"{sm.done:,} / {sm.failed:,} / {sm.skipped:,}"),
+            ("answered from cache", f"{sm.cached:,}"),
+            ("requests (429s, retries)", f"{sm.requests:,} ({sm.rate_limited:,}, {sm.retries:,})"),
+            ("tokens (prompt + completion)", f"{sm.prompt_tokens:,} + {sm.completion_tokens:,}"),
+            ("cost", f"${sm.cost_usd:,.4f}" if sm.cost_usd is not None else "-"),
+            ("wall time", f"{sm.wall_s:,.1f} s" if sm.wall_s is not None else "-"),
+            ("rows/s", f"{sm.rows_per_s:,.1f}" if sm.rows_per_s is not None else "-")]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def estimate(
+    job_file: JobFile,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, show_default=False,
+                                              help="Estimate for at most N rows (as run --limit).")] = None,
+) -> None:
+    """Estimate a run before paying for it: rows to request, tokens, cost per model, time.
+
+    Calls no model. Rows already done, answered by the response cache, or duplicates
+    of another row are left out. Completion tokens come from past runs when the
+    ledger has them, else from max_tokens; the table says which.
+    """
+    from llmap.estimate import estimate as run_estimate
+    from llmap.estimate import format_estimate
+
+    job = _load(job_file)
+    try:
+        est = run_estimate(job, limit=limit)
+    except SpecError as exc:
+        raise _fail(exc) from None
+    Console(width=max(110, out.width) if not sys.stdout.isatty() else None).print(format_estimate(est))
