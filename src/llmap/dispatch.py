@@ -177,7 +177,7 @@ class Dispatcher:
             raise Stop
 
     # -- one request ----------------------------------------------------------
-    async def _send(self, lane: Lane, req: Request, est_tokens: float, pack_size: int = 1) -> Completion:
+    async def send(self, lane: Lane, req: Request, est_tokens: float, pack_size: int = 1) -> Completion:
         await lane.enter()
         try:
             permit = await lane.limiter.acquire(est_tokens)
@@ -223,13 +223,13 @@ class Dispatcher:
         a straggler row waits for the faster of two tries instead of a hang's
         timeout. The first answer wins; the other copy is cancelled.
         """
-        first = asyncio.create_task(self._send(lane, req, est_tokens))
+        first = asyncio.create_task(self.send(lane, req, est_tokens))
         tasks = [first]
         try:
             done, _ = await asyncio.wait(tasks, timeout=delay_s)
             if not done and lane.in_flight * 2 < lane.aimd.limit:
                 self.stats.hedged += 1
-                tasks.append(asyncio.create_task(self._send(lane, req, est_tokens)))
+                tasks.append(asyncio.create_task(self.send(lane, req, est_tokens)))
             # An answer wins. After an error, the other copy gets at most the p95 latency more
             # (it may be a hang); then the error goes to the retry policy, whose retry hedges again.
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -296,7 +296,7 @@ class Dispatcher:
                 if hit is not None:  # the cache, or an identical request of this run, answered
                     lane.breaker.release()
                     res.tried.append((hit.model, "cache", hit.output, 0, 0))
-                    if self._escalate(lane, hit.output):
+                    if self.escalates(lane, hit.output):
                         start = i + 1
                         continue
                     res.status, res.output, res.model, res.source = "done", hit.output, hit.model, "cache"
@@ -315,13 +315,13 @@ class Dispatcher:
                 if hedge:  # a row that failed before hedges at once; others once they are slower than p95
                     comp = await self._hedged(lane, req, est, 0.0 if tries[i] > 1 else lane.timeout.quantile(0.95))
                 else:
-                    comp = await self._send(lane, req, est)
+                    comp = await self.send(lane, req, est)
             except E.ProviderError as exc:
                 if leader:
                     self.answers.resolve(ckey, None)
                 exc.row_key, exc.attempt = key, tries[i]
                 last_error = f"{type(exc).__name__}: {exc}"
-                self._record_failure(lane, exc)
+                self.record_failure(lane, exc)
                 decision = self.retry.decide(exc, tries[i], self.clock() - t0)
                 if decision.stop_run:
                     st.fatal = st.fatal or exc  # type: ignore[assignment]
@@ -367,7 +367,7 @@ class Dispatcher:
             if leader:
                 self.answers.resolve(ckey, CacheEntry(ckey, lane.label, output, comp.prompt_tokens,
                                                       comp.completion_tokens))
-            if self._escalate(lane, output):
+            if self.escalates(lane, output):
                 res.tried.append((lane.label, "escalated", output, comp.prompt_tokens, comp.completion_tokens))
                 start = i + 1
                 continue
@@ -390,12 +390,12 @@ class Dispatcher:
             res.status, res.output = "fallback", dict(self.fallback)
         return res
 
-    def _escalate(self, lane: Lane, output: dict[str, Any]) -> bool:
+    def escalates(self, lane: Lane, output: dict[str, Any]) -> bool:
         """True when this lane's ``escalate_if`` holds for ``output`` and a later model exists."""
         cond = self.escalate_if[lane.index]
         return cond is not None and lane.index + 1 < len(self.lanes) and cond.evaluate(output)
 
-    def _record_failure(self, lane: Lane, exc: E.ProviderError) -> None:
+    def record_failure(self, lane: Lane, exc: E.ProviderError) -> None:
         if isinstance(exc, E.RateLimited):
             self.stats.rate_limited += 1
             lane.on_congestion()

@@ -53,6 +53,7 @@ class Packer:
         self._row_chars = 400.0  # EWMA of a row's user-message length, for pack = "auto"
         self._waiting: dict[int, list[tuple[Item, asyncio.Future[RowResult]]]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()  # regrouped packs in flight (kept so they are not collected)
 
     def size(self) -> int:
         """Rows per request now: ``pack``, or the adaptive size for ``"auto"``."""
@@ -78,7 +79,7 @@ class Packer:
             self._row_chars = 0.9 * self._row_chars + 0.1 * len(base[-1]["content"])
             if d.answers is not None:
                 hit = await d.answers.lookup(d.answers.key(d.lanes[0], base, d.schema.json_schema))
-                if hit is not None and not d._escalate(d.lanes[0], hit.output):
+                if hit is not None and not d.escalates(d.lanes[0], hit.output):
                     results[key] = RowResult(key, "done", output=hit.output, model=hit.model, source="cache",
                                              tried=[(hit.model, "cache", hit.output, 0, 0)])
                     continue
@@ -117,10 +118,10 @@ class Packer:
                 raise Stop
             attempt += 1
             try:
-                comp = await d._send(lane, req, est, pack_size=len(items))
+                comp = await d.send(lane, req, est, pack_size=len(items))
                 break
             except E.ProviderError as exc:
-                d._record_failure(lane, exc)
+                d.record_failure(lane, exc)
                 decision = d.retry.decide(exc, attempt, d.clock() - t0)
                 if decision.stop_run:
                     d.stats.fatal = d.stats.fatal or exc  # type: ignore[assignment]
@@ -157,19 +158,19 @@ class Packer:
                 ckey = d.answers.key(lane, base, d.schema.json_schema)
                 d.answers.resolve(ckey, CacheEntry(ckey, lane.label, output, share_p, share_c))
             tried = [(lane.label, "done", output, share_p, share_c)]
-            if d._escalate(lane, output):
+            if d.escalates(lane, output):
                 tried[0] = (lane.label, "escalated", output, share_p, share_c)
                 escalate.append((key, base, tried))
                 continue
             results[key] = RowResult(key, "done", output=output, model=lane.label, source="model", attempts=1,
                                      prompt_tokens=share_p, completion_tokens=share_c, tried=tried,
                                      latency_s=comp.latency_s)
-        work = [self._escalate(key, base, tried, results) for key, base, tried in escalate]
+        work = [self.escalates(key, base, tried, results) for key, base, tried in escalate]
         if outcome.problems:
             work.append(self._regroup([by_key[k] for k in outcome.problems], results, size=max(1, size // 2)))
         await asyncio.gather(*work)
 
-    async def _escalate(self, key: str, base: list[dict[str, str]], tried: list, results: dict) -> None:
+    async def escalates(self, key: str, base: list[dict[str, str]], tried: list, results: dict) -> None:
         """Cascade one row to the models after the primary."""
         res = await self.d.solve_messages(key, base, start=1)
         res.tried = tried + (res.tried or [])
@@ -204,14 +205,19 @@ class Packer:
         waiting = self._waiting.get(size, [])
         while len(waiting) >= size:
             batch, waiting[:] = waiting[:size], waiting[size:]
-            asyncio.get_running_loop().create_task(self._send_batch(batch, size))
+            self._launch(batch, size)
 
     def _flush_level(self, size: int) -> None:
         """The wait is over: send what is waiting at this level, full or not."""
         self._timers.pop(size, None)
         batch, self._waiting[size] = self._waiting.get(size, []), []
         if batch:
-            asyncio.get_running_loop().create_task(self._send_batch(batch, size))
+            self._launch(batch, size)
+
+    def _launch(self, batch: list[tuple[Item, asyncio.Future[RowResult]]], size: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._send_batch(batch, size))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _send_batch(self, batch: list[tuple[Item, asyncio.Future[RowResult]]], size: int) -> None:
         results: dict[str, RowResult] = {}
