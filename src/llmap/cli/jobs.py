@@ -1,4 +1,4 @@
-"""``llmap run``, ``llmap status`` and ``llmap export``: commands over one job file."""
+"""``llmap run``, ``estimate``, ``status``, ``export`` and ``report``: commands over one job file."""
 
 from __future__ import annotations
 
@@ -59,13 +59,9 @@ def run(
 ) -> None:
     """Run a job: read the input, ask the model once per row, write the output.
 
-    Every result is committed to the job's ledger before it counts, so Ctrl-C or a
-    crash loses nothing: run the same command again and it continues where it
-    stopped, sending requests only for rows not yet done.
+    Every result is committed to the job's ledger before it counts, so Ctrl-C or a crash loses nothing: run the same command again and it continues where it stopped, sending requests only for rows not yet done.
 
-    Exit codes: 0 all rows done, skipped or given the fallback, 1 some rows failed or a
-    budget cap or an error every row would hit stopped the run, 2 bad job or input
-    (nothing sent), 130 interrupted.
+    Exit codes: 0 all rows done, skipped or given the fallback, 1 some rows failed or a budget cap or an error every row would hit stopped the run, 2 bad job or input (nothing sent), 130 interrupted.
     """
     job = _load(job_file)
     if if_changed and not fresh:
@@ -193,8 +189,7 @@ def report(
 ) -> None:
     """Show how many rows each model settled (a cascade's split), from the cache or not, and what it cost.
 
-    Then a summary of one run (the latest, or --run N): rows, requests, 429s, retries,
-    tokens, cost, wall time. With --html, the same as a file with plots.
+    Then a summary of one run (the latest, or --run N): rows, requests, 429s, retries, tokens, cost, wall time. With --html, the same as a file with plots.
     """
     job = _load(job_file)
     try:
@@ -244,9 +239,7 @@ def estimate(
 ) -> None:
     """Estimate a run before paying for it: rows to request, tokens, cost per model, time.
 
-    Calls no model. Rows already done, answered by the response cache, or duplicates
-    of another row are left out. Completion tokens come from past runs when the
-    ledger has them, else from max_tokens; the table says which.
+    Calls no model. Rows already done, answered by the response cache, or duplicates of another row are left out. Completion tokens come from past runs when the ledger has them, else from max_tokens; the table says which.
     """
     from llmap.estimate import estimate as run_estimate
     from llmap.estimate import format_estimate
