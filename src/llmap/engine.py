@@ -280,6 +280,7 @@ class Job:
             ledger.set_meta("data_columns", json.dumps(prep.data_columns + ([] if self.spec.input.key else ["_row"])))
             self._plan(ledger, run_id, prep)
             planned = True
+            prep.source.close()  # the ledger holds the work now: give DuckDB's buffers back before dispatch
             c = ledger.counts(run_id)
             tally = Tally(total=sum(c.values()), done=c["done"], failed=c["failed"], skipped=c["skipped"],
                           fallback=c["fallback"])
