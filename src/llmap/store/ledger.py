@@ -374,14 +374,6 @@ class Ledger:
             out[status] = n
         return out
 
-    def usage(self, plan: int) -> tuple[int, int]:
-        """(prompt tokens, completion tokens) summed over ``plan``'s rows."""
-        row = self._db.execute(
-            "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM rows WHERE plan = ?",
-            (plan,),
-        ).fetchone()
-        return int(row[0]), int(row[1])
-
     def pending(self, plan: int, *, after_seq: int, limit: int) -> list[tuple[int, str, str]]:
         """Up to ``limit`` pending rows of ``plan`` after ``after_seq``: ``(seq, key, data JSON)``."""
         return self._db.execute(
