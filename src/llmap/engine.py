@@ -48,8 +48,22 @@ from llmap.store.answers import AnswerCache
 from llmap.store.cache import ResponseCache
 from llmap.store.ledger import Ledger, PlannedRow, RowResult
 
-__all__ = ["Job", "RunResult", "make_provider"]
+__all__ = ["Job", "RunResult", "make_provider", "require_no_running_loop"]
 
+
+def require_no_running_loop(call: str, instead: str) -> None:
+    """Refuse a blocking call made inside a running event loop (Jupyter, async code).
+
+    Raises:
+        EventLoopRunning: a loop runs in this thread; the message says to use ``instead``.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise E.EventLoopRunning(
+        f"{call} cannot run inside a running event loop (Jupyter, async code); use `{instead}` there"
+    )
 
 
 def make_provider(spec: ModelSpec, *, concurrency: int) -> Provider:
@@ -250,7 +264,9 @@ class Job:
         Raises:
             SpecError: bad spec or input; nothing was sent.
             RunInterrupted: Ctrl-C or SIGTERM; committed rows are kept.
+            EventLoopRunning: called inside a running event loop; ``await job.arun(...)`` there.
         """
+        require_no_running_loop("Job.run()", "await job.arun(...)")
         return asyncio.run(self.arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
                                      log=log, on_start=on_start))
 

@@ -24,6 +24,7 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │           ├── AuthError       401 / 403
     │           └── QuotaExhausted  insufficient_quota
     ├── AnswerInvalid             the answer does not validate against the fields
+    ├── EventLoopRunning          a sync call (llmap.map, Job.run) inside a running event loop
     └── RunInterrupted            Ctrl-C / SIGTERM; progress is kept (exit 130)
 
 Exit codes used by the CLI: 0 every row done or skipped, 1 some rows failed
@@ -39,6 +40,7 @@ __all__ = [
     "BadRequest",
     "ConnectionFailed",
     "ContextTooLong",
+    "EventLoopRunning",
     "FatalProviderError",
     "InputError",
     "LlmapError",
@@ -160,6 +162,16 @@ class AnswerInvalid(LlmapError):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class EventLoopRunning(LlmapError, RuntimeError):
+    """A blocking call (:func:`llmap.map`, :meth:`llmap.Job.run`) was made inside a running event loop.
+
+    Jupyter and async code already run a loop, which a blocking call cannot
+    nest; the message names the awaitable to use instead (``await
+    llmap.amap(...)``, ``await job.arun(...)``). Also a ``RuntimeError``, as
+    :func:`asyncio.run` raises in that case.
+    """
 
 
 class RunInterrupted(LlmapError):
