@@ -93,3 +93,23 @@ def test_rejected_api_key(make_job, tmp_path, monkeypatch):
         monkeypatch.setenv("LLMAP_TEST_KEY", "right")
         code, out = _run(job)
         assert code == 0 and chat_requests(locked) == 3
+
+
+@pytest.mark.parametrize("prices, missing", [("", "price_in or price_out"), ("price_in = 0.15", "price_out")])
+def test_cost_cap_without_prices_is_a_bad_job(make_job, sim, prices, missing):
+    job = make_job(5, model_extra=prices)
+    job.write_text(job.read_text().replace("concurrency = 4", "concurrency = 4\nmax_cost_usd = 5.0"))
+    code, text = _run(job)
+    assert code == 2, text
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("llmap: error:"), text
+    assert f"[[model]] 'sim' has no {missing}" in text and "add price_in and price_out" in text
+    assert chat_requests(sim) == 0
+
+
+def test_cost_cap_with_explicit_zero_prices_runs(make_job, sim):
+    job = make_job(3, model_extra="price_in = 0\nprice_out = 0")  # a free server, said so explicitly
+    job.write_text(job.read_text().replace("concurrency = 4", "concurrency = 4\nmax_cost_usd = 5.0"))
+    code, text = _run(job)
+    assert code == 0, text
+    assert chat_requests(sim) == 3

@@ -275,6 +275,8 @@ class LimitsSpec(_Strict):
             extra requests per run, counted in ``requests``).
         max_cost_usd: stop sending new requests once this much is spent (USD,
             from ``[model] price_in`` / ``price_out``); in-flight requests finish.
+            Every ``openai`` model must then set both prices (0 for a free
+            server), else :func:`spec_from_dict` raises ``SpecError``.
         max_tokens: the same, counted in tokens (prompt + completion).
     """
 
@@ -451,7 +453,23 @@ def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: st
     if spec.output.fallback is not None:
         check_fallback(spec.output.fields, spec.output.fallback, source=source)
     _check_cascade(spec, source)
+    _check_cost_cap(spec, source)
     return spec
+
+
+def _check_cost_cap(spec: JobSpec, source: str) -> None:
+    """``max_cost_usd`` counts USD from the models' prices: a model without them would never count."""
+    if spec.limits.max_cost_usd is None:
+        return
+    for m in spec.models:
+        missing = [k for k in ("price_in", "price_out") if k not in m.model_fields_set]
+        if m.provider == "local" or not missing:  # the embedded model costs nothing
+            continue
+        raise SpecError(
+            f"{source}: [limits] max_cost_usd is set but [[model]] {m.name!r} has no {' or '.join(missing)}, so its "
+            f"spend would count as $0 and the cap would never stop it; add price_in and price_out to that model (USD "
+            f"per million prompt / completion tokens; 0 if it is free), or cap [limits] max_tokens instead"
+        )
 
 
 def _check_cascade(spec: JobSpec, source: str) -> None:
