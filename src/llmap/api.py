@@ -119,6 +119,7 @@ async def amap(
 
     Raises:
         SpecError: bad arguments or a field name that clashes with a column.
+        LedgerLocked: another run holds ``ledger``; nothing was sent.
         RunInterrupted: Ctrl-C.
     """
     table, kind = _to_arrow(data)
@@ -138,7 +139,7 @@ async def amap(
         spec = spec_from_dict(doc, base_dir=Path.cwd(), name="map", source="llmap.map")
         job = Job(spec, source=Source.from_arrow(table))
         await job.arun(export_output=False)
-        with Ledger(spec.ledger_path) as led:
+        with Ledger(spec.ledger_path, readonly=True) as led:
             plan = led.latest_plan()
             layout = job.last_layout
             answers = pa.Table.from_batches(list(result_batches(led, plan, layout)), schema=layout.schema)

@@ -47,6 +47,7 @@ from llmap.spec import JobSpec, ModelSpec, load_spec
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import ResponseCache
 from llmap.store.ledger import Ledger, PlannedRow, RowResult
+from llmap.store.lock import LedgerLock
 
 __all__ = ["Job", "RunResult", "make_provider", "require_no_running_loop"]
 
@@ -249,8 +250,12 @@ class Job:
     # -- run ------------------------------------------------------------------
     def run(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
             export_output: bool = True, log: JsonLog | None = None,
-            on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None) -> RunResult:
+            on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
+            wait_lock: bool = False) -> RunResult:
         """Run the job to completion (sync wrapper over :meth:`arun`).
+
+        The run holds the job's ledger lock (:mod:`llmap.store.lock`) for its
+        whole life, so two runs of one job never pay for a row twice.
 
         Args:
             limit: at most this many rows (overrides ``[input] limit``).
@@ -260,20 +265,35 @@ class Job:
             log: a structured event log (``--log-json``), or None.
             on_start: called once dispatch starts with the live counters and lanes
                 (e.g. to serve metrics).
+            wait_lock: when another run holds the ledger, wait for it to end
+                (``--wait-lock``) instead of raising :class:`~llmap.errors.LedgerLocked`.
 
         Raises:
             SpecError: bad spec or input; nothing was sent.
+            LedgerLocked: another run of this job holds its ledger; nothing was sent.
             RunInterrupted: Ctrl-C or SIGTERM; committed rows are kept.
             EventLoopRunning: called inside a running event loop; ``await job.arun(...)`` there.
         """
         require_no_running_loop("Job.run()", "await job.arun(...)")
         return asyncio.run(self.arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
-                                     log=log, on_start=on_start))
+                                     log=log, on_start=on_start, wait_lock=wait_lock))
 
     async def arun(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
                    export_output: bool = True, log: JsonLog | None = None,
-                   on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None) -> RunResult:
+                   on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
+                   wait_lock: bool = False) -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
+        lock = LedgerLock(self.spec.ledger_path, job=self.spec.name)
+        await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
+        try:
+            return await self._arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
+                                    log=log, on_start=on_start)
+        finally:
+            lock.release()
+
+    async def _arun(self, *, limit: int | None, fresh: bool, progress: Progress | None, export_output: bool,
+                    log: JsonLog | None,
+                    on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None) -> RunResult:
         progress = progress or NullProgress()
         if log is not None:
             progress = _Logged(progress, log)

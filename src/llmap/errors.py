@@ -25,10 +25,12 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │           └── QuotaExhausted  insufficient_quota
     ├── AnswerInvalid             the answer does not validate against the fields
     ├── EventLoopRunning          a sync call (llmap.map, Job.run) inside a running event loop
+    ├── LedgerLocked              another run of the job holds its ledger; nothing sent (exit 75)
     └── RunInterrupted            Ctrl-C / SIGTERM; progress is kept (exit 130)
 
 Exit codes used by the CLI: 0 every row done or skipped, 1 some rows failed
-or a fatal provider error stopped the run, 2 :class:`SpecError`, 130
+or a fatal provider error stopped the run, 2 :class:`SpecError`, 75
+:class:`LedgerLocked` (sysexits' EX_TEMPFAIL: try again later), 130
 :class:`RunInterrupted`.
 """
 
@@ -43,6 +45,7 @@ __all__ = [
     "EventLoopRunning",
     "FatalProviderError",
     "InputError",
+    "LedgerLocked",
     "LlmapError",
     "MalformedResponse",
     "Overloaded",
@@ -172,6 +175,26 @@ class EventLoopRunning(LlmapError, RuntimeError):
     llmap.amap(...)``, ``await job.arun(...)``). Also a ``RuntimeError``, as
     :func:`asyncio.run` raises in that case.
     """
+
+
+class LedgerLocked(LlmapError):
+    """Another run of the same job holds the job's ledger lock; this run sent nothing.
+
+    CLI exit code 75 (``EX_TEMPFAIL`` in sysexits.h: a temporary failure, try
+    again later): not 2, since the job is fine, and not 1, since no row failed.
+
+    Attributes:
+        holder: who holds it (:class:`llmap.store.lock.Holder`: pid, host,
+            start time), or None when the lock file does not say yet.
+        lock_path: the lock file beside the ledger.
+    """
+
+    exit_code = 75
+
+    def __init__(self, message: str, *, holder: object = None, lock_path: object = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.lock_path = lock_path
 
 
 class RunInterrupted(LlmapError):

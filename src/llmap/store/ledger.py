@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmap.errors import SpecError
 from llmap.store.migrate import apply_migrations
 
 __all__ = ["STATUSES", "Ledger", "PlannedRow", "RowResult"]
@@ -222,6 +223,23 @@ ON CONFLICT (key) DO UPDATE SET
     input_hash = excluded.input_hash
 """
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute("PRAGMA busy_timeout = 5000")
+        applied = {r[0] for r in db.execute("SELECT name FROM _migrations")}
+    except BaseException:
+        db.close()
+        raise
+    missing = [name for name, _ in MIGRATIONS if name not in applied]
+    if missing:
+        db.close()
+        raise SpecError(f"ledger {str(path)!r} was written by an older llmap (it lacks {missing[0]}); run "
+                        "`llmap run` on the job once to upgrade it")
+    return db
+
+
 _RECORD = """
 UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prompt_tokens = ?,
     completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?
@@ -242,13 +260,21 @@ class Ledger:
 
     Args:
         path: the SQLite file; its folder is created if missing.
+        readonly: open an existing ledger read-only (``status``, ``export``,
+            ``report``, ``llmap.map``'s results): no migration, no write, no
+            lock, so it works while a run writes the file (WAL readers never
+            block the writer).
 
     Raises:
         sqlite3.Error: the file cannot be opened or is not a ledger.
+        SpecError: ``readonly`` and the ledger's schema is older than this llmap's.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
+        if readonly:
+            self._db = _connect_readonly(self.path)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = WAL")
