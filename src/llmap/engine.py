@@ -159,7 +159,8 @@ class Job:
         if inp.sql is not None:
             return Source.from_sql(inp.sql, base_dir=self.spec.base_dir, where=inp.where, limit=lim,
                                    order_by=inp.order_by)
-        return Source.from_path(self.spec.resolve(inp.path), where=inp.where, limit=lim, order_by=inp.order_by)
+        return Source.from_path(self.spec.resolve(inp.path), where=inp.where, limit=lim, order_by=inp.order_by,
+                                encoding=inp.encoding)
 
     def _check_columns(self, source: Source, renderer: Renderer) -> list[str]:
         spec = self.spec

@@ -9,7 +9,7 @@ message names the problem and the fix. Checks that need the input's header
 The contract (see README.md for every key, default and unit)::
 
     name = "district-type"          # optional; default: the file's stem
-    [input]   path | sql, key, where, limit
+    [input]   path | sql, key, where, limit, encoding
     [prompt]  system, user, examples
     [output]  path, keep, max_reask, [output.fields]
     [model]   provider, name, base_url, api_key_env, model_path, temperature, max_tokens, ...
@@ -79,6 +79,8 @@ class InputSpec(_Strict):
     taking rows from a group once it has ``n`` done rows, across runs.
     ``max_chars`` maps a column to the most characters of it a prompt gets;
     longer values are cut with a visible marker, and the ledger records it.
+    ``encoding`` is a CSV or JSON file's text encoding, a Python codec name
+    (``"latin-1"``, ``"cp1252"``, ``"utf-16"``); default UTF-8.
     """
 
     path: str | None = None
@@ -89,6 +91,16 @@ class InputSpec(_Strict):
     limit: int | None = Field(default=None, gt=0)
     per_group: PerGroup | None = None
     max_chars: dict[str, int] = {}
+    encoding: str | None = None
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str | None) -> str | None:
+        if v is not None:
+            from llmap.io.encoding import canonical
+
+            canonical(v)  # ValueError names the fix
+        return v
 
     @field_validator("max_chars")
     @classmethod
@@ -102,6 +114,9 @@ class InputSpec(_Strict):
     def _one_source(self) -> InputSpec:
         if (self.path is None) == (self.sql is None):
             raise ValueError("give exactly one of [input] path or [input] sql")
+        if self.sql is not None and self.encoding is not None:
+            raise ValueError("encoding applies to [input] path; in [input] sql pass it to the reader, e.g. "
+                             "read_csv('f.csv', encoding = 'latin-1')")
         return self
 
 
