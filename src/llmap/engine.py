@@ -45,7 +45,9 @@ from llmap.providers.base import Provider
 from llmap.report import NullProgress, Progress, Tally
 from llmap.spec import JobSpec, ModelSpec, load_spec
 from llmap.store.answers import AnswerCache
-from llmap.store.cache import ResponseCache
+from llmap.store.cache import FILE_NAME as CACHE_FILE
+from llmap.store.cache import ResponseCache, default_cache_dir
+from llmap.store.diskfull import guard
 from llmap.store.ledger import Ledger, PlannedRow, RowResult
 from llmap.store.lock import LedgerLock
 
@@ -273,6 +275,8 @@ class Job:
             SpecError: bad spec or input; nothing was sent.
             LedgerLocked: another run of this job holds its ledger; nothing was sent.
             RunInterrupted: Ctrl-C or SIGTERM; committed rows are kept.
+            DiskFull: a write of the ledger, the cache or the output found the disk
+                full; dispatch stopped, committed rows are kept.
             EventLoopRunning: called inside a running event loop; ``await job.arun(...)`` there.
         """
         require_no_running_loop("Job.run()", "await job.arun(...)")
@@ -302,8 +306,15 @@ class Job:
         started = time.monotonic()
         prep = await self.prepare(limit=limit, check_output=export_output)
         self.last_layout = prep.layout
-        ledger = Ledger(self.spec.ledger_path)
+        try:
+            ledger = Ledger(self.spec.ledger_path)
+        except BaseException:
+            for p in prep.providers:
+                with contextlib.suppress(Exception):
+                    await p.aclose()
+            raise
         stats = DispatchStats()
+        disk_full = False
         run_id = None
         planned = False
         counts: dict[str, int] = {}
@@ -333,23 +344,33 @@ class Job:
                 progress.finish(tally)
             if stats.stop_reason is not None:
                 reason = f"stopped: {stats.stop_reason}"
+        except E.DiskFull:
+            reason, disk_full = "stopped: disk full", True
+            raise
         finally:
             for p in prep.providers:
                 with contextlib.suppress(Exception):
                     await p.aclose()
             out = None
-            if run_id is not None:
-                ledger.end_run(run_id, exit_reason=reason, requests=stats.requests,
-                               prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                               cost_usd=stats.cost_usd, rate_limited=stats.rate_limited, retries=stats.retries,
-                               cached=tally.cache_hits if tally else 0, by_model=stats.by_model)
-                if export_output and planned:
-                    out = self.spec.output_path
-                    export(result_batches(ledger, run_id, prep.layout), prep.layout.schema, out)
-                counts = ledger.counts(run_id)
-                if reason == "complete" and counts["pending"] == 0 and counts["failed"] == 0:
-                    self._mark_complete(ledger)
-            ledger.close()
+            try:
+                if run_id is not None:
+                    try:
+                        ledger.end_run(run_id, exit_reason=reason, requests=stats.requests,
+                                       prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
+                                       cost_usd=stats.cost_usd, rate_limited=stats.rate_limited,
+                                       retries=stats.retries, cached=tally.cache_hits if tally else 0,
+                                       by_model=stats.by_model)
+                    except E.DiskFull:
+                        if not disk_full:
+                            raise  # else the DiskFull on its way out already says it
+                    if export_output and planned and not disk_full:
+                        out = self.spec.output_path
+                        export(result_batches(ledger, run_id, prep.layout), prep.layout.schema, out)
+                    counts = ledger.counts(run_id)
+                    if reason == "complete" and counts["pending"] == 0 and counts["failed"] == 0:
+                        self._mark_complete(ledger)
+            finally:
+                ledger.close()
         stop = None
         if stats.stop_reason is not None:
             stop = f"{stats.stop_reason}; fix it and run again: finished rows are kept"
@@ -397,7 +418,10 @@ class Job:
                  for i, (p, m) in enumerate(zip(prep.providers, spec.models, strict=True))]
         stats.on_halt = lambda reason: progress.message(
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
-        cache = ResponseCache(ttl_s=spec.cache.ttl_s) if spec.cache.enabled else None
+        cache = None
+        if spec.cache.enabled:
+            with guard(default_cache_dir() / CACHE_FILE, "response cache"):
+                cache = ResponseCache(ttl_s=spec.cache.ttl_s)
         try:
             dispatcher = Dispatcher(lanes, prep.renderer, prep.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,

@@ -26,10 +26,11 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     ├── AnswerInvalid             the answer does not validate against the fields
     ├── EventLoopRunning          a sync call (llmap.map, Job.run) inside a running event loop
     ├── LedgerLocked              another run of the job holds its ledger; nothing sent (exit 75)
+    ├── DiskFull                  a write of the ledger, cache or output found the disk full (exit 1)
     └── RunInterrupted            Ctrl-C / SIGTERM; progress is kept (exit 130)
 
 Exit codes used by the CLI: 0 every row done or skipped, 1 some rows failed
-or a fatal provider error stopped the run, 2 :class:`SpecError`, 75
+or a fatal provider error or :class:`DiskFull` stopped the run, 2 :class:`SpecError`, 75
 :class:`LedgerLocked` (sysexits' EX_TEMPFAIL: try again later), 130
 :class:`RunInterrupted`.
 """
@@ -42,6 +43,7 @@ __all__ = [
     "BadRequest",
     "ConnectionFailed",
     "ContextTooLong",
+    "DiskFull",
     "EventLoopRunning",
     "FatalProviderError",
     "InputError",
@@ -195,6 +197,26 @@ class LedgerLocked(LlmapError):
         super().__init__(message)
         self.holder = holder
         self.lock_path = lock_path
+
+
+class DiskFull(LlmapError):
+    """A write of llmap's own files (ledger, response cache, output) found the disk full.
+
+    What was committed before stays committed (SQLite rolls the failed
+    transaction back whole) and the export never leaves a half-written file;
+    the message names the file, the free space and the fix. CLI exit code 1.
+
+    Attributes:
+        path: the file that could not be written.
+        free_bytes: bytes free on its file system when the write failed, or None.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, path: object = None, free_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.free_bytes = free_bytes
 
 
 class RunInterrupted(LlmapError):

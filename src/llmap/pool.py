@@ -20,6 +20,7 @@ from typing import Any
 
 from llmap.control.quota import GroupQuota, QuotaDecision
 from llmap.dispatch import Dispatcher, DispatchStats, Stop, install_sigterm
+from llmap.errors import DiskFull
 from llmap.packer import Packer
 from llmap.report import Progress, Tally
 from llmap.store.ledger import Ledger, RowResult
@@ -53,6 +54,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
 
     Raises:
         asyncio.CancelledError: on Ctrl-C / SIGTERM, after committing every finished row.
+        DiskFull: a commit found the disk full; dispatch stopped, committed rows are kept.
     """
     n_workers = min(1024, 2 * max(lane.max_in_flight for lane in dispatcher.lanes))
     todo: asyncio.Queue = asyncio.Queue(maxsize=n_workers * 2)  # packs: lists of (key, data JSON, group)
@@ -85,6 +87,9 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         tally.in_flight = sum(lane.in_flight for lane in dispatcher.lanes)
         tally.concurrency = sum(lane.aimd.limit for lane in dispatcher.lanes)
         progress.advance(tally)
+
+    disk_full: list[DiskFull] = []  # a commit found the disk full: stop dispatch, raise it when the pool is down
+    flush = _halt_on_disk_full(flush, stats, disk_full)
 
     def settle(results: list[RowResult], groups: list[Any] | None, datas: list[str]) -> None:
         nonlocal outstanding
@@ -166,6 +171,11 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
                     results = await packer.solve([(k, json.loads(d)) for k, d, _ in items])
             except Stop:
                 continue
+            except DiskFull as exc:  # a cache write on the row's path: stop like a failed commit
+                if not disk_full:
+                    disk_full.append(exc)
+                    stats.stop.set()
+                continue
             settle(results, [g for _, _, g in items], [d for _, d, _ in items])
 
     async def ticker() -> None:
@@ -192,6 +202,30 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
             t.cancel()
         undo_sigterm()
         flush()
+    if disk_full:
+        raise disk_full[0]
+
+
+def _halt_on_disk_full(flush: Callable[[], None], stats: DispatchStats,
+                       failures: list[DiskFull]) -> Callable[[], None]:
+    """``flush``, but a full disk halts dispatch (no new requests) instead of killing the caller.
+
+    The first :class:`~llmap.errors.DiskFull` is kept in ``failures``. Later
+    flushes still try: the ledger and the response cache may be on different
+    disks, so the answers of the requests still in flight reach whichever has
+    room, and a rerun finds them there instead of paying again. Rows whose
+    results could not be committed stay ``pending`` in the ledger.
+    """
+
+    def guarded() -> None:
+        try:
+            flush()
+        except DiskFull as exc:
+            if not failures:
+                failures.append(exc)
+                stats.stop.set()  # said once, by whoever catches the DiskFull raised at the end
+
+    return guarded
 
 
 async def _first_of(*events: asyncio.Event) -> None:

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmap.engine import Job
-from llmap.errors import LedgerLocked, RunInterrupted, SpecError
+from llmap.errors import DiskFull, LedgerLocked, RunInterrupted, SpecError
 from llmap.logs import JsonLog
 from llmap.report import MessagesOnly, RichProgress
 from llmap.status import job_export, job_status, model_report, unchanged_since_complete
@@ -98,7 +98,7 @@ def run(
                          wait_lock=wait_lock)
     except SpecError as exc:
         raise _fail(exc) from None
-    except LedgerLocked as exc:
+    except (LedgerLocked, DiskFull) as exc:
         err.print(f"[bold red]llmap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except (RunInterrupted, KeyboardInterrupt) as exc:
@@ -182,6 +182,9 @@ def export(
         path, n = job_export(job, output)
     except SpecError as exc:
         raise _fail(exc) from None
+    except DiskFull as exc:
+        err.print(f"[bold red]llmap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
     out.print(f"output: {path} ({n:,} rows)", highlight=False, soft_wrap=True)
 
 

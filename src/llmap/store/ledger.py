@@ -7,7 +7,8 @@ row and a re-run continues where the last one stopped.
 
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit survives a
 killed process; one writer (the engine's event loop) commits results in
-batches. The schema is built from named migrations recorded in
+batches. A write that finds the disk full raises
+:class:`~llmap.errors.DiskFull` (its transaction is rolled back whole). The schema is built from named migrations recorded in
 ``_migrations`` (the simonw/llm pattern), so later versions can add to it.
 
 Each run *plans* the rows it sees into the ledger with its run id; rows that
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llmap.errors import SpecError
+from llmap.store.diskfull import guard, guard_writes
 from llmap.store.migrate import apply_migrations
 
 __all__ = ["STATUSES", "Ledger", "PlannedRow", "RowResult"]
@@ -275,12 +277,13 @@ class Ledger:
         if readonly:
             self._db = _connect_readonly(self.path)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute("PRAGMA busy_timeout = 5000")
-        self._migrate()
+        with guard(self.path, "ledger"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._migrate()
 
     def _migrate(self) -> None:
         apply_migrations(self._db, MIGRATIONS)
@@ -300,6 +303,7 @@ class Ledger:
         self.close()
 
     # -- meta -----------------------------------------------------------------
+    @guard_writes("ledger")
     def set_meta(self, k: str, v: bytes | str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
 
@@ -308,15 +312,18 @@ class Ledger:
         return row[0] if row else None
 
     # -- runs -----------------------------------------------------------------
+    @guard_writes("ledger")
     def reset(self) -> None:
         """Forget every row (``--fresh``). Run history is kept."""
         self._db.execute("DELETE FROM rows")
 
+    @guard_writes("ledger")
     def start_run(self, spec_hash: str) -> int:
         """Record a new run and return its id, which is also its plan id."""
         cur = self._db.execute("INSERT INTO runs (started_at, spec_hash) VALUES (?, ?)", (time.time(), spec_hash))
         return int(cur.lastrowid)
 
+    @guard_writes("ledger")
     def end_run(self, run_id: int, *, exit_reason: str, requests: int, prompt_tokens: int,
                 completion_tokens: int, cost_usd: float = 0.0, rate_limited: int = 0, retries: int = 0,
                 cached: int = 0, by_model: dict[str, Any] | None = None) -> None:
@@ -346,6 +353,7 @@ class Ledger:
         return row[0]
 
     # -- planning -------------------------------------------------------------
+    @guard_writes("ledger")
     def plan(self, run_id: int, rows: Iterable[PlannedRow]) -> None:
         """Upsert a batch of rows into plan ``run_id`` in one transaction.
 
@@ -359,6 +367,7 @@ class Ledger:
             self._db.executemany(_UPSERT, params)
 
     # -- results --------------------------------------------------------------
+    @guard_writes("ledger")
     def record(self, results: Sequence[RowResult], *, run_id: int = 0,
                requests: Sequence[tuple] = ()) -> None:
         """Commit a batch of results, the model answers each went through, and the request log.

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmap.errors import LedgerLocked, SpecError
+from llmap.store.diskfull import disk_full, is_disk_full
 
 __all__ = ["Holder", "LedgerLock", "lock_path"]
 
@@ -121,6 +122,7 @@ class LedgerLock:
 
         Raises:
             SpecError: the lock file cannot be created (e.g. the ledger's folder is not writable).
+            DiskFull: the disk is too full to create it.
         """
         if self._fd is not None:
             return True
@@ -128,6 +130,8 @@ class LedgerLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full(self.path, "ledger") from exc
             raise SpecError(
                 f"cannot create the ledger's lock file {str(self.path)!r}: {exc.strerror or exc}; make its folder "
                 "writable, or set `ledger = ...` in the job file to a writable place"
