@@ -360,6 +360,7 @@ class Job:
                  for i, (p, m) in enumerate(zip(prep.providers, spec.models, strict=True))]
         stats.on_halt = lambda reason: progress.message(
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
+        stats.on_warn = lambda text: progress.message(f"llmap: warning: {text}")
         cache = ResponseCache(ttl_s=spec.cache.ttl_s) if spec.cache.enabled else None
         try:
             dispatcher = Dispatcher(lanes, prep.renderer, prep.schema, spec.limits,

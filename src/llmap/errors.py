@@ -24,6 +24,7 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │           ├── AuthError       401 / 403
     │           └── QuotaExhausted  insufficient_quota
     ├── AnswerInvalid             the answer does not validate against the fields
+    ├── RenderError               a template failed on one row's values; that row fails, the run goes on
     └── RunInterrupted            Ctrl-C / SIGTERM; progress is kept (exit 130)
 
 Exit codes used by the CLI: 0 every row done or skipped, 1 some rows failed
@@ -47,6 +48,7 @@ __all__ = [
     "ProviderError",
     "QuotaExhausted",
     "RateLimited",
+    "RenderError",
     "RequestTimeout",
     "RunInterrupted",
     "SpecError",
@@ -160,6 +162,22 @@ class AnswerInvalid(LlmapError):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class RenderError(LlmapError):
+    """A prompt template failed on one row's values (e.g. ``{{ name.upper() }}`` on a NULL name).
+
+    Only that row fails (its ``_error`` holds this message); the run goes on.
+
+    Attributes:
+        template: which template failed (``"system"`` or ``"user"``).
+        null_columns: the row's template variables that were NULL or missing.
+    """
+
+    def __init__(self, message: str, *, template: str = "user", null_columns: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.template = template
+        self.null_columns = null_columns
 
 
 class RunInterrupted(LlmapError):

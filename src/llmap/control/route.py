@@ -64,6 +64,10 @@ class Lane:
             clock=clock,
             on_change=(lambda old, new: on_breaker(self, old, new)) if on_breaker else None,
         )
+        #: Nothing is known of this model's limits (none configured): one request goes first, and the
+        #: rest wait for its answer, which may carry rate-limit headers (see :meth:`on_success`).
+        self.probing = not self.limiter.rate.limited
+        self._cap = cap
         self.timeout = AdaptiveTimeout(model.timeout_s)
         self.output_tokens = OutputTokenEstimator(model.max_tokens)
         self.prompt_tokens = PromptTokenEstimator()
@@ -78,9 +82,14 @@ class Lane:
         return self.aimd.maximum
 
     # -- concurrency gate -----------------------------------------------------
+    @property
+    def limit(self) -> int:
+        """Requests allowed in flight now: 1 while probing, else the AIMD limit."""
+        return 1 if self.probing else self.aimd.limit
+
     async def enter(self) -> None:
-        """Wait for a free slot under the current AIMD limit, then take it."""
-        while self.in_flight >= self.aimd.limit:
+        """Wait for a free slot under the current limit (:attr:`limit`), then take it."""
+        while self.in_flight >= self.limit:
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
             try:
@@ -97,7 +106,7 @@ class Lane:
         self._wake()
 
     def _wake(self) -> None:
-        free = self.aimd.limit - self.in_flight
+        free = self.limit - self.in_flight
         while free > 0 and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -106,7 +115,20 @@ class Lane:
 
     # -- outcomes -------------------------------------------------------------
     def on_success(self) -> None:
-        if self.aimd.on_success():
+        """An answer came back (its headers already applied to the limiter).
+
+        The first answer ends the probe: with rate-limit headers the limiter
+        now paces requests and the AIMD limit applies as configured; without
+        them nothing bounds a burst, so concurrency slow-starts from 2 (it
+        doubles every round trip up to the ceiling) instead of sending the
+        whole first wave at once.
+        """
+        if self.probing:
+            self.probing = False
+            if not self.limiter.rate.limited:
+                self.aimd = AIMDConcurrency(initial=min(2, self._cap), minimum=1, maximum=self._cap)
+            self._wake()
+        elif self.aimd.on_success():
             self._wake()
 
     def on_congestion(self) -> None:

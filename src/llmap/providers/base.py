@@ -68,6 +68,8 @@ class Completion:
             (tokens); 0 if it did not.
         latency_s: seconds from sending the request to reading the answer.
         headers: response headers (lower-cased names), for rate-limit budgets.
+        usage_reported: False when the answer carried no ``usage``: the token
+            counts are then 0 and the dispatcher estimates them instead.
     """
 
     content: str
@@ -75,6 +77,7 @@ class Completion:
     completion_tokens: int
     latency_s: float
     headers: dict[str, str] = field(default_factory=dict)
+    usage_reported: bool = True
 
 
 @runtime_checkable

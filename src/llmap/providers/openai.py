@@ -60,8 +60,11 @@ class OpenAIProvider:
             self._secret = key.encode()
         self._timeout = aiohttp.ClientTimeout(total=None, connect=spec.connect_timeout_s, sock_read=spec.timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _client(self) -> aiohttp.ClientSession:
+        if self._closed:  # a late request after the run ended must not open a session nobody closes
+            raise RuntimeError(f"the provider {self.label} is closed")
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=self.max_concurrency)
             self._session = aiohttp.ClientSession(
@@ -126,13 +129,16 @@ class OpenAIProvider:
             content = doc["choices"][0]["message"]["content"]
             if not isinstance(content, str):
                 raise TypeError("content is not a string")
-            usage = doc.get("usage") or {}
+            usage = doc.get("usage")
+            reported = isinstance(usage, dict) and ("prompt_tokens" in usage or "completion_tokens" in usage)
+            usage = usage if reported else {}
             return Completion(
                 content=content,
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 latency_s=latency,
                 headers=headers,
+                usage_reported=reported,
             )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise E.MalformedResponse(
@@ -140,6 +146,8 @@ class OpenAIProvider:
             ) from exc
 
     async def aclose(self) -> None:
+        """Close the connection pool; later requests fail instead of reopening it."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
