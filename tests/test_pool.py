@@ -179,3 +179,15 @@ async def test_a_busy_cache_file_defers_writes_instead_of_blocking(tmp_path):
     assert answers.flush() == 1
     assert cache.get_many(["k1"])["k1"].output == {"a": 1}
     cache.close()
+
+
+def test_a_request_that_fails_twice_fails_its_waiting_duplicates_unsent(make_job, sim, tmp_path):
+    job = make_job(1, concurrency=1)
+    job.write_text(job.read_text().replace('name = "sim"', 'name = "bad-request-x"'))
+    base = people(1)
+    write_csv(tmp_path / "people.csv", [{**base[0], "id": f"d{i:04d}"} for i in range(6)])
+    res = Job.from_toml(job).run()
+    assert res.counts["failed"] == 6
+    assert chat_requests(sim) == 2  # the first row, then one that took over; the other four wait and share it
+    errors = [r["_error"] for r in _rows(res.output_path)]
+    assert sum("failed twice" in e for e in errors) == 4

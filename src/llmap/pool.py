@@ -99,6 +99,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
     waiting: dict[str, list[_Row]] = {}  # cache key -> rows waiting for the row that leads that request
     n_waiting = 0
     promoted: deque[_Row] = deque()  # rows that lead again after their request's leader failed
+    struck: set[str] = set()  # requests whose first leader failed: a second failure fails every waiting row
     wake = asyncio.Event()  # a row was promoted, or waiting rows settled
     group_quota: GroupQuota | None = None
     if quota is not None:
@@ -143,10 +144,16 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
                     results.append(RowResult(f.key, "done", output=r.output, model=r.model, source="cache",
                                              tried=[(r.model or "", "cache", r.output, 0, 0)]))
                     rows.append(f)
-            else:  # exactly one waiting row takes over; the others wait for it
+            elif row.ckey not in struck:  # exactly one waiting row takes over; the others wait for it
+                struck.add(row.ckey)
                 waiting[row.ckey] = followers[1:]
                 n_waiting += len(followers) - 1
                 promoted.append(followers[0])
+            else:  # the same request failed for two rows: the rest fail with it, unsent (a rerun retries them)
+                for f in followers:
+                    results.append(RowResult(f.key, "failed", error=f"an identical row's request failed twice: "
+                                                                     f"{r.error}"))
+                    rows.append(f)
         if on_settled is not None:
             on_settled(results, [row.data for row in rows])
         buffer.extend(results)
