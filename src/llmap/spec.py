@@ -41,6 +41,7 @@ __all__ = [
     "OutputSpec",
     "PerGroup",
     "PromptSpec",
+    "answer_params",
     "load_spec",
     "spec_from_dict",
 ]
@@ -52,6 +53,26 @@ FIELD_TYPES: dict[str, str] = {
     "number": "number",
     "boolean": "boolean",
 }
+
+#: Request-body keys ``[model] params`` may not set, and what sets them instead.
+RESERVED_PARAMS: dict[str, str] = {
+    "model": "use [model] name",
+    "messages": "use [prompt]",
+    "response_format": "use [model] structured",
+    "stream": "llmap reads whole answers",
+    "n": "llmap reads one answer per request",
+}
+
+#: ``[model] params`` keys that do not change the answer: left out of the response cache key
+#: and the input hash (request metadata, billing and routing hints).
+NEUTRAL_PARAMS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
+                            "safety_identifier", "stream_options", "parallel_tool_calls"})
+
+
+def answer_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The ``[model] params`` that may change an answer (all but :data:`NEUTRAL_PARAMS`)."""
+    return {k: v for k, v in params.items() if k not in NEUTRAL_PARAMS}
+
 
 #: Default model when the spec has no [model] table: the embedded Gemma 3 270M.
 DEFAULT_LOCAL_MODEL = "gemma-3-270m"
@@ -134,11 +155,52 @@ class PromptSpec(_Strict):
 
 
 class FieldSpec(_Strict):
-    """One output field: ``type`` in :data:`FIELD_TYPES`, optional ``enum`` and ``description``."""
+    """One output field: ``type`` in :data:`FIELD_TYPES`, optional ``enum``, ``description`` and constraints.
+
+    Constraints use JSON Schema's words; they are compiled into the schema
+    sent with each request (so servers and llama.cpp's grammar can enforce
+    them) and checked by llmap's validation (a violation is re-asked):
+
+    - ``minimum``, ``maximum``: inclusive bounds of an ``integer`` or ``number``;
+    - ``min_length``, ``max_length``: bounds of a ``string``'s length, in characters;
+    - ``pattern``: a regex the whole ``string`` must match (see :mod:`llmap.prompt.pattern`);
+    - ``nullable``: the answer may be ``null`` ("not stated in the text").
+
+    Raises (as a one-line SpecError when the job is loaded): a constraint on
+    a type it does not apply to, ``minimum > maximum``, ``min_length >
+    max_length``, a pattern that does not compile or that llama.cpp's
+    grammar cannot express, an ``enum`` value that breaks the constraints.
+    """
 
     type: str
     enum: list[Any] | None = None
     description: str | None = None
+    minimum: int | float | None = None
+    maximum: int | float | None = None
+    min_length: int | None = Field(default=None, ge=0)
+    max_length: int | None = Field(default=None, ge=0)
+    pattern: str | None = None
+    nullable: bool = False
+
+    @model_validator(mode="after")
+    def _constraints(self) -> FieldSpec:
+        from llmap.prompt.pattern import portable_pattern
+
+        numeric = self.type in ("integer", "number")
+        for key in ("minimum", "maximum"):
+            if getattr(self, key) is not None and not numeric:
+                raise ValueError(f"{key} applies to integer and number fields, not {self.type}; drop it "
+                                 "or change the type")
+        for key in ("min_length", "max_length", "pattern"):
+            if getattr(self, key) is not None and self.type != "string":
+                raise ValueError(f"{key} applies to string fields, not {self.type}; drop it or change the type")
+        if self.minimum is not None and self.maximum is not None and self.minimum > self.maximum:
+            raise ValueError(f"minimum {self.minimum:g} is greater than maximum {self.maximum:g}; swap them")
+        if self.min_length is not None and self.max_length is not None and self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} is greater than max_length {self.max_length}; swap them")
+        if self.pattern is not None:
+            portable_pattern(self.pattern)  # raises ValueError naming the problem
+        return self
 
     @field_validator("type")
     @classmethod
@@ -218,6 +280,19 @@ class ModelSpec(_Strict):
         escalate_if: a SQL-like condition on the answer's fields (e.g.
             ``"confidence < 0.7"``); rows whose answer meets it, or fails
             validation, go on to the next ``[[model]]`` (a cascade).
+        structured: for ``openai``, how to ask for structured output:
+            ``"auto"`` (default: ``json_schema``, stepping to ``json_object``
+            then ``prompt`` when the server refuses one, remembered per base
+            URL and model), or one of those three forced. See
+            :mod:`llmap.control.dialect`.
+        params: for ``openai``, extra request-body keys passed through as
+            they are (``reasoning_effort``, ``top_p``, ``seed``...); they
+            override llmap's own (``temperature``, ``max_tokens``).
+        headers: for ``openai``, extra HTTP headers (a gateway's key, Azure's
+            ``api-key``); a value written ``${VAR}`` is read from that
+            environment variable and kept out of logs and errors.
+        query: for ``openai``, query parameters added to every URL (Azure's
+            ``api-version``).
     """
 
     provider: Literal["local", "openai"] = "local"
@@ -235,11 +310,24 @@ class ModelSpec(_Strict):
     rpm: float | None = Field(default=None, gt=0)
     tpm: float | None = Field(default=None, gt=0)
     escalate_if: str | None = None
+    structured: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
+    params: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    query: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _provider_keys(self) -> ModelSpec:
         if self.provider == "local" and (self.base_url or self.api_key_env):
             raise ValueError("base_url and api_key_env apply to provider = 'openai'; set provider or drop them")
+        if self.provider == "local":
+            given = [k for k in ("params", "headers", "query") if getattr(self, k)]
+            if self.structured != "auto":
+                given.insert(0, "structured")
+            if given:
+                raise ValueError(f"{given[0]} applies to provider = 'openai'; set provider or drop it")
+        owned = [k for k in self.params if k in RESERVED_PARAMS]
+        if owned:
+            raise ValueError(f"params.{owned[0]} is set by llmap ({RESERVED_PARAMS[owned[0]]}); drop it from params")
         if self.provider == "openai" and self.model_path:
             raise ValueError("model_path applies to provider = 'local'; set provider or drop it")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
@@ -377,15 +465,20 @@ class JobSpec(_Strict):
         Prompt templates, examples, fields and model settings: a change to any
         of them makes done rows pending again on the next run.
         """
+        models = []
+        for m in self.models:
+            d = m.model_dump(include={"provider", "name", "base_url", "model_path", "temperature", "max_tokens",
+                                      "escalate_if"})
+            if answer_params(m.params):  # only when set, so existing ledgers keep their hashes
+                d["params"] = answer_params(m.params)
+            models.append(d)
         doc = {
             "prompt": self.prompt.model_dump(exclude={"pack"}),
             "max_chars": self.input.max_chars,
-            "fields": {k: v.model_dump() for k, v in self.output.fields.items()},
-            "models": [
-                m.model_dump(include={"provider", "name", "base_url", "model_path", "temperature", "max_tokens",
-                                      "escalate_if"})
-                for m in self.models
-            ],
+            # type, enum and description always (as before constraints existed); constraints only when set
+            "fields": {k: v.model_dump(include={"type", "enum", "description"}) | v.model_dump(exclude_defaults=True)
+                       for k, v in self.output.fields.items()},
+            "models": models,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -444,9 +537,10 @@ def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: st
     except ValidationError as exc:
         raise SpecError(_one_line(exc, source)) from None
     from llmap.prompt.render import Renderer  # template syntax is part of the spec
-    from llmap.prompt.schema import check_examples, check_fallback
+    from llmap.prompt.schema import check_examples, check_fallback, check_fields
 
     Renderer.from_spec(spec.prompt, source=source)
+    check_fields(spec.output.fields, source=source)
     check_examples(spec.output.fields, spec.prompt.examples, source=source)
     if spec.output.fallback is not None:
         check_fallback(spec.output.fields, spec.output.fallback, source=source)
