@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmap import errors as E
+from llmap.control.misconfig import MisconfigDetector, verdict_message
 from llmap.control.retry import RetryPolicy
 from llmap.control.route import Lane, pick_lane
 from llmap.prompt.condition import Condition
@@ -163,6 +164,10 @@ class Dispatcher:
                                  budget_s=limits.retry_budget_s)
         #: Returns True once every row has been handed to a worker (the run's tail).
         self.draining: Callable[[], bool] = lambda: False
+        #: One model refusing every request the same way is a configuration error, not an outage.
+        self.misconfig = MisconfigDetector()
+        #: Where warnings go (the engine points it at the progress reporter).
+        self.warn: Callable[[str], None] = lambda text: None
 
     # -- caps -----------------------------------------------------------------
     def _check_caps(self) -> None:
@@ -199,13 +204,19 @@ class Dispatcher:
                 self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
                 raise exc from None
             except E.ProviderError as exc:
+                if getattr(exc, "unsent", False):  # refused before sending: the run stops or the lane is out
+                    self.stats.requests -= 1
+                    raise
                 self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
+                if self.misconfig.failure(lane.index, exc):
+                    self._misconfigured(lane, exc)
                 raise
             except asyncio.CancelledError:  # a hedged copy that lost, or the run stopping
                 self.stats.log(lane.label, "cancelled", loop.time() - start, 0, 0, pack_size)
                 raise
         finally:
             lane.leave()
+        self.misconfig.success(lane.index)
         self.stats.log(lane.label, None, comp.latency_s, comp.prompt_tokens, comp.completion_tokens, pack_size,
                        lane.cost_usd(comp.prompt_tokens, comp.completion_tokens))
         lane.limiter.settle(permit, comp.prompt_tokens + comp.completion_tokens)
@@ -394,6 +405,20 @@ class Dispatcher:
         """True when this lane's ``escalate_if`` holds for ``output`` and a later model exists."""
         cond = self.escalate_if[lane.index]
         return cond is not None and lane.index + 1 < len(self.lanes) and cond.evaluate(output)
+
+    def _misconfigured(self, lane: Lane, exc: E.ProviderError) -> None:
+        """``lane`` refuses every request the same way: leave it out; stop the run when no model is left.
+
+        Raises:
+            Stop: no model is left; the run stops with one message (exit 1), the row stays pending.
+        """
+        if lane.disabled is None:
+            lane.disabled = verdict_message(lane.label, exc, structured=getattr(lane.model, "structured", "auto"))
+            if any(other.disabled is None for other in self.lanes):
+                self.warn(f"llmap: {lane.disabled}; leaving {lane.label} out for the rest of the run")
+        if all(other.disabled is not None for other in self.lanes):
+            self.stats.halt(lane.disabled)
+            raise Stop from exc
 
     def record_failure(self, lane: Lane, exc: E.ProviderError) -> None:
         if isinstance(exc, E.RateLimited):

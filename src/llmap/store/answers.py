@@ -9,7 +9,14 @@ Before a request is sent, :class:`AnswerCache` is asked, in this order:
    jobs and runs (fresh entries only; see ``[cache] ttl``).
 
 Keys are :func:`~llmap.store.cache.request_key` of the model's identity, its
-sampling parameters, the rendered messages and the schema.
+sampling parameters, the rendered messages and the schema. The sampling
+parameters are ``temperature``, ``max_tokens`` and the ``[model] params``
+that may change an answer (``reasoning_effort``, ``seed``, ``top_p``...; not
+``user``, ``metadata`` and the like: :data:`~llmap.spec.NEUTRAL_PARAMS`).
+How the request was sent is not in the key: the structured-output dialect
+(a validated answer is valid whichever dialect produced it) and the
+parameter spellings a server asked for (``max_completion_tokens``, no
+``temperature``) leave it unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from llmap.spec import answer_params
 from llmap.store.cache import CacheEntry, ResponseCache, request_key
 
 __all__ = ["AnswerCache"]
@@ -50,9 +58,9 @@ class AnswerCache:
         """The cache key of a row's request on ``lane`` (model identity, parameters, messages, schema)."""
         m = lane.model
         identity = m.name + "@" + (m.base_url or m.model_path or "")
-        return request_key(provider=m.provider, model=identity,
-                           params={"temperature": m.temperature, "max_tokens": m.max_tokens},
-                           messages=messages, schema=schema)
+        params = {"temperature": m.temperature, "max_tokens": m.max_tokens}
+        params.update(answer_params(getattr(m, "params", None) or {}))
+        return request_key(provider=m.provider, model=identity, params=params, messages=messages, schema=schema)
 
     async def lookup(self, key: str) -> CacheEntry | None:
         """An answer for ``key`` without sending a request, or None (then call :meth:`lead`)."""
