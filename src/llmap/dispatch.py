@@ -417,7 +417,9 @@ class Dispatcher:
             if any(other.disabled is None for other in self.lanes):
                 self.warn(f"llmap: {lane.disabled}; leaving {lane.label} out for the rest of the run")
         if all(other.disabled is not None for other in self.lanes):
-            self.stats.halt(lane.disabled)
+            if self.stats.stop_reason is None:  # said once, at the end of the run (not also as a warning now)
+                self.stats.stop_reason = lane.disabled
+            self.stats.stop.set()
             raise Stop from exc
 
     def record_failure(self, lane: Lane, exc: E.ProviderError) -> None:
