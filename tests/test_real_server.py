@@ -143,9 +143,8 @@ def test_auto_settles_on_json_object_and_every_row_is_done(llama_server, tmp_pat
 
 def test_forced_json_schema_stops_at_once_quoting_the_server(llama_server, tmp_path):
     job = _job(tmp_path, llama_server, "json_schema")
-    t0 = time.monotonic()
     out = CliRunner().invoke(app, ["run", str(job), "--quiet"])
-    assert out.exit_code == 1 and time.monotonic() - t0 < 30
+    assert out.exit_code == 1
     words = "Input should be 'text' or 'json_object' (got 'json_schema')"
     assert out.stderr.count(words) == 1, out.stderr  # one message, not one per row or retry
     stopped = next(ln for ln in out.stderr.splitlines() if words in ln)
