@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmap.errors import SpecError
+from llmap.params import RESERVED_PARAMS, answer_params
 
 __all__ = [
     "FIELD_TYPES",
@@ -41,7 +42,6 @@ __all__ = [
     "OutputSpec",
     "PerGroup",
     "PromptSpec",
-    "answer_params",
     "load_spec",
     "spec_from_dict",
 ]
@@ -53,26 +53,6 @@ FIELD_TYPES: dict[str, str] = {
     "number": "number",
     "boolean": "boolean",
 }
-
-#: Request-body keys ``[model] params`` may not set, and what sets them instead.
-RESERVED_PARAMS: dict[str, str] = {
-    "model": "use [model] name",
-    "messages": "use [prompt]",
-    "response_format": "use [model] structured",
-    "stream": "llmap reads whole answers",
-    "n": "llmap reads one answer per request",
-}
-
-#: ``[model] params`` keys that do not change the answer: left out of the response cache key
-#: and the input hash (request metadata, billing and routing hints).
-NEUTRAL_PARAMS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
-                            "safety_identifier", "stream_options", "parallel_tool_calls"})
-
-
-def answer_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The ``[model] params`` that may change an answer (all but :data:`NEUTRAL_PARAMS`)."""
-    return {k: v for k, v in params.items() if k not in NEUTRAL_PARAMS}
-
 
 #: Default model when the spec has no [model] table: the embedded Gemma 3 270M.
 DEFAULT_LOCAL_MODEL = "gemma-3-270m"
@@ -166,10 +146,7 @@ class FieldSpec(_Strict):
     - ``pattern``: a regex the whole ``string`` must match (see :mod:`llmap.prompt.pattern`);
     - ``nullable``: the answer may be ``null`` ("not stated in the text").
 
-    Raises (as a one-line SpecError when the job is loaded): a constraint on
-    a type it does not apply to, ``minimum > maximum``, ``min_length >
-    max_length``, a pattern that does not compile or that llama.cpp's
-    grammar cannot express, an ``enum`` value that breaks the constraints.
+    They are checked when the job is loaded (:func:`llmap.prompt.schema.check_fields`).
     """
 
     type: str
@@ -181,26 +158,6 @@ class FieldSpec(_Strict):
     max_length: int | None = Field(default=None, ge=0)
     pattern: str | None = None
     nullable: bool = False
-
-    @model_validator(mode="after")
-    def _constraints(self) -> FieldSpec:
-        from llmap.prompt.pattern import portable_pattern
-
-        numeric = self.type in ("integer", "number")
-        for key in ("minimum", "maximum"):
-            if getattr(self, key) is not None and not numeric:
-                raise ValueError(f"{key} applies to integer and number fields, not {self.type}; drop it "
-                                 "or change the type")
-        for key in ("min_length", "max_length", "pattern"):
-            if getattr(self, key) is not None and self.type != "string":
-                raise ValueError(f"{key} applies to string fields, not {self.type}; drop it or change the type")
-        if self.minimum is not None and self.maximum is not None and self.minimum > self.maximum:
-            raise ValueError(f"minimum {self.minimum:g} is greater than maximum {self.maximum:g}; swap them")
-        if self.min_length is not None and self.max_length is not None and self.min_length > self.max_length:
-            raise ValueError(f"min_length {self.min_length} is greater than max_length {self.max_length}; swap them")
-        if self.pattern is not None:
-            portable_pattern(self.pattern)  # raises ValueError naming the problem
-        return self
 
     @field_validator("type")
     @classmethod

@@ -185,14 +185,41 @@ def check_examples(fields: Mapping[str, FieldSpec], examples: Sequence[Example],
             ) from None
 
 
+def _check_constraints(f: FieldSpec) -> str | None:
+    """What is wrong with a field's constraints, with the fix, or None."""
+    numeric = f.type in ("integer", "number")
+    for key in ("minimum", "maximum"):
+        if getattr(f, key) is not None and not numeric:
+            return f"{key} applies to integer and number fields, not {f.type}; drop it or change the type"
+    for key in ("min_length", "max_length", "pattern"):
+        if getattr(f, key) is not None and f.type != "string":
+            return f"{key} applies to string fields, not {f.type}; drop it or change the type"
+    if f.minimum is not None and f.maximum is not None and f.minimum > f.maximum:
+        return f"minimum {f.minimum:g} is greater than maximum {f.maximum:g}; swap them"
+    if f.min_length is not None and f.max_length is not None and f.min_length > f.max_length:
+        return f"min_length {f.min_length} is greater than max_length {f.max_length}; swap them"
+    if f.pattern is not None:
+        try:
+            portable_pattern(f.pattern)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def check_fields(fields: Mapping[str, FieldSpec], *, source: str = "job") -> None:
-    """Check that every ``enum`` value of a field satisfies the field's own constraints.
+    """Check each field's constraints, and that every ``enum`` value meets them.
 
     Raises:
-        SpecError: an enum value breaks ``minimum``/``maximum``/``min_length``/
-            ``max_length``/``pattern``, or has the wrong type; no answer could use it.
+        SpecError: a constraint on a type it does not apply to (``minimum`` on
+            a string), ``minimum > maximum``, ``min_length > max_length``, a
+            ``pattern`` that does not compile or that llama.cpp's grammar cannot
+            express; or an enum value that breaks the constraints or has the
+            wrong type (no answer could use it).
     """
     for name, f in fields.items():
+        problem = _check_constraints(f)
+        if problem is not None:
+            raise SpecError(f"{source}: [output.fields] {name}: {problem}")
         if f.enum is None:
             continue
         adapter = TypeAdapter(_py_type(f, enum=False), config=ConfigDict(regex_engine="python-re"))

@@ -60,11 +60,18 @@ class OpenAIProvider:
 
     Args:
         spec: the ``[model]`` table (``base_url``, ``api_key_env``, ``name``,
-            ``timeout_s``, ``connect_timeout_s``).
+            ``timeout_s``, ``connect_timeout_s``, ``structured``, ``params``,
+            ``headers``, ``query``).
         concurrency: connection pool size (``limits.concurrency``).
+        memory: where request shapes learned by earlier runs are kept; default
+            ``$LLMAP_CACHE_DIR/dialects.json`` (:class:`~llmap.store.dialects.DialectMemory`).
+
+    Attributes:
+        shape: the :class:`~llmap.control.dialect.RequestShape` in use (dialect,
+            parameter spellings); the engine records ``shape.describe()`` in the ledger.
 
     Raises:
-        SpecError: ``api_key_env`` names a variable that is not set.
+        SpecError: ``api_key_env``, or a ``${VAR}`` in ``headers``, names a variable that is not set.
     """
 
     def __init__(self, spec: ModelSpec, *, concurrency: int = 16, memory: DialectMemory | None = None) -> None:
