@@ -270,3 +270,17 @@ def test_bad_params_and_settings_are_spec_errors(make_job, monkeypatch):
     monkeypatch.delenv("LLMAP_TEST_UNSET_VAR", raising=False)
     out = runner.invoke(app, ["run", str(job)])
     assert out.exit_code == 2 and "reads ${LLMAP_TEST_UNSET_VAR}, which is not set" in out.stderr
+
+
+def test_dialect_memory_survives_a_bad_file_and_stays_small(tmp_path, monkeypatch):
+    monkeypatch.setattr("llmap.store.dialects.MAX_ENTRIES", 3)
+    mem = DialectMemory(tmp_path / "d.json")
+    (tmp_path / "d.json").write_text("{not json")
+    assert mem.get("http://x/v1", "m") is None  # unreadable: learn again
+    for i in range(5):
+        mem.put(f"http://127.0.0.1:{8000 + i}/v1", "sim", {"structured": "json_object"})
+    mem.put("http://127.0.0.1:8002/v1/", "sim", {"structured": "prompt"})  # learned again: now the newest
+    kept = json.loads((tmp_path / "d.json").read_text())
+    assert list(kept) == ["http://127.0.0.1:8003/v1 sim", "http://127.0.0.1:8004/v1 sim",
+                          "http://127.0.0.1:8002/v1 sim"]
+    assert mem.get("http://127.0.0.1:8002/v1", "sim")["structured"] == "prompt"

@@ -28,6 +28,8 @@ __all__ = ["DialectMemory"]
 
 #: The file's name inside the cache folder.
 FILE_NAME = "dialects.json"
+#: Most (base URL, model) entries kept; the least recently learned go first.
+MAX_ENTRIES = 500
 
 
 class DialectMemory:
@@ -60,13 +62,16 @@ class DialectMemory:
         """Remember ``record`` for this server and model. Never raises: a cache that cannot be
         written only costs the next run a refused request or two."""
         doc = self._read()
+        doc.pop(self._key(base_url, model), None)
         doc[self._key(base_url, model)] = {**record, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        while len(doc) > MAX_ENTRIES:  # oldest first (insertion order): simulators on ephemeral ports add up
+            doc.pop(next(iter(doc)))
         tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".dialects-", suffix=".json")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1, sort_keys=True)
+                json.dump(doc, f, indent=1)
             os.replace(tmp, self.path)
             tmp = None
         except OSError:
