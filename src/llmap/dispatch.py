@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmap import errors as E
+from llmap.control.misconfig import MisconfigDetector, verdict_message
 from llmap.control.retry import RetryPolicy
 from llmap.control.route import Lane, pick_lane
 from llmap.prompt.condition import Condition
@@ -183,6 +184,8 @@ class Dispatcher:
         #: Returns True once every row has been handed to a worker (the run's tail).
         self.draining: Callable[[], bool] = lambda: False
         self._no_usage: set[str] = set()  # lanes already warned that their server reports no usage
+        #: One model refusing every request the same way is a configuration error, not an outage.
+        self.misconfig = MisconfigDetector()
 
     # -- caps -----------------------------------------------------------------
     def _check_caps(self) -> None:
@@ -243,13 +246,19 @@ class Dispatcher:
             except E.ProviderError as exc:
                 if isinstance(exc, _UNPROCESSED):
                     lane.limiter.settle(permit, 0)
+                if getattr(exc, "unsent", False):  # refused before sending: the run stops or the lane is out
+                    self.stats.requests -= 1
+                    raise
                 self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
+                if self.misconfig.failure(lane.index, exc):
+                    self._misconfigured(lane, exc)
                 raise
             except asyncio.CancelledError:  # a hedged copy that lost, or the run stopping
                 self.stats.log(lane.label, "cancelled", loop.time() - start, 0, 0, pack_size)
                 raise
         finally:
             lane.leave()
+        self.misconfig.success(lane.index)
         if comp.usage_reported:
             lane.prompt_tokens.observe(_chars(req.messages), comp.prompt_tokens)
             lane.output_tokens.observe(math.ceil(comp.completion_tokens / pack_size))
@@ -259,7 +268,7 @@ class Dispatcher:
                 completion_tokens=lane.prompt_tokens.estimate(comp.content))
             if lane.label not in self._no_usage:
                 self._no_usage.add(lane.label)
-                self.stats.warn(f"{lane.label} reports no token usage; TPM limits, budget caps and costs use "
+                self.stats.warn(f"warning: {lane.label} reports no token usage; TPM limits, budget caps and costs use "
                                 "estimates from text length for it")
         cost = lane.cost_usd(comp.prompt_tokens, comp.completion_tokens)
         st = self.stats
@@ -477,6 +486,22 @@ class Dispatcher:
         """True when this lane's ``escalate_if`` holds for ``output`` and a later model exists."""
         cond = self.escalate_if[lane.index]
         return cond is not None and lane.index + 1 < len(self.lanes) and cond.evaluate(output)
+
+    def _misconfigured(self, lane: Lane, exc: E.ProviderError) -> None:
+        """``lane`` refuses every request the same way: leave it out; stop the run when no model is left.
+
+        Raises:
+            Stop: no model is left; the run stops with one message (exit 1), the row stays pending.
+        """
+        if lane.disabled is None:
+            lane.disabled = verdict_message(lane.label, exc, structured=getattr(lane.model, "structured", "auto"))
+            if any(other.disabled is None for other in self.lanes):
+                self.stats.warn(f"{lane.disabled}; leaving {lane.label} out for the rest of the run")
+        if all(other.disabled is not None for other in self.lanes):
+            if self.stats.stop_reason is None:  # said once, at the end of the run (not also as a warning now)
+                self.stats.stop_reason = lane.disabled
+            self.stats.stop.set()
+            raise Stop from exc
 
     def record_failure(self, lane: Lane, exc: E.ProviderError) -> None:
         if isinstance(exc, E.RateLimited):

@@ -72,6 +72,8 @@ class Lane:
         self.output_tokens = OutputTokenEstimator(model.max_tokens)
         self.prompt_tokens = PromptTokenEstimator()
         self.in_flight = 0
+        #: Why this model is left out of the run (it refused every request the same way), or None.
+        self.disabled: str | None = None
         self._waiters: deque[asyncio.Future] = deque()
         #: requests in flight: id -> (loop start time, asyncio.Timeout), for the timeout watchdog
         self.deadlines: dict[int, tuple[float, asyncio.Timeout]] = {}
@@ -151,10 +153,14 @@ def pick_lane(lanes: Sequence[Lane], start: int, now: float) -> tuple[Lane | Non
     Returns:
         ``(lane, 0.0)`` for the first lane from ``start`` whose breaker allows
         a call (a half-open breaker's probe slot is taken), else ``(None,
-        seconds until the soonest breaker will let a probe through)``.
+        seconds until the soonest breaker will let a probe through)``;
+        ``inf`` when every lane from ``start`` is disabled. Disabled lanes
+        (:attr:`Lane.disabled`) are skipped.
     """
     wait = math.inf
     for lane in lanes[start:]:
+        if lane.disabled is not None:  # misconfigured: never comes back in this run
+            continue
         if lane.breaker.allow(now):
             return lane, 0.0
         wait = min(wait, lane.breaker.time_until_probe(now))

@@ -18,7 +18,14 @@ wait for another process's lock during a run: a busy cache file defers them to
 the next flush, and the last flush of a run waits (see :meth:`flush`).
 
 Keys are :func:`~llmap.store.cache.request_key` of the model's identity, its
-sampling parameters, the rendered messages and the schema.
+sampling parameters, the rendered messages and the schema. The sampling
+parameters are ``temperature``, ``max_tokens`` and the ``[model] params``
+that may change an answer (``reasoning_effort``, ``seed``, ``top_p``...; not
+``user``, ``metadata`` and the like: :data:`~llmap.params.NEUTRAL_PARAMS`).
+How the request was sent is not in the key: the structured-output dialect
+(a validated answer is valid whichever dialect produced it) and the
+parameter spellings a server asked for (``max_completion_tokens``, no
+``temperature``) leave it unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from llmap.params import answer_params
 from llmap.store.cache import CacheEntry, ResponseCache, request_key
 
 __all__ = ["AnswerCache"]
@@ -62,9 +70,9 @@ class AnswerCache:
         """The cache key of a row's request on ``lane`` (model identity, parameters, messages, schema)."""
         m = lane.model
         identity = m.name + "@" + (m.base_url or m.model_path or "")
-        return request_key(provider=m.provider, model=identity,
-                           params={"temperature": m.temperature, "max_tokens": m.max_tokens},
-                           messages=messages, schema=schema)
+        params = {"temperature": m.temperature, "max_tokens": m.max_tokens}
+        params.update(answer_params(getattr(m, "params", None) or {}))
+        return request_key(provider=m.provider, model=identity, params=params, messages=messages, schema=schema)
 
     # -- looking up -----------------------------------------------------------
     def prefetch(self, keys: Iterable[str]) -> None:
