@@ -36,6 +36,13 @@ def test_a_template_error_fails_that_row_and_the_run_goes_on(make_job, sim, tmp_
     assert all("has no attribute 'upper'" in r["_error"] and "NULL in this row: name" in r["_error"] for r in failed)
 
 
+def test_a_template_that_fails_on_every_row_the_same_way_stops_the_run(make_job, sim):
+    job = make_job(30, user="{{ name.missing_method() }}", concurrency=2)
+    res = Job.from_toml(job).run()
+    assert res.exit_code == 1 and "fails the same way on every row" in res.stop_reason
+    assert res.counts["failed"] <= 4 and chat_requests(sim) == 0  # the rest stay pending
+
+
 def test_a_dead_helper_task_stops_the_run_with_its_error(make_job, sim, monkeypatch):
     job = make_job(40, concurrency=2)
     sim.reconfigure(latency_median=0.05)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llmap.control.misconfig import mask_numbers
 from llmap.control.quota import GroupQuota, QuotaDecision
 from llmap.dispatch import Dispatcher, DispatchStats, Stop, install_sigterm
 from llmap.errors import RenderError
@@ -48,6 +49,8 @@ FLUSH_S = 0.25
 PAGE_ROWS = 512
 #: Rows that may wait for an identical row before the producer pauses (memory bound).
 MAX_WAITING = 100_000
+#: The first rows all failing to render with one identical error (no NULL involved) stop the run.
+TEMPLATE_ERRORS_TO_STOP = 3
 
 
 @dataclass(slots=True)
@@ -166,18 +169,33 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         if len(buffer) >= COMMIT_ROWS:
             flush()
 
+    rendered = [False]  # a row has rendered: template errors are the rows' own from now on
+    render_errors: list[str] = []
+
+    def template_failed(exc: RenderError) -> None:
+        """The same template error on the first rows, with no NULL to blame, is the template's: stop."""
+        if rendered[0] or exc.null_columns:
+            return
+        render_errors.append(mask_numbers(str(exc)))
+        if len(render_errors) >= TEMPLATE_ERRORS_TO_STOP and len(set(render_errors)) == 1:
+            stats.halt(f"the prompt template fails the same way on every row ({exc}); fix [prompt] and run again")
+
     def prepare(rows: list[_Row]) -> list[_Row]:
         """Render rows and key their requests; a row its template fails on is settled as failed."""
         nonlocal outstanding
         ready = []
         for row in rows:
+            if stats.stop.is_set():
+                break  # the run is stopping: the rest stay pending
             row.row = json.loads(row.data)
             try:
                 row.messages = dispatcher.renderer.messages(row.row)
             except RenderError as exc:
                 outstanding += 1
                 settle([RowResult(row.key, "failed", error=str(exc))], [row])
+                template_failed(exc)
                 continue
+            rendered[0] = True
             if answers is not None:
                 row.ckey = answers.key(primary, row.messages, schema)
             ready.append(row)

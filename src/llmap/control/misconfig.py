@@ -28,10 +28,15 @@ from dataclasses import dataclass, field
 
 from llmap import errors as E
 
-__all__ = ["MisconfigDetector", "likely_fix", "signature", "verdict_message"]
+__all__ = ["MisconfigDetector", "likely_fix", "mask_numbers", "signature", "verdict_message"]
 
 #: Ids (a word of 8+ characters with a digit in it) and numbers: masked before messages are compared.
 _MASK = re.compile(r"\b(?=[\w-]*\d)[\w-]{8,}\b|\d+")
+
+
+def mask_numbers(text: str) -> str:
+    """``text`` with numbers and ids masked as ``#``: two messages that differ only there are the same."""
+    return _MASK.sub("#", text)
 
 
 def signature(exc: E.ProviderError) -> tuple[str, int | None, str] | None:
@@ -39,7 +44,7 @@ def signature(exc: E.ProviderError) -> tuple[str, int | None, str] | None:
     not count (transient errors, a row's context overflow, anything not terminal)."""
     if not isinstance(exc, E.BadRequest) or isinstance(exc, E.ContextTooLong):
         return None
-    return type(exc).__name__, exc.status, _MASK.sub("#", str(exc))
+    return type(exc).__name__, exc.status, mask_numbers(str(exc))
 
 
 @dataclass
