@@ -2,12 +2,15 @@
 
 Simulator: --rpm 3000 --tpm 1000000 --latency-median 0.5 --latency-sigma 0.5 (a separate process).
 B1 tells the job the limits ([limits] rpm, tpm); B2 tells it nothing (llmap learns them from the
-x-ratelimit-* headers, and adapts concurrency with AIMD).
+x-ratelimit-* headers, and adapts concurrency with AIMD). B2b is B2 with a fixed
+``[limits] concurrency = 100`` and 2,000 rows: without a first request alone, its first wave of 100
+requests went out before any header was read.
 
 Targets: B1 wall <= 1.05 x N/(RPM/60) + the slowest request, 429s <= 0.5% of requests;
-         B2 wall <= 1.15 x N/(RPM/60), 429s <= 3%.
+         B2 wall <= 1.15 x N/(RPM/60), 429s <= 3%;
+         B2b wall <= 1.05 x N/(RPM/60), 429s <= 0.5%.
 
-    python bench/b1_b2_limits.py [--rows 3000] [--only b1|b2]
+    python bench/b1_b2_limits.py [--rows 3000] [--only b1|b2|b2b]
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def one(name: str, rows: int, csv: Path, tmp: Path, limits: str) -> dict:
     n429 = stats["by_status"].get("429", 0)
     ideal = rows / (RPM / 60)
     completion = stats["tokens"]["completion"] / max(1, stats["by_status"].get("200", 1))
-    return {"name": name, "wall_s": wall, "ideal_s": ideal, "ratio": wall / ideal, "requests": requests,
+    return {"name": name, "rows": rows, "wall_s": wall, "ideal_s": ideal, "ratio": wall / ideal, "requests": requests,
             "429": n429, "429_pct": 100 * n429 / max(1, requests), "completion_tokens_avg": completion,
             "slowest_s": slowest}
 
@@ -46,7 +49,8 @@ def one(name: str, rows: int, csv: Path, tmp: Path, limits: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=3000)
-    ap.add_argument("--only", choices=["b1", "b2"])
+    ap.add_argument("--only", choices=["b1", "b2", "b2b"])
+    ap.add_argument("--b2b-rows", type=int, default=2000)
     args = ap.parse_args()
     out = []
     with tempfile.TemporaryDirectory() as t:
@@ -56,23 +60,28 @@ def main() -> int:
             out.append(one("b1-known", args.rows, csv, tmp, f"rpm = {RPM}\ntpm = {TPM}"))
         if args.only in (None, "b2"):
             out.append(one("b2-unknown", args.rows, csv, tmp, ""))
+        if args.only in (None, "b2b"):
+            csv_b = write_rows_csv(tmp / "rows-b2b.csv", args.b2b_rows)
+            out.append(one("b2b-unknown-c100", args.b2b_rows, csv_b, tmp, "concurrency = 100"))
     for r in out:
-        target = 1.05 if r["name"].startswith("b1") else 1.15
-        limit429 = 0.5 if r["name"].startswith("b1") else 3.0
+        strict = r["name"].startswith(("b1", "b2b"))
+        target = 1.05 if strict else 1.15
+        limit429 = 0.5 if strict else 3.0
         print(table([
-            ("rows", f"{args.rows:,}"),
+            ("rows", f"{r['rows']:,}"),
             ("theoretical N/(RPM/60)", f"{r['ideal_s']:.1f} s"),
             ("wall time (llmap run, incl. start-up)", f"{r['wall_s']:.1f} s"),
             ("slowest request (ledger latency_s)", f"{r['slowest_s']:.2f} s"),
             ("wall / theoretical", f"{r['ratio']:.3f} (target <= {target}"
                                    + (f" + slowest request: wall <= {1.05 * r['ideal_s'] + r['slowest_s']:.1f} s)"
-                                      if target == 1.05 else ")")),
+                                      if r["name"].startswith("b1") else ")")),
             ("requests at simulator", f"{r['requests']:,}"),
             ("429 answers", f"{r['429']:,} = {r['429_pct']:.2f}% (target <= {limit429}%)"),
             ("completion tokens per answer (avg)", f"{r['completion_tokens_avg']:.1f}"),
         ], f"{r['name']}: simulator --rpm {RPM} --tpm {TPM} --latency-median 0.5 --latency-sigma 0.5"))
         print()
-    print(f"command: python bench/b1_b2_limits.py --rows {args.rows}" + (f" --only {args.only}" if args.only else ""))
+    print(f"command: python bench/b1_b2_limits.py --rows {args.rows} --b2b-rows {args.b2b_rows}"
+          + (f" --only {args.only}" if args.only else ""))
     print(json.dumps(out))
     return 0
 

@@ -138,14 +138,14 @@ def test_full_disk_while_exporting_leaves_no_half_written_output(make_job, tmp_p
         assert sorted(p.name for p in out.parent.iterdir()) == ["result.parquet"]  # the temp file is gone
 
 
-def test_a_full_disk_on_a_rows_cache_path_stops_the_run(make_job, monkeypatch, sim, tmp_path):
+def test_a_full_disk_on_a_rows_path_stops_the_run_instead_of_failing_rows(make_job, monkeypatch, sim, tmp_path):
     job = make_job(20)
 
-    async def lookup(self, key):
+    async def solve(self, *args, **kwargs):  # e.g. a cache write while settling a row
         raise DiskFull("disk full: cannot write the response cache 'x' (0 bytes free there); free some space",
                        path=Path("x"), free_bytes=0)
 
-    monkeypatch.setattr("llmap.store.answers.AnswerCache.lookup", lookup)
+    monkeypatch.setattr("llmap.dispatch.Dispatcher.solve_messages", solve)
     code, text = _run("run", job, "-q")
     assert code == 1 and "cannot write the response cache" in _one_error_line(text)
     assert chat_requests(sim) == 0

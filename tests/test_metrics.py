@@ -60,6 +60,7 @@ def _live_objects():
     lane_b = Lane(1, _Provider("openai:b"), ModelSpec(provider="openai", name="b"), LimitsSpec(concurrency=2),
                   clock=lambda: now)
     lane_a.in_flight = 5
+    lane_b.probing = False  # mid-run: its first answer came back before the outage
     for _ in range(10):
         lane_b.breaker.record_failure(now)
     return stats, tally, [lane_a, lane_b]

@@ -10,23 +10,28 @@ import pyarrow.parquet as pq
 from aiohttp import web
 from typer.testing import CliRunner
 
-from _support import chat_requests
+from _support import ScriptedProvider, chat_requests, with_providers
 from llmap import Job
 from llmap.cli import app
+from llmap.errors import BadRequest
 from llmap.sim import Simulator
 
 runner = CliRunner()
 SECRET = "sk-test-Zq81-very-secret-key"
 
 
-def test_failure_rate_alert_stops_a_broken_run_early(make_job, sim):
+def test_failure_rate_alert_stops_a_broken_run_early(make_job, monkeypatch):
+    # Rows that fail in varied ways (an identical refusal on every request is a configuration
+    # error, stopped sooner by the misconfiguration check: see tests/test_structured.py).
+    words = ["alpha", "beta", "gamma"]
+    p = ScriptedProvider("openai:sim", lambda n, r: BadRequest(f"HTTP 400: refused, {words[n % 3]}"))
+    with_providers(monkeypatch, [p])
     job = make_job(200, concurrency=2)
-    job.write_text(job.read_text().replace('name = "sim"', 'name = "bad-request-model"')
-                   + "\n[alerts]\nmax_failure_rate = 0.2\nwindow = 10\n")
+    job.write_text(job.read_text() + "\n[alerts]\nmax_failure_rate = 0.2\nwindow = 10\n")
     res = Job.from_toml(job).run()
     assert res.exit_code == 1 and "max_failure_rate = 0.2" in res.stop_reason
     assert res.counts["failed"] >= 10 and res.counts["pending"] > 150
-    assert chat_requests(sim) < 40  # stopped after about one window, not 200 rows
+    assert len(p.requests) < 40  # stopped after about one window, not 200 rows
 
 
 def test_log_json_events_and_prompts_only_on_request(make_job, sim, tmp_path):
@@ -107,8 +112,10 @@ def test_api_key_never_in_logs_ledger_cache_output_or_errors(make_job, tmp_path,
         job.write_text(job.read_text().replace(sim.base_url, f"http://127.0.0.1:{echo.port}/v1"))
         out = runner.invoke(app, ["run", str(job), "--log-json", str(tmp_path / "log.jsonl"), "--fresh"])
         assert out.exit_code == 1
-        errors = [r["_error"] for r in pq.read_table(tmp_path / "out" / "result.parquet").to_pylist()]
-        assert all("bad request from Bearer ***" in e for e in errors)
+        # every request refused the same way: the run stops with one message quoting the server
+        assert "refused every request the same way" in out.stderr and "bad request from Bearer ***" in out.stderr
+        errors = [r["_error"] for r in pq.read_table(tmp_path / "out" / "result.parquet").to_pylist() if r["_error"]]
+        assert errors and all("bad request from Bearer ***" in e for e in errors)
     files = list(tmp_path.rglob("*"))
     assert any(f.name.endswith(".sqlite") for f in files)  # the ledger and the cache were written
     assert _leaks(files) == []

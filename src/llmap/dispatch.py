@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import math
 import signal
 import threading
 import time
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmap import errors as E
+from llmap.control.misconfig import MisconfigDetector, verdict_message
 from llmap.control.retry import RetryPolicy
 from llmap.control.route import Lane, pick_lane
 from llmap.prompt.condition import Condition
@@ -50,6 +53,16 @@ __all__ = ["DispatchStats", "Dispatcher", "Stop"]
 
 #: Errors that mean the provider is down or broken: they count against its circuit breaker.
 _OUTAGE = (E.Overloaded, E.RequestTimeout, E.ConnectionFailed, E.MalformedResponse)
+#: Errors after which the provider did not process the request: its token reservation is refunded
+#: (the request itself still counts against RPM, as providers count it).
+_UNPROCESSED = (E.RateLimited, E.ConnectionFailed, E.TerminalError)
+#: While a half-open breaker's probe is out, rows look again this often, seconds.
+_VERDICT_POLL_S = 0.1
+
+
+def _chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of a request's messages (the prompt-token estimate's input)."""
+    return sum(len(m["content"]) if isinstance(m.get("content"), str) else len(str(m.get("content"))) for m in messages)
 #: How often the watchdog tightens deadlines of requests in flight, seconds.
 _WATCHDOG_S = 0.25
 
@@ -84,6 +97,8 @@ class DispatchStats:
     fatal: E.FatalProviderError | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     on_halt: Callable[[str], None] | None = None
+    #: called with each warning (a condition worth saying once, e.g. a server without usage)
+    on_warn: Callable[[str], None] | None = None
     #: request log entries not yet written to the ledger: (t, model, outcome, latency_s, pt, ct, pack_size)
     request_log: list[tuple] = field(default_factory=list)
     #: model -> {"requests", "prompt_tokens", "completion_tokens", "cost_usd"} (this run)
@@ -114,6 +129,11 @@ class DispatchStats:
         m["cost_usd"] += cost_usd
         if self.on_request is not None:
             self.on_request(entry)
+
+    def warn(self, message: str) -> None:
+        """Say something the user should know about this run (printed even with ``--quiet``)."""
+        if self.on_warn is not None:
+            self.on_warn(message)
 
     def halt(self, reason: str) -> None:
         """Stop sending new requests (in-flight ones finish); the first reason is kept and announced."""
@@ -163,6 +183,9 @@ class Dispatcher:
                                  budget_s=limits.retry_budget_s)
         #: Returns True once every row has been handed to a worker (the run's tail).
         self.draining: Callable[[], bool] = lambda: False
+        self._no_usage: set[str] = set()  # lanes already warned that their server reports no usage
+        #: One model refusing every request the same way is a configuration error, not an outage.
+        self.misconfig = MisconfigDetector()
 
     # -- caps -----------------------------------------------------------------
     def _check_caps(self) -> None:
@@ -178,42 +201,87 @@ class Dispatcher:
 
     # -- one request ----------------------------------------------------------
     async def send(self, lane: Lane, req: Request, est_tokens: float, pack_size: int = 1) -> Completion:
+        """Send one request on ``lane``: admit (concurrency, RPM/TPM), send under the adaptive timeout, settle.
+
+        Every attempt settles its token reservation: an answer with its real
+        usage (or an estimate when the server reports none), a 429, a refused
+        connection or a 4xx with 0 tokens (the provider did not process it),
+        and a timeout or 5xx keeps the reservation (it may have). An answer
+        counts toward the run's tokens and cost here, once.
+
+        Args:
+            lane: the model to send to.
+            req: the request.
+            est_tokens: prompt + completion tokens to reserve against TPM.
+            pack_size: rows the request carries (per-row output estimates).
+
+        Raises:
+            ProviderError: the attempt failed (see :mod:`llmap.errors`).
+            Stop: a budget cap is reached or the run is stopping; nothing was sent.
+        """
         await lane.enter()
         try:
             permit = await lane.limiter.acquire(est_tokens)
-            self._check_caps()
+            try:
+                self._check_caps()
+            except Stop:
+                lane.limiter.settle(permit, 0)  # never sent
+                raise
             self.stats.requests += 1
             loop = asyncio.get_running_loop()
             start = loop.time()
             try:
-                async with asyncio.timeout(start + lane.timeout.current()) as cm:
+                async with asyncio.timeout_at(start + lane.timeout.current()) as cm:  # a deadline, in loop time
                     lane.deadlines[id(cm)] = (start, cm)
                     try:
                         comp = await lane.provider.complete(req)
                     finally:
                         lane.deadlines.pop(id(cm), None)
-            except TimeoutError:
+            except TimeoutError:  # the server may have processed it: the reservation stands
                 exc = E.RequestTimeout(
                     f"no answer from {lane.label} within {loop.time() - start:.1f} s (adaptive timeout)",
                     model=lane.label, row_key=req.row_key)
                 self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
                 raise exc from None
             except E.ProviderError as exc:
+                if isinstance(exc, _UNPROCESSED):
+                    lane.limiter.settle(permit, 0)
+                if getattr(exc, "unsent", False):  # refused before sending: the run stops or the lane is out
+                    self.stats.requests -= 1
+                    raise
                 self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
+                if self.misconfig.failure(lane.index, exc):
+                    self._misconfigured(lane, exc)
                 raise
             except asyncio.CancelledError:  # a hedged copy that lost, or the run stopping
                 self.stats.log(lane.label, "cancelled", loop.time() - start, 0, 0, pack_size)
                 raise
         finally:
             lane.leave()
-        self.stats.log(lane.label, None, comp.latency_s, comp.prompt_tokens, comp.completion_tokens, pack_size,
-                       lane.cost_usd(comp.prompt_tokens, comp.completion_tokens))
+        self.misconfig.success(lane.index)
+        if comp.usage_reported:
+            lane.prompt_tokens.observe(_chars(req.messages), comp.prompt_tokens)
+            lane.output_tokens.observe(math.ceil(comp.completion_tokens / pack_size))
+        else:  # keep TPM and the budget caps working on estimates
+            comp = dataclasses.replace(
+                comp, prompt_tokens=lane.prompt_tokens.estimate(_chars(req.messages)),
+                completion_tokens=lane.prompt_tokens.estimate(comp.content))
+            if lane.label not in self._no_usage:
+                self._no_usage.add(lane.label)
+                self.stats.warn(f"warning: {lane.label} reports no token usage; TPM limits, budget caps and costs use "
+                                "estimates from text length for it")
+        cost = lane.cost_usd(comp.prompt_tokens, comp.completion_tokens)
+        st = self.stats
+        st.prompt_tokens += comp.prompt_tokens
+        st.completion_tokens += comp.completion_tokens
+        st.cost_usd += cost
+        st.log(lane.label, None, comp.latency_s, comp.prompt_tokens, comp.completion_tokens, pack_size, cost)
         lane.limiter.settle(permit, comp.prompt_tokens + comp.completion_tokens)
         if comp.headers:
             lane.limiter.update_from_headers(comp.headers, sent_at=permit.sent_at)
         lane.timeout.observe(comp.latency_s)
-        if comp.completion_tokens:
-            lane.output_tokens.observe(comp.completion_tokens)
+        lane.breaker.record_success()
+        lane.on_success()
         return comp
 
     async def _hedged(self, lane: Lane, req: Request, est_tokens: float, delay_s: float) -> Completion:
@@ -227,7 +295,7 @@ class Dispatcher:
         tasks = [first]
         try:
             done, _ = await asyncio.wait(tasks, timeout=delay_s)
-            if not done and lane.in_flight * 2 < lane.aimd.limit:
+            if not done and lane.in_flight * 2 < lane.limit:
                 self.stats.hedged += 1
                 tasks.append(asyncio.create_task(self.send(lane, req, est_tokens)))
             # An answer wins. After an error, the other copy gets at most the p95 latency more
@@ -266,35 +334,57 @@ class Dispatcher:
         """
         return await self.solve_messages(key, self.renderer.messages(row))
 
-    async def solve_messages(self, key: str, base_messages: list[dict[str, str]], *, start: int = 0) -> RowResult:
-        """Settle one row from its rendered messages, trying models from lane ``start`` on."""
+    async def solve_messages(self, key: str, base_messages: list[dict[str, str]], *, start: int = 0,
+                             lead: str | None = None) -> RowResult:
+        """Settle one row from its rendered messages, trying models from lane ``start`` on.
+
+        Args:
+            key: the row's key.
+            base_messages: the row's rendered chat messages.
+            start: the first lane (model) the row may use.
+            lead: the row's cache key on lane ``start``, when the caller has
+                already looked it up and found nothing (the worker pool does,
+                for a whole page at once): the row leads that request without
+                a second lookup.
+
+        Raises:
+            Stop: the run is stopping (fatal error, budget cap); the row stays pending.
+        """
         st = self.stats
         res = RowResult(key=key, status="failed", tried=[])
-        prompt_chars = sum(len(m["content"]) for m in base_messages)
         t0 = self.clock()
         last_error = "no model answered"
         tries: dict[int, int] = {}  # lane index -> attempts there
         reasks: dict[int, int] = {}
         messages: dict[int, list[dict[str, str]]] = {}
         keys: dict[int, str] = {}  # lane index -> cache key of the row's base request there
-        while start < len(self.lanes):
-            if st.stop.is_set():
-                raise Stop
-            lane, wait = pick_lane(self.lanes, start, self.clock())
-            if lane is None:  # every remaining model's breaker is open
-                if self.clock() - t0 + wait > self.limits.retry_budget_s:
-                    last_error = "every model is unavailable (circuit breakers open)"
-                    break
-                await self.sleep(min(wait, 1.0))
-                continue
-            i = lane.index
-            msgs = messages.setdefault(i, base_messages)
-            ckey = None
-            if self.answers is not None and reasks.get(i, 0) == 0:
-                ckey = keys.setdefault(i, self.answers.key(lane, base_messages, self.schema.json_schema))
-                hit = await self.answers.lookup(ckey)
-                if hit is not None:  # the cache, or an identical request of this run, answered
-                    lane.breaker.release()
+        leads: dict[int, str] = {}  # lane index -> the key this row leads there (others wait for it)
+        answers = self.answers
+        if lead is not None and answers is not None and answers.lead(lead):
+            keys[start] = leads[start] = lead
+        try:
+            while start < len(self.lanes):
+                if st.stop.is_set():
+                    raise Stop
+                lane, wait = pick_lane(self.lanes, start, self.clock())
+                if lane is None:  # every remaining model's breaker is open, or its half-open probe is out
+                    left = self.limits.retry_budget_s - (self.clock() - t0)
+                    if left <= 0 or (wait > left and not math.isinf(wait)):
+                        last_error = "every model is unavailable (circuit breakers open)"
+                        break
+                    # inf: a probe is out; its verdict (closed or open again) decides, so look again soon
+                    await self.sleep(min(wait, _VERDICT_POLL_S if math.isinf(wait) else 1.0, left))
+                    continue
+                i = lane.index
+                for j in [j for j in leads if j < i]:  # lanes this row has moved past
+                    answers.resolve(leads.pop(j), None)
+                if answers is not None and i not in leads and not reasks.get(i):
+                    ckey = keys.setdefault(i, answers.key(lane, base_messages, self.schema.json_schema))
+                    lane.breaker.release()  # never hold a half-open probe slot while waiting for an answer
+                    hit = await answers.claim(ckey)
+                    if hit is None:
+                        leads[i] = ckey
+                        continue  # this row leads the request: route again (the slot was given back)
                     res.tried.append((hit.model, "cache", hit.output, 0, 0))
                     if self.escalates(lane, hit.output):
                         start = i + 1
@@ -302,87 +392,89 @@ class Dispatcher:
                     res.status, res.output, res.model, res.source = "done", hit.output, hit.model, "cache"
                     res.error = None
                     return res
-            tries[i] = tries.get(i, 0) + 1
-            res.attempts += 1
-            if tries[i] > 1:
-                st.retries += 1
-            model = lane.model
-            req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key)
-            est = lane.prompt_tokens.estimate(prompt_chars) + lane.output_tokens.estimate()
-            hedge = self.limits.hedge_tail and self.draining() and lane.in_flight * 2 < lane.aimd.limit
-            leader = self.answers.lead(ckey) if ckey is not None else False
-            try:
-                if hedge:  # a row that failed before hedges at once; others once they are slower than p95
-                    comp = await self._hedged(lane, req, est, 0.0 if tries[i] > 1 else lane.timeout.quantile(0.95))
-                else:
-                    comp = await self.send(lane, req, est)
-            except E.ProviderError as exc:
-                if leader:
-                    self.answers.resolve(ckey, None)
-                exc.row_key, exc.attempt = key, tries[i]
-                last_error = f"{type(exc).__name__}: {exc}"
-                self.record_failure(lane, exc)
-                decision = self.retry.decide(exc, tries[i], self.clock() - t0)
-                if decision.stop_run:
-                    st.fatal = st.fatal or exc  # type: ignore[assignment]
-                    st.halt(f"{exc}")
-                    raise Stop from exc
-                if decision.retry:
-                    delay = decision.delay_s
-                    if hedge and not isinstance(exc, E.RateLimited):
-                        # In the tail with spare capacity there is no load to shed: retry soon.
-                        delay = min(delay, self.retry.backoff(1))
-                    await self.sleep(delay)
-                else:
-                    start = i + 1  # fail over to the next model
-                continue
-            except BaseException:
-                if leader:
-                    self.answers.resolve(ckey, None)
-                lane.breaker.release()
-                raise
-            lane.breaker.record_success()
-            lane.on_success()
-            lane.prompt_tokens.observe(prompt_chars, comp.prompt_tokens)
-            res.latency_s += comp.latency_s
-            res.prompt_tokens += comp.prompt_tokens
-            res.completion_tokens += comp.completion_tokens
-            st.prompt_tokens += comp.prompt_tokens
-            st.completion_tokens += comp.completion_tokens
-            st.cost_usd += lane.cost_usd(comp.prompt_tokens, comp.completion_tokens)
-            try:
-                output = self.schema.validate(comp.content)
-            except E.AnswerInvalid as exc:
-                if leader:
-                    self.answers.resolve(ckey, None)
-                res.tried.append((lane.label, "invalid", None, comp.prompt_tokens, comp.completion_tokens))
-                if reasks.get(i, 0) < self.max_reask:
-                    reasks[i] = reasks.get(i, 0) + 1
-                    messages[i] = [*msgs, {"role": "assistant", "content": comp.content},
-                                   reask_message(exc.detail, self.schema.json_schema)]
+                tries[i] = tries.get(i, 0) + 1
+                res.attempts += 1
+                if tries[i] > 1:
+                    st.retries += 1
+                model = lane.model
+                msgs = messages.get(i, base_messages)
+                req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key)
+                est = lane.prompt_tokens.estimate(_chars(msgs)) + lane.output_tokens.estimate()
+                hedge = self.limits.hedge_tail and self.draining() and lane.in_flight * 2 < lane.limit
+                try:
+                    if hedge:  # a row that failed before hedges at once; others once they are slower than p95
+                        comp = await self._hedged(lane, req, est,
+                                                  0.0 if tries[i] > 1 else lane.timeout.quantile(0.95))
+                    else:
+                        comp = await self.send(lane, req, est)
+                except E.ProviderError as exc:
+                    exc.row_key, exc.attempt = key, tries[i]
+                    last_error = f"{type(exc).__name__}: {exc}"
+                    self.record_failure(lane, exc)
+                    decision = self.retry.decide(exc, tries[i], self.clock() - t0)
+                    if decision.stop_run:
+                        st.fatal = st.fatal or exc  # type: ignore[assignment]
+                        st.halt(f"{exc}")
+                        raise Stop from exc
+                    if decision.retry:  # still the leader: rows with the same request keep waiting
+                        delay = decision.delay_s
+                        if hedge and not isinstance(exc, E.RateLimited):
+                            # In the tail with spare capacity there is no load to shed: retry soon.
+                            delay = min(delay, self.retry.backoff(1))
+                        await self.sleep(delay)
+                    else:
+                        start = i + 1  # fail over to the next model
                     continue
-                last_error = f"AnswerInvalid: {exc.detail} (after {reasks.get(i, 0)} re-asks)"
-                start = i + 1  # a cascade: the next model gets the row
-                continue
-            if leader:
-                self.answers.resolve(ckey, CacheEntry(ckey, lane.label, output, comp.prompt_tokens,
-                                                      comp.completion_tokens))
-            if self.escalates(lane, output):
-                res.tried.append((lane.label, "escalated", output, comp.prompt_tokens, comp.completion_tokens))
-                start = i + 1
-                continue
-            res.tried.append((lane.label, "done", output, comp.prompt_tokens, comp.completion_tokens))
-            res.status, res.output, res.model, res.error, res.source = "done", output, lane.label, None, "model"
-            return res
-        res.error = last_error
-        escalated = [(m, out) for m, outcome, out, _, _ in res.tried if outcome in ("escalated", "cache") and out]
+                except BaseException:
+                    lane.breaker.release()
+                    raise
+                res.latency_s += comp.latency_s
+                res.prompt_tokens += comp.prompt_tokens
+                res.completion_tokens += comp.completion_tokens
+                try:
+                    output = self.schema.validate(comp.content)
+                except E.AnswerInvalid as exc:
+                    res.tried.append((lane.label, "invalid", None, comp.prompt_tokens, comp.completion_tokens))
+                    if reasks.get(i, 0) < self.max_reask:
+                        reasks[i] = reasks.get(i, 0) + 1
+                        messages[i] = [*msgs, {"role": "assistant", "content": comp.content},
+                                       reask_message(exc.detail, self.schema.json_schema)]
+                        continue
+                    last_error = f"AnswerInvalid: {exc.detail} (after {reasks.get(i, 0)} re-asks)"
+                    start = i + 1  # a cascade: the next model gets the row
+                    continue
+                if i in leads:  # a validated answer to the row's request (re-asked or not) fans out
+                    answers.resolve(leads.pop(i), CacheEntry(keys[i], lane.label, output, comp.prompt_tokens,
+                                                             comp.completion_tokens))
+                if self.escalates(lane, output):
+                    res.tried.append((lane.label, "escalated", output, comp.prompt_tokens, comp.completion_tokens))
+                    start = i + 1
+                    continue
+                res.tried.append((lane.label, "done", output, comp.prompt_tokens, comp.completion_tokens))
+                res.status, res.output, res.model, res.error, res.source = "done", output, lane.label, None, "model"
+                return res
+        finally:
+            for k in leads.values():  # gave up, stopped or cancelled: one waiter takes over
+                answers.resolve(k, None)
+        return self.unanswered(res, last_error, [keys[i] for i in sorted(keys)])
+
+    def unanswered(self, res: RowResult, error: str, keys: Sequence[str]) -> RowResult:
+        """Settle a row no model answered: an answer met on the way, a stale cache entry, the fallback, or failed.
+
+        Args:
+            res: the row's result so far (``tried`` holds answers met on the way).
+            error: the last error, kept in ``res.error``.
+            keys: the row's cache keys on the models it tried (for stale-if-error).
+        """
+        res.error = error
+        escalated = [(m, out) for m, outcome, out, _, _ in res.tried or [] if outcome in ("escalated", "cache") and out]
         if escalated:
             # Every later model failed: the last escalated answer is still an answer.
             res.status, res.model, res.output = "done", escalated[-1][0], escalated[-1][1]
             res.source = "model"
             return res
         if self.answers is not None and keys:
-            stale = self.answers.stale([keys[i] for i in sorted(keys)])
+            stale = self.answers.stale(list(keys))
             if stale is not None:  # stale-if-error: an expired answer beats none
                 res.status, res.output, res.model, res.source = "done", stale.output, stale.model, "stale"
                 return res
@@ -394,6 +486,22 @@ class Dispatcher:
         """True when this lane's ``escalate_if`` holds for ``output`` and a later model exists."""
         cond = self.escalate_if[lane.index]
         return cond is not None and lane.index + 1 < len(self.lanes) and cond.evaluate(output)
+
+    def _misconfigured(self, lane: Lane, exc: E.ProviderError) -> None:
+        """``lane`` refuses every request the same way: leave it out; stop the run when no model is left.
+
+        Raises:
+            Stop: no model is left; the run stops with one message (exit 1), the row stays pending.
+        """
+        if lane.disabled is None:
+            lane.disabled = verdict_message(lane.label, exc, structured=getattr(lane.model, "structured", "auto"))
+            if any(other.disabled is None for other in self.lanes):
+                self.stats.warn(f"{lane.disabled}; leaving {lane.label} out for the rest of the run")
+        if all(other.disabled is not None for other in self.lanes):
+            if self.stats.stop_reason is None:  # said once, at the end of the run (not also as a warning now)
+                self.stats.stop_reason = lane.disabled
+            self.stats.stop.set()
+            raise Stop from exc
 
     def record_failure(self, lane: Lane, exc: E.ProviderError) -> None:
         if isinstance(exc, E.RateLimited):

@@ -354,6 +354,7 @@ class Job:
             out = None
             try:
                 if run_id is not None:
+                    _record_shapes(prep.providers, stats)
                     try:
                         ledger.end_run(run_id, exit_reason=reason, requests=stats.requests,
                                        prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
@@ -418,6 +419,7 @@ class Job:
                  for i, (p, m) in enumerate(zip(prep.providers, spec.models, strict=True))]
         stats.on_halt = lambda reason: progress.message(
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
+        stats.on_warn = lambda text: progress.message(f"llmap: {text}")
         cache = None
         if spec.cache.enabled:
             with guard(default_cache_dir() / CACHE_FILE, "response cache"):
@@ -426,6 +428,8 @@ class Job:
             dispatcher = Dispatcher(lanes, prep.renderer, prep.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
                                     answers=AnswerCache(cache))
+            for lane in lanes:
+                _count_resends(lane, stats, progress)
             packer = None
             if spec.prompt.pack != 1:
                 packer = Packer(dispatcher, spec.prompt.pack, draining=lambda: dispatcher.draining())
@@ -440,6 +444,46 @@ class Job:
         finally:
             if cache is not None:
                 cache.close()
+
+
+def _count_resends(lane: Lane, stats: DispatchStats, progress: Progress) -> None:
+    """Count a provider's resends in a new request shape (see :mod:`llmap.control.dialect`) as
+    requests of the run, and say once what changed."""
+    if not hasattr(lane.provider, "on_resend"):
+        return
+
+    def on_resend(note: str | None, status: int, latency_s: float) -> None:
+        stats.requests += 1
+        stats.log(lane.label, str(status), latency_s, 0, 0, 1)
+        if note:
+            progress.message(f"llmap: {lane.label}: {note} (HTTP {status})")
+
+    lane.provider.on_resend = on_resend
+
+    def refuse() -> E.ProviderError | None:
+        err: E.ProviderError | None = None
+        if stats.stop.is_set():  # the row stays pending
+            err = E.FatalProviderError(f"the run is stopping: {stats.stop_reason}", model=lane.label)
+        elif lane.disabled is not None:  # left out of the run: the row fails over without a request
+            err = E.BadRequest(lane.disabled, model=lane.label)
+        if err is not None:
+            err.unsent = True  # type: ignore[attr-defined]  # not a request: the dispatcher does not count it
+        return err
+
+    lane.provider.refuse = refuse
+
+
+def _record_shapes(providers: list[Provider], stats: DispatchStats) -> None:
+    """Put each model's structured-output dialect into the run's per-model record (the ledger's
+    ``runs.by_model``), for ``llmap status`` and ``llmap report``."""
+    for p in providers:
+        shape = getattr(p, "shape", None)
+        if shape is None:
+            continue
+        m = stats.by_model.setdefault(p.label, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                                "cost_usd": 0.0})
+        m["structured"] = shape.dialect
+        m["structured_how"] = shape.describe()
 
 
 class _Logged:

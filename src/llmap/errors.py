@@ -24,6 +24,7 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │           ├── AuthError       401 / 403
     │           └── QuotaExhausted  insufficient_quota
     ├── AnswerInvalid             the answer does not validate against the fields
+    ├── RenderError               a template failed on one row's values; that row fails, the run goes on
     ├── EventLoopRunning          a sync call (llmap.map, Job.run) inside a running event loop
     ├── LedgerLocked              another run of the job holds its ledger; nothing sent (exit 75)
     ├── DiskFull                  a write of the ledger, cache or output found the disk full (exit 1)
@@ -54,6 +55,7 @@ __all__ = [
     "ProviderError",
     "QuotaExhausted",
     "RateLimited",
+    "RenderError",
     "RequestTimeout",
     "RunInterrupted",
     "SpecError",
@@ -217,6 +219,22 @@ class DiskFull(LlmapError):
         super().__init__(message)
         self.path = path
         self.free_bytes = free_bytes
+
+
+class RenderError(LlmapError):
+    """A prompt template failed on one row's values (e.g. ``{{ name.upper() }}`` on a NULL name).
+
+    Only that row fails (its ``_error`` holds this message); the run goes on.
+
+    Attributes:
+        template: which template failed (``"system"`` or ``"user"``).
+        null_columns: the row's template variables that were NULL or missing.
+    """
+
+    def __init__(self, message: str, *, template: str = "user", null_columns: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.template = template
+        self.null_columns = null_columns
 
 
 class RunInterrupted(LlmapError):

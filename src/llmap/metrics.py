@@ -146,7 +146,7 @@ class RunMetrics(Collector):
         for lane in lanes:
             labels = [self.job, lane.label]
             in_flight.add_metric(labels, lane.in_flight)
-            limit.add_metric(labels, lane.aimd.limit)
+            limit.add_metric(labels, lane.limit)
             rate = lane.limiter.rate
             if rate.requests is not None:
                 rpm.add_metric(labels, rate.requests.capacity)

@@ -2,9 +2,13 @@
 
 ``[prompt] pack = N`` sends N rows per request as a JSON array of items; the
 answer is matched to rows by ``id``, never by position (see
-:mod:`llmap.prompt.pack`). Rows whose item is missing, duplicated or invalid
-are retried in packs of N/2, then N/4, ... down to single rows, which take
-the dispatcher's ordinary per-row path (re-asks, retries, failover).
+:mod:`llmap.prompt.pack`). Only item-level failures are bisected: rows whose
+item is missing, duplicated, unknown or invalid, and every row of a pack the
+model's context cannot hold, are retried in packs of N/2, then N/4, ... down
+to single rows, which take the dispatcher's ordinary per-row path (re-asks,
+retries, failover). Errors that have nothing to do with the pack (a 404, spent
+retries, an outage) send its rows down their usual path at once: fail over to
+the next model, or fail with the error.
 
 Retried rows are *regrouped*: the affected rows of many packs that failed at
 the same level wait briefly (:data:`REGROUP_WAIT_S`) to fill one pack of
@@ -31,11 +35,17 @@ __all__ = ["Packer"]
 #: Seconds a retried row waits for others to fill its smaller pack.
 REGROUP_WAIT_S = 0.2
 
-Item = tuple[str, dict[str, Any], list[dict[str, str]]]  # key, row, rendered single-row messages
+#: One row of a pack: key, row (column -> value), rendered single-row messages, and the cache key
+#: of that single-row request on the primary model (None when there is no cache).
+Item = tuple[str, dict[str, Any], list[dict[str, str]], str | None]
 
 
 class Packer:
     """Settles packs of rows through a :class:`~llmap.dispatch.Dispatcher`.
+
+    The worker pool hands it packs of rows that are not cache hits and whose
+    requests are unique in the run (identical rows wait for the first, see
+    :mod:`llmap.pool`), so N unique rows cost ``ceil(N / pack)`` requests.
 
     Args:
         dispatcher: sends requests and settles single rows.
@@ -62,30 +72,32 @@ class Packer:
         row_tokens = max(1, round(self._row_chars / self.d.lanes[0].prompt_tokens.chars_per_token))
         return self.auto.size(row_tokens)
 
-    async def solve(self, rows: list[tuple[str, dict[str, Any]]]) -> list[RowResult]:
-        """Settle ``rows`` (one pack); results in the order of ``rows``.
-
-        Rows answered by the cache or an identical in-flight request are
-        settled first; the rest go out as one pack on the primary model.
+    async def solve(self, items: list[Item]) -> list[RowResult]:
+        """Settle ``items`` (one pack) on the primary model; results in the order of ``items``.
 
         Raises:
             Stop: the run is stopping; unsettled rows stay pending.
         """
-        d = self.d
-        results: dict[str, RowResult] = {}
-        items: list[Item] = []
-        for key, row in rows:
-            base = d.renderer.messages(row)
+        for _, _, base, _ in items:
             self._row_chars = 0.9 * self._row_chars + 0.1 * len(base[-1]["content"])
-            if d.answers is not None:
-                hit = await d.answers.lookup(d.answers.key(d.lanes[0], base, d.schema.json_schema))
-                if hit is not None and not d.escalates(d.lanes[0], hit.output):
-                    results[key] = RowResult(key, "done", output=hit.output, model=hit.model, source="cache",
-                                             tried=[(hit.model, "cache", hit.output, 0, 0)])
-                    continue
-            items.append((key, row, base))
+        results: dict[str, RowResult] = {}
         await self._round(items, results, size=len(items))
-        return [results[key] for key, _ in rows]
+        return [results[it[0]] for it in items]
+
+    async def aclose(self) -> None:
+        """Cancel regroup timers and regrouped packs still in flight (the run is ending)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for waiting in self._waiting.values():
+            for _, fut in waiting:
+                if not fut.done():
+                    fut.set_exception(Stop())
+        self._waiting.clear()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- one pack ---------------------------------------------------------------
     async def _round(self, items: list[Item], results: dict[str, RowResult], *, size: int) -> None:
@@ -93,8 +105,8 @@ class Packer:
         if not items:
             return
         if len(items) == 1:
-            key, _, base = items[0]
-            results[key] = await self.d.solve_messages(key, base)
+            key, _, base, ckey = items[0]
+            results[key] = await self.d.solve_messages(key, base, lead=ckey)
             return
         d = self.d
         lane, _ = pick_lane(d.lanes, 0, d.clock())
@@ -104,7 +116,7 @@ class Packer:
             await self._singly(items, results)
             return
         by_key = {it[0]: it for it in items}
-        messages = pack_messages(d.renderer, [(key, row) for key, row, _ in items])
+        messages = pack_messages(d.renderer, [(key, row) for key, row, _, _ in items])
         model = lane.model
         req = Request(messages, pack_schema(d.schema.json_schema), model.temperature,
                       model.max_tokens * len(items), row_key=items[0][0])
@@ -121,14 +133,18 @@ class Packer:
                 comp = await d.send(lane, req, est, pack_size=len(items))
                 break
             except E.ProviderError as exc:
+                exc.attempt = attempt
                 d.record_failure(lane, exc)
                 decision = d.retry.decide(exc, attempt, d.clock() - t0)
                 if decision.stop_run:
                     d.stats.fatal = d.stats.fatal or exc  # type: ignore[assignment]
                     d.stats.halt(f"{exc}")
                     raise Stop from exc
-                if not decision.retry:  # e.g. the pack is too long: smaller packs
+                if isinstance(exc, E.ContextTooLong):  # the pack is too long: the same rows in smaller packs
                     await self._regroup(items, results, size=max(1, size // 2))
+                    return
+                if not decision.retry:  # nothing to do with the pack: the rows' usual path (fail over or fail)
+                    await self._give_up(items, results, f"{type(exc).__name__}: {exc}", attempt)
                     return
                 await d.sleep(decision.delay_s)
                 lane, _ = pick_lane(d.lanes, 0, d.clock())
@@ -140,12 +156,6 @@ class Packer:
             except BaseException:
                 lane.breaker.release()
                 raise
-        lane.breaker.record_success()
-        lane.on_success()
-        st = d.stats
-        st.prompt_tokens += comp.prompt_tokens
-        st.completion_tokens += comp.completion_tokens
-        st.cost_usd += lane.cost_usd(comp.prompt_tokens, comp.completion_tokens)
         outcome = parse_pack(comp.content, list(by_key), d.schema.validate)
         if self.auto is not None:
             self.auto.observe(len(by_key), len(outcome.problems))
@@ -153,22 +163,34 @@ class Packer:
         share_p, share_c = comp.prompt_tokens // n, comp.completion_tokens // n
         escalate = []
         for key, output in outcome.answers.items():
-            base = by_key[key][2]
-            if d.answers is not None:
-                ckey = d.answers.key(lane, base, d.schema.json_schema)
+            _, _, base, ckey = by_key[key]
+            if d.answers is not None and ckey is not None:
                 d.answers.resolve(ckey, CacheEntry(ckey, lane.label, output, share_p, share_c))
             tried = [(lane.label, "done", output, share_p, share_c)]
             if d.escalates(lane, output):
                 tried[0] = (lane.label, "escalated", output, share_p, share_c)
                 escalate.append((key, base, tried))
                 continue
-            results[key] = RowResult(key, "done", output=output, model=lane.label, source="model", attempts=1,
+            results[key] = RowResult(key, "done", output=output, model=lane.label, source="model", attempts=attempt,
                                      prompt_tokens=share_p, completion_tokens=share_c, tried=tried,
                                      latency_s=comp.latency_s)
         work = [self.escalates(key, base, tried, results) for key, base, tried in escalate]
         if outcome.problems:
             work.append(self._regroup([by_key[k] for k in outcome.problems], results, size=max(1, size // 2)))
         await asyncio.gather(*work)
+
+    async def _give_up(self, items: list[Item], results: dict[str, RowResult], error: str, attempts: int) -> None:
+        """The pack failed on the primary for a reason no smaller pack fixes: each row fails over, or fails."""
+        d = self.d
+        if len(d.lanes) > 1:
+            await asyncio.gather(*(self._one(key, base, results, start=1) for key, _, base, _ in items))
+            return
+        for key, _, _, ckey in items:
+            results[key] = d.unanswered(RowResult(key, "failed", attempts=attempts, tried=[]), error,
+                                        [ckey] if ckey is not None else [])
+
+    async def _one(self, key: str, base: list[dict[str, str]], results: dict[str, RowResult], *, start: int) -> None:
+        results[key] = await self.d.solve_messages(key, base, start=start)
 
     async def escalates(self, key: str, base: list[dict[str, str]], tried: list, results: dict) -> None:
         """Cascade one row to the models after the primary."""
@@ -223,12 +245,10 @@ class Packer:
         results: dict[str, RowResult] = {}
         try:
             await self._round([it for it, _ in batch], results, size=size)
-        except BaseException as exc:  # Stop or cancellation: hand it to every waiting caller
+        except BaseException as exc:  # Stop, cancellation or a bug: hand it to every waiting caller
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(exc if isinstance(exc, Stop) else Stop())
-            if not isinstance(exc, Stop | asyncio.CancelledError):
-                raise
+                    fut.set_exception(Stop() if isinstance(exc, asyncio.CancelledError) else exc)
             return
         for it, fut in batch:
             if not fut.done():

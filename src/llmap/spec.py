@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmap.errors import SpecError
+from llmap.params import RESERVED_PARAMS, answer_params
 
 __all__ = [
     "FIELD_TYPES",
@@ -149,11 +150,29 @@ class PromptSpec(_Strict):
 
 
 class FieldSpec(_Strict):
-    """One output field: ``type`` in :data:`FIELD_TYPES`, optional ``enum`` and ``description``."""
+    """One output field: ``type`` in :data:`FIELD_TYPES`, optional ``enum``, ``description`` and constraints.
+
+    Constraints use JSON Schema's words; they are compiled into the schema
+    sent with each request (so servers and llama.cpp's grammar can enforce
+    them) and checked by llmap's validation (a violation is re-asked):
+
+    - ``minimum``, ``maximum``: inclusive bounds of an ``integer`` or ``number``;
+    - ``min_length``, ``max_length``: bounds of a ``string``'s length, in characters;
+    - ``pattern``: a regex the whole ``string`` must match (see :mod:`llmap.prompt.pattern`);
+    - ``nullable``: the answer may be ``null`` ("not stated in the text").
+
+    They are checked when the job is loaded (:func:`llmap.prompt.schema.check_fields`).
+    """
 
     type: str
     enum: list[Any] | None = None
     description: str | None = None
+    minimum: int | float | None = None
+    maximum: int | float | None = None
+    min_length: int | None = Field(default=None, ge=0)
+    max_length: int | None = Field(default=None, ge=0)
+    pattern: str | None = None
+    nullable: bool = False
 
     @field_validator("type")
     @classmethod
@@ -233,6 +252,19 @@ class ModelSpec(_Strict):
         escalate_if: a SQL-like condition on the answer's fields (e.g.
             ``"confidence < 0.7"``); rows whose answer meets it, or fails
             validation, go on to the next ``[[model]]`` (a cascade).
+        structured: for ``openai``, how to ask for structured output:
+            ``"auto"`` (default: ``json_schema``, stepping to ``json_object``
+            then ``prompt`` when the server refuses one, remembered per base
+            URL and model), or one of those three forced. See
+            :mod:`llmap.control.dialect`.
+        params: for ``openai``, extra request-body keys passed through as
+            they are (``reasoning_effort``, ``top_p``, ``seed``...); they
+            override llmap's own (``temperature``, ``max_tokens``).
+        headers: for ``openai``, extra HTTP headers (a gateway's key, Azure's
+            ``api-key``); a value written ``${VAR}`` is read from that
+            environment variable and kept out of logs and errors.
+        query: for ``openai``, query parameters added to every URL (Azure's
+            ``api-version``).
     """
 
     provider: Literal["local", "openai"] = "local"
@@ -250,11 +282,24 @@ class ModelSpec(_Strict):
     rpm: float | None = Field(default=None, gt=0)
     tpm: float | None = Field(default=None, gt=0)
     escalate_if: str | None = None
+    structured: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
+    params: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    query: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _provider_keys(self) -> ModelSpec:
         if self.provider == "local" and (self.base_url or self.api_key_env):
             raise ValueError("base_url and api_key_env apply to provider = 'openai'; set provider or drop them")
+        if self.provider == "local":
+            given = [k for k in ("params", "headers", "query") if getattr(self, k)]
+            if self.structured != "auto":
+                given.insert(0, "structured")
+            if given:
+                raise ValueError(f"{given[0]} applies to provider = 'openai'; set provider or drop it")
+        owned = [k for k in self.params if k in RESERVED_PARAMS]
+        if owned:
+            raise ValueError(f"params.{owned[0]} is set by llmap ({RESERVED_PARAMS[owned[0]]}); drop it from params")
         if self.provider == "openai" and self.model_path:
             raise ValueError("model_path applies to provider = 'local'; set provider or drop it")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
@@ -394,15 +439,20 @@ class JobSpec(_Strict):
         Prompt templates, examples, fields and model settings: a change to any
         of them makes done rows pending again on the next run.
         """
+        models = []
+        for m in self.models:
+            d = m.model_dump(include={"provider", "name", "base_url", "model_path", "temperature", "max_tokens",
+                                      "escalate_if"})
+            if answer_params(m.params):  # only when set, so existing ledgers keep their hashes
+                d["params"] = answer_params(m.params)
+            models.append(d)
         doc = {
             "prompt": self.prompt.model_dump(exclude={"pack"}),
             "max_chars": self.input.max_chars,
-            "fields": {k: v.model_dump() for k, v in self.output.fields.items()},
-            "models": [
-                m.model_dump(include={"provider", "name", "base_url", "model_path", "temperature", "max_tokens",
-                                      "escalate_if"})
-                for m in self.models
-            ],
+            # type, enum and description always (as before constraints existed); constraints only when set
+            "fields": {k: v.model_dump(include={"type", "enum", "description"}) | v.model_dump(exclude_defaults=True)
+                       for k, v in self.output.fields.items()},
+            "models": models,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -461,9 +511,10 @@ def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: st
     except ValidationError as exc:
         raise SpecError(_one_line(exc, source)) from None
     from llmap.prompt.render import Renderer  # template syntax is part of the spec
-    from llmap.prompt.schema import check_examples, check_fallback
+    from llmap.prompt.schema import check_examples, check_fallback, check_fields
 
     Renderer.from_spec(spec.prompt, source=source)
+    check_fields(spec.output.fields, source=source)
     check_examples(spec.output.fields, spec.prompt.examples, source=source)
     if spec.output.fallback is not None:
         check_fallback(spec.output.fields, spec.output.fallback, source=source)

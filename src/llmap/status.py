@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class StatusReport:
     by: str | None
     groups: dict[Any, dict[str, int]]
     ledger_path: Path
+    #: model -> the structured-output dialect its latest run used, in words (``json_object (auto, refused
+    #: json_schema)``); only models with an OpenAI-compatible provider.
+    structured: dict[str, str] = field(default_factory=dict)
 
 
 def _open_ledger(spec: JobSpec) -> tuple[Ledger, int]:
@@ -72,6 +75,7 @@ def job_status(job: Job, by: str | None = None) -> StatusReport:
     ledger, plan = _open_ledger(job.spec)
     try:
         total = ledger.counts(plan)
+        structured = structured_by_model(ledger.connection)
         groups: dict[Any, dict[str, int]] = {}
         if by:
             stored = json.loads(ledger.get_meta("data_columns") or "[]")
@@ -83,7 +87,31 @@ def job_status(job: Job, by: str | None = None) -> StatusReport:
     finally:
         ledger.close()
     ordered = dict(sorted(groups.items(), key=lambda kv: (kv[0] is None, str(kv[0]))))
-    return StatusReport(total, by, ordered, job.spec.ledger_path)
+    return StatusReport(total, by, ordered, job.spec.ledger_path, structured)
+
+
+def structured_by_model(db: sqlite3.Connection, *, runs: int = 50) -> dict[str, str]:
+    """Each model's structured-output dialect as its latest run recorded it (``runs.by_model``).
+
+    Args:
+        db: the ledger's connection.
+        runs: how many recent runs to look through.
+
+    Returns:
+        ``provider:name`` -> the dialect in words (see
+        :meth:`~llmap.control.dialect.RequestShape.describe`), for models that recorded one.
+    """
+    found: dict[str, str] = {}
+    for (doc,) in db.execute("SELECT by_model FROM runs WHERE by_model IS NOT NULL ORDER BY id DESC LIMIT ?",
+                             (runs,)):
+        try:
+            models = json.loads(doc)
+        except ValueError:
+            continue
+        for model, rec in models.items() if isinstance(models, dict) else ():
+            if isinstance(rec, dict) and rec.get("structured") and model not in found:
+                found[model] = str(rec.get("structured_how") or rec["structured"])
+    return found
 
 
 def _group_from_source(job: Job, ledger: Ledger, plan: int, by: str) -> dict[Any, dict[str, int]]:
@@ -208,6 +236,7 @@ class ModelLine:
         escalated: answers of this model passed on to the next model (cascade), latest run.
         prompt_tokens, completion_tokens: tokens spent on this model's answers, latest run.
         cost_usd: those tokens at the model's ``price_in`` / ``price_out``.
+        structured: the structured-output dialect the model's latest run used, in words; "" if none.
     """
 
     model: str
@@ -218,6 +247,7 @@ class ModelLine:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    structured: str = ""
 
 
 def model_report(job: Job) -> tuple[list[ModelLine], dict[str, int]]:
@@ -246,6 +276,8 @@ def model_report(job: Job) -> tuple[list[ModelLine], dict[str, int]]:
             if outcome != "cache":
                 line.prompt_tokens += pt
                 line.completion_tokens += ct
+        for model, how in structured_by_model(ledger.connection).items():
+            lines.setdefault(model, ModelLine(model)).structured = how
         for line in lines.values():
             p_in, p_out = prices.get(line.model, (0.0, 0.0))
             line.cost_usd = (line.prompt_tokens * p_in + line.completion_tokens * p_out) / 1e6

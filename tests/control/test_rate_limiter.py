@@ -131,6 +131,21 @@ def test_headers_create_budgets_when_the_job_set_none():
     assert limiter.requests.available(0.0) == pytest.approx(2.0)
 
 
+def test_a_learned_budget_is_credited_the_wait_for_the_first_answer():
+    """The first request went alone and its answer took 1.5 s: the learned bucket starts as if it
+    had been refilling since the limiter was made (the server's remaining still caps it)."""
+    limiter = RateLimiter(now=10.0)
+    limiter.update_from_headers(OPENAI, 11.5, wall_now=0.0)
+    assert limiter.requests.available(11.5) == pytest.approx(2.0 * 2.5)
+    assert limiter.tokens.available(11.5) == pytest.approx(1000.0 * 2.5)
+    late = RateLimiter(now=0.0)  # idle for minutes (a failover model): at most 5 s of credit
+    late.update_from_headers(OPENAI, 600.0, wall_now=0.0)
+    assert late.requests.available(600.0) == pytest.approx(2.0 * 6)
+    low = RateLimiter(now=0.0)
+    low.update_from_headers({**OPENAI, "x-ratelimit-remaining-requests": "3"}, 4.0, wall_now=0.0)
+    assert low.requests.available(4.0) == pytest.approx(3.0)
+
+
 def test_header_limit_lower_than_configured_wins():
     limiter = RateLimiter(rpm=1000, tpm=1_000_000, now=0.0)
     limiter.update_from_headers(OPENAI, 0.0, wall_now=0.0)

@@ -137,3 +137,39 @@ def test_error_for_response_other_classes_and_message():
     assert isinstance(error, AuthError)
     assert str(error) == "auth failed"
     assert error.status == 401
+
+
+# -- request-validation errors: a 500 that is really a bad request ----------------------------------
+
+LLAMA_CPP_VALIDATION = {"error": {
+    "message": "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), 'msg': "
+               "\"Input should be 'text' or 'json_object'\", 'input': 'json_schema', 'ctx': {'expected': \"'text' or "
+               "'json_object'\"}}\n\n  File \"/srv/venv/lib/python3.11/site-packages/llama_cpp/server/app.py\", "
+               "line 376, in create_chat_completion\n    POST /v1/chat/completions",
+    "type": "internal_server_error", "param": None, "code": None}}
+
+
+@pytest.mark.parametrize("body", [
+    LLAMA_CPP_VALIDATION,
+    {"error": {"message": "2 validation errors: messages Field required; temperature Input should be a valid number",
+               "type": "internal_server_error"}},
+    {"error": {"message": "1 validation error: extra_forbidden: Extra inputs are not permitted"}},
+    {"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"}]},
+])
+def test_a_500_request_validation_error_is_a_bad_request(body):
+    assert classify_status(500, body) is BadRequest
+
+
+def test_other_500s_stay_transient():
+    assert classify_status(500, openai_body(None, "The server had an error while processing your request.")) is Overloaded
+    assert classify_status(503, LLAMA_CPP_VALIDATION) is Overloaded  # only a 500 is read this way
+
+
+def test_server_messages_become_one_short_line():
+    err = error_for_response(500, LLAMA_CPP_VALIDATION)
+    assert str(err) == ("HTTP 500: 1 validation error: body.response_format.type: Input should be 'text' or "
+                        "'json_object' (got 'json_schema')")
+    fastapi = error_for_response(422, {"detail": [{"loc": ["body", "messages"], "msg": "Field required"}]})
+    assert str(fastapi) == "HTTP 422: 1 validation error: body.messages: Field required"
+    long = error_for_response(400, openai_body(None, "x " * 400 + "\n  more"))
+    assert "\n" not in str(long) and len(str(long)) <= 310

@@ -138,7 +138,7 @@ def status(
     by: Annotated[str | None, typer.Option("--by", help="Also count per value of this input column, e.g. state.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show how many rows are pending, done, failed and skipped, read from the job's ledger."""
+    """Show how many rows are pending, done, failed and skipped, read from the job's ledger, and the structured-output dialect each model used."""
     job = _load(job_file)
     try:
         rep = job_status(job, by)
@@ -148,8 +148,8 @@ def status(
         quota = job.spec.input.per_group
         groups = [{"group": g, **c, **({"quota_met": c["done"] >= quota.n} if quota and by == quota.column else {})}
                   for g, c in rep.groups.items()]
-        sys.stdout.write(json.dumps({"job": job.spec.name, "total": rep.total, "by": by, "groups": groups},
-                                    default=str) + "\n")
+        sys.stdout.write(json.dumps({"job": job.spec.name, "total": rep.total, "by": by, "groups": groups,
+                                     "structured": rep.structured}, default=str) + "\n")
         return
     quota = job.spec.input.per_group
     show_quota = quota is not None and by == quota.column
@@ -169,7 +169,10 @@ def status(
             met = counts["done"] >= quota.n
             cells.append(f"{min(counts['done'], quota.n)}/{quota.n}" + (" met" if met else ""))
         table.add_row("(null)" if g is None else str(g), *cells)
-    Console(width=max(100, out.width) if not sys.stdout.isatty() else None).print(table)
+    console = Console(width=max(100, out.width) if not sys.stdout.isatty() else None)
+    console.print(table)
+    for model, how in rep.structured.items():
+        console.print(f"structured output: {model}: {how}", highlight=False, markup=False)
 
 
 def export(
@@ -199,7 +202,7 @@ def report(
     by: Annotated[str | None, typer.Option("--by", show_default=False,
                                            help="Group the HTML's row-status plot by this input column.")] = None,
 ) -> None:
-    """Show how many rows each model settled (a cascade's split), from the cache or not, and what it cost.
+    """Show how many rows each model settled (a cascade's split), from the cache or not, what it cost, and the structured-output dialect each model used.
 
     Then a summary of one run (the latest, or --run N): rows, requests, 429s, retries, tokens, cost, wall time. With --html, the same as a file with plots.
     """
@@ -222,6 +225,9 @@ def report(
                       f"{ln.prompt_tokens:,}", f"{ln.completion_tokens:,}", f"{ln.cost_usd:,.4f}")
     console = Console(width=max(120, out.width) if not sys.stdout.isatty() else None)
     console.print(table)
+    for ln in lines:
+        if ln.structured:
+            console.print(f"structured output: {ln.model}: {ln.structured}", highlight=False, markup=False)
     out.print(", ".join(f"{n:,} {s}" for s, n in counts.items()), highlight=False)
     console.print(_run_table(summary))
     if html is not None:

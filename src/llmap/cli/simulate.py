@@ -124,6 +124,20 @@ def simulate(
             help="A message longer than this many characters gets 400 context_length_exceeded."
         ),
     ] = 200_000,
+    response_formats: Annotated[
+        str,
+        typer.Option(
+            help="response_format types the server takes, comma-separated (json_schema, json_object); "
+            "'' takes none, only prompts. Others are refused as --format-error says."
+        ),
+    ] = "json_schema,json_object",
+    format_error: Annotated[
+        str,
+        typer.Option(
+            help="How a refused response_format is answered: openai (400 naming response_format) or "
+            "llama-cpp-python (500 with pydantic's validation error, as its server does)."
+        ),
+    ] = "openai",
 ) -> None:
     """Serve an OpenAI-compatible chat completions API that answers from JSON schemas.
 
@@ -150,6 +164,8 @@ def simulate(
             quota_tokens=quota_tokens,
             seed=seed,
             context_chars=context_chars,
+            response_formats=response_formats,
+            format_error=format_error,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

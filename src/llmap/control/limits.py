@@ -29,6 +29,11 @@ from llmap.control.headers import Budget, RateLimitInfo, parse_rate_limit_header
 
 __all__ = ["AIMDConcurrency", "Limiter", "Permit", "RateLimiter", "TokenBucket"]
 
+#: A budget learned from headers starts with one second's worth plus what it would have earned
+#: while llmap waited for that first answer (the probe), up to this many seconds' worth, seconds.
+#: The server's ``remaining`` still caps it.
+LEARNED_CREDIT_MAX_S = 5.0
+
 # Slack for float round-off: a bucket this close to the amount admits it, so a
 # waiter that slept exactly time_until() is not sent back to sleep for 1e-16 s.
 _EPS = 1e-9
@@ -230,6 +235,7 @@ class RateLimiter:
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         self.window_s = float(window_s)
+        self._born = now
         self.configured_rpm = rpm
         self.configured_tpm = tpm
         self.requests: TokenBucket | None = None if rpm is None else self._bucket(rpm, 1.0, now)
@@ -237,9 +243,10 @@ class RateLimiter:
         #: Clock time before which nothing is admitted (from Retry-After); -inf when none.
         self.paused_until = -math.inf
 
-    def _bucket(self, limit: float, floor: float, now: float) -> TokenBucket:
+    def _bucket(self, limit: float, floor: float, now: float, *, idle_s: float = 0.0) -> TokenBucket:
         rate = limit / self.window_s
-        return TokenBucket(limit, rate, level=min(limit, max(floor, rate)), now=now)
+        level = rate * (1.0 + min(max(0.0, idle_s), LEARNED_CREDIT_MAX_S))
+        return TokenBucket(limit, rate, level=min(limit, max(floor, level)), now=now)
 
     @property
     def limited(self) -> bool:
@@ -310,8 +317,10 @@ class RateLimiter:
 
         Reads OpenAI ``x-ratelimit-*`` and Anthropic ``anthropic-ratelimit-*``
         headers (see :mod:`llmap.control.headers`). A ``limit`` creates the
-        bucket if the job set none, or lowers/raises it to
-        ``min(configured, limit)``; a ``remaining`` lowers the level (see
+        bucket if the job set none (with one second's worth plus what it
+        would have earned since this limiter was made, i.e. while the first
+        request was out, at most :data:`LEARNED_CREDIT_MAX_S` seconds' worth),
+        or lowers/raises it to ``min(configured, limit)``; a ``remaining`` lowers the level (see
         :meth:`TokenBucket.set_remaining`); ``retry-after(-ms)`` pauses all
         reservations until ``now + retry_after``.
 
@@ -345,8 +354,8 @@ class RateLimiter:
     ) -> TokenBucket | None:
         if budget.limit is not None and budget.limit > 0:
             limit = budget.limit if configured is None else min(configured, budget.limit)
-            if bucket is None:
-                bucket = self._bucket(limit, floor, now)
+            if bucket is None:  # learned now: credit the time spent waiting for this first answer
+                bucket = self._bucket(limit, floor, now, idle_s=now - self._born)
             elif bucket.capacity != limit:
                 bucket.set_limit(limit, now, refill_per_s=limit / self.window_s)
         if bucket is not None and budget.remaining is not None:

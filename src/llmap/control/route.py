@@ -64,10 +64,16 @@ class Lane:
             clock=clock,
             on_change=(lambda old, new: on_breaker(self, old, new)) if on_breaker else None,
         )
+        #: Nothing is known of this model's limits (none configured): one request goes first, and the
+        #: rest wait for its answer, which may carry rate-limit headers (see :meth:`on_success`).
+        self.probing = not self.limiter.rate.limited
+        self._cap = cap
         self.timeout = AdaptiveTimeout(model.timeout_s)
         self.output_tokens = OutputTokenEstimator(model.max_tokens)
         self.prompt_tokens = PromptTokenEstimator()
         self.in_flight = 0
+        #: Why this model is left out of the run (it refused every request the same way), or None.
+        self.disabled: str | None = None
         self._waiters: deque[asyncio.Future] = deque()
         #: requests in flight: id -> (loop start time, asyncio.Timeout), for the timeout watchdog
         self.deadlines: dict[int, tuple[float, asyncio.Timeout]] = {}
@@ -78,9 +84,14 @@ class Lane:
         return self.aimd.maximum
 
     # -- concurrency gate -----------------------------------------------------
+    @property
+    def limit(self) -> int:
+        """Requests allowed in flight now: 1 while probing, else the AIMD limit."""
+        return 1 if self.probing else self.aimd.limit
+
     async def enter(self) -> None:
-        """Wait for a free slot under the current AIMD limit, then take it."""
-        while self.in_flight >= self.aimd.limit:
+        """Wait for a free slot under the current limit (:attr:`limit`), then take it."""
+        while self.in_flight >= self.limit:
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
             try:
@@ -97,7 +108,7 @@ class Lane:
         self._wake()
 
     def _wake(self) -> None:
-        free = self.aimd.limit - self.in_flight
+        free = self.limit - self.in_flight
         while free > 0 and self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -106,7 +117,20 @@ class Lane:
 
     # -- outcomes -------------------------------------------------------------
     def on_success(self) -> None:
-        if self.aimd.on_success():
+        """An answer came back (its headers already applied to the limiter).
+
+        The first answer ends the probe: with rate-limit headers the limiter
+        now paces requests and the AIMD limit applies as configured; without
+        them nothing bounds a burst, so concurrency slow-starts from 2 (it
+        doubles every round trip up to the ceiling) instead of sending the
+        whole first wave at once.
+        """
+        if self.probing:
+            self.probing = False
+            if not self.limiter.rate.limited:
+                self.aimd = AIMDConcurrency(initial=min(2, self._cap), minimum=1, maximum=self._cap)
+            self._wake()
+        elif self.aimd.on_success():
             self._wake()
 
     def on_congestion(self) -> None:
@@ -129,10 +153,14 @@ def pick_lane(lanes: Sequence[Lane], start: int, now: float) -> tuple[Lane | Non
     Returns:
         ``(lane, 0.0)`` for the first lane from ``start`` whose breaker allows
         a call (a half-open breaker's probe slot is taken), else ``(None,
-        seconds until the soonest breaker will let a probe through)``.
+        seconds until the soonest breaker will let a probe through)``;
+        ``inf`` when every lane from ``start`` is disabled. Disabled lanes
+        (:attr:`Lane.disabled`) are skipped.
     """
     wait = math.inf
     for lane in lanes[start:]:
+        if lane.disabled is not None:  # misconfigured: never comes back in this run
+            continue
         if lane.breaker.allow(now):
             return lane, 0.0
         wait = min(wait, lane.breaker.time_until_probe(now))

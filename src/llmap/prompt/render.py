@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 from jinja2 import meta
 
-from llmap.errors import SpecError
+from llmap.errors import RenderError, SpecError
 
 __all__ = ["Renderer"]
 
@@ -106,15 +106,27 @@ class Renderer:
             cut, ending with a visible ``… [truncated N chars]`` marker.
 
         Raises:
-            jinja2.UndefinedError: the row lacks a variable (callers check
-                columns up front, so this means a bug or a bad row).
+            RenderError: a template failed on this row's values, e.g.
+                ``{{ name.upper() }}`` where ``name`` is NULL; the message names
+                the template, the error and the row's NULL columns.
         """
         row = self.cut(row)
         out: list[dict[str, str]] = []
         if self.system is not None:
-            out.append({"role": "system", "content": self.system.render(row)})
+            out.append({"role": "system", "content": self._render(self.system, "system", row)})
         for ex_in, ex_out in self.examples:
             out.append({"role": "user", "content": self.user.render(ex_in)})
             out.append({"role": "assistant", "content": json.dumps(ex_out, ensure_ascii=False)})
-        out.append({"role": "user", "content": self.user.render(row)})
+        out.append({"role": "user", "content": self._render(self.user, "user", row)})
         return out
+
+    def _render(self, template: jinja2.Template, which: str, row: Mapping[str, Any]) -> str:
+        try:
+            return template.render(row)
+        except Exception as exc:  # Jinja2 raises whatever the template's expressions raise
+            nulls = tuple(v for v in self.variables if row.get(v) is None)
+            why = f"{type(exc).__name__}: {exc}" if not isinstance(exc, jinja2.TemplateError) else str(exc)
+            hint = (f" (NULL in this row: {', '.join(nulls)}; guard it, e.g. {{{{ {nulls[0]} or '' }}}})"
+                    if nulls else "")
+            raise RenderError(f"[prompt] {which} template failed on this row: {why}{hint}", template=which,
+                              null_columns=nulls) from exc

@@ -8,46 +8,101 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
 
 from llmap.errors import AnswerInvalid, SpecError
+from llmap.prompt.pattern import portable_pattern
 from llmap.spec import FIELD_TYPES, Example, FieldSpec
 
-__all__ = ["OutputSchema", "check_examples", "check_fallback", "reask_message"]
+__all__ = ["OutputSchema", "check_examples", "check_fallback", "check_fields", "reask_message"]
 
 _PY_TYPES: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": StrictBool}
 
 
+def _constraints(f: FieldSpec) -> dict[str, Any]:
+    """The field's constraints in JSON Schema's words (``minLength``, ``pattern``...)."""
+    c: dict[str, Any] = {}
+    if f.minimum is not None:
+        c["minimum"] = f.minimum
+    if f.maximum is not None:
+        c["maximum"] = f.maximum
+    if f.min_length is not None:
+        c["minLength"] = f.min_length
+    if f.max_length is not None:
+        c["maxLength"] = f.max_length
+    if f.pattern is not None:
+        c["pattern"] = portable_pattern(f.pattern)
+    return c
+
+
+def field_schema(f: FieldSpec) -> dict[str, Any]:
+    """One field's JSON Schema.
+
+    A ``nullable`` field with no other constraint is ``{"type": [T, "null"]}``
+    (OpenAI strict mode's spelling of "may be null"). With an ``enum`` or a
+    constraint it is ``{"anyOf": [{"type": T, ...constraints}, {"type":
+    "null"}]}``, also accepted in strict mode: llama-cpp-python 0.3.36's
+    grammar converter turns a type list into a bare union and drops the
+    ``enum`` and constraints beside it, while it keeps them inside ``anyOf``.
+    """
+    typed: dict[str, Any] = {"type": FIELD_TYPES[f.type]}
+    if f.enum is not None:
+        typed["enum"] = list(f.enum)
+    typed.update(_constraints(f))
+    if f.nullable:
+        if len(typed) == 1:
+            p: dict[str, Any] = {"type": [typed["type"], "null"]}
+        else:
+            p = {"anyOf": [typed, {"type": "null"}]}
+    else:
+        p = typed
+    if f.description:
+        p["description"] = f.description
+    return p
+
+
 def _json_schema(fields: Mapping[str, FieldSpec]) -> dict[str, Any]:
-    props: dict[str, Any] = {}
-    for name, f in fields.items():
-        p: dict[str, Any] = {"type": FIELD_TYPES[f.type]}
-        if f.enum is not None:
-            p["enum"] = list(f.enum)
-        if f.description:
-            p["description"] = f.description
-        props[name] = p
     return {
         "type": "object",
-        "properties": props,
+        "properties": {name: field_schema(f) for name, f in fields.items()},
         "required": list(fields),
         "additionalProperties": False,
     }
 
 
 class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # python-re: the same regex engine that checked the pattern when the job was loaded
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+
+
+def _py_type(f: FieldSpec, *, enum: bool = True) -> Any:
+    """The pydantic type of one field: base type or Literal, constraints, Optional when nullable."""
+    t = _PY_TYPES[f.type]
+    c = _constraints(f)
+    if enum and f.enum is not None:  # check_fields proved every enum value meets the constraints
+        t, c = Literal[tuple(f.enum)], {}  # type: ignore[valid-type]
+    bounds = {"ge": c.get("minimum"), "le": c.get("maximum"), "min_length": c.get("minLength"),
+              "max_length": c.get("maxLength"), "pattern": c.get("pattern")}
+    bounds = {k: v for k, v in bounds.items() if v is not None}
+    if bounds:
+        t = Annotated[t, Field(**bounds)]
+    if f.nullable:
+        t = t | None
+    return t
 
 
 def _model(fields: Mapping[str, FieldSpec]) -> type[BaseModel]:
-    defs: dict[str, Any] = {}
-    for name, f in fields.items():
-        t = _PY_TYPES[f.type]
-        if f.enum is not None:
-            t = Literal[tuple(f.enum)]  # type: ignore[valid-type]
-        defs[name] = (t, ...)
+    defs: dict[str, Any] = {name: (_py_type(f), ...) for name, f in fields.items()}
     return create_model("Answer", __base__=_Closed, **defs)
 
 
@@ -128,6 +183,55 @@ def check_examples(fields: Mapping[str, FieldSpec], examples: Sequence[Example],
             raise SpecError(
                 f"{source}: [prompt] examples #{i}: output does not match [output.fields] ({exc.detail}); fix the example"
             ) from None
+
+
+def _check_constraints(f: FieldSpec) -> str | None:
+    """What is wrong with a field's constraints, with the fix, or None."""
+    numeric = f.type in ("integer", "number")
+    for key in ("minimum", "maximum"):
+        if getattr(f, key) is not None and not numeric:
+            return f"{key} applies to integer and number fields, not {f.type}; drop it or change the type"
+    for key in ("min_length", "max_length", "pattern"):
+        if getattr(f, key) is not None and f.type != "string":
+            return f"{key} applies to string fields, not {f.type}; drop it or change the type"
+    if f.minimum is not None and f.maximum is not None and f.minimum > f.maximum:
+        return f"minimum {f.minimum:g} is greater than maximum {f.maximum:g}; swap them"
+    if f.min_length is not None and f.max_length is not None and f.min_length > f.max_length:
+        return f"min_length {f.min_length} is greater than max_length {f.max_length}; swap them"
+    if f.pattern is not None:
+        try:
+            portable_pattern(f.pattern)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def check_fields(fields: Mapping[str, FieldSpec], *, source: str = "job") -> None:
+    """Check each field's constraints, and that every ``enum`` value meets them.
+
+    Raises:
+        SpecError: a constraint on a type it does not apply to (``minimum`` on
+            a string), ``minimum > maximum``, ``min_length > max_length``, a
+            ``pattern`` that does not compile or that llama.cpp's grammar cannot
+            express; or an enum value that breaks the constraints or has the
+            wrong type (no answer could use it).
+    """
+    for name, f in fields.items():
+        problem = _check_constraints(f)
+        if problem is not None:
+            raise SpecError(f"{source}: [output.fields] {name}: {problem}")
+        if f.enum is None:
+            continue
+        adapter = TypeAdapter(_py_type(f, enum=False), config=ConfigDict(regex_engine="python-re"))
+        for value in f.enum:
+            try:
+                adapter.validate_python(value)
+            except ValidationError as exc:
+                msg = exc.errors()[0]["msg"]
+                raise SpecError(
+                    f"{source}: [output.fields] {name}: enum value {value!r} does not fit the field ({msg}); "
+                    "fix the value or the constraint"
+                ) from None
 
 
 def check_fallback(fields: Mapping[str, FieldSpec], fallback: Mapping[str, Any], *, source: str = "job") -> None:

@@ -9,6 +9,7 @@ into :mod:`llmap.errors` classes (``raise ... from exc``).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ __all__ = [
     "Request",
     "classify_status",
     "error_for_response",
+    "is_request_validation_error",
     "map_transport_error",
 ]
 
@@ -68,6 +70,8 @@ class Completion:
             (tokens); 0 if it did not.
         latency_s: seconds from sending the request to reading the answer.
         headers: response headers (lower-cased names), for rate-limit budgets.
+        usage_reported: False when the answer carried no ``usage``: the token
+            counts are then 0 and the dispatcher estimates them instead.
     """
 
     content: str
@@ -75,6 +79,7 @@ class Completion:
     completion_tokens: int
     latency_s: float
     headers: dict[str, str] = field(default_factory=dict)
+    usage_reported: bool = True
 
 
 @runtime_checkable
@@ -120,18 +125,72 @@ _CONTEXT_MARKERS = (
 _QUOTA_MARKERS = ("insufficient_quota", "exceeded your current quota", "billing_hard_limit")
 
 
+#: Words of a request-validation error (pydantic, FastAPI): the request is wrong, whatever the status.
+_VALIDATION_MARKERS = (
+    "validation error",
+    "input should be",
+    "field required",
+    "extra_forbidden",
+    "extra inputs are not permitted",
+)
+_PYDANTIC_ITEM = re.compile(r"'loc': \(([^)]*)\), 'msg': (?:\"([^\"]*)\"|'([^']*)')(?:, 'input': ('[^']*'|\d+))?")
+
+
+def _one_line(message: str) -> str:
+    """A server's error message as one short line: pydantic's multi-line validation errors
+    become ``loc: msg (input)``, tracebacks are cut, whitespace collapsed, at most 300 characters."""
+    for cut in ("\n\n  File ", "\nTraceback", "\n  File "):
+        if cut in message:
+            message = message[: message.index(cut)]
+    items = _PYDANTIC_ITEM.findall(message)
+    if items and "validation error" in message:
+        head = message.split(":", 1)[0].strip()
+        parts = []
+        for loc, msg_dq, msg_sq, given in items[:3]:
+            where = ".".join(p.strip().strip("'\"") for p in loc.split(",") if p.strip())
+            parts.append(f"{where}: {msg_dq or msg_sq}" + (f" (got {given})" if given else ""))
+        message = f"{head}: " + "; ".join(parts)
+    message = " ".join(message.split())
+    return message if len(message) <= 300 else message[:297] + "..."
+
+
+def _detail_text(detail: Any) -> str:
+    """FastAPI's ``detail``: a string, or a list of ``{loc, msg, type}``."""
+    if isinstance(detail, list):
+        parts = []
+        for d in detail[:3]:
+            if isinstance(d, Mapping):
+                loc = ".".join(str(p) for p in d.get("loc") or ())
+                parts.append(f"{loc}: {d.get('msg', '')}" if loc else str(d.get("msg", "")))
+        return f"{len(detail)} validation error{'s' if len(detail) != 1 else ''}: " + "; ".join(parts)
+    return str(detail or "")
+
+
 def _error_fields(body: Any) -> tuple[str, str]:
     """Return (code and type joined by a space, message) from an error body; "" when absent."""
     if not isinstance(body, Mapping):
         return "", ""
     inner: Any = body.get("error", body)
     if isinstance(inner, str):
-        return "", inner
+        return "", _one_line(inner)
     if not isinstance(inner, Mapping):
         return "", ""
     code = " ".join(str(inner[key]) for key in ("code", "type") if inner.get(key))
-    message = inner.get("message") or inner.get("detail") or body.get("detail") or ""
-    return code, str(message)
+    message = inner.get("message") or _detail_text(inner.get("detail") or body.get("detail"))
+    return code, _one_line(str(message))
+
+
+def is_request_validation_error(body: Any) -> bool:
+    """True when an error body is a request-validation error (pydantic or FastAPI words).
+
+    llama-cpp-python's server answers a request its pydantic model refuses
+    with HTTP 500 (``internal_server_error``, "1 validation error: ... Input
+    should be ..."): the same request fails the same way every time, so it is
+    a bad request, not an outage.
+    """
+    code, message = _error_fields(body)
+    text = f"{code} {message}".lower()
+    return any(marker in text for marker in _VALIDATION_MARKERS)
 
 
 def classify_status(status: int, body: Mapping[str, Any] | None = None) -> type[ProviderError]:
@@ -151,7 +210,11 @@ def classify_status(status: int, body: Mapping[str, Any] | None = None) -> type[
     * 400, 404, 413, 422 and any other 4xx: BadRequest, or ContextTooLong when the
       code or message says the context length was exceeded
       (``context_length_exceeded``, "maximum context length", "prompt is too long", ...).
-    * 5xx, 529: Overloaded.
+    * 500 whose body is a request-validation error (pydantic / FastAPI words:
+      "validation error", "Input should be", "Field required",
+      ``extra_forbidden``): BadRequest. llama-cpp-python's server answers a
+      refused request body this way; retrying it can only fail again.
+    * other 5xx, 529: Overloaded.
     * anything else (1xx, 3xx): FatalProviderError: an unfollowed redirect or an
       odd status means a wrong base URL, which every row would hit.
 
@@ -183,6 +246,8 @@ def classify_status(status: int, body: Mapping[str, Any] | None = None) -> type[
             return ContextTooLong
         return BadRequest
     if 500 <= status < 600:
+        if status == 500 and is_request_validation_error(body):
+            return BadRequest
         return Overloaded
     return FatalProviderError
 

@@ -17,6 +17,7 @@ user message is just its one column gets the same answer packed or not.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "extract_ids",
     "make_answer",
     "message_text",
+    "prompt_schema",
     "prompt_tokens",
     "request_seed",
 ]
@@ -106,6 +108,34 @@ def request_seed(body: Mapping[str, Any]) -> int:
         }
     )
     return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big")
+
+
+#: The words after which a prompt carries the answer's JSON Schema (llmap's ``structured = "prompt"``
+#: instruction and its re-ask both say them).
+PROMPT_SCHEMA_MARKER = "JSON Schema:"
+
+
+def prompt_schema(messages: Sequence[Any]) -> dict[str, Any] | None:
+    """The JSON Schema a prompt asks the answer to match, or None.
+
+    The simulated model "reads" the prompt: the last message that says
+    ``JSON Schema:`` followed by a JSON object gives the schema. This is how a
+    server without ``response_format`` (``structured = "prompt"``) still
+    gets structured answers.
+    """
+    decoder = json.JSONDecoder()
+    for m in reversed(messages):
+        text = message_text(m.get("content")) if isinstance(m, dict) else ""
+        at = text.rfind(PROMPT_SCHEMA_MARKER)
+        if at < 0:
+            continue
+        try:
+            value, _ = decoder.raw_decode(text[at + len(PROMPT_SCHEMA_MARKER):].lstrip())
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
 
 
 def row_seed(model: Any, text: str) -> int:
@@ -231,10 +261,13 @@ def make_answer(
         corrupt_item_rate: fraction of packed items given a wrong-typed value.
 
     Returns:
-        The :class:`Answer`. With a ``json_schema`` response format the
-        content validates against the schema (unless item faults apply); with
-        ``json_object`` it is a small JSON object; otherwise plain text, cut
-        to ``max_tokens * 4`` characters when that is smaller.
+        The :class:`Answer`. With a ``json_schema`` response format, a
+        ``json_object`` one that carries a ``schema`` (llama-cpp-python's
+        server), or no response format but a schema in the prompt
+        (:func:`prompt_schema`), the content validates against the schema
+        (unless item faults apply); with a bare ``json_object`` it is a small
+        JSON object; otherwise plain text, cut to ``max_tokens * 4``
+        characters when that is smaller.
 
     Raises:
         ValueError: the schema is missing, not an object, or has a ``$ref``
@@ -243,11 +276,17 @@ def make_answer(
     seed = request_seed(body)
     fmt = body.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+    schema: Any = None
     if kind == "json_schema":
         spec = fmt.get("json_schema") or {}
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if not isinstance(schema, Mapping):
             raise ValueError("response_format.json_schema.schema must be an object")
+    elif kind == "json_object" and isinstance(fmt.get("schema"), Mapping):
+        schema = fmt["schema"]  # llama-cpp-python's spelling: the schema beside the type
+    elif kind is None:
+        schema = prompt_schema(body.get("messages") or [])  # a model that follows the prompt's schema
+    if schema is not None:
         plan = compile_schema(schema_key(schema))
         messages = body.get("messages") or []
         rows = extract_items(messages) if plan.pack_key is not None else None

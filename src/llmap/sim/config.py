@@ -13,9 +13,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["HEADER_STYLES", "SimConfig", "parse_outage"]
+__all__ = ["FORMAT_ERRORS", "HEADER_STYLES", "RESPONSE_FORMATS", "SimConfig", "parse_outage"]
 
 HEADER_STYLES = ("openai", "anthropic")
+#: ``response_format`` types a server may take (``text``, i.e. none, is always taken).
+RESPONSE_FORMATS = ("json_schema", "json_object")
+#: How a server says no to a ``response_format`` type it does not take.
+FORMAT_ERRORS = ("openai", "llama-cpp-python")
 
 
 def parse_outage(text: str) -> tuple[float, float]:
@@ -70,6 +74,15 @@ class SimConfig:
             Faults are drawn per request, not per body, so a retry can succeed.
         context_chars: a message longer than this many characters gets 400
             ``context_length_exceeded``.
+        response_formats: the ``response_format`` types the server takes,
+            comma-separated, from :data:`RESPONSE_FORMATS`; ``""`` takes none
+            (only prompts). A ``json_object`` may carry a ``schema`` beside its
+            type, as llama-cpp-python's server takes it.
+        format_error: how another type is refused: ``"openai"`` (400,
+            ``param: response_format``, as OpenAI answers models without
+            Structured Outputs) or ``"llama-cpp-python"`` (500 whose message
+            is pydantic's validation error, as ``python -m llama_cpp.server``
+            0.3.36 answers ``json_schema``).
 
     Raises:
         ValueError: on construction, when a value is out of range.
@@ -93,6 +106,8 @@ class SimConfig:
     quota_tokens: int | None = None
     seed: int | None = None
     context_chars: int = 200_000
+    response_formats: str = "json_schema,json_object"
+    format_error: str = "openai"
 
     def __post_init__(self) -> None:
         if isinstance(self.outage, str):
@@ -121,8 +136,18 @@ class SimConfig:
             )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port!r}")
+        unknown = [t for t in self.accepted_formats if t not in RESPONSE_FORMATS]
+        if unknown:
+            raise ValueError(f"response_formats: unknown type {unknown[0]!r}; use some of {RESPONSE_FORMATS}")
+        if self.format_error not in FORMAT_ERRORS:
+            raise ValueError(f"format_error must be one of {FORMAT_ERRORS}, got {self.format_error!r}")
         if self.context_chars <= 0:
             raise ValueError(f"context_chars must be positive, got {self.context_chars!r}")
+
+    @property
+    def accepted_formats(self) -> tuple[str, ...]:
+        """``response_formats`` as a tuple of type names."""
+        return tuple(t.strip() for t in self.response_formats.split(",") if t.strip())
 
     def replace(self, **changes: Any) -> SimConfig:
         """A copy with ``changes`` applied (validated again).

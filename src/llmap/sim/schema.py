@@ -9,10 +9,12 @@ value depends on the request seed and the field's path only.
 Supported keywords: ``type`` (object, array, string, integer, number,
 boolean, null, or a list of those), ``properties``, ``items``, ``enum``,
 ``const``, ``minimum``/``maximum`` and the exclusive forms,
-``minItems``/``maxItems``, ``minLength``/``maxLength``, the string formats
-date, time, date-time, email, uri and uuid, ``anyOf``/``oneOf``, ``allOf``
-with one member, and local ``$ref`` (``#/$defs/...``). Unknown keywords
-(``pattern``, ``multipleOf``...) are ignored. Numbers with no bounds fall in
+``minItems``/``maxItems``, ``minLength``/``maxLength``, ``pattern`` (a
+matching string is built from the regex, :mod:`llmap.sim.regex`), the string
+formats date, time, date-time, email, uri and uuid, ``anyOf``/``oneOf``,
+``allOf`` with one member, and local ``$ref`` (``#/$defs/...``). Unknown
+keywords (``multipleOf``...) are ignored. A nullable type (``[T, "null"]``
+or an ``anyOf`` with ``{"type": "null"}``) gets a value of type T. Numbers with no bounds fall in
 [0, 1) with 2 decimals; integers with no bounds in [0, 100]; arrays with no
 bounds have 1 to 3 items.
 
@@ -121,6 +123,12 @@ def _string_gen(schema: Mapping[str, Any]) -> Gen:
     base = _FORMATS.get(str(schema.get("format")), lambda h: words(h, 2 + h % 3))
     lo = int(schema.get("minLength", 0))
     hi = schema.get("maxLength")
+    if isinstance(schema.get("pattern"), str):
+        from llmap.sim.regex import pattern_gen
+
+        matching = pattern_gen(schema["pattern"], lo, None if hi is None else int(hi))
+        if matching is not None:
+            return lambda h, d: matching(h)
     if lo == 0 and hi is None:
         return lambda h, d: base(h)
 

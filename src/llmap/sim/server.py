@@ -21,7 +21,13 @@ answers it:
 4. ``quota_tokens`` used up: 429 ``insufficient_quota`` (no ``retry-after``);
 5. model starting with ``bad-request``: 400; with ``missing-model``: 404
    ``model_not_found``; a message over ``context_chars``: 400
-   ``context_length_exceeded``; ``stream: true``: 400 (not simulated);
+   ``context_length_exceeded``; ``stream: true``: 400 (not simulated); a
+   ``response_format`` type not in ``response_formats``: 400 as OpenAI
+   answers it, or 500 with pydantic's validation error as llama-cpp-python's
+   server does (``format_error``); a model named like an OpenAI reasoning
+   model (``o1``, ``o3``, ``o4``, ``gpt-5``...) with ``max_tokens`` or a
+   ``temperature`` other than 1: 400 ``unsupported_parameter`` /
+   ``unsupported_value``, OpenAI's bodies;
 6. rate limits (RPM/TPM, :mod:`llmap.sim.limits`): 429 ``rate_limit_exceeded``
    with ``retry-after`` and rate-limit headers;
 7. random faults, drawn per request from the seeded random source:
@@ -60,6 +66,10 @@ MODELS_BODY = json.dumps(
         "data": [{"id": "sim", "object": "model", "created": 0, "owned_by": "llmap"}],
     }
 )
+
+
+#: Model names the simulator treats as OpenAI reasoning models (``max_completion_tokens``, temperature 1).
+REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
 
 def _error(
@@ -272,6 +282,54 @@ class SimServer:
         if body.get("stream"):
             msg = "The simulator does not stream; send stream=false."
             return self._answer(400, _error(400, msg, "invalid_request_error", param="stream"))
+        return self._refuse_format(body) or self._refuse_params(body, model)
+
+    def _refuse_format(self, body: dict[str, Any]) -> web.Response | None:
+        """A ``response_format`` type this server does not take (``response_formats``), refused
+        the way OpenAI or llama-cpp-python's server refuses it (``format_error``)."""
+        fmt = body.get("response_format")
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        accepted = self._config.accepted_formats
+        if kind in (None, "text") or kind in accepted:
+            return None
+        if self._config.format_error == "llama-cpp-python":
+            # python -m llama_cpp.server 0.3.36: pydantic rejects the Literal, its error handler answers 500
+            expected = " or ".join(repr(t) for t in ("text", *accepted))
+            msg = (
+                "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+                f"'msg': \"Input should be {expected}\", 'input': {kind!r}, "
+                f"'ctx': {{'expected': \"{expected}\"}}}}\n\n"
+                '  File "llama_cpp/server/app.py", line 376, in create_chat_completion\n'
+                "    POST /v1/chat/completions"
+            )
+            return self._answer(500, _error(500, msg, "internal_server_error"))
+        msg = (
+            f"Invalid parameter: 'response_format' of type {kind!r} is not supported with this model. "
+            "Learn more about supported models at the Structured Outputs guide: "
+            "https://platform.openai.com/docs/guides/structured-outputs"
+        )
+        return self._answer(400, _error(400, msg, "invalid_request_error", param="response_format"))
+
+    def _refuse_params(self, body: dict[str, Any], model: str) -> web.Response | None:
+        """OpenAI's reasoning models (o1, o3, o4, gpt-5...) refuse ``max_tokens`` and a temperature
+        other than 1, with these bodies (400 ``unsupported_parameter`` / ``unsupported_value``)."""
+        if not model.startswith(REASONING_PREFIXES):
+            return None
+        if "max_tokens" in body:
+            msg = (
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead."
+            )
+            err = _error(400, msg, "invalid_request_error", "unsupported_parameter", "max_tokens")
+            return self._answer(400, err)
+        temperature = body.get("temperature")
+        if temperature is not None and temperature != 1:
+            msg = (
+                f"Unsupported value: 'temperature' does not support {temperature} with this model. "
+                "Only the default (1) value is supported."
+            )
+            err = _error(400, msg, "invalid_request_error", "unsupported_value", "temperature")
+            return self._answer(400, err)
         return None
 
     def _rate_limited(

@@ -1,24 +1,41 @@
 """Answers already paid for: the persistent response cache plus in-run dedup.
 
-Before a request is sent, :class:`AnswerCache` is asked, in this order:
+Before a request is sent, :meth:`AnswerCache.claim` is asked, in this order:
 
 1. answers validated earlier in this run and not yet written to the cache;
-2. an identical request in flight right now (the row waits for its answer:
-   identical requests are sent once and the answer fans out);
+2. an identical request in flight right now: the row waits for its answer
+   (identical requests are sent once and the answer fans out). When that
+   request's leader gives up without an answer, exactly one waiter takes
+   over and leads; the others keep waiting;
 3. the persistent :class:`~llmap.store.cache.ResponseCache`, shared across
-   jobs and runs (fresh entries only; see ``[cache] ttl``).
+   jobs and runs (fresh entries only; see ``[cache] ttl``). Lookups that
+   arrive in the same event-loop turn share one ``get_many`` query, and the
+   worker pool looks up a whole page of rows at once (:meth:`prefetch`).
+
+Hits are counted in memory and written to the cache file in one statement
+per flush (:meth:`flush`), never one write transaction per hit. Writes never
+wait for another process's lock during a run: a busy cache file defers them to
+the next flush, and the last flush of a run waits (see :meth:`flush`).
 
 Keys are :func:`~llmap.store.cache.request_key` of the model's identity, its
-sampling parameters, the rendered messages and the schema.
+sampling parameters, the rendered messages and the schema. The sampling
+parameters are ``temperature``, ``max_tokens`` and the ``[model] params``
+that may change an answer (``reasoning_effort``, ``seed``, ``top_p``...; not
+``user``, ``metadata`` and the like: :data:`~llmap.params.NEUTRAL_PARAMS`).
+How the request was sent is not in the key: the structured-output dialect
+(a validated answer is valid whichever dialect produced it) and the
+parameter spellings a server asked for (``max_completion_tokens``, no
+``temperature``) leave it unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from llmap.params import answer_params
 from llmap.store.cache import CacheEntry, ResponseCache, request_key
 
 __all__ = ["AnswerCache"]
@@ -43,6 +60,9 @@ class AnswerCache:
         self._recent: OrderedDict[str, CacheEntry] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[CacheEntry | None]] = {}
         self._unwritten: list[CacheEntry] = []
+        self._prefetched: dict[str, CacheEntry] = {}  # stored answers looked up ahead, until claimed
+        self._hit_keys: list[str] = []  # stored answers served since the last flush (hit counts)
+        self._batch: dict[str, asyncio.Future[CacheEntry | None]] = {}  # stored lookups of this loop turn
         self.hits = 0
 
     @staticmethod
@@ -50,20 +70,61 @@ class AnswerCache:
         """The cache key of a row's request on ``lane`` (model identity, parameters, messages, schema)."""
         m = lane.model
         identity = m.name + "@" + (m.base_url or m.model_path or "")
-        return request_key(provider=m.provider, model=identity,
-                           params={"temperature": m.temperature, "max_tokens": m.max_tokens},
-                           messages=messages, schema=schema)
+        params = {"temperature": m.temperature, "max_tokens": m.max_tokens}
+        params.update(answer_params(getattr(m, "params", None) or {}))
+        return request_key(provider=m.provider, model=identity, params=params, messages=messages, schema=schema)
 
-    async def lookup(self, key: str) -> CacheEntry | None:
-        """An answer for ``key`` without sending a request, or None (then call :meth:`lead`)."""
+    # -- looking up -----------------------------------------------------------
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Look up many keys in the persistent cache with one query; hits wait in memory for :meth:`peek`/:meth:`claim`."""
+        if self.cache is None:
+            return
+        wanted = [k for k in dict.fromkeys(keys) if k not in self._recent and k not in self._prefetched]
+        if wanted:
+            self._prefetched.update(self.cache.get_many(wanted, count_hits=False))
+
+    def peek(self, key: str) -> CacheEntry | None:
+        """An answer for ``key`` already in memory (this run's, or prefetched), without waiting; counted as a hit."""
         entry = self._recent.get(key)
-        if entry is None and key in self._inflight:
-            entry = await asyncio.shield(self._inflight[key])
-        if entry is None and self.cache is not None:
-            entry = self.cache.get_many([key]).get(key)
+        if entry is None:
+            entry = self._prefetched.pop(key, None)
+            if entry is not None:
+                self._hit_keys.append(key)
         if entry is not None:
             self.hits += 1
         return entry
+
+    def leading(self, key: str) -> bool:
+        """True while a caller leads ``key`` (an identical request is in flight)."""
+        return key in self._inflight
+
+    async def claim(self, key: str) -> CacheEntry | None:
+        """An answer for ``key`` without sending a request, or None: then the caller leads ``key``.
+
+        Waits while an identical request is in flight. A caller that gets None
+        must call :meth:`resolve` exactly once (with the answer, or None when
+        it gives up, which lets exactly one waiter take over).
+        """
+        while True:
+            entry = self.peek(key)
+            if entry is not None:
+                return entry
+            fut = self._inflight.get(key)
+            if fut is not None:
+                entry = await asyncio.shield(fut)
+                if entry is not None:
+                    self.hits += 1
+                    return entry
+                continue  # the leader gave up: the first waiter to get here leads
+            entry = await self._stored(key)
+            if entry is not None:
+                self.hits += 1
+                self._hit_keys.append(key)
+                return entry
+            if key in self._inflight or key in self._recent:
+                continue  # another caller led (or answered) while this one looked
+            self.lead(key)
+            return None
 
     def lead(self, key: str) -> bool:
         """Announce that this caller sends the request for ``key``; others will wait for it.
@@ -77,6 +138,32 @@ class AnswerCache:
         self._inflight[key] = asyncio.get_running_loop().create_future()
         return True
 
+    async def _stored(self, key: str) -> CacheEntry | None:
+        """The persistent cache's fresh answer for ``key``; lookups of one loop turn share a query."""
+        if self.cache is None:
+            return None
+        fut = self._batch.get(key)
+        if fut is None:
+            loop = asyncio.get_running_loop()
+            if not self._batch:
+                loop.call_soon(self._run_batch)
+            fut = self._batch[key] = loop.create_future()
+        return await asyncio.shield(fut)
+
+    def _run_batch(self) -> None:
+        batch, self._batch = self._batch, {}
+        try:
+            found = self.cache.get_many(list(batch), count_hits=False) if self.cache is not None else {}
+        except Exception as exc:
+            for fut in batch.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for key, fut in batch.items():
+            if not fut.done():
+                fut.set_result(found.get(key))
+
+    # -- answering ------------------------------------------------------------
     def resolve(self, key: str, entry: CacheEntry | None) -> None:
         """Finish a lead: hand ``entry`` (a validated answer) to the waiters, or None if it failed."""
         fut = self._inflight.pop(key, None)
@@ -88,12 +175,33 @@ class AnswerCache:
             if self.cache is None and len(self._recent) > _MEMORY_ENTRIES:
                 self._recent.popitem(last=False)
 
-    def flush(self) -> int:
-        """Write answers validated since the last flush to the persistent cache. Returns how many."""
-        entries, self._unwritten = self._unwritten, []
-        if self.cache is None or not entries:
+    def abandon(self) -> None:
+        """Release every lead still open (the run is ending): waiters get None."""
+        for key in list(self._inflight):
+            self.resolve(key, None)
+
+    def flush(self, *, wait: bool = False) -> int:
+        """Write answers validated since the last flush, and the hit counts, to the persistent cache.
+
+        Args:
+            wait: wait for another process's write lock (up to the cache's
+                busy timeout, 10 s) instead of deferring to the next flush. The
+                run passes True only for its last flush, so the event loop is
+                never held for seconds while rows are in flight.
+
+        Returns:
+            How many answers were written (0 when deferred).
+        """
+        if self.cache is None:
+            self._unwritten.clear()
             return 0
-        self.cache.put_many(entries)
+        if not self._unwritten and not self._hit_keys:
+            return 0
+        entries, hits = self._unwritten, self._hit_keys
+        if entries and self.cache.put_many(entries, wait=wait) == 0:
+            return 0  # the file is busy: keep them for the next flush
+        self._unwritten, self._hit_keys = [], []
+        self.cache.record_hits(hits, wait=wait)
         for e in entries:  # now in SQLite: the memory copy can go
             self._recent.pop(e.key, None)
         return len(entries)

@@ -245,16 +245,19 @@ class ResponseCache:
         self.close()
 
     # -- reading --------------------------------------------------------------
-    def get_many(self, keys: Iterable[str]) -> dict[str, CacheEntry]:
-        """The fresh entries among ``keys`` (younger than ``ttl_s``), counted as hits.
+    def get_many(self, keys: Iterable[str], *, count_hits: bool = True) -> dict[str, CacheEntry]:
+        """The fresh entries among ``keys`` (younger than ``ttl_s``).
 
         Args:
             keys: request keys; unknown and duplicate keys are fine.
+            count_hits: count the entries found as hits now (one write
+                transaction). A run passes False and counts the hits it
+                actually serves with :meth:`record_hits`, in batches.
 
         Returns:
             key -> entry for each key found and fresh; missing keys are absent.
         """
-        return self._get(keys, stale_ok=False)
+        return self._get(keys, stale_ok=False, count_hits=count_hits)
 
     def get_stale_many(self, keys: Iterable[str]) -> dict[str, CacheEntry]:
         """The entries among ``keys`` whatever their age, counted as hits.
@@ -270,7 +273,7 @@ class ResponseCache:
         """
         return self._get(keys, stale_ok=True)
 
-    def _get(self, keys: Iterable[str], *, stale_ok: bool) -> dict[str, CacheEntry]:
+    def _get(self, keys: Iterable[str], *, stale_ok: bool, count_hits: bool = True) -> dict[str, CacheEntry]:
         wanted = list(dict.fromkeys(keys))
         if not wanted:
             return {}
@@ -299,9 +302,33 @@ class ResponseCache:
                         hits=hits + 1,
                         fresh=cutoff is None or created_at > cutoff,
                     )
-            if found:
+            if found and count_hits:
                 self._count_hits(list(found), now)
         return found
+
+    def record_hits(self, keys: Sequence[str], *, wait: bool = False) -> None:
+        """Count ``keys`` as served once each (hits and ``last_hit_at``), in one transaction.
+
+        Hit counts are statistics: when another process holds the write lock
+        (beyond the busy timeout, or at once when ``wait`` is False) the count
+        is skipped rather than blocking or failing the caller.
+        """
+        if not keys:
+            return
+        with self._lock, self._busy_timeout(wait):
+            self._count_hits(list(keys), self._clock())
+
+    @contextlib.contextmanager
+    def _busy_timeout(self, wait: bool) -> Iterator[None]:
+        """Inside: a locked file fails at once unless ``wait`` (then up to :data:`BUSY_TIMEOUT_MS`)."""
+        if wait:
+            yield
+            return
+        self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            yield
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def _count_hits(self, keys: list[str], now: float) -> None:
         # Hit counts are statistics: a writer holding the lock past busy_timeout
@@ -327,7 +354,7 @@ class ResponseCache:
 
     # -- writing --------------------------------------------------------------
     @guard_writes("response cache")
-    def put_many(self, entries: Iterable[CacheEntry]) -> int:
+    def put_many(self, entries: Iterable[CacheEntry], *, wait: bool = True) -> int:
         """Store answers in one transaction; an existing key is overwritten.
 
         The caller guarantees that every entry is a *validated* answer (it
@@ -336,6 +363,10 @@ class ResponseCache:
 
         Args:
             entries: the answers; ``created_at=None`` stamps them with the clock's now.
+            wait: when another process holds the write lock, wait for it (up
+                to :data:`BUSY_TIMEOUT_MS`). With False, a locked file writes
+                nothing and returns 0 at once (try again later), so an event
+                loop is never held for seconds.
 
         Returns:
             The number of entries written.
@@ -358,8 +389,13 @@ class ResponseCache:
         ]
         if not rows:
             return 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock, self._busy_timeout(wait):
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if wait or "locked" not in str(exc):
+                    raise
+                return 0
             try:
                 self._db.executemany(
                     "INSERT INTO responses (key, model, output, prompt_tokens, completion_tokens, created_at) "
