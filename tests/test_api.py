@@ -63,3 +63,28 @@ def test_map_resumes_with_a_ledger(sim, tmp_path):
     out = llmap.map(ROWS, prompt="{{ name }}", fields={"x": "string"}, model="sim", base_url=sim.base_url,
                     ledger=ledger)
     assert sim.stats()["requests"] == 6 and all(r["_status"] == "done" for r in out)
+
+
+def test_amap_is_public_and_async():
+    assert "amap" in llmap.__all__
+    assert inspect.iscoroutinefunction(llmap.amap)
+    assert inspect.signature(llmap.amap).parameters.keys() == inspect.signature(llmap.map).parameters.keys()
+
+
+async def test_amap_runs_inside_a_running_event_loop(sim):
+    # a notebook cell: an event loop is already running in this thread
+    out = await llmap.amap(ROWS, prompt="{{ name }} of {{ city }}", fields=FIELDS, model="sim", base_url=sim.base_url)
+    assert [r["name"] for r in out] == [r["name"] for r in ROWS]
+    assert all(r["_status"] == "done" for r in out)
+    assert sim.stats()["requests"] == 6
+
+
+async def test_map_inside_a_running_event_loop_says_to_await_amap(sim, make_job):
+    with pytest.raises(llmap.LlmapError, match=r"await llmap\.amap\(\.\.\.\)") as info:
+        llmap.map(ROWS, prompt="{{ name }}", fields=FIELDS, model="sim", base_url=sim.base_url)
+    assert isinstance(info.value, RuntimeError)  # what asyncio.run raises there, too
+    job = llmap.Job.from_toml(make_job(3))
+    with pytest.raises(llmap.LlmapError, match=r"await job\.arun\(\.\.\.\)"):
+        job.run()
+    assert sim.stats()["requests"] == 0
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+
 import pytest
 from typer.testing import CliRunner
 
@@ -93,3 +95,127 @@ def test_rejected_api_key(make_job, tmp_path, monkeypatch):
         monkeypatch.setenv("LLMAP_TEST_KEY", "right")
         code, out = _run(job)
         assert code == 0 and chat_requests(locked) == 3
+
+
+@pytest.mark.parametrize("prices, missing", [("", "price_in or price_out"), ("price_in = 0.15", "price_out")])
+def test_cost_cap_without_prices_is_a_bad_job(make_job, sim, prices, missing):
+    job = make_job(5, model_extra=prices)
+    job.write_text(job.read_text().replace("concurrency = 4", "concurrency = 4\nmax_cost_usd = 5.0"))
+    code, text = _run(job)
+    assert code == 2, text
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("llmap: error:"), text
+    assert f"[[model]] 'sim' has no {missing}" in text and "add price_in and price_out" in text
+    assert chat_requests(sim) == 0
+
+
+def test_cost_cap_with_explicit_zero_prices_runs(make_job, sim):
+    job = make_job(3, model_extra="price_in = 0\nprice_out = 0")  # a free server, said so explicitly
+    job.write_text(job.read_text().replace("concurrency = 4", "concurrency = 4\nmax_cost_usd = 5.0"))
+    code, text = _run(job)
+    assert code == 0, text
+    assert chat_requests(sim) == 3
+
+
+# -- odd files: the real problem, its line and the fix; never a misleading column list ----------------------
+
+def _rows_csv(n: int, *, bad_at: int | None = None, bad: str = "") -> str:
+    lines = ["id,name,city"] + [f"p{i:04d},Person {i},Cody" for i in range(n)]
+    if bad_at is not None:
+        lines[bad_at - 1] = bad  # bad_at is a 1-based file line
+    return "\n".join(lines) + "\n"
+
+
+def _typed_csv(n: int, flip_at: int) -> str:
+    lines = ["id,name,age"] + [f"p{i:04d},Person {i},{20 + i % 50}" for i in range(n)]
+    lines[flip_at - 1] = f"p{flip_at - 2:04d},Person x,unknown"
+    return "\n".join(lines) + "\n"
+
+
+FILES = {
+    # name: (file name, content (str is written as UTF-8), job changes, expected text, text that must not appear)
+    "ragged second line": ("people.csv", _rows_csv(3, bad_at=2, bad="p0000,Ann,Cody,extra"), {},
+                           "line 2 has 4 fields but the header (line 1) has 3", "input columns"),
+    "ragged line deep in the file": ("people.csv", _rows_csv(30_000, bad_at=25_002, bad="p9,Ann,Cody,extra"), {},
+                                     "line 25002 has 4 fields but the header has 3", "input columns"),
+    "empty file": ("people.csv", "", {}, "is empty (0 bytes)", "column0"),
+    "blank file": ("people.csv", "\n \n\n", {}, "is empty (4 bytes, all white space)", "column0"),
+    "latin-1 without encoding": ("people.csv", "id,name,city\np0,José,Cody\n".encode("latin-1"), {},
+                                 "is not UTF-8: line 2 holds bytes that are not valid UTF-8; set [input] encoding",
+                                 "CSV Error"),
+    "windows-1252 read as latin-1": ("people.csv", "id,name,city\np0,€uro,Cody\n".encode("cp1252"),
+                                     dict(extra_input='encoding = "latin-1"'), 'set [input] encoding = "cp1252"',
+                                     "CSV Error"),
+    "not valid in the encoding": ("people.csv", b"id,name,city\np0,Ann,Cody\np1,\x81,Cody\n",
+                                  dict(extra_input='encoding = "cp1252"'), "is not valid cp1252: line 3", ""),
+    "unknown encoding": ("people.csv", _rows_csv(2), dict(extra_input='encoding = "klingon"'),
+                         "encoding 'klingon' is not one Python knows", ""),
+    "encoding on parquet": ("people.parquet", None, dict(extra_input='encoding = "latin-1"'),
+                            "[input] encoding applies to CSV and JSON files", ""),
+    "broken JSONL line": ("people.jsonl", '{"id": "a", "name": "A", "city": "C"}\n{"id": "b", "name": \n'
+                          '{"id": "c", "name": "C", "city": "C"}\n', {}, "line 2 is not valid JSON", "byte"),
+    "JSONL line that is not an object": ("people.jsonl", '{"id": "a", "name": "A", "city": "C"}\n[1, 2]\n', {},
+                                         "line 2 is not a JSON object (an array, not an object)", "input columns"),
+    "not Parquet": ("people.parquet", b"this is a CSV file, renamed", {}, "is not a Parquet file", "magic"),
+    "a folder": ("people.csv", "DIR", {}, "is a folder, not a file", "does not exist"),
+    "a value the sniffed type cannot hold": ("people.csv", _typed_csv(25_000, flip_at=24_000),
+                                             dict(user="{{ name }} is {{ age }}"),
+                                             "line 24000: column 'age' holds 'unknown', but DuckDB typed the column "
+                                             "BIGINT", "Conversion Error"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILES))
+def test_odd_input_files_name_the_real_problem(case, make_job, sim, tmp_path):
+    name, content, changes, expected, absent = FILES[case]
+    job = make_job(3, input_path=name, **changes)
+    target = tmp_path / name
+    if content == "DIR":
+        target.unlink(missing_ok=True)
+        target.mkdir()
+    elif content is None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": ["a"], "name": ["A"], "city": ["C"]}), target)
+    else:
+        target.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    code, text = _run(job)
+    assert code == 2, text
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("llmap: error:"), text
+    assert expected in text, text
+    assert not absent or absent not in text, text
+    assert chat_requests(sim) == 0
+
+
+ODD_BUT_FINE = {
+    # name: (file name, bytes, [input] encoding or None, the names the output must hold)
+    "UTF-8 with a BOM": ("people.csv", "\ufeffid,name,city\np0,José,Cody\np1,Zoë,Cody\n".encode(), None,
+                         ["José", "Zoë"]),
+    "latin-1 (DuckDB decodes it)": ("people.csv", "id,name,city\np0,José,Cody\np1,Renée,Cody\n".encode("latin-1"),
+                                    "latin-1", ["José", "Renée"]),
+    "Windows-1252 (a UTF-8 copy)": ("people.csv", "id,name,city\np0,€uro “q”,Cody\np1,Zoë,Cody\n".encode("cp1252"),
+                                    "cp1252", ["€uro “q”", "Zoë"]),
+    "UTF-16 big-endian with a BOM": ("people.csv", codecs.BOM_UTF16_BE + "id,name,city\np0,José,Cody\np1,Zoë,Cody\n"
+                                     .encode("utf-16-be"), "utf-16", ["José", "Zoë"]),
+    "latin-1 JSONL": ("people.jsonl", '{"id": "p0", "name": "José", "city": "C"}\n'.encode("latin-1"), "latin1",
+                      ["José"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_BUT_FINE))
+def test_encodings_and_bom_are_read_right(case, make_job, sim, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    name, content, encoding, names = ODD_BUT_FINE[case]
+    job = make_job(1, input_path=name, extra_input=f'encoding = "{encoding}"' if encoding else "")
+    (tmp_path / name).write_bytes(content)
+    code, text = _run(job)
+    assert code == 0, text
+    out = pq.read_table(tmp_path / "out" / "result.parquet").to_pylist()
+    assert [r["name"] for r in out] == names and [r["id"] for r in out] == [f"p{i}" for i in range(len(names))]
+    assert chat_requests(sim) == len(names)
+    assert not any((tmp_path / "tmp").iterdir())  # the UTF-8 copy is gone

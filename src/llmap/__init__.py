@@ -5,9 +5,10 @@ Public API::
     import llmap
     llmap.Job.from_toml("job.toml").run()
     llmap.map(rows, prompt="Classify: {{ text }}", fields={"label": "string"})
+    await llmap.amap(rows, ...)   # in Jupyter or async code
 """
 
-from llmap.api import map
+from llmap.api import amap, map
 from llmap.engine import Job, RunResult
 from llmap.errors import (
     AnswerInvalid,
@@ -15,6 +16,7 @@ from llmap.errors import (
     BadRequest,
     FatalProviderError,
     InputError,
+    LedgerLocked,
     LlmapError,
     ProviderError,
     RateLimited,
@@ -35,6 +37,7 @@ __all__ = [
     "InputError",
     "Job",
     "JobSpec",
+    "LedgerLocked",
     "LlmapError",
     "ModelSpec",
     "ProviderError",
@@ -45,6 +48,7 @@ __all__ = [
     "TerminalError",
     "TransientError",
     "__version__",
+    "amap",
     "load_spec",
     "map",
 ]

@@ -1,7 +1,12 @@
-"""``llmap.map``: the one-call Python API over in-memory data."""
+"""``llmap.map`` and ``llmap.amap``: the one-call Python API over in-memory data.
+
+``amap`` is the async core (for Jupyter and async code, where an event loop
+already runs); ``map`` is its thin sync wrapper.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -9,14 +14,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from llmap.engine import Job
+from llmap.engine import Job, require_no_running_loop
 from llmap.errors import SpecError
 from llmap.io.sinks import result_batches
 from llmap.io.sources import Source
 from llmap.spec import ModelSpec, spec_from_dict
 from llmap.store.ledger import Ledger
 
-__all__ = ["map"]
+__all__ = ["amap", "map"]
 
 _builtin_map = map
 
@@ -72,7 +77,7 @@ def _model(model: str | Mapping[str, Any] | ModelSpec, base_url: str | None,
     return doc
 
 
-def map(  # noqa: A001 - the library's name for its one verb
+async def amap(
     data: Any,
     *,
     prompt: str,
@@ -86,7 +91,10 @@ def map(  # noqa: A001 - the library's name for its one verb
     max_reask: int = 2,
     ledger: str | Path | None = None,
 ) -> Any:
-    """Ask the model once per row and return the rows with the answer fields added.
+    """Ask the model once per row and return the rows with the answer fields added (async).
+
+    The same as :func:`map`, awaited in the running event loop: use it in
+    Jupyter and in async code (``out = await llmap.amap(rows, ...)``).
 
     Args:
         data: a list of dicts, a pandas or polars DataFrame, or a pyarrow Table.
@@ -111,6 +119,7 @@ def map(  # noqa: A001 - the library's name for its one verb
 
     Raises:
         SpecError: bad arguments or a field name that clashes with a column.
+        LedgerLocked: another run holds ``ledger``; nothing was sent.
         RunInterrupted: Ctrl-C.
     """
     table, kind = _to_arrow(data)
@@ -129,8 +138,8 @@ def map(  # noqa: A001 - the library's name for its one verb
         }
         spec = spec_from_dict(doc, base_dir=Path.cwd(), name="map", source="llmap.map")
         job = Job(spec, source=Source.from_arrow(table))
-        job.run(export_output=False)
-        with Ledger(spec.ledger_path) as led:
+        await job.arun(export_output=False)
+        with Ledger(spec.ledger_path, readonly=True) as led:
             plan = led.latest_plan()
             layout = job.last_layout
             answers = pa.Table.from_batches(list(result_batches(led, plan, layout)), schema=layout.schema)
@@ -138,3 +147,34 @@ def map(  # noqa: A001 - the library's name for its one verb
     for name in [*fields, "_status", "_error", "_model", "_source"]:
         out = out.append_column(name, answers.column(name))
     return _from_arrow(out, kind)
+
+
+def map(  # noqa: A001 - the library's name for its one verb
+    data: Any,
+    *,
+    prompt: str,
+    fields: Mapping[str, Any],
+    model: str | Mapping[str, Any] | ModelSpec = "local",
+    system: str | None = None,
+    examples: Sequence[Mapping[str, Any]] = (),
+    base_url: str | None = None,
+    api_key_env: str | None = None,
+    concurrency: int = 16,
+    max_reask: int = 2,
+    ledger: str | Path | None = None,
+) -> Any:
+    """Ask the model once per row and return the rows with the answer fields added.
+
+    A sync wrapper over :func:`amap` (it runs its own event loop); the
+    arguments and the result are :func:`amap`'s.
+
+    Raises:
+        SpecError: bad arguments or a field name that clashes with a column.
+        RunInterrupted: Ctrl-C.
+        EventLoopRunning: called inside a running event loop (Jupyter, async
+            code), where it cannot block; ``await llmap.amap(...)`` there.
+    """
+    require_no_running_loop("llmap.map()", "await llmap.amap(...)")
+    return asyncio.run(amap(data, prompt=prompt, fields=fields, model=model, system=system, examples=examples,
+                            base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+                            max_reask=max_reask, ledger=ledger))

@@ -45,11 +45,28 @@ from llmap.providers.base import Provider
 from llmap.report import NullProgress, Progress, Tally
 from llmap.spec import JobSpec, ModelSpec, load_spec
 from llmap.store.answers import AnswerCache
-from llmap.store.cache import ResponseCache
+from llmap.store.cache import FILE_NAME as CACHE_FILE
+from llmap.store.cache import ResponseCache, default_cache_dir
+from llmap.store.diskfull import guard
 from llmap.store.ledger import Ledger, PlannedRow, RowResult
+from llmap.store.lock import LedgerLock
 
-__all__ = ["Job", "RunResult", "make_provider"]
+__all__ = ["Job", "RunResult", "make_provider", "require_no_running_loop"]
 
+
+def require_no_running_loop(call: str, instead: str) -> None:
+    """Refuse a blocking call made inside a running event loop (Jupyter, async code).
+
+    Raises:
+        EventLoopRunning: a loop runs in this thread; the message says to use ``instead``.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise E.EventLoopRunning(
+        f"{call} cannot run inside a running event loop (Jupyter, async code); use `{instead}` there"
+    )
 
 
 def make_provider(spec: ModelSpec, *, concurrency: int) -> Provider:
@@ -144,7 +161,8 @@ class Job:
         if inp.sql is not None:
             return Source.from_sql(inp.sql, base_dir=self.spec.base_dir, where=inp.where, limit=lim,
                                    order_by=inp.order_by)
-        return Source.from_path(self.spec.resolve(inp.path), where=inp.where, limit=lim, order_by=inp.order_by)
+        return Source.from_path(self.spec.resolve(inp.path), where=inp.where, limit=lim, order_by=inp.order_by,
+                                encoding=inp.encoding)
 
     def _check_columns(self, source: Source, renderer: Renderer) -> list[str]:
         spec = self.spec
@@ -235,8 +253,12 @@ class Job:
     # -- run ------------------------------------------------------------------
     def run(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
             export_output: bool = True, log: JsonLog | None = None,
-            on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None) -> RunResult:
+            on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
+            wait_lock: bool = False) -> RunResult:
         """Run the job to completion (sync wrapper over :meth:`arun`).
+
+        The run holds the job's ledger lock (:mod:`llmap.store.lock`) for its
+        whole life, so two runs of one job never pay for a row twice.
 
         Args:
             limit: at most this many rows (overrides ``[input] limit``).
@@ -246,18 +268,37 @@ class Job:
             log: a structured event log (``--log-json``), or None.
             on_start: called once dispatch starts with the live counters and lanes
                 (e.g. to serve metrics).
+            wait_lock: when another run holds the ledger, wait for it to end
+                (``--wait-lock``) instead of raising :class:`~llmap.errors.LedgerLocked`.
 
         Raises:
             SpecError: bad spec or input; nothing was sent.
+            LedgerLocked: another run of this job holds its ledger; nothing was sent.
             RunInterrupted: Ctrl-C or SIGTERM; committed rows are kept.
+            DiskFull: a write of the ledger, the cache or the output found the disk
+                full; dispatch stopped, committed rows are kept.
+            EventLoopRunning: called inside a running event loop; ``await job.arun(...)`` there.
         """
+        require_no_running_loop("Job.run()", "await job.arun(...)")
         return asyncio.run(self.arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
-                                     log=log, on_start=on_start))
+                                     log=log, on_start=on_start, wait_lock=wait_lock))
 
     async def arun(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
                    export_output: bool = True, log: JsonLog | None = None,
-                   on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None) -> RunResult:
+                   on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
+                   wait_lock: bool = False) -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
+        lock = LedgerLock(self.spec.ledger_path, job=self.spec.name)
+        await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
+        try:
+            return await self._arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
+                                    log=log, on_start=on_start)
+        finally:
+            lock.release()
+
+    async def _arun(self, *, limit: int | None, fresh: bool, progress: Progress | None, export_output: bool,
+                    log: JsonLog | None,
+                    on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None) -> RunResult:
         progress = progress or NullProgress()
         if log is not None:
             progress = _Logged(progress, log)
@@ -265,8 +306,15 @@ class Job:
         started = time.monotonic()
         prep = await self.prepare(limit=limit, check_output=export_output)
         self.last_layout = prep.layout
-        ledger = Ledger(self.spec.ledger_path)
+        try:
+            ledger = Ledger(self.spec.ledger_path)
+        except BaseException:
+            for p in prep.providers:
+                with contextlib.suppress(Exception):
+                    await p.aclose()
+            raise
         stats = DispatchStats()
+        disk_full = False
         run_id = None
         planned = False
         counts: dict[str, int] = {}
@@ -296,24 +344,34 @@ class Job:
                 progress.finish(tally)
             if stats.stop_reason is not None:
                 reason = f"stopped: {stats.stop_reason}"
+        except E.DiskFull:
+            reason, disk_full = "stopped: disk full", True
+            raise
         finally:
             for p in prep.providers:
                 with contextlib.suppress(Exception):
                     await p.aclose()
             out = None
-            if run_id is not None:
-                _record_shapes(prep.providers, stats)
-                ledger.end_run(run_id, exit_reason=reason, requests=stats.requests,
-                               prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-                               cost_usd=stats.cost_usd, rate_limited=stats.rate_limited, retries=stats.retries,
-                               cached=tally.cache_hits if tally else 0, by_model=stats.by_model)
-                if export_output and planned:
-                    out = self.spec.output_path
-                    export(result_batches(ledger, run_id, prep.layout), prep.layout.schema, out)
-                counts = ledger.counts(run_id)
-                if reason == "complete" and counts["pending"] == 0 and counts["failed"] == 0:
-                    self._mark_complete(ledger)
-            ledger.close()
+            try:
+                if run_id is not None:
+                    _record_shapes(prep.providers, stats)
+                    try:
+                        ledger.end_run(run_id, exit_reason=reason, requests=stats.requests,
+                                       prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
+                                       cost_usd=stats.cost_usd, rate_limited=stats.rate_limited,
+                                       retries=stats.retries, cached=tally.cache_hits if tally else 0,
+                                       by_model=stats.by_model)
+                    except E.DiskFull:
+                        if not disk_full:
+                            raise  # else the DiskFull on its way out already says it
+                    if export_output and planned and not disk_full:
+                        out = self.spec.output_path
+                        export(result_batches(ledger, run_id, prep.layout), prep.layout.schema, out)
+                    counts = ledger.counts(run_id)
+                    if reason == "complete" and counts["pending"] == 0 and counts["failed"] == 0:
+                        self._mark_complete(ledger)
+            finally:
+                ledger.close()
         stop = None
         if stats.stop_reason is not None:
             stop = f"{stats.stop_reason}; fix it and run again: finished rows are kept"
@@ -362,7 +420,10 @@ class Job:
         stats.on_halt = lambda reason: progress.message(
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
         stats.on_warn = lambda text: progress.message(f"llmap: {text}")
-        cache = ResponseCache(ttl_s=spec.cache.ttl_s) if spec.cache.enabled else None
+        cache = None
+        if spec.cache.enabled:
+            with guard(default_cache_dir() / CACHE_FILE, "response cache"):
+                cache = ResponseCache(ttl_s=spec.cache.ttl_s)
         try:
             dispatcher = Dispatcher(lanes, prep.renderer, prep.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,

@@ -25,10 +25,14 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │           └── QuotaExhausted  insufficient_quota
     ├── AnswerInvalid             the answer does not validate against the fields
     ├── RenderError               a template failed on one row's values; that row fails, the run goes on
+    ├── EventLoopRunning          a sync call (llmap.map, Job.run) inside a running event loop
+    ├── LedgerLocked              another run of the job holds its ledger; nothing sent (exit 75)
+    ├── DiskFull                  a write of the ledger, cache or output found the disk full (exit 1)
     └── RunInterrupted            Ctrl-C / SIGTERM; progress is kept (exit 130)
 
 Exit codes used by the CLI: 0 every row done or skipped, 1 some rows failed
-or a fatal provider error stopped the run, 2 :class:`SpecError`, 130
+or a fatal provider error or :class:`DiskFull` stopped the run, 2 :class:`SpecError`, 75
+:class:`LedgerLocked` (sysexits' EX_TEMPFAIL: try again later), 130
 :class:`RunInterrupted`.
 """
 
@@ -40,8 +44,11 @@ __all__ = [
     "BadRequest",
     "ConnectionFailed",
     "ContextTooLong",
+    "DiskFull",
+    "EventLoopRunning",
     "FatalProviderError",
     "InputError",
+    "LedgerLocked",
     "LlmapError",
     "MalformedResponse",
     "Overloaded",
@@ -162,6 +169,56 @@ class AnswerInvalid(LlmapError):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+
+
+class EventLoopRunning(LlmapError, RuntimeError):
+    """A blocking call (:func:`llmap.map`, :meth:`llmap.Job.run`) was made inside a running event loop.
+
+    Jupyter and async code already run a loop, which a blocking call cannot
+    nest; the message names the awaitable to use instead (``await
+    llmap.amap(...)``, ``await job.arun(...)``). Also a ``RuntimeError``, as
+    :func:`asyncio.run` raises in that case.
+    """
+
+
+class LedgerLocked(LlmapError):
+    """Another run of the same job holds the job's ledger lock; this run sent nothing.
+
+    CLI exit code 75 (``EX_TEMPFAIL`` in sysexits.h: a temporary failure, try
+    again later): not 2, since the job is fine, and not 1, since no row failed.
+
+    Attributes:
+        holder: who holds it (:class:`llmap.store.lock.Holder`: pid, host,
+            start time), or None when the lock file does not say yet.
+        lock_path: the lock file beside the ledger.
+    """
+
+    exit_code = 75
+
+    def __init__(self, message: str, *, holder: object = None, lock_path: object = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.lock_path = lock_path
+
+
+class DiskFull(LlmapError):
+    """A write of llmap's own files (ledger, response cache, output) found the disk full.
+
+    What was committed before stays committed (SQLite rolls the failed
+    transaction back whole) and the export never leaves a half-written file;
+    the message names the file, the free space and the fix. CLI exit code 1.
+
+    Attributes:
+        path: the file that could not be written.
+        free_bytes: bytes free on its file system when the write failed, or None.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, path: object = None, free_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.free_bytes = free_bytes
 
 
 class RenderError(LlmapError):

@@ -35,7 +35,7 @@ from typing import Any
 from llmap.control.misconfig import mask_numbers
 from llmap.control.quota import GroupQuota, QuotaDecision
 from llmap.dispatch import Dispatcher, DispatchStats, Stop, install_sigterm
-from llmap.errors import RenderError
+from llmap.errors import DiskFull, RenderError
 from llmap.packer import Packer
 from llmap.report import Progress, Tally
 from llmap.store.ledger import Ledger, RowResult
@@ -90,6 +90,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         asyncio.CancelledError: on Ctrl-C / SIGTERM, after committing every finished row.
         Exception: a helper task (commit ticker, timeout watchdog) or the
             producer died; the run stops with that error after committing.
+        DiskFull: a commit found the disk full; dispatch stopped, committed rows are kept.
     """
     n_workers = min(1024, 2 * max(lane.max_in_flight for lane in dispatcher.lanes))
     todo: asyncio.Queue[list[_Row] | None] = asyncio.Queue(maxsize=n_workers * 2)
@@ -113,9 +114,19 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
                 done[g] = count
         group_quota = GroupQuota(n, done)
 
+    disk_full: list[DiskFull] = []  # a write found the disk full: stop dispatch, raise it when the pool is down
+
+    def halt_on_disk_full(exc: DiskFull) -> None:
+        if not disk_full:
+            disk_full.append(exc)
+            stats.stop.set()  # said once, by whoever catches the DiskFull raised at the end
+
     def flush(*, last: bool = False) -> None:
         if answers is not None:
-            answers.flush(wait=last)
+            try:
+                answers.flush(wait=last)
+            except DiskFull as exc:  # the cache's disk is full: still commit to the ledger, which may have room
+                halt_on_disk_full(exc)
         if not buffer and not stats.request_log:
             return
         log, stats.request_log = stats.request_log, []
@@ -130,6 +141,8 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         tally.in_flight = sum(lane.in_flight for lane in dispatcher.lanes)
         tally.concurrency = sum(lane.limit for lane in dispatcher.lanes)
         progress.advance(tally)
+
+    flush = _halt_on_disk_full(flush, halt_on_disk_full)
 
     def settle(results: list[RowResult], rows: list[_Row]) -> None:
         nonlocal outstanding, n_waiting
@@ -313,6 +326,9 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
                     results = [await dispatcher.solve_messages(row.key, row.messages, lead=lead)]
             except Stop:
                 continue
+            except DiskFull as exc:  # a cache write on the row's path: stop as after a failed commit
+                halt_on_disk_full(exc)
+                continue
             except Exception as exc:  # one row's bad value or a bug: those rows fail, the worker lives
                 results = [RowResult(r.key, "failed", error=f"{type(exc).__name__}: {exc}") for r in items]
             settle(results, items)
@@ -340,6 +356,26 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
             answers.abandon()
         undo_sigterm()
         flush(last=True)
+    if disk_full:
+        raise disk_full[0]
+
+
+def _halt_on_disk_full(flush: Callable[..., None], halt: Callable[[DiskFull], None]) -> Callable[..., None]:
+    """``flush``, but a full disk halts dispatch (no new requests) instead of killing the caller.
+
+    Later flushes still try: the ledger and the response cache may be on
+    different disks, so the answers of the requests still in flight reach
+    whichever has room, and a rerun finds them there instead of paying again.
+    Rows whose results could not be committed stay ``pending`` in the ledger.
+    """
+
+    def guarded(**kwargs: Any) -> None:
+        try:
+            flush(**kwargs)
+        except DiskFull as exc:
+            halt(exc)
+
+    return guarded
 
 
 async def _supervise(tasks: list[asyncio.Task], *, until_done: list[asyncio.Task]) -> None:

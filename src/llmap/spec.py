@@ -9,7 +9,7 @@ message names the problem and the fix. Checks that need the input's header
 The contract (see README.md for every key, default and unit)::
 
     name = "district-type"          # optional; default: the file's stem
-    [input]   path | sql, key, where, limit
+    [input]   path | sql, key, where, limit, encoding
     [prompt]  system, user, examples
     [output]  path, keep, max_reask, [output.fields]
     [model]   provider, name, base_url, api_key_env, model_path, temperature, max_tokens, ...
@@ -80,6 +80,8 @@ class InputSpec(_Strict):
     taking rows from a group once it has ``n`` done rows, across runs.
     ``max_chars`` maps a column to the most characters of it a prompt gets;
     longer values are cut with a visible marker, and the ledger records it.
+    ``encoding`` is a CSV or JSON file's text encoding, a Python codec name
+    (``"latin-1"``, ``"cp1252"``, ``"utf-16"``); default UTF-8.
     """
 
     path: str | None = None
@@ -90,6 +92,16 @@ class InputSpec(_Strict):
     limit: int | None = Field(default=None, gt=0)
     per_group: PerGroup | None = None
     max_chars: dict[str, int] = {}
+    encoding: str | None = None
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str | None) -> str | None:
+        if v is not None:
+            from llmap.io.encoding import canonical
+
+            canonical(v)  # ValueError names the fix
+        return v
 
     @field_validator("max_chars")
     @classmethod
@@ -103,6 +115,9 @@ class InputSpec(_Strict):
     def _one_source(self) -> InputSpec:
         if (self.path is None) == (self.sql is None):
             raise ValueError("give exactly one of [input] path or [input] sql")
+        if self.sql is not None and self.encoding is not None:
+            raise ValueError("encoding applies to [input] path; in [input] sql pass it to the reader, e.g. "
+                             "read_csv('f.csv', encoding = 'latin-1')")
         return self
 
 
@@ -320,6 +335,8 @@ class LimitsSpec(_Strict):
             extra requests per run, counted in ``requests``).
         max_cost_usd: stop sending new requests once this much is spent (USD,
             from ``[model] price_in`` / ``price_out``); in-flight requests finish.
+            Every ``openai`` model must then set both prices (0 for a free
+            server), else :func:`spec_from_dict` raises ``SpecError``.
         max_tokens: the same, counted in tokens (prompt + completion).
     """
 
@@ -502,7 +519,23 @@ def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: st
     if spec.output.fallback is not None:
         check_fallback(spec.output.fields, spec.output.fallback, source=source)
     _check_cascade(spec, source)
+    _check_cost_cap(spec, source)
     return spec
+
+
+def _check_cost_cap(spec: JobSpec, source: str) -> None:
+    """``max_cost_usd`` counts USD from the models' prices: a model without them would never count."""
+    if spec.limits.max_cost_usd is None:
+        return
+    for m in spec.models:
+        missing = [k for k in ("price_in", "price_out") if k not in m.model_fields_set]
+        if m.provider == "local" or not missing:  # the embedded model costs nothing
+            continue
+        raise SpecError(
+            f"{source}: [limits] max_cost_usd is set but [[model]] {m.name!r} has no {' or '.join(missing)}, so its "
+            f"spend would count as $0 and the cap would never stop it; add price_in and price_out to that model (USD "
+            f"per million prompt / completion tokens; 0 if it is free), or cap [limits] max_tokens instead"
+        )
 
 
 def _check_cascade(spec: JobSpec, source: str) -> None:

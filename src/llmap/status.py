@@ -1,6 +1,7 @@
 """Reading a job's ledger: status, export, the model report, and ``--if-changed``.
 
-None of these calls a model. Status and export read the latest run's plan;
+None of these calls a model, takes the job's lock or writes the ledger: each
+opens it read-only, so all of them work while a run holds it. Status and export read the latest run's plan;
 ``--if-changed`` compares fingerprints of the input file, the spec and the
 set of done rows with those recorded at the last complete run.
 """
@@ -47,10 +48,14 @@ class StatusReport:
 
 
 def _open_ledger(spec: JobSpec) -> tuple[Ledger, int]:
+    """The job's ledger, read-only (never written, never locked: works while a run holds it), and its latest plan."""
     path = spec.ledger_path
     if not path.is_file():
         raise E.SpecError(f"job {spec.name!r} has no ledger at {str(path)!r} yet; run `llmap run` on it first")
-    ledger = Ledger(path)
+    try:
+        ledger = Ledger(path, readonly=True)
+    except sqlite3.Error as exc:
+        raise E.SpecError(f"cannot read the ledger {str(path)!r}: {exc}; is it a llmap ledger?") from None
     plan = ledger.latest_plan()
     if plan is None:
         ledger.close()

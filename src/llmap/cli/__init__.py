@@ -1,7 +1,8 @@
 """The ``llmap`` command line: ``run``, ``status``, ``export``, ``simulate``.
 
 Exit codes: 0 every row done or skipped; 1 some rows failed or the run
-stopped on a provider error; 2 bad job or input (nothing sent); 130
+stopped on a provider error; 2 bad job or input (nothing sent); 75 another
+run of the job holds its ledger (nothing sent; EX_TEMPFAIL); 130
 interrupted (progress kept).
 """
 

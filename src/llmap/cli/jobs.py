@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmap.engine import Job
-from llmap.errors import RunInterrupted, SpecError
+from llmap.errors import DiskFull, LedgerLocked, RunInterrupted, SpecError
 from llmap.logs import JsonLog
 from llmap.report import MessagesOnly, RichProgress
 from llmap.status import job_export, job_status, model_report, unchanged_since_complete
@@ -56,12 +56,17 @@ def run(
     metrics_port: Annotated[int | None, typer.Option(
         "--metrics-port", min=0, max=65535, show_default=False,
         help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics while the run lasts.")] = None,
+    wait_lock: Annotated[bool, typer.Option(
+        "--wait-lock", help="If another run of this job holds its ledger, wait for it to finish, then run "
+        "(default: refuse at once with exit code 75).")] = False,
 ) -> None:
     """Run a job: read the input, ask the model once per row, write the output.
 
     Every result is committed to the job's ledger before it counts, so Ctrl-C or a crash loses nothing: run the same command again and it continues where it stopped, sending requests only for rows not yet done.
 
-    Exit codes: 0 all rows done, skipped or given the fallback, 1 some rows failed or a budget cap or an error every row would hit stopped the run, 2 bad job or input (nothing sent), 130 interrupted.
+    One run of a job at a time: a run holds the job's ledger lock for its whole life, and a second run of the same job is refused (or waits, with --wait-lock). status, export, report and estimate work during a run.
+
+    Exit codes: 0 all rows done, skipped or given the fallback, 1 some rows failed or a budget cap or an error every row would hit stopped the run, 2 bad job or input (nothing sent), 75 another run of the job holds its ledger (nothing sent), 130 interrupted.
     """
     job = _load(job_file)
     if if_changed and not fresh:
@@ -89,9 +94,13 @@ def run(
     try:
         if log_json is not None:
             log = JsonLog(log_json, log_prompts=log_prompts)
-        result = job.run(limit=limit, fresh=fresh, progress=progress, log=log, on_start=on_start)
+        result = job.run(limit=limit, fresh=fresh, progress=progress, log=log, on_start=on_start,
+                         wait_lock=wait_lock)
     except SpecError as exc:
         raise _fail(exc) from None
+    except (LedgerLocked, DiskFull) as exc:
+        err.print(f"[bold red]llmap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
     except (RunInterrupted, KeyboardInterrupt) as exc:
         msg = str(exc) if isinstance(exc, RunInterrupted) else "interrupted; finished rows are kept"
         err.print(f"[yellow]llmap: {escape(msg)}[/]", highlight=False, soft_wrap=True)
@@ -176,6 +185,9 @@ def export(
         path, n = job_export(job, output)
     except SpecError as exc:
         raise _fail(exc) from None
+    except DiskFull as exc:
+        err.print(f"[bold red]llmap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
     out.print(f"output: {path} ({n:,} rows)", highlight=False, soft_wrap=True)
 
 

@@ -22,6 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from llmap.errors import SpecError
+from llmap.store.diskfull import disk_full, guard, is_disk_full
 from llmap.store.ledger import Ledger
 
 __all__ = ["FIELD_ARROW", "ResultLayout", "check_writable", "export", "result_batches"]
@@ -140,14 +141,16 @@ def export(batches: Iterator[pa.RecordBatch], schema: pa.Schema, path: Path) -> 
 
     Raises:
         SpecError: the extension is not one llmap writes.
+        DiskFull: the disk filled up; the temp file is removed, ``path`` is untouched.
         OSError: the file cannot be written.
     """
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".jsonl", ".csv"):
         raise SpecError(f"cannot export to {str(path)!r}: use a .parquet, .jsonl or .csv file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with guard(path, "output"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     tmp = Path(tmp_name)
     n = 0
     try:
@@ -169,8 +172,10 @@ def export(batches: Iterator[pa.RecordBatch], schema: pa.Schema, path: Path) -> 
                         f.write("\n")
                     n += b.num_rows
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if is_disk_full(exc):
+            raise disk_full(path, "output") from exc
         raise
     return n

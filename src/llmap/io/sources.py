@@ -9,7 +9,10 @@ the input. DuckDB errors are mapped here into :class:`~llmap.errors.InputError`.
 from __future__ import annotations
 
 import re
+import shutil
+import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ import duckdb
 import pyarrow as pa
 
 from llmap.errors import InputError
+from llmap.io.diagnose import check_file, csv_shape_problem, explain, jsonl_shape_problem
+from llmap.io.encoding import canonical, duckdb_csv_encoding, is_utf8, transcode_to_utf8
 
 __all__ = ["Source", "quote_ident"]
 
@@ -40,6 +45,15 @@ def quote_ident(name: str) -> str:
 
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class _File:
+    """What a file source reads: its format, the file DuckDB opens and that file's encoding."""
+
+    fmt: str  # "csv", "jsonl", "json" or "parquet"
+    read_path: Path  # the input, or its temporary UTF-8 copy
+    encoding: str  # Python's name for read_path's encoding
 
 
 def _first_line(exc: BaseException) -> str:
@@ -68,28 +82,55 @@ class Source:
         self.order_by = order_by
         self.limit = limit
         self._schema: pa.Schema | None = None
+        self._file: _File | None = None
+        self._cleanup: weakref.finalize | None = None
 
     # -- construction -------------------------------------------------------
     @classmethod
     def from_path(cls, path: Path, *, where: str | None = None, limit: int | None = None,
-                  order_by: str | None = None) -> Source:
+                  order_by: str | None = None, encoding: str | None = None) -> Source:
         """A file source; the reader is picked by extension.
 
+        Args:
+            path: a .csv, .tsv, .parquet, .jsonl, .ndjson or .json file.
+            where, limit, order_by: see the class attributes.
+            encoding: the text encoding of a CSV or JSON file (a Python codec
+                name, e.g. ``latin-1``, ``cp1252``); None means UTF-8. See
+                :mod:`llmap.io.encoding` for how each is read.
+
         Raises:
-            InputError: the extension is unknown or the file does not exist.
+            InputError: the extension is unknown, the file does not exist, is
+                a folder or empty, ``encoding`` does not apply or fails to decode it.
         """
         reader = _READERS.get(path.suffix.lower())
         if reader is None:
             raise InputError(
                 f"input {str(path)!r}: unknown file type {path.suffix!r}; use .csv, .parquet or .jsonl, or [input] sql"
             )
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"input file {str(path)!r} does not exist; check [input] path (relative to the job file)")
-        opts = ", delim='\\t'" if path.suffix.lower() == ".tsv" else ""
-        if reader == "read_json":
-            opts = ", format='newline_delimited'" if path.suffix.lower() != ".json" else ""
-        rel = f"{reader}({_sql_str(str(path))}{opts})"
-        return cls(rel, label=str(path), con=_connect(path.parent), where=where, limit=limit, order_by=order_by)
+        label = str(path)
+        check_file(path, label)
+        suffix = path.suffix.lower()
+        fmt = {"read_csv": "csv", "read_parquet": "parquet"}.get(reader, "json" if suffix == ".json" else "jsonl")
+        if encoding is not None and fmt == "parquet":
+            raise InputError(f"[input] encoding applies to CSV and JSON files; {label} is Parquet, which stores text "
+                             "as UTF-8: remove [input] encoding")
+        read_path, read_encoding = path, "utf-8"
+        opts = ", delim='\\t'" if suffix == ".tsv" else ", format='newline_delimited'" if fmt == "jsonl" else ""
+        if encoding is not None and fmt != "parquet":
+            native = duckdb_csv_encoding(encoding) if fmt == "csv" else "utf-8" if is_utf8(encoding) else None
+            if native is None:  # DuckDB cannot decode it offline: read a UTF-8 copy
+                read_path = transcode_to_utf8(path, encoding, label=label)
+            elif native != "utf-8":
+                opts += f", encoding={_sql_str(native)}"
+                read_encoding = canonical(encoding)
+        rel = f"{reader}({_sql_str(str(read_path))}{opts})"
+        src = cls(rel, label=label, con=_connect(path.parent), where=where, limit=limit, order_by=order_by)
+        src._file = _File(fmt, read_path, read_encoding)
+        if read_path != path:  # a temporary UTF-8 copy: deleted on close, or when the source is collected
+            src._cleanup = weakref.finalize(src, shutil.rmtree, read_path.parent, True)
+        return src
 
     @classmethod
     def from_sql(cls, sql: str, *, base_dir: Path, where: str | None = None, limit: int | None = None,
@@ -115,10 +156,24 @@ class Source:
         """
         if self._schema is None:
             try:
-                self._schema = _arrow_table(self._con.sql(f"SELECT * FROM {self._rel} LIMIT 0")).schema
+                schema = _arrow_table(self._con.sql(f"SELECT * FROM {self._rel} LIMIT 0")).schema
             except duckdb.Error as exc:
-                raise InputError(f"cannot read input {self.label}: {_first_line(exc)}; check the file and its format") from None
+                raise InputError(self._explain(exc) or f"cannot read input {self.label}: {_first_line(exc)}; "
+                                 "check the file and its format") from None
+            f, problem = self._file, None
+            if f is not None and f.fmt == "csv":
+                problem = csv_shape_problem(f.read_path, schema.names, encoding=f.encoding, label=self.label)
+            elif f is not None and f.fmt == "jsonl":
+                problem = jsonl_shape_problem(f.read_path, schema.names, label=self.label)
+            if problem:
+                raise InputError(problem)
+            self._schema = schema
         return self._schema
+
+    def _explain(self, exc: BaseException) -> str | None:
+        """A one-line message for a reader error on a file source (see :mod:`llmap.io.diagnose`), or None."""
+        f = self._file
+        return explain(str(exc), fmt=f.fmt, label=self.label, read_path=f.read_path) if f is not None else None
 
     @property
     def columns(self) -> list[str]:
@@ -140,6 +195,8 @@ class Source:
             if col in have:
                 continue
             hint = f"did you mean {lower[col.lower()]!r}? " if col.lower() in lower else ""
+            if have and all(re.fullmatch(r"column\d+", c) for c in have):
+                hint += "the file seems to have no header line (add one naming the columns); "
             shown = ", ".join(have[:20]) + (" ..." if len(have) > 20 else "")
             raise InputError(
                 f"{who} names column {col!r}, which input {self.label} lacks; {hint}input columns: {shown}"
@@ -161,15 +218,29 @@ class Source:
         try:
             return self._con.sql(sql)
         except duckdb.Error as exc:
-            msg = _first_line(exc)
-            if (self.where or self.order_by) and re.search(r"Binder Error|Parser Error|Conversion Error|Catalog Error",
-                                                           msg):
-                what = " and ".join(f"{k} {v!r}" for k, v in (("where", self.where), ("order_by", self.order_by)) if v)
-                raise InputError(
-                    f"[input] {what} fails on {self.label}: {msg}; fix the expression "
-                    f"(DuckDB SQL over columns: {', '.join(self.columns[:20])})"
-                ) from None
-            raise InputError(f"cannot {what} input {self.label}: {msg}") from None
+            raise self._input_error(exc, what) from None
+
+    def _fetch(self, sql: str, what: str) -> list[tuple]:
+        """Run a query to the end; reading errors (found only while the file is read) become InputError."""
+        rel = self._run(sql, what)
+        try:
+            return rel.fetchall()
+        except duckdb.Error as exc:
+            raise self._input_error(exc, what) from None
+
+    def _input_error(self, exc: duckdb.Error, what: str) -> InputError:
+        explained = self._explain(exc)
+        if explained:
+            return InputError(explained)
+        msg = _first_line(exc)
+        if (self.where or self.order_by) and re.search(r"Binder Error|Parser Error|Conversion Error|Catalog Error",
+                                                       msg):
+            what = " and ".join(f"{k} {v!r}" for k, v in (("where", self.where), ("order_by", self.order_by)) if v)
+            return InputError(
+                f"[input] {what} fails on {self.label}: {msg}; fix the expression "
+                f"(DuckDB SQL over columns: {', '.join(self.columns[:20])})"
+            )
+        return InputError(f"cannot {what} input {self.label}: {msg}")
 
     def check_where(self) -> None:
         """Compile ``where`` and ``order_by`` against the input without reading rows.
@@ -182,23 +253,23 @@ class Source:
 
     def count(self) -> int:
         """Rows the job will see (after ``where`` and ``limit``)."""
-        return int(self._run(f"SELECT count(*) FROM ({self._select([])})", "count").fetchall()[0][0])
+        return int(self._fetch(f"SELECT count(*) FROM ({self._select([])})", "count")[0][0])
 
     def first_duplicate(self, key: str) -> tuple[Any, int] | None:
         """The first key value that occurs more than once, with its count, or None."""
         k = quote_ident(key)
-        rows = self._run(
+        rows = self._fetch(
             f"SELECT {k}, count(*) AS n FROM ({self._select([key])}) GROUP BY {k} HAVING count(*) > 1 "
             f"ORDER BY n DESC, {k} LIMIT 1",
             "check keys of",
-        ).fetchall()
+        )
         return (rows[0][0], int(rows[0][1])) if rows else None
 
     def null_keys(self, key: str) -> int:
         """How many rows have a NULL key."""
         k = quote_ident(key)
         sql = f"SELECT count(*) FROM ({self._select([key])}) WHERE {k} IS NULL"
-        return int(self._run(sql, "check keys of").fetchall()[0][0])
+        return int(self._fetch(sql, "check keys of")[0][0])
 
     def batches(self, columns: Sequence[str], *, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         """Stream the projected, filtered, limited rows as Arrow record batches.
@@ -213,11 +284,11 @@ class Source:
         Raises:
             InputError: the input cannot be read.
         """
-        reader = _arrow_reader(self._run(self._select(columns), "read"), batch_rows)
+        rel = self._run(self._select(columns), "read")
         try:
-            yield from reader
-        except duckdb.Error as exc:
-            raise InputError(f"reading input {self.label} failed: {_first_line(exc)}") from None
+            yield from _arrow_reader(rel, batch_rows)
+        except (duckdb.Error, OSError, pa.ArrowException) as exc:  # DuckDB errors reach Arrow's reader as OSError
+            raise InputError(self._explain(exc) or f"reading input {self.label} failed: {_first_line(exc)}") from None
 
     def arrow_schema(self, columns: Sequence[str]) -> pa.Schema:
         """Arrow types of the given columns, as :meth:`batches` will yield them."""
@@ -225,6 +296,8 @@ class Source:
 
     def close(self) -> None:
         self._con.close()
+        if self._cleanup is not None:
+            self._cleanup()
 
 
 def _arrow_table(rel: duckdb.DuckDBPyRelation) -> pa.Table:

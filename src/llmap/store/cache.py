@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmap.store.diskfull import guard_writes, is_disk_full
 from llmap.store.migrate import apply_migrations
 
 __all__ = [
@@ -331,7 +332,7 @@ class ResponseCache:
 
     def _count_hits(self, keys: list[str], now: float) -> None:
         # Hit counts are statistics: a writer holding the lock past busy_timeout
-        # must not fail a read, so a locked database skips the count.
+        # must not fail a read, so a locked database skips the count; so does a full disk.
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
@@ -344,11 +345,15 @@ class ResponseCache:
                     [now, *chunk],
                 )
             self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if is_disk_full(exc):
+                return
             raise
 
     # -- writing --------------------------------------------------------------
+    @guard_writes("response cache")
     def put_many(self, entries: Iterable[CacheEntry], *, wait: bool = True) -> int:
         """Store answers in one transaction; an existing key is overwritten.
 
@@ -368,6 +373,7 @@ class ResponseCache:
 
         Raises:
             TypeError: an output is not JSON-serialisable (nothing is written).
+            DiskFull: the disk is full (nothing is written).
         """
         now = self._clock()
         rows = [

@@ -7,7 +7,8 @@ row and a re-run continues where the last one stopped.
 
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit survives a
 killed process; one writer (the engine's event loop) commits results in
-batches. The schema is built from named migrations recorded in
+batches. A write that finds the disk full raises
+:class:`~llmap.errors.DiskFull` (its transaction is rolled back whole). The schema is built from named migrations recorded in
 ``_migrations`` (the simonw/llm pattern), so later versions can add to it.
 
 Each run *plans* the rows it sees into the ledger with its run id; rows that
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmap.errors import SpecError
+from llmap.store.diskfull import guard, guard_writes
 from llmap.store.migrate import apply_migrations
 
 __all__ = ["STATUSES", "Ledger", "PlannedRow", "RowResult"]
@@ -222,6 +225,23 @@ ON CONFLICT (key) DO UPDATE SET
     input_hash = excluded.input_hash
 """
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute("PRAGMA busy_timeout = 5000")
+        applied = {r[0] for r in db.execute("SELECT name FROM _migrations")}
+    except BaseException:
+        db.close()
+        raise
+    missing = [name for name, _ in MIGRATIONS if name not in applied]
+    if missing:
+        db.close()
+        raise SpecError(f"ledger {str(path)!r} was written by an older llmap (it lacks {missing[0]}); run "
+                        "`llmap run` on the job once to upgrade it")
+    return db
+
+
 _RECORD = """
 UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prompt_tokens = ?,
     completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?
@@ -242,19 +262,28 @@ class Ledger:
 
     Args:
         path: the SQLite file; its folder is created if missing.
+        readonly: open an existing ledger read-only (``status``, ``export``,
+            ``report``, ``llmap.map``'s results): no migration, no write, no
+            lock, so it works while a run writes the file (WAL readers never
+            block the writer).
 
     Raises:
         sqlite3.Error: the file cannot be opened or is not a ledger.
+        SpecError: ``readonly`` and the ledger's schema is older than this llmap's.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.execute("PRAGMA busy_timeout = 5000")
-        self._migrate()
+        if readonly:
+            self._db = _connect_readonly(self.path)
+            return
+        with guard(self.path, "ledger"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            self._migrate()
 
     def _migrate(self) -> None:
         apply_migrations(self._db, MIGRATIONS)
@@ -274,6 +303,7 @@ class Ledger:
         self.close()
 
     # -- meta -----------------------------------------------------------------
+    @guard_writes("ledger")
     def set_meta(self, k: str, v: bytes | str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
 
@@ -282,15 +312,18 @@ class Ledger:
         return row[0] if row else None
 
     # -- runs -----------------------------------------------------------------
+    @guard_writes("ledger")
     def reset(self) -> None:
         """Forget every row (``--fresh``). Run history is kept."""
         self._db.execute("DELETE FROM rows")
 
+    @guard_writes("ledger")
     def start_run(self, spec_hash: str) -> int:
         """Record a new run and return its id, which is also its plan id."""
         cur = self._db.execute("INSERT INTO runs (started_at, spec_hash) VALUES (?, ?)", (time.time(), spec_hash))
         return int(cur.lastrowid)
 
+    @guard_writes("ledger")
     def end_run(self, run_id: int, *, exit_reason: str, requests: int, prompt_tokens: int,
                 completion_tokens: int, cost_usd: float = 0.0, rate_limited: int = 0, retries: int = 0,
                 cached: int = 0, by_model: dict[str, Any] | None = None) -> None:
@@ -320,6 +353,7 @@ class Ledger:
         return row[0]
 
     # -- planning -------------------------------------------------------------
+    @guard_writes("ledger")
     def plan(self, run_id: int, rows: Iterable[PlannedRow]) -> None:
         """Upsert a batch of rows into plan ``run_id`` in one transaction.
 
@@ -333,6 +367,7 @@ class Ledger:
             self._db.executemany(_UPSERT, params)
 
     # -- results --------------------------------------------------------------
+    @guard_writes("ledger")
     def record(self, results: Sequence[RowResult], *, run_id: int = 0,
                requests: Sequence[tuple] = ()) -> None:
         """Commit a batch of results, the model answers each went through, and the request log.
