@@ -98,7 +98,7 @@ def disk(monkeypatch) -> _Disk:
 ])
 def test_full_disk_at_each_write_says_one_line_and_the_rerun_pays_nothing_twice(where, when, file, make_job,
                                                                                  tmp_path, disk, monkeypatch):
-    monkeypatch.setattr("llmap.pool.COMMIT_ROWS", 8)  # several commits in a small run
+    monkeypatch.setattr("llmap.run.pool.COMMIT_ROWS", 8)  # several commits in a small run
     with Simulator(latency_median=0.01) as sim:
         job = make_job(N, base_url=sim.base_url, concurrency=2)
         disk.fill("job.ledger.sqlite" if file == "ledger" else "responses.sqlite", when)
@@ -145,7 +145,7 @@ def test_a_full_disk_on_a_rows_path_stops_the_run_instead_of_failing_rows(make_j
         raise DiskFull("disk full: cannot write the response cache 'x' (0 bytes free there); free some space",
                        path=Path("x"), free_bytes=0)
 
-    monkeypatch.setattr("llmap.dispatch.Dispatcher.solve_messages", solve)
+    monkeypatch.setattr("llmap.run.dispatch.Dispatcher.solve_messages", solve)
     code, text = _run("run", job, "-q")
     assert code == 1 and "cannot write the response cache" in _one_error_line(text)
     assert chat_requests(sim) == 0

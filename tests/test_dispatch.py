@@ -7,11 +7,12 @@ import asyncio
 import pytest
 
 from llmap import errors as E
-from llmap.control.route import Lane, pick_lane
-from llmap.dispatch import Dispatcher, DispatchStats
+from llmap.control.lanes import Lane, pick_lane
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema
 from llmap.providers.base import Completion
+from llmap.run.dispatch import Dispatcher
+from llmap.run.stats import DispatchStats
 from llmap.spec import FieldSpec, LimitsSpec, ModelSpec, PromptSpec
 
 ANSWER = '{"x": "ok"}'
@@ -193,7 +194,7 @@ async def test_missing_usage_keeps_the_token_estimate(monkeypatch):
     d = _dispatcher([p], tpm=1_000_000, max_tokens=300)
     warnings = []
     d.stats.on_warn = warnings.append
-    from llmap.dispatch import Stop
+    from llmap.run.stats import Stop
 
     results = [await d.solve(f"k{i}", {"t": "z" * 400}) for i in range(2)]
     assert d.stats.prompt_tokens > 0 and d.stats.completion_tokens >= 100

@@ -11,8 +11,8 @@ import pytest
 from _support import ScriptedProvider, chat_requests, people, with_providers, write_csv
 from llmap import Job
 from llmap.errors import AnswerInvalid
-from llmap.report import CountingProgress
-from llmap.status import job_export, job_status
+from llmap.observe.progress import CountingProgress
+from llmap.observe.status import job_export, job_status
 
 
 def test_run_writes_every_row_once_with_valid_fields(make_job, sim):

@@ -1,4 +1,4 @@
-"""llmap.estimate: rows, requests, tokens, USD and time of a run, without sending anything."""
+"""llmap.observe.estimate: rows, requests, tokens, USD and time of a run, without sending anything."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.console import Console
 
 from _support import chat_requests, people, write_csv
 from llmap import Job
-from llmap.estimate import estimate, estimate_text, format_estimate
+from llmap.observe.estimate import estimate, estimate_text, format_estimate
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema
 from llmap.store.answers import AnswerCache
@@ -217,7 +217,7 @@ def test_local_model_is_not_loaded(make_job, sim, tmp_path):
 
 
 def test_fast_request_keys_equal_the_dispatchers(make_job, sim, tmp_path):
-    from llmap.estimate import _RequestKeys
+    from llmap.observe.estimate import _RequestKeys
 
     job = make_job(3)
     spec = Job.from_toml(job).spec

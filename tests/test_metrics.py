@@ -14,11 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmap import Job
 from llmap.control.breaker import BreakerState
-from llmap.control.route import Lane
-from llmap.dispatch import DispatchStats
+from llmap.control.lanes import Lane
 from llmap.errors import Overloaded, RateLimited, SpecError
-from llmap.metrics import RunMetrics, serve_metrics
-from llmap.report import Tally
+from llmap.observe.metrics import RunMetrics, serve_metrics
+from llmap.observe.progress import Tally
+from llmap.run.stats import DispatchStats
 from llmap.sim import Simulator
 from llmap.spec import LimitsSpec, ModelSpec
 

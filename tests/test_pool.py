@@ -51,7 +51,7 @@ def test_a_dead_helper_task_stops_the_run_with_its_error(make_job, sim, monkeypa
         await asyncio.sleep(0.05)
         raise RuntimeError("simulated: the timeout watchdog died")
 
-    monkeypatch.setattr("llmap.dispatch.Dispatcher.watchdog", broken_watchdog)
+    monkeypatch.setattr("llmap.run.dispatch.Dispatcher.watchdog", broken_watchdog)
     with pytest.raises(RuntimeError, match="watchdog died"):
         asyncio.run(asyncio.wait_for(Job.from_toml(job).arun(), timeout=30))
     assert chat_requests(sim) < 40  # stopped early, not after every row
@@ -77,7 +77,7 @@ def test_duplicates_inside_packs_are_sent_once(make_job, sim, tmp_path):
 
 
 def test_estimate_counts_packed_duplicates_like_the_run(make_job, sim, tmp_path):
-    from llmap.estimate import estimate
+    from llmap.observe.estimate import estimate
 
     job = make_job(1)
     base = people(25)

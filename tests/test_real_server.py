@@ -33,7 +33,7 @@ if _MISSING:
 
 from llmap import Job  # noqa: E402
 from llmap.cli import app  # noqa: E402
-from llmap.status import job_status  # noqa: E402
+from llmap.observe.status import job_status  # noqa: E402
 
 pytestmark = pytest.mark.real_server
 

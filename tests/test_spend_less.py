@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from _support import ScriptedProvider, chat_requests, people, with_providers, write_csv
 from llmap import Job
 from llmap.cli import app
+from llmap.observe.status import job_status, model_report
 from llmap.providers.base import Completion
 from llmap.sim import Simulator
-from llmap.status import job_status, model_report
 
 runner = CliRunner()
 

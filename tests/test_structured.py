@@ -18,9 +18,9 @@ from _support import ScriptedProvider, chat_requests, with_providers
 from llmap import Job
 from llmap.cli import app
 from llmap.errors import Overloaded
-from llmap.report import CountingProgress
+from llmap.observe.progress import CountingProgress
+from llmap.observe.status import job_status, model_report
 from llmap.sim import Simulator
-from llmap.status import job_status, model_report
 from llmap.store.dialects import DialectMemory
 
 runner = CliRunner()

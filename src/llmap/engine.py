@@ -32,17 +32,18 @@ import pyarrow as pa
 from llmap import errors as E
 from llmap.control.alerts import FailureRateAlert
 from llmap.control.breaker import BreakerState
-from llmap.control.route import MAX_CONCURRENCY, Lane
-from llmap.dispatch import Dispatcher, DispatchStats
+from llmap.control.lanes import MAX_CONCURRENCY, Lane
 from llmap.io.sinks import ResultLayout, check_writable, export, result_batches
 from llmap.io.sources import Source
-from llmap.logs import JsonLog
-from llmap.packer import Packer
-from llmap.pool import run_pool
+from llmap.observe.logs import JsonLog
+from llmap.observe.progress import NullProgress, Progress, Tally
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema
 from llmap.providers.base import Provider
-from llmap.report import NullProgress, Progress, Tally
+from llmap.run.dispatch import Dispatcher
+from llmap.run.packer import Packer
+from llmap.run.pool import run_pool
+from llmap.run.stats import DispatchStats
 from llmap.spec import JobSpec, ModelSpec, load_spec
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import FILE_NAME as CACHE_FILE
@@ -397,8 +398,8 @@ class Job:
         return hook
 
     def _mark_complete(self, ledger: Ledger) -> None:
-        """Record what ``llmap run --if-changed`` compares against (see :mod:`llmap.status`)."""
-        from llmap.status import completion_fingerprint
+        """Record what ``llmap run --if-changed`` compares against (see :mod:`llmap.observe.status`)."""
+        from llmap.observe.status import completion_fingerprint
 
         fingerprint = completion_fingerprint(self.spec, ledger.connection)
         at = time.strftime("%Y-%m-%d %H:%M:%S")

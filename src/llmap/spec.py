@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmap.errors import SpecError
-from llmap.params import RESERVED_PARAMS, answer_params
+from llmap.providers.params import RESERVED_PARAMS, answer_params
 
 __all__ = [
     "FIELD_TYPES",

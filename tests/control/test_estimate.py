@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmap.control.estimate import OutputTokenEstimator, PromptTokenEstimator
+from llmap.control.tokens import OutputTokenEstimator, PromptTokenEstimator
 
 
 def test_output_default_without_max_tokens():

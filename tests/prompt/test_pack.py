@@ -7,9 +7,9 @@ import urllib.request
 
 import pytest
 
+from llmap.control.packsize import AutoPackSize
 from llmap.prompt.pack import (
     PACK_INSTRUCTION,
-    AutoPackSize,
     bisect,
     pack_messages,
     pack_schema,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import typer
 
-from llmap.cli import jobs
 from llmap.cli.cache import cache_app
+from llmap.cli.inspect import estimate, export, report, status
+from llmap.cli.run import run
 
 __all__ = ["app", "main"]
 
@@ -27,11 +28,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-app.command("run")(jobs.run)
-app.command("estimate")(jobs.estimate)
-app.command("status")(jobs.status)
-app.command("export")(jobs.export)
-app.command("report")(jobs.report)
+app.command("run")(run)
+app.command("estimate")(estimate)
+app.command("status")(status)
+app.command("export")(export)
+app.command("report")(report)
 app.add_typer(cache_app, name="cache")
 
 

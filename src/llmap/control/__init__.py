@@ -7,7 +7,6 @@ through an injected ``sleep``. See each module for units and defaults.
 
 from llmap.control.breaker import BreakerState, CircuitBreaker
 from llmap.control.concurrency import AIMDConcurrency
-from llmap.control.estimate import OutputTokenEstimator, PromptTokenEstimator
 from llmap.control.headers import (
     Budget,
     RateLimitInfo,
@@ -18,6 +17,7 @@ from llmap.control.headers import (
 )
 from llmap.control.limits import Limiter, Permit, RateLimiter, TokenBucket
 from llmap.control.retry import RetryDecision, RetryPolicy
+from llmap.control.tokens import OutputTokenEstimator, PromptTokenEstimator
 
 __all__ = [
     "AIMDConcurrency",

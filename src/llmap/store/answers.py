@@ -21,7 +21,7 @@ Keys are :func:`~llmap.store.cache.request_key` of the model's identity, its
 sampling parameters, the rendered messages and the schema. The sampling
 parameters are ``temperature``, ``max_tokens`` and the ``[model] params``
 that may change an answer (``reasoning_effort``, ``seed``, ``top_p``...; not
-``user``, ``metadata`` and the like: :data:`~llmap.params.NEUTRAL_PARAMS`).
+``user``, ``metadata`` and the like: :data:`~llmap.providers.params.NEUTRAL_PARAMS`).
 How the request was sent is not in the key: the structured-output dialect
 (a validated answer is valid whichever dialect produced it) and the
 parameter spellings a server asked for (``max_completion_tokens``, no
@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from llmap.params import answer_params
+from llmap.providers.params import answer_params
 from llmap.store.cache import CacheEntry, ResponseCache, request_key
 
 __all__ = ["AnswerCache"]

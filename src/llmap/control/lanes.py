@@ -19,9 +19,9 @@ from typing import Any
 
 from llmap.control.breaker import BreakerState, CircuitBreaker
 from llmap.control.concurrency import AIMDConcurrency
-from llmap.control.estimate import OutputTokenEstimator, PromptTokenEstimator
 from llmap.control.limits import Limiter, RateLimiter
 from llmap.control.timeouts import AdaptiveTimeout
+from llmap.control.tokens import OutputTokenEstimator, PromptTokenEstimator
 
 __all__ = ["Lane", "pick_lane"]
 

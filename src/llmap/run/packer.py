@@ -23,10 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 from llmap import errors as E
-from llmap.control.route import pick_lane
-from llmap.dispatch import Dispatcher, Stop
-from llmap.prompt.pack import AutoPackSize, pack_messages, pack_schema, parse_pack
+from llmap.control.lanes import pick_lane
+from llmap.control.packsize import AutoPackSize
+from llmap.prompt.pack import pack_messages, pack_schema, parse_pack
 from llmap.providers.base import Request
+from llmap.run.dispatch import Dispatcher
+from llmap.run.stats import Stop
 from llmap.store.cache import CacheEntry
 from llmap.store.ledger import RowResult
 
@@ -41,11 +43,11 @@ Item = tuple[str, dict[str, Any], list[dict[str, str]], str | None]
 
 
 class Packer:
-    """Settles packs of rows through a :class:`~llmap.dispatch.Dispatcher`.
+    """Settles packs of rows through a :class:`~llmap.run.dispatch.Dispatcher`.
 
     The worker pool hands it packs of rows that are not cache hits and whose
     requests are unique in the run (identical rows wait for the first, see
-    :mod:`llmap.pool`), so N unique rows cost ``ceil(N / pack)`` requests.
+    :mod:`llmap.run.pool`), so N unique rows cost ``ceil(N / pack)`` requests.
 
     Args:
         dispatcher: sends requests and settles single rows.

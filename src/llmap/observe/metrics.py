@@ -1,8 +1,8 @@
 """Live Prometheus metrics of one run (``llmap run --metrics-port P``).
 
 :class:`RunMetrics` is a custom collector: each scrape reads the run's live
-objects (:class:`~llmap.dispatch.DispatchStats`, :class:`~llmap.report.Tally`
-and the dispatcher's :class:`~llmap.control.route.Lane` list), so the hot path
+objects (:class:`~llmap.run.dispatch.DispatchStats`, :class:`~llmap.observe.progress.Tally`
+and the dispatcher's :class:`~llmap.control.lanes.Lane` list), so the hot path
 increments nothing. :func:`serve_metrics` serves it on ``/metrics`` from a
 daemon thread with a registry of its own (never the global one).
 
@@ -43,9 +43,9 @@ from llmap.control.breaker import BreakerState
 from llmap.errors import SpecError
 
 if TYPE_CHECKING:
-    from llmap.control.route import Lane
-    from llmap.dispatch import DispatchStats
-    from llmap.report import Tally
+    from llmap.control.lanes import Lane
+    from llmap.observe.progress import Tally
+    from llmap.run.stats import DispatchStats
 
 __all__ = ["RunMetrics", "serve_metrics"]
 
@@ -78,8 +78,8 @@ class RunMetrics(Collector):
 
     Args:
         job: value of the ``job`` label on every sample (the job's name).
-        stats_fn: returns the run's :class:`~llmap.dispatch.DispatchStats`, or None before it exists.
-        tally_fn: returns the run's :class:`~llmap.report.Tally`, or None before it exists.
+        stats_fn: returns the run's :class:`~llmap.run.dispatch.DispatchStats`, or None before it exists.
+        tally_fn: returns the run's :class:`~llmap.observe.progress.Tally`, or None before it exists.
         lanes_fn: returns the dispatcher's lanes (one per model), empty before dispatch starts.
     """
 

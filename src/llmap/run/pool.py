@@ -6,8 +6,8 @@ cache at once (one query per page). Cache hits settle at once. A row whose
 request is identical to one already being answered in this run waits for
 that answer instead of being sent (if that row fails, exactly one waiting
 row takes over). The rest go into a bounded queue, one row or one pack at a
-time, and workers settle them through the :class:`~llmap.dispatch.Dispatcher`
-(or the :class:`~llmap.packer.Packer`). Results are committed in batches
+time, and workers settle them through the :class:`~llmap.run.dispatch.Dispatcher`
+(or the :class:`~llmap.run.packer.Packer`). Results are committed in batches
 (every 256 rows or 0.25 s) and only then counted.
 
 A row whose own values break it (a template error on a NULL, a bug) fails
@@ -26,7 +26,10 @@ and rows waiting for an identical row keep only their key and data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +37,11 @@ from typing import Any
 
 from llmap.control.misconfig import mask_numbers
 from llmap.control.quota import GroupQuota, QuotaDecision
-from llmap.dispatch import Dispatcher, DispatchStats, Stop, install_sigterm
 from llmap.errors import DiskFull, RenderError
-from llmap.packer import Packer
-from llmap.report import Progress, Tally
+from llmap.observe.progress import Progress, Tally
+from llmap.run.dispatch import Dispatcher
+from llmap.run.packer import Packer
+from llmap.run.stats import DispatchStats, Stop
 from llmap.store.ledger import Ledger, RowResult
 
 __all__ = ["run_pool"]
@@ -406,3 +410,20 @@ async def _first_of(*events: asyncio.Event) -> None:
     finally:
         for w in waits:
             w.cancel()
+
+
+def install_sigterm(task: asyncio.Task | None) -> Callable[[], None]:
+    """Make SIGTERM cancel ``task`` like Ctrl-C does (main thread only). Returns an undo function."""
+    if task is None or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    except (NotImplementedError, RuntimeError):
+        return lambda: None
+
+    def undo() -> None:
+        with contextlib.suppress(Exception):
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    return undo

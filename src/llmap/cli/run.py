@@ -1,0 +1,110 @@
+"""``llmap run``: run (or continue) a job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from llmap.cli.common import JobFile, err, fail, load_job, out
+from llmap.errors import DiskFull, LedgerLocked, RunInterrupted, SpecError
+from llmap.observe.logs import JsonLog
+from llmap.observe.progress import MessagesOnly, RichProgress
+from llmap.observe.status import unchanged_since_complete
+
+__all__ = ["run"]
+
+
+def run(
+    job_file: JobFile,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N rows (overrides \\[input] limit).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier results in the ledger and start over.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (warnings still print).")] = False,
+    if_changed: Annotated[bool, typer.Option(
+        "--if-changed", help="Exit 0 at once, touching nothing, when the input files, the spec and the done rows "
+        "are unchanged since the last complete run. For cron.")] = False,
+    log_json: Annotated[Path | None, typer.Option(
+        "--log-json", help="Append structured events (requests, rows, warnings) as JSON lines to this file.",
+        show_default=False)] = None,
+    log_prompts: Annotated[bool, typer.Option(
+        "--log-prompts", help="With --log-json: also log each row's rendered prompt and answer.")] = False,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=0, max=65535, show_default=False,
+        help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics while the run lasts.")] = None,
+    wait_lock: Annotated[bool, typer.Option(
+        "--wait-lock", help="If another run of this job holds its ledger, wait for it to finish, then run "
+        "(default: refuse at once with exit code 75).")] = False,
+) -> None:
+    """Run a job: read the input, ask the model once per row, write the output.
+
+    Every result is committed to the job's ledger before it counts, so Ctrl-C or a crash loses nothing: run the same command again and it continues where it stopped, sending requests only for rows not yet done.
+
+    One run of a job at a time: a run holds the job's ledger lock for its whole life, and a second run of the same job is refused (or waits, with --wait-lock). status, export, report and estimate work during a run.
+
+    Exit codes: 0 all rows done, skipped or given the fallback, 1 some rows failed or a budget cap or an error every row would hit stopped the run, 2 bad job or input (nothing sent), 75 another run of the job holds its ledger (nothing sent), 130 interrupted.
+    """
+    job = load_job(job_file)
+    if if_changed and not fresh:
+        unchanged = unchanged_since_complete(job.spec)
+        if unchanged:
+            err.print(f"llmap: {unchanged}", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit(0)
+    progress = MessagesOnly(err) if quiet or not err.is_terminal else RichProgress(err)
+    if log_prompts and log_json is None:
+        raise fail(SpecError("--log-prompts needs --log-json PATH: prompts go to the structured log only"))
+    log = None
+    stop_metrics = None
+
+    def on_start(stats, tally, lanes) -> None:
+        nonlocal stop_metrics
+        if metrics_port is None:
+            return
+        from llmap.observe.metrics import RunMetrics, serve_metrics
+
+        metrics = RunMetrics(job=job.spec.name, stats_fn=lambda: stats, tally_fn=lambda: tally,
+                             lanes_fn=lambda: lanes)
+        port, stop_metrics = serve_metrics(metrics, metrics_port)
+        err.print(f"llmap: metrics on http://127.0.0.1:{port}/metrics", highlight=False, soft_wrap=True)
+
+    try:
+        if log_json is not None:
+            log = JsonLog(log_json, log_prompts=log_prompts)
+        result = job.run(limit=limit, fresh=fresh, progress=progress, log=log, on_start=on_start,
+                         wait_lock=wait_lock)
+    except SpecError as exc:
+        raise fail(exc) from None
+    except (LedgerLocked, DiskFull) as exc:
+        err.print(f"[bold red]llmap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        msg = str(exc) if isinstance(exc, RunInterrupted) else "interrupted; finished rows are kept"
+        err.print(f"[yellow]llmap: {escape(msg)}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    finally:
+        if log is not None:
+            log.close()
+        if stop_metrics is not None:
+            stop_metrics()
+    c = result.counts
+    tokens = result.prompt_tokens + result.completion_tokens
+    rate = (c["done"] + c["failed"] + c["fallback"]) / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    fallback = f", {c['fallback']:,} fallback" if c["fallback"] else ""
+    cost = f", ${result.cost_usd:,.4f}" if result.cost_usd else ""
+    err.print(
+        f"llmap: {c['done']:,} done, {c['failed']:,} failed, {c['skipped']:,} skipped{fallback}, {c['pending']:,} "
+        f"pending of {sum(c.values()):,} rows; {result.requests:,} requests ({result.retries:,} retries, "
+        f"{result.rate_limited:,} rate-limited), {tokens:,} tokens{cost}, "
+        f"{result.elapsed_s:.1f} s ({rate:,.1f} rows/s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.stop_reason:
+        err.print(f"[bold red]llmap: run stopped:[/] {escape(result.stop_reason)}", highlight=False, soft_wrap=True)
+    if c["failed"]:
+        err.print(f"llmap: see failed rows with: llmap status {job_file}; errors are in the output's _error column",
+                  highlight=False, soft_wrap=True)
+    if result.output_path is not None:
+        out.print(f"output: {result.output_path}", highlight=False, soft_wrap=True)
+    raise typer.Exit(result.exit_code)

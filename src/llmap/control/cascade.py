@@ -1,0 +1,147 @@
+"""Cascades: ``escalate_if``, a DuckDB SQL condition on one model's answer.
+
+``[[model]] escalate_if = "confidence < 0.7 OR kind = 'other'"`` sends a row
+on to the next model when the answer meets the condition. The condition is
+DuckDB SQL, the dialect ``[input] where`` and ``order_by`` already use, over
+the output fields as typed columns (``string`` → VARCHAR, ``integer`` →
+BIGINT, ``number`` → DOUBLE, ``boolean`` → BOOLEAN):
+
+- single quotes are strings (``kind = 'other'``); double quotes name a field
+  (``"kind"``), as in SQL;
+- NULL is three-valued: ``confidence < 0.7`` is NULL for a NULL confidence,
+  and a condition that is NULL does not escalate (write
+  ``confidence IS NULL OR confidence < 0.7`` to escalate those too);
+- any DuckDB expression works: ``IN``, ``LIKE``/``ILIKE``, ``BETWEEN``,
+  ``length(summary) < 20``, ``regexp_matches(kind, '^x')``, arithmetic.
+
+:meth:`EscalateIf.bind` checks the condition before any request, against a
+zero-row relation of the fields: a bad name, a type DuckDB cannot compare or a
+non-boolean result is a one-line error. At run time the answers that settle
+in one event-loop turn are evaluated together in one query
+(:meth:`EscalateIf.holds`); a pack's answers in one call
+(:meth:`EscalateIf.evaluate_many`). The connection cannot read files or the
+network (``enable_external_access = false``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+__all__ = ["DUCKDB_TYPES", "EscalateIf"]
+
+#: llmap field type -> the DuckDB column type answers are evaluated as.
+DUCKDB_TYPES: dict[str, str] = {"string": "VARCHAR", "integer": "BIGINT", "number": "DOUBLE", "boolean": "BOOLEAN"}
+_ARROW_TYPES: dict[str, pa.DataType] = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(),
+                                        "boolean": pa.bool_()}
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class EscalateIf:
+    """One model's ``escalate_if``, bound to the job's output fields.
+
+    Build it with :meth:`bind`. Not thread-safe: use it from one event loop.
+
+    Attributes:
+        text: the condition as written.
+    """
+
+    def __init__(self, text: str, field_types: Mapping[str, str], con: duckdb.DuckDBPyConnection) -> None:
+        self.text = text
+        self._types = dict(field_types)
+        self._schema = pa.schema([(n, _ARROW_TYPES[t]) for n, t in self._types.items()])
+        self._con = con
+        self._sql = f"SELECT coalesce(({text}), false) FROM answers"
+        self._batch: list[tuple[Mapping[str, Any], asyncio.Future[bool]]] = []
+
+    @classmethod
+    def bind(cls, text: str, field_types: Mapping[str, str], *, name: str = "escalate_if") -> EscalateIf:
+        """Check ``text`` against the fields and compile it.
+
+        Args:
+            text: the condition, DuckDB SQL.
+            field_types: output field name -> llmap type (``string``, ``integer``, ``number``, ``boolean``).
+            name: how to name the condition in errors (e.g. ``[[model]] 'mini' escalate_if``).
+
+        Raises:
+            ValueError: one line naming the problem: a syntax error, an unknown
+                field (with the fields there are), a type DuckDB cannot compare,
+                or a result that is not true/false.
+        """
+        if not text.strip():
+            raise ValueError(f"{name} is empty; write a condition such as \"confidence < 0.7\" or remove it")
+        con = duckdb.connect()
+        con.execute("SET enable_external_access = false")
+        cols = ", ".join(f"NULL::{DUCKDB_TYPES[t]} AS {_quote(n)}" for n, t in field_types.items())
+        try:
+            kind = con.execute(f"SELECT typeof(({text})) FROM (SELECT {cols}) LIMIT 1").fetchall()[0][0]
+        except duckdb.Error as exc:
+            con.close()
+            why = _first_line(exc)
+            quoted = re.search(r'column "([^"]*)" not found', why)
+            hint = (f" (in SQL double quotes name a field: write '{quoted.group(1)}' for a string)"
+                    if quoted and f'"{quoted.group(1)}"' in text else "")
+            raise ValueError(f"{name} {text!r}: {why}{hint}; fields: "
+                             f"{', '.join(f'{n} ({t})' for n, t in field_types.items())}") from None
+        if kind not in ("BOOLEAN", '"NULL"', "NULL"):
+            con.close()
+            raise ValueError(f"{name} {text!r} is a {kind}, not a condition; compare it, e.g. "
+                             f"\"{text} > 0\"")
+        return cls(text, field_types, con)
+
+    def evaluate_many(self, answers: Sequence[Mapping[str, Any]]) -> list[bool]:
+        """Whether each answer meets the condition (NULL counts as not met), in one query."""
+        if not answers:
+            return []
+        table = pa.Table.from_pylist([{n: a.get(n) for n in self._types} for a in answers], schema=self._schema)
+        self._con.register("answers", table)
+        try:
+            return [bool(v) for (v,) in self._con.execute(self._sql).fetchall()]
+        finally:
+            self._con.unregister("answers")
+
+    def evaluate(self, answer: Mapping[str, Any]) -> bool:
+        """Whether one answer meets the condition (NULL counts as not met)."""
+        return self.evaluate_many([answer])[0]
+
+    async def holds(self, answer: Mapping[str, Any]) -> bool:
+        """:meth:`evaluate`, with the answers of one event-loop turn evaluated together in one query."""
+        loop = asyncio.get_running_loop()
+        if not self._batch:
+            loop.call_soon(self._run_batch)
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._batch.append((answer, fut))
+        return await fut
+
+    def _run_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        try:
+            verdicts = self.evaluate_many([a for a, _ in batch])
+        except Exception as exc:  # a runtime error (e.g. a failed cast) reaches every waiter
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), v in zip(batch, verdicts, strict=True):
+            if not fut.done():
+                fut.set_result(v)
+
+    def close(self) -> None:
+        """Release the DuckDB connection."""
+        self._con.close()
+
+    def __repr__(self) -> str:
+        return f"EscalateIf({self.text!r})"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,576 @@
+"""What a run would cost, before it sends anything: rows, requests, tokens, USD and time.
+
+:func:`estimate` walks the input the way the planner and the dispatcher do
+(the same row keys, input hashes, rendered messages and cache keys) and sorts
+every row into exactly one bucket, in this order:
+
+1. ``done``: the ledger holds the row ``done`` with the same input hash;
+2. ``skipped``: every template input is empty;
+3. ``duplicates``: an earlier row of this input makes the identical request
+   (the run sends it once and shares the answer);
+4. ``cached``: the response cache holds a fresh answer for the primary model;
+5. ``to_request``: the rest, one request each (``pack = N``: N rows a request).
+
+Nothing is sent and nothing is written: no provider is built (a local model is
+not loaded), no endpoint is called, and the ledger and the response cache are
+opened read-only, only when their files exist. The cache is read with plain
+SQL rather than :meth:`~llmap.store.cache.ResponseCache.get_many`, which counts
+every lookup as a hit and would make ``llmap cache stats`` report answers that
+an estimate never served.
+
+Tokens: prompt tokens are the rendered messages' characters divided by a
+characters-per-token ratio (4.0, or the ratio observed on done rows of the
+ledger); completion tokens per row are the mean of past answers of that model
+(the ledger's ``requests`` log), else ``max_tokens`` (an upper bound). Every
+figure says where it comes from (the ``*_source`` attributes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import jinja2.meta
+import pyarrow as pa
+
+from llmap.control.lanes import INITIAL_CONCURRENCY, MAX_CONCURRENCY
+from llmap.engine import Job, _key_text
+from llmap.prompt.render import Renderer
+from llmap.prompt.schema import OutputSchema
+from llmap.spec import ModelSpec
+from llmap.store.answers import AnswerCache
+from llmap.store.cache import FILE_NAME, default_cache_dir
+
+__all__ = ["Estimate", "ModelCost", "estimate", "estimate_text", "format_estimate"]
+
+#: Characters per prompt token when the ledger has no usage to learn from.
+DEFAULT_CHARS_PER_TOKEN = 4.0
+#: Seconds per request assumed when the ledger has no answered request of the primary model.
+DEFAULT_LATENCY_S = 1.0
+#: Done rows rendered to learn the characters-per-token ratio (enough for a stable mean).
+_CALIBRATION_ROWS = 2000
+#: Cache keys per lookup batch (the cache query itself goes 500 keys per ``IN`` list).
+_LOOKUP_BATCH = 2000
+_SQL_CHUNK = 500
+#: Rows whose fast cache key is checked against :meth:`AnswerCache.key` before it is trusted.
+_VERIFY_ROWS = 32
+
+
+@dataclass
+class ModelCost:
+    """Tokens and USD on one model.
+
+    Attributes:
+        label: ``provider:name``.
+        role: ``"primary"``, or ``"escalation"`` for a cascade step (costed as if
+            every row escalated: an upper bound).
+        requests: requests to this model.
+        prompt_tokens, completion_tokens: estimated tokens.
+        completion_per_row: completion tokens per row used for the estimate.
+        completion_source: ``"past runs"`` (mean of the ledger's answered
+            requests of this model) or ``"max_tokens"`` (its cap: an upper bound).
+        price_in, price_out: the model's USD per million prompt / completion tokens.
+        cost_usd: USD at those prices.
+    """
+
+    label: str
+    role: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    completion_per_row: float
+    completion_source: str
+    price_in: float
+    price_out: float
+    cost_usd: float
+
+
+@dataclass
+class Estimate:
+    """What a run of a job would do now, and where each assumption comes from.
+
+    Row counts (they add up to ``rows``): ``done``, ``skipped``, ``duplicates``,
+    ``cached``, ``to_request`` (see the module docstring for the order).
+
+    Attributes:
+        rows: rows in the input after ``where`` and ``limit``.
+        requests: requests to the primary model: ``to_request``, divided by
+            ``pack`` when it is a number.
+        pack: ``[prompt] pack``.
+        prompt_chars: characters of the rendered messages of the rows to request.
+        chars_per_token: characters per prompt token used.
+        chars_per_token_source: ``"default"`` or ``"ledger (N done rows)"``.
+        prompt_tokens, completion_tokens: tokens on the primary model.
+        completion_source: ``"past runs"`` or ``"max_tokens"`` (primary model).
+        cost_usd: USD on the primary model.
+        cost_upper_usd: ``cost_usd`` plus every cascade step as if every row escalated.
+        models: per-model figures, primary first.
+        time_s: estimated wall seconds: the largest of the RPM bound, the TPM
+            bound and ``requests * latency_s / concurrency``.
+        time_bound: which of ``"rpm"``, ``"tpm"``, ``"concurrency"`` set ``time_s``.
+        rpm, tpm: the primary model's limits used, or None.
+        latency_s, latency_source: seconds per request, ``"past runs"`` or ``"assumed"``.
+        concurrency, concurrency_source: requests in flight assumed, and why.
+        cache_source: how cache hits were found (or why there are none).
+        ledger_found: whether the job's ledger existed.
+        notes: what the estimate leaves out, in words.
+        elapsed_s: seconds the estimate itself took.
+    """
+
+    rows: int = 0
+    done: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    cached: int = 0
+    to_request: int = 0
+    requests: int = 0
+    pack: int | str = 1
+    prompt_chars: int = 0
+    chars_per_token: float = DEFAULT_CHARS_PER_TOKEN
+    chars_per_token_source: str = "default"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    completion_source: str = "max_tokens"
+    cost_usd: float = 0.0
+    cost_upper_usd: float = 0.0
+    models: list[ModelCost] = field(default_factory=list)
+    time_s: float = 0.0
+    time_bound: str = "concurrency"
+    rpm: float | None = None
+    tpm: float | None = None
+    latency_s: float = DEFAULT_LATENCY_S
+    latency_source: str = "assumed"
+    concurrency: int = INITIAL_CONCURRENCY
+    concurrency_source: str = ""
+    cache_source: str = ""
+    ledger_found: bool = False
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+# -- read-only history ----------------------------------------------------------------
+@dataclass
+class _History:
+    done: dict[str, str] = field(default_factory=dict)  # key -> input hash of done rows
+    calib: dict[str, int] = field(default_factory=dict)  # key -> prompt tokens of single-request primary rows
+    completion: dict[str, float] = field(default_factory=dict)  # model label -> completion tokens per row
+    latency: dict[str, float] = field(default_factory=dict)  # model label -> mean seconds per request
+
+
+def _connect_ro(path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+    con.execute("PRAGMA busy_timeout = 5000")
+    return con
+
+
+def _read_history(path: Path, primary: str) -> _History | None:
+    """Done rows and past usage from the ledger, or None when there is no ledger."""
+    if not path.is_file():
+        return None
+    h = _History()
+    con = _connect_ro(path)
+    try:
+        try:
+            for key, ih, tokens in con.execute(
+                "SELECT key, input_hash, CASE WHEN source = 'model' AND attempts = 1 AND model = ? "
+                "THEN prompt_tokens END FROM rows WHERE status = 'done'", (primary,)):
+                h.done[key] = ih
+                if tokens:
+                    h.calib[key] = tokens
+        except sqlite3.OperationalError:  # a ledger from before these columns: no history to use
+            pass
+        try:
+            for model, ct, items, lat in con.execute(
+                "SELECT model, sum(completion_tokens), sum(pack_size), avg(latency_s) FROM requests "
+                "WHERE outcome = '200' GROUP BY model"):
+                if items:
+                    h.completion[model] = (ct or 0) / items
+                if lat is not None:
+                    h.latency[model] = lat
+        except sqlite3.OperationalError:
+            pass
+    finally:
+        con.close()
+    return h
+
+
+class _CacheProbe:
+    """Which keys have a fresh answer in the response cache (read-only; hit counts untouched)."""
+
+    def __init__(self, path: Path, ttl_s: float | None) -> None:
+        self._con = _connect_ro(path)
+        self._cutoff = time.time() - ttl_s if ttl_s is not None else None
+
+    def fresh(self, keys: Sequence[str]) -> set[str]:
+        out: set[str] = set()
+        for i in range(0, len(keys), _SQL_CHUNK):
+            chunk = list(keys[i:i + _SQL_CHUNK])
+            sql = f"SELECT key FROM responses WHERE key IN ({','.join('?' * len(chunk))})"
+            if self._cutoff is not None:
+                sql += " AND created_at > ?"
+                chunk.append(self._cutoff)  # type: ignore[arg-type]
+            out.update(k for (k,) in self._con.execute(sql, chunk))
+        return out
+
+    def close(self) -> None:
+        self._con.close()
+
+
+# -- requests, as the dispatcher would build them --------------------------------------
+def _dumps(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class _RequestKeys:
+    """A row's cache key on the primary model and its prompt characters.
+
+    The general path is :meth:`Renderer.messages` + :meth:`AnswerCache.key`.
+    When the system prompt reads no column, the messages before the row's user
+    prompt are the same for every row, so only the user template is rendered
+    and the canonical JSON of :func:`~llmap.store.cache.request_key` is built
+    around it, and the user template is rendered through Jinja2's public
+    ``new_context(shared=True)`` with its globals merged in once (Jinja2 merges
+    them per render otherwise): 5x faster. The first rows are checked against
+    the general path; any difference or error turns the fast path off.
+    """
+
+    def __init__(self, renderer: Renderer, model: ModelSpec, schema: dict[str, Any], system_src: str | None) -> None:
+        self.renderer = renderer
+        self.lane = SimpleNamespace(model=model)
+        self.schema = schema
+        static = system_src is None or not jinja2.meta.find_undeclared_variables(
+            renderer.user.environment.parse(system_src))
+        self.fast = static
+        self._verify = _VERIFY_ROWS
+        self._prefix = self._suffix = ""
+        self._head_chars = 0
+        self._ready = False
+        self._globals = dict(renderer.user.globals)
+        self._content = json.JSONEncoder(ensure_ascii=False).encode
+
+    def _prepare(self, row: Mapping[str, Any]) -> None:
+        head = self.renderer.messages(row)[:-1]
+        m = self.lane.model
+        rest = _dumps({"model": m.name + "@" + (m.base_url or m.model_path or ""),
+                       "params": {"temperature": m.temperature, "max_tokens": m.max_tokens},
+                       "provider": m.provider, "schema": self.schema})
+        self._prefix = '{"messages":[' + "".join(_dumps(x) + "," for x in head) + '{"content":'
+        self._suffix = ',"role":"user"}],' + rest[1:]
+        self._head_chars = sum(len(x["content"]) for x in head)
+        self._ready = True
+
+    def slow(self, row: Mapping[str, Any]) -> tuple[str, int]:
+        msgs = self.renderer.messages(row)
+        return AnswerCache.key(self.lane, msgs, self.schema), sum(len(x["content"]) for x in msgs)
+
+    def _fast(self, row: Mapping[str, Any]) -> tuple[str, int]:
+        r = self.renderer
+        u = r.user
+        ctx = u.new_context({**self._globals, **(r.cut(row) if r.max_chars else row)}, shared=True)
+        content = u.environment.concat(u.root_render_func(ctx))
+        canonical = self._prefix + self._content(content) + self._suffix
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest(), self._head_chars + len(content)
+
+    def __call__(self, row: Mapping[str, Any]) -> tuple[str, int]:
+        if not self.fast:
+            return self.slow(row)
+        if not self._ready:
+            self._prepare(row)
+        if not self._verify:
+            return self._fast(row)
+        self._verify -= 1
+        want = self.slow(row)
+        try:
+            got = self._fast(row)
+        except Exception:
+            got = None
+        if got != want:
+            self.fast = False
+        return want
+
+
+_JSON_SAFE = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating,
+              pa.types.is_boolean, pa.types.is_null)
+
+
+def _json_safe(schema: pa.Schema) -> bool:
+    """Whether rows of this schema come back from the ledger's JSON unchanged (no dates, decimals, ...)."""
+    return all(any(t(f.type) for t in _JSON_SAFE) for f in schema)
+
+
+# -- the estimate ------------------------------------------------------------------------
+def estimate(job: Job, *, limit: int | None = None) -> Estimate:
+    """Estimate rows, requests, tokens, USD and time of running ``job`` now, sending nothing.
+
+    Args:
+        job: the job; its ledger and the response cache are read if they exist.
+        limit: optional cap on input rows, as ``llmap run --limit``.
+
+    Returns:
+        An :class:`Estimate`; ``elapsed_s`` is how long the estimate took.
+
+    Raises:
+        SpecError: the input lacks a column the job names, ``where`` fails, or
+            keys are empty or repeated (the same checks as a run's preflight).
+    """
+    started = time.perf_counter()
+    spec = job.spec
+    model = spec.model
+    renderer = Renderer.from_spec(spec.prompt, max_chars=spec.input.max_chars)
+    schema = OutputSchema(spec.output.fields).json_schema
+    source = job._build_source(limit)
+    est = Estimate(pack=spec.prompt.pack)
+    try:
+        columns = job._check_columns(source, renderer)
+        job._check_keys(source)
+        hist = _read_history(spec.ledger_path, model.label)
+        est.ledger_found = hist is not None
+        hist = hist or _History()
+        probe = None
+        cache_path = default_cache_dir() / FILE_NAME
+        if not spec.cache.enabled:
+            est.cache_source = "[cache] enabled = false"
+        elif not cache_path.is_file():
+            est.cache_source = "no response cache yet"
+        else:
+            probe = _CacheProbe(cache_path, spec.cache.ttl_s)
+            est.cache_source = f"response cache {cache_path}"
+        try:
+            calib_chars, calib_tokens, calib_rows = _walk(job, source, columns, renderer, schema, hist, probe, est)
+        finally:
+            if probe is not None:
+                probe.close()
+    finally:
+        if job._source is None:
+            source.close()
+    if calib_tokens:
+        est.chars_per_token = min(16.0, max(0.5, calib_chars / calib_tokens))
+        est.chars_per_token_source = f"ledger ({calib_rows} done rows)"
+    _cost_and_time(est, spec, hist)
+    est.elapsed_s = time.perf_counter() - started
+    return est
+
+
+def _walk(job: Job, source: Any, columns: list[str], renderer: Renderer, schema: dict[str, Any], hist: _History,
+          probe: _CacheProbe | None, est: Estimate) -> tuple[int, int, int]:
+    """Sort every row into its bucket (see the module docstring); returns calibration (chars, tokens, rows)."""
+    spec = job.spec
+    key_col = spec.input.key
+    variables = renderer.variables
+    fp = spec.request_fingerprint().encode()
+    encode = json.JSONEncoder(sort_keys=True, default=str).encode  # json.dumps(..., sort_keys=True, default=str)
+    dumps_row = json.JSONEncoder(ensure_ascii=False, default=str).encode
+    keys = _RequestKeys(renderer, spec.model, schema, spec.prompt.system)
+    done, calib = hist.done, hist.calib
+    seen_inputs: set[str] = set()  # input hashes already keyed: identical inputs render identical requests
+    seen_keys: set[str] = set()
+    waiting: list[tuple[str, int]] = []  # (cache key, prompt chars) to look up
+    calib_chars = calib_tokens = calib_rows = 0
+
+    def lookup() -> None:
+        fresh = probe.fresh([k for k, _ in waiting]) if probe is not None else set()
+        for k, chars in waiting:
+            if k in fresh:
+                est.cached += 1
+            else:
+                est.to_request += 1
+                est.prompt_chars += chars
+        waiting.clear()
+
+    seq = -1
+    for batch in source.batches(columns):
+        roundtrip = not _json_safe(batch.schema)
+        for row in batch.to_pylist():
+            seq += 1
+            est.rows += 1
+            if key_col:
+                key = _key_text(row[key_col])
+            else:
+                key = str(seq)
+                row["_row"] = seq
+            inputs = {v: row[v] for v in variables}
+            h = hashlib.sha256(fp + encode(inputs).encode()).hexdigest()
+            if done.get(key) == h:
+                est.done += 1
+                if calib_rows < _CALIBRATION_ROWS and key in calib:
+                    calib_rows += 1
+                    calib_tokens += calib[key]
+                    calib_chars += keys(json.loads(dumps_row(row)) if roundtrip else row)[1]
+                continue
+            if variables and all(v is None or v == "" for v in inputs.values()):
+                est.skipped += 1
+                continue
+            if h in seen_inputs:
+                est.duplicates += 1
+                continue
+            seen_inputs.add(h)
+            # The dispatcher renders the row as stored in the ledger: JSON text, read back.
+            ckey, chars = keys(json.loads(dumps_row(row)) if roundtrip else row)
+            if ckey in seen_keys:
+                est.duplicates += 1
+                continue
+            seen_keys.add(ckey)
+            waiting.append((ckey, chars))
+            if len(waiting) >= _LOOKUP_BATCH:
+                lookup()
+    lookup()
+    return calib_chars, calib_tokens, calib_rows
+
+
+def _cascade(models: Sequence[ModelSpec]) -> list[ModelSpec]:
+    """The models rows may escalate to: each one after a model with ``escalate_if``."""
+    out = []
+    for prev, nxt in zip(models, models[1:], strict=False):
+        if prev.escalate_if is None:
+            break
+        out.append(nxt)
+    return out
+
+
+def _model_cost(m: ModelSpec, role: str, rows: int, requests: int, prompt_tokens: int, hist: _History) -> ModelCost:
+    per_row = hist.completion.get(m.label)
+    src = "past runs" if per_row is not None else "max_tokens"
+    per_row = per_row if per_row is not None else float(m.max_tokens)
+    completion = round(per_row * rows)
+    cost = (prompt_tokens * m.price_in + completion * m.price_out) / 1e6
+    return ModelCost(m.label, role, requests, prompt_tokens, completion, per_row, src, m.price_in, m.price_out, cost)
+
+
+def _cost_and_time(est: Estimate, spec: Any, hist: _History) -> None:
+    model, limits = spec.model, spec.limits
+    pack = spec.prompt.pack
+    n = est.to_request
+    est.requests = math.ceil(n / pack) if isinstance(pack, int) else n
+    est.prompt_tokens = math.ceil(est.prompt_chars / est.chars_per_token) if est.prompt_chars else 0
+    primary = _model_cost(model, "primary", n, est.requests, est.prompt_tokens, hist)
+    est.models = [primary]
+    est.completion_tokens, est.completion_source = primary.completion_tokens, primary.completion_source
+    est.cost_usd = est.cost_upper_usd = primary.cost_usd
+    for m in _cascade(spec.models):
+        step = _model_cost(m, "escalation", n, n, est.prompt_tokens, hist)
+        est.models.append(step)
+        est.cost_upper_usd += step.cost_usd
+
+    # time on the primary model
+    est.rpm = model.rpm or limits.rpm
+    est.tpm = model.tpm or limits.tpm
+    if model.label in hist.latency:
+        est.latency_s, est.latency_source = hist.latency[model.label], "past runs"
+    else:
+        est.latency_s, est.latency_source = DEFAULT_LATENCY_S, "assumed"
+    if model.provider == "local":
+        est.concurrency, est.concurrency_source = 1, "local model: one request at a time"
+    elif limits.concurrency:
+        est.concurrency, est.concurrency_source = limits.concurrency, "[limits] concurrency"
+    else:
+        est.concurrency = INITIAL_CONCURRENCY
+        est.concurrency_source = (f"adaptive: assumed {INITIAL_CONCURRENCY}, where it starts "
+                                  f"(it grows to {MAX_CONCURRENCY} without 429s)")
+    bounds = {"concurrency": est.requests * est.latency_s / est.concurrency}
+    if est.rpm:
+        bounds["rpm"] = est.requests / (est.rpm / 60)
+    if est.tpm:
+        bounds["tpm"] = (est.prompt_tokens + est.completion_tokens) / (est.tpm / 60)
+    est.time_bound = max(bounds, key=lambda k: bounds[k])
+    est.time_s = bounds[est.time_bound]
+    est.notes = _notes(est, spec)
+
+
+def _notes(est: Estimate, spec: Any) -> list[str]:
+    notes = ["re-asks, retries and hedged requests are not counted"]
+    pack = spec.prompt.pack
+    if pack == "auto":
+        notes.append('pack = "auto": the size is picked during the run; requests are counted one per row '
+                     "(an upper bound)")
+    elif pack > 1:
+        notes.append(f"pack = {pack}: {pack} rows per request; prompt tokens are the unpacked sum "
+                     "(a pack sends the system prompt once, so roughly the same or less)")
+    if len(est.models) > 1:
+        notes.append("cascade: later models are costed as if every row escalated (an upper bound); "
+                     "time is for the primary model only")
+    failover = len(spec.models) - len(est.models)
+    if failover > 0:
+        notes.append(f"{failover} failover model(s) answer only when the one before fails: not costed")
+    if spec.input.per_group is not None:
+        notes.append("[input] per_group may stop a group early: rows are counted as if it did not")
+    if spec.limits.max_cost_usd is not None and est.cost_usd > spec.limits.max_cost_usd:
+        notes.append(f"the run would stop at [limits] max_cost_usd = {spec.limits.max_cost_usd:g}")
+    if spec.limits.max_tokens is not None and est.prompt_tokens + est.completion_tokens > spec.limits.max_tokens:
+        notes.append(f"the run would stop at [limits] max_tokens = {spec.limits.max_tokens}")
+    return notes
+
+
+# -- display -----------------------------------------------------------------------------
+def _duration(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _rows(est: Estimate) -> Iterable[tuple[str, str, str]]:
+    yield "rows in the input", f"{est.rows:,}", "after [input] where and limit"
+    yield "already done", f"{est.done:,}", "ledger: done with the same inputs" if est.ledger_found else "no ledger yet"
+    yield "skipped", f"{est.skipped:,}", "every template input is empty"
+    yield "answered by the cache", f"{est.cached:,}", est.cache_source
+    yield "duplicates", f"{est.duplicates:,}", "identical requests in this run, sent once"
+    yield "rows to request", f"{est.to_request:,}", ""
+    yield "requests", f"{est.requests:,}", f"pack = {est.pack}" if est.pack != 1 else ""
+    yield ("prompt tokens", f"{est.prompt_tokens:,}",
+           f"{est.prompt_chars:,} chars / {est.chars_per_token:.2f} chars per token ({est.chars_per_token_source})")
+    primary = est.models[0] if est.models else None
+    if primary is not None:
+        yield ("completion tokens", f"{est.completion_tokens:,}",
+               f"{primary.completion_per_row:.1f} per row ({est.completion_source})")
+    for m in est.models:
+        what = "primary" if m.role == "primary" else "if every row escalated"
+        what += f" at ${m.price_in:g} / ${m.price_out:g} per M tokens in / out"
+        if not (m.price_in or m.price_out):
+            what += " (set [model] price_in and price_out)"
+        yield f"cost {m.label}", f"${m.cost_usd:,.4f}", what
+    if len(est.models) > 1:
+        yield "cost, upper bound", f"${est.cost_upper_usd:,.4f}", "primary + every escalation"
+    if est.time_bound == "rpm":
+        basis = f"{est.rpm:g} requests per minute"
+    elif est.time_bound == "tpm":
+        basis = f"{est.tpm:g} tokens per minute"
+    else:
+        basis = (f"{est.latency_s:.2f} s per request ({est.latency_source}) x {est.concurrency} in flight "
+                 f"({est.concurrency_source})")
+    yield "time", _duration(est.time_s), f"bound by {est.time_bound}: {basis}"
+    yield "estimated in", f"{est.elapsed_s:.2f} s", "no request sent"
+
+
+def format_estimate(est: Estimate) -> Any:
+    """A ``rich.table.Table`` of the figures, their basis and the notes (for the terminal)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="llmap estimate", show_header=True, header_style="bold")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("basis", style="dim")
+    for name, value, basis in _rows(est):
+        table.add_row(escape(name), escape(value), escape(basis))
+    if est.notes:
+        table.caption = escape("; ".join(est.notes))
+        table.caption_justify = "left"
+    return table
+
+
+def estimate_text(est: Estimate) -> str:
+    """The same figures as plain text lines (for logs and ``--quiet`` output)."""
+    rows = list(_rows(est))
+    w = max(len(n) for n, _, _ in rows)
+    v = max(len(x) for _, x, _ in rows)
+    lines = [f"{n.ljust(w)}  {x.rjust(v)}  {b}".rstrip() for n, x, b in rows]
+    return "\n".join(lines + [f"note: {n}" for n in est.notes])

@@ -1,0 +1,1 @@
+"""Executing a job: the worker pool, the dispatcher, packs and run accounting."""
