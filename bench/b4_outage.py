@@ -21,7 +21,7 @@ from pathlib import Path
 from _common import table, write_job, write_rows_csv
 
 from llmap import Job
-from llmap.report import NullProgress
+from llmap.observe.progress import NullProgress
 from llmap.sim import start_simulator_process
 
 OUTAGE = (5.0, 25.0)

@@ -12,7 +12,8 @@ from _support import ScriptedProvider, chat_requests, people, with_providers, wr
 from llmap import Job
 from llmap.errors import AnswerInvalid
 from llmap.observe.progress import CountingProgress
-from llmap.observe.status import job_export, job_status
+from llmap.io.sinks import export_job
+from llmap.observe.status import job_status
 
 
 def test_run_writes_every_row_once_with_valid_fields(make_job, sim):
@@ -164,9 +165,9 @@ def test_status_by_stored_and_unstored_column(make_job):
     job_path = make_job(9)
     job = Job.from_toml(job_path)
     job.run()
-    rep = job_status(job, "city")  # read by the template: stored in the ledger
+    rep = job_status(job.spec, "city")  # read by the template: stored in the ledger
     assert {g: c["done"] for g, c in rep.groups.items()} == {"Casper": 3, "Cody": 3, "Laramie": 3}
-    rep = job_status(job, "age")  # not stored: read from the input
+    rep = job_status(job.spec, "age")  # not stored: read from the input
     assert sum(c["done"] for c in rep.groups.values()) == 9 and len(rep.groups) == 9
 
 
@@ -174,7 +175,7 @@ def test_export_again_to_another_format(make_job, tmp_path):
     job_path = make_job(4)
     job = Job.from_toml(job_path)
     job.run()
-    path, n = job_export(job, tmp_path / "again.jsonl")
+    path, n = export_job(job.spec, tmp_path / "again.jsonl")
     assert n == 4 and [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["p0000", "p0001", "p0002", "p0003"]
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from llmap import Job
 from llmap.errors import SpecError
-from llmap.observe.html import build_run_summary, render_html, write_html_report
+from llmap.observe.html import render_html, write_html_report
+from llmap.observe.report import build_run_summary
 from llmap.sim import Simulator
 from llmap.store.ledger import Ledger, PlannedRow, RowResult
 

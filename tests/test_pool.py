@@ -83,7 +83,7 @@ def test_estimate_counts_packed_duplicates_like_the_run(make_job, sim, tmp_path)
     base = people(25)
     write_csv(tmp_path / "people.csv", [{**base[i % 25], "id": f"d{i:04d}"} for i in range(100)])
     _packed(job, 10)
-    est = estimate(Job.from_toml(job))
+    est = estimate(Job.from_toml(job).spec)
     res = Job.from_toml(job).run()
     assert est.requests == 3 == chat_requests(sim)  # ceil(25 unique / 10)
     assert res.counts["done"] == 100

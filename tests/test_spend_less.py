@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from _support import ScriptedProvider, chat_requests, people, with_providers, write_csv
 from llmap import Job
 from llmap.cli import app
-from llmap.observe.status import job_status, model_report
+from llmap.observe.report import model_report
+from llmap.observe.status import job_status
 from llmap.providers.base import Completion
 from llmap.sim import Simulator
 
@@ -212,7 +213,7 @@ def test_cascade_escalates_low_confidence_and_invalid_answers(make_job, monkeypa
     with sqlite3.connect(tmp_path / ".llmap" / "job.ledger.sqlite") as db:
         tried = db.execute("SELECT model, outcome FROM attempts WHERE key = 'p0001' ORDER BY id").fetchall()
     assert tried == [("openai:sim", "escalated"), ("openai:strong", "done")]
-    lines, _ = model_report(Job.from_toml(job))
+    lines, _ = model_report(Job.from_toml(job).spec)
     settled = {ln.model: (ln.settled, ln.escalated) for ln in lines}
     assert settled == {"openai:sim": (3, 2), "openai:strong": (3, 0)}
     out = runner.invoke(app, ["report", str(job)])
@@ -238,7 +239,7 @@ def test_quota_per_group_across_two_runs(make_job, sim, tmp_path, monkeypatch):
     job.write_text(job.read_text().replace("n = 2", "n = 3"))
     res = Job.from_toml(job).run()  # all 30 rows: the 2 done per city count
     assert res.counts["done"] == 9 and chat_requests(sim) == 9
-    rep = job_status(Job.from_toml(job), "city")
+    rep = job_status(Job.from_toml(job).spec, "city")
     assert {g: c["done"] for g, c in rep.groups.items()} == {"Casper": 3, "Cody": 3, "Laramie": 3}
     out = runner.invoke(app, ["status", str(job), "--by", "city"])
     assert "3/3 met" in out.stdout

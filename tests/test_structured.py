@@ -19,7 +19,8 @@ from llmap import Job
 from llmap.cli import app
 from llmap.errors import Overloaded
 from llmap.observe.progress import CountingProgress
-from llmap.observe.status import job_status, model_report
+from llmap.observe.report import model_report
+from llmap.observe.status import job_status
 from llmap.sim import Simulator
 from llmap.store.dialects import DialectMemory
 
@@ -54,15 +55,15 @@ def test_auto_steps_to_json_object_at_once_and_remembers_it(make_job, llama_like
     assert chat_requests(llama_like) == 21 and res.requests == 21 and res.retries == 0
     assert llama_like.stats()["by_status"] == {"200": 20, "500": 1}
     assert any("refused structured output json_schema; using json_object (HTTP 500)" in m for m in progress.messages)
-    assert job_status(Job.from_toml(job)).structured == {"openai:sim": "json_object (auto, refused json_schema)"}
-    assert [ln.structured for ln in model_report(Job.from_toml(job))[0]] == ["json_object (auto, refused json_schema)"]
+    assert job_status(Job.from_toml(job).spec).structured == {"openai:sim": "json_object (auto, refused json_schema)"}
+    assert [ln.structured for ln in model_report(Job.from_toml(job).spec)[0]] == ["json_object (auto, refused json_schema)"]
     assert _memory()[f"{llama_like.base_url} sim"]["structured"] == "json_object"
     # the next run starts right: no refused request
     _set(job, "You sort people.", "You sort people into groups.")
     llama_like.reset_stats()
     res2 = Job.from_toml(job).run()
     assert res2.counts["done"] == 20 and chat_requests(llama_like) == 20
-    assert job_status(Job.from_toml(job)).structured == {"openai:sim": "json_object (remembered)"}
+    assert job_status(Job.from_toml(job).spec).structured == {"openai:sim": "json_object (remembered)"}
 
 
 def test_status_and_report_commands_say_the_dialect(make_job, llama_like):
@@ -85,7 +86,7 @@ def test_a_remembered_dialect_that_is_refused_later_falls_forward(make_job, sim)
     assert res.counts["done"] == 10
     assert chat_requests(sim) <= 10 + 4  # the rows in flight when the first refusal came switch too
     assert _memory()[f"{sim.base_url} sim"]["structured"] == "prompt"
-    assert job_status(Job.from_toml(job)).structured["openai:sim"] == "prompt (auto, refused json_object)"
+    assert job_status(Job.from_toml(job).spec).structured["openai:sim"] == "prompt (auto, refused json_object)"
 
 
 def test_prompt_dialect_carries_the_schema_in_the_system_prompt(make_job):
@@ -177,7 +178,7 @@ def test_reasoning_models_get_max_completion_tokens_and_no_temperature(make_job,
     assert res.counts["done"] == 12 and res.exit_code == 0
     assert chat_requests(sim) == 12 + 2  # the first row: max_tokens refused, then temperature refused
     assert any("sending max_completion_tokens (HTTP 400)" in m for m in progress.messages)
-    assert job_status(Job.from_toml(job)).structured[f"openai:{model}"].endswith(
+    assert job_status(Job.from_toml(job).spec).structured[f"openai:{model}"].endswith(
         "; max_completion_tokens, no temperature")
     sim.reset_stats()
     Job.from_toml(job).run(fresh=True, progress=CountingProgress())

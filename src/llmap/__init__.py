@@ -25,7 +25,8 @@ from llmap.errors import (
     TerminalError,
     TransientError,
 )
-from llmap.spec import JobSpec, ModelSpec, load_spec
+from llmap.plan import load_spec
+from llmap.spec import JobSpec, ModelSpec
 
 __version__ = "0.1.0"
 

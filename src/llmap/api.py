@@ -16,9 +16,10 @@ import pyarrow as pa
 
 from llmap.engine import Job, require_no_running_loop
 from llmap.errors import SpecError
-from llmap.io.sinks import result_batches
+from llmap.io.sinks import result_batches, stored_layout
 from llmap.io.sources import Source
-from llmap.spec import ModelSpec, spec_from_dict
+from llmap.plan import spec_from_dict
+from llmap.spec import ModelSpec
 from llmap.store.ledger import Ledger
 
 __all__ = ["amap", "map"]
@@ -141,7 +142,7 @@ async def amap(
         await job.arun(export_output=False)
         with Ledger(spec.ledger_path, readonly=True) as led:
             plan = led.latest_plan()
-            layout = job.last_layout
+            layout = stored_layout(led, spec)
             answers = pa.Table.from_batches(list(result_batches(led, plan, layout)), schema=layout.schema)
     out = table
     for name in [*fields, "_status", "_error", "_model", "_source"]:

@@ -19,36 +19,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
 
 from llmap import errors as E
 from llmap.control.alerts import FailureRateAlert
 from llmap.control.breaker import BreakerState
 from llmap.control.lanes import MAX_CONCURRENCY, Lane
-from llmap.io.sinks import ResultLayout, check_writable, export, result_batches
+from llmap.io.sinks import check_writable, export, result_batches
 from llmap.io.sources import Source
 from llmap.observe.logs import JsonLog
 from llmap.observe.progress import NullProgress, Progress, Tally
-from llmap.prompt.render import Renderer
-from llmap.prompt.schema import OutputSchema
+from llmap.plan import Compiled, InputPlan, build_source, check_input, compile_spec, load_spec
 from llmap.providers.base import Provider
 from llmap.run.dispatch import Dispatcher
 from llmap.run.packer import Packer
 from llmap.run.pool import run_pool
 from llmap.run.stats import DispatchStats
-from llmap.spec import JobSpec, ModelSpec, load_spec
+from llmap.spec import JobSpec, ModelSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import FILE_NAME as CACHE_FILE
 from llmap.store.cache import ResponseCache, default_cache_dir
 from llmap.store.diskfull import guard
+from llmap.store.fingerprint import completion_fingerprint, input_hash, key_text
 from llmap.store.ledger import Ledger, PlannedRow, RowResult
 from llmap.store.lock import LedgerLock
 
@@ -117,19 +113,12 @@ class RunResult:
 
 @dataclass
 class _Prepared:
+    """What preflight hands to the run: the compiled job, its input, the checked providers."""
+
     source: Source
-    renderer: Renderer
-    schema: OutputSchema
+    compiled: Compiled
+    input: InputPlan
     providers: list[Provider]
-    data_columns: list[str]
-    layout: ResultLayout
-    fingerprint: str
-
-
-def _key_text(v: Any) -> str:
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    return str(v)
 
 
 class Job:
@@ -153,97 +142,52 @@ class Job:
         return cls(load_spec(path))
 
     # -- preflight ------------------------------------------------------------
-    def _build_source(self, limit: int | None) -> Source:
-        inp = self.spec.input
-        lim = limit if limit is not None else inp.limit
-        if self._source is not None:
-            self._source.limit = lim
-            return self._source
-        if inp.sql is not None:
-            return Source.from_sql(inp.sql, base_dir=self.spec.base_dir, where=inp.where, limit=lim,
-                                   order_by=inp.order_by)
-        return Source.from_path(self.spec.resolve(inp.path), where=inp.where, limit=lim, order_by=inp.order_by,
-                                encoding=inp.encoding)
-
-    def _check_columns(self, source: Source, renderer: Renderer) -> list[str]:
-        spec = self.spec
-        needed: list[tuple[str, str]] = []
-        if spec.input.key:
-            needed.append((spec.input.key, "[input] key"))
-        needed += [(v, "[prompt] template") for v in renderer.variables]
-        needed += [(c, "[output] keep") for c in spec.output.keep]
-        for i, ex in enumerate(spec.prompt.examples, 1):
-            needed += [(c, f"[prompt] examples #{i}") for c in ex.input]
-        group = [spec.input.per_group.column] if spec.input.per_group else []
-        needed += [(c, "[input] per_group") for c in group]
-        needed += [(c, "[input] max_chars") for c in spec.input.max_chars]
-        source.require_columns(needed)
-        source.check_where()
-        key = [spec.input.key] if spec.input.key else []
-        return list(dict.fromkeys(key + list(renderer.variables) + list(spec.output.keep) + group))
-
-    def _check_keys(self, source: Source) -> None:
-        key = self.spec.input.key
-        if not key:
-            return
-        nulls = source.null_keys(key)
-        if nulls:
-            raise E.InputError(
-                f"key column {key!r} is empty in {nulls} row(s) of {source.label}; fill it, filter those rows "
-                "with [input] where, or choose another [input] key"
-            )
-        dup = source.first_duplicate(key)
-        if dup is not None:
-            raise E.InputError(
-                f"key {key!r} is not unique: {_key_text(dup[0])!r} appears {dup[1]} times in {source.label}; "
-                "choose a unique [input] key, or drop it to key rows by row number"
-            )
-
     async def prepare(self, *, limit: int | None = None, check_output: bool = True) -> _Prepared:
-        """Run every check that needs no paid request. Raises :class:`~llmap.errors.SpecError`."""
+        """Run every check that needs no paid request (:mod:`llmap.plan`, the output path, the providers).
+
+        Raises:
+            SpecError: the first problem, as one line naming the fix.
+        """
         spec = self.spec
-        renderer = Renderer.from_spec(spec.prompt, max_chars=spec.input.max_chars)
-        schema = OutputSchema(spec.output.fields)
-        source = self._build_source(limit)
-        data_columns = self._check_columns(source, renderer)
-        self._check_keys(source)
-        shown = [c for c in ([spec.input.key] if spec.input.key else []) + list(spec.output.keep)]
-        shown = list(dict.fromkeys(shown))
-        key_schema = source.arrow_schema(shown)
-        if not spec.input.key:
-            key_schema = pa.schema([pa.field("_row", pa.int64())] + list(key_schema))
-        layout = ResultLayout(key_schema, {n: f.type for n, f in spec.output.fields.items()})
-        if check_output:
-            check_writable(spec.output_path)
-        providers = [make_provider(m, concurrency=spec.limits.concurrency or MAX_CONCURRENCY) for m in spec.models]
+        compiled = compile_spec(spec)
+        providers: list[Provider] = []
         try:
+            source = build_source(spec, limit=limit, given=self._source)
+            inp = check_input(spec, compiled, source)
+            if check_output:
+                check_writable(spec.output_path)
+            providers = [make_provider(m, concurrency=spec.limits.concurrency or MAX_CONCURRENCY)
+                         for m in spec.models]
             for p in providers:
                 await p.check()
         except BaseException:
             for p in providers:
-                await p.aclose()
+                with contextlib.suppress(Exception):
+                    await p.aclose()
+            compiled.close()
             raise
-        return _Prepared(source, renderer, schema, providers, data_columns, layout, spec.request_fingerprint())
+        return _Prepared(source, compiled, inp, providers)
 
     # -- plan -----------------------------------------------------------------
     def _plan(self, ledger: Ledger, run_id: int, prep: _Prepared) -> None:
         key_col = self.spec.input.key
-        variables = prep.renderer.variables
-        fp = prep.fingerprint.encode()
+        renderer = prep.compiled.renderer
+        variables = renderer.variables
+        fp = prep.compiled.fingerprint.encode()
         seq = -1
-        for batch in prep.source.batches(prep.data_columns):
+        for batch in prep.source.batches(prep.input.data_columns):
             planned = []
             for row in batch.to_pylist():
                 seq += 1
                 if key_col:
-                    key = _key_text(row[key_col])
+                    key = key_text(row[key_col])
                 else:
                     key = str(seq)
                     row["_row"] = seq
                 inputs = {v: row[v] for v in variables}
-                h = hashlib.sha256(fp + json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+                h = input_hash(fp, inputs)
                 data = json.dumps(row, ensure_ascii=False, default=str)
-                cut = prep.renderer.truncated_columns(row) if prep.renderer.max_chars else None
+                cut = renderer.truncated_columns(row) if renderer.max_chars else None
                 truncated = json.dumps(cut) if cut else None
                 if variables and all(v is None or v == "" for v in inputs.values()):
                     planned.append(PlannedRow(key, seq, h, data, "skipped", "every template input is empty", truncated))
@@ -306,13 +250,13 @@ class Job:
         self._log, self._on_start = log, on_start
         started = time.monotonic()
         prep = await self.prepare(limit=limit, check_output=export_output)
-        self.last_layout = prep.layout
         try:
             ledger = Ledger(self.spec.ledger_path)
         except BaseException:
             for p in prep.providers:
                 with contextlib.suppress(Exception):
                     await p.aclose()
+            prep.compiled.close()
             raise
         stats = DispatchStats()
         disk_full = False
@@ -324,9 +268,10 @@ class Job:
         try:
             if fresh:
                 ledger.reset()
-            run_id = ledger.start_run(prep.fingerprint)
-            ledger.set_meta("output_schema", prep.layout.schema.serialize().to_pybytes())
-            ledger.set_meta("data_columns", json.dumps(prep.data_columns + ([] if self.spec.input.key else ["_row"])))
+            run_id = ledger.start_run(prep.compiled.fingerprint)
+            ledger.set_meta("output_schema", prep.input.layout.schema.serialize().to_pybytes())
+            ledger.set_meta("data_columns",
+                            json.dumps(prep.input.data_columns + ([] if self.spec.input.key else ["_row"])))
             self._plan(ledger, run_id, prep)
             planned = True
             prep.source.close()  # the ledger holds the work now: give DuckDB's buffers back before dispatch
@@ -367,12 +312,14 @@ class Job:
                             raise  # else the DiskFull on its way out already says it
                     if export_output and planned and not disk_full:
                         out = self.spec.output_path
-                        export(result_batches(ledger, run_id, prep.layout), prep.layout.schema, out)
+                        layout = prep.input.layout
+                        export(result_batches(ledger, run_id, layout), layout.schema, out)
                     counts = ledger.counts(run_id)
                     if reason == "complete" and counts["pending"] == 0 and counts["failed"] == 0:
                         self._mark_complete(ledger)
             finally:
                 ledger.close()
+                prep.compiled.close()
         stop = None
         if stats.stop_reason is not None:
             stop = f"{stats.stop_reason}; fix it and run again: finished rows are kept"
@@ -390,7 +337,7 @@ class Job:
         def hook(results: list[RowResult], datas: list[str]) -> None:
             for r, data in zip(results, datas, strict=True):
                 if log is not None:
-                    messages = prep.renderer.messages(json.loads(data)) if log.log_prompts else None
+                    messages = prep.compiled.renderer.messages(json.loads(data)) if log.log_prompts else None
                     log.row(r, messages)
                 if alert is not None and r.status in ("done", "failed") and alert.observe(r.status == "failed"):
                     stats.halt(alert.message())
@@ -398,9 +345,7 @@ class Job:
         return hook
 
     def _mark_complete(self, ledger: Ledger) -> None:
-        """Record what ``llmap run --if-changed`` compares against (see :mod:`llmap.observe.status`)."""
-        from llmap.observe.status import completion_fingerprint
-
+        """Record what ``llmap run --if-changed`` compares against (see :mod:`llmap.store.fingerprint`)."""
         fingerprint = completion_fingerprint(self.spec, ledger.connection)
         at = time.strftime("%Y-%m-%d %H:%M:%S")
         ledger.set_meta("complete", json.dumps({"fingerprint": fingerprint, "at": at}))
@@ -426,9 +371,9 @@ class Job:
             with guard(default_cache_dir() / CACHE_FILE, "response cache"):
                 cache = ResponseCache(ttl_s=spec.cache.ttl_s)
         try:
-            dispatcher = Dispatcher(lanes, prep.renderer, prep.schema, spec.limits,
+            dispatcher = Dispatcher(lanes, prep.compiled.renderer, prep.compiled.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
-                                    answers=AnswerCache(cache))
+                                    answers=AnswerCache(cache), escalate_if=prep.compiled.escalate_if)
             for lane in lanes:
                 _count_resends(lane, stats, progress)
             packer = None

@@ -1,10 +1,13 @@
 """The job spec: a TOML file <-> typed, validated objects.
 
 A job spec names the input, the prompt, the output fields and the model.
-:func:`load_spec` reads and validates the whole file before anything else
-happens; every problem becomes one :class:`~llmap.errors.SpecError` whose
-message names the problem and the fix. Checks that need the input's header
-(columns exist) live in :mod:`llmap.engine`'s preflight.
+This module is pure data: :func:`read_spec` and :func:`parse_spec` turn TOML
+into pydantic objects and check each table's own keys (types, ranges, unknown
+keys), and every problem becomes one :class:`~llmap.errors.SpecError` whose
+message names the problem and the fix. Checks across tables (templates
+against fields, examples, fallback, ``escalate_if``, the cost cap) and against
+the input's header live in :mod:`llmap.plan`; :func:`llmap.plan.load_spec`
+runs both.
 
 The contract (see README.md for every key, default and unit)::
 
@@ -26,7 +29,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmap.control.headers import parse_duration
 from llmap.errors import SpecError
+from llmap.io.encoding import canonical
 from llmap.providers.params import RESERVED_PARAMS, answer_params
 
 __all__ = [
@@ -42,8 +47,8 @@ __all__ = [
     "OutputSpec",
     "PerGroup",
     "PromptSpec",
-    "load_spec",
-    "spec_from_dict",
+    "parse_spec",
+    "read_spec",
 ]
 
 #: Output field types llmap knows, and the JSON Schema type each compiles to.
@@ -98,8 +103,6 @@ class InputSpec(_Strict):
     @classmethod
     def _known_encoding(cls, v: str | None) -> str | None:
         if v is not None:
-            from llmap.io.encoding import canonical
-
             canonical(v)  # ValueError names the fix
         return v
 
@@ -367,8 +370,6 @@ class CacheSpec(_Strict):
         """``ttl`` in seconds, or None."""
         if self.ttl is None:
             return None
-        from llmap.control.headers import parse_duration
-
         return parse_duration(self.ttl)
 
     @field_validator("ttl")
@@ -376,8 +377,6 @@ class CacheSpec(_Strict):
     def _duration(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from llmap.control.headers import parse_duration
-
         try:
             if parse_duration(v) <= 0:
                 raise ValueError
@@ -482,7 +481,7 @@ def _one_line(exc: ValidationError, source: str) -> str:
     return f"{source}: {where}: {msg}"
 
 
-def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = "job") -> JobSpec:
+def parse_spec(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = "job") -> JobSpec:
     """Build a :class:`JobSpec` from a parsed TOML document.
 
     Args:
@@ -493,7 +492,8 @@ def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: st
         source: how to name the document in error messages.
 
     Raises:
-        SpecError: on the first problem, as one line naming the fix.
+        SpecError: on the first problem of a table's own keys, as one line
+            naming the fix (cross-table checks: :func:`llmap.plan.compile_spec`).
     """
     doc = dict(doc)
     models = doc.pop("model", {})
@@ -510,54 +510,11 @@ def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: st
         spec = JobSpec.model_validate(doc)
     except ValidationError as exc:
         raise SpecError(_one_line(exc, source)) from None
-    from llmap.prompt.render import Renderer  # template syntax is part of the spec
-    from llmap.prompt.schema import check_examples, check_fallback, check_fields
-
-    Renderer.from_spec(spec.prompt, source=source)
-    check_fields(spec.output.fields, source=source)
-    check_examples(spec.output.fields, spec.prompt.examples, source=source)
-    if spec.output.fallback is not None:
-        check_fallback(spec.output.fields, spec.output.fallback, source=source)
-    _check_cascade(spec, source)
-    _check_cost_cap(spec, source)
     return spec
 
 
-def _check_cost_cap(spec: JobSpec, source: str) -> None:
-    """``max_cost_usd`` counts USD from the models' prices: a model without them would never count."""
-    if spec.limits.max_cost_usd is None:
-        return
-    for m in spec.models:
-        missing = [k for k in ("price_in", "price_out") if k not in m.model_fields_set]
-        if m.provider == "local" or not missing:  # the embedded model costs nothing
-            continue
-        raise SpecError(
-            f"{source}: [limits] max_cost_usd is set but [[model]] {m.name!r} has no {' or '.join(missing)}, so its "
-            f"spend would count as $0 and the cap would never stop it; add price_in and price_out to that model (USD "
-            f"per million prompt / completion tokens; 0 if it is free), or cap [limits] max_tokens instead"
-        )
-
-
-def _check_cascade(spec: JobSpec, source: str) -> None:
-    from llmap.prompt.condition import Condition
-
-    types = {n: f.type for n, f in spec.output.fields.items()}
-    for i, m in enumerate(spec.models):
-        if m.escalate_if is None:
-            continue
-        if i == len(spec.models) - 1:
-            raise SpecError(
-                f"{source}: [[model]] {m.name!r} has escalate_if but no model after it to escalate to; "
-                "add a stronger [[model]] below it or remove escalate_if"
-            )
-        try:
-            Condition.parse(m.escalate_if, types, name=f"[[model]] {m.name!r} escalate_if")
-        except ValueError as exc:
-            raise SpecError(f"{source}: {exc}") from None
-
-
-def load_spec(path: str | Path) -> JobSpec:
-    """Read and validate a job file.
+def read_spec(path: str | Path) -> JobSpec:
+    """Read a job file into a :class:`JobSpec` (each table's own keys validated; see :func:`parse_spec`).
 
     Args:
         path: the TOML job file.
@@ -576,4 +533,4 @@ def load_spec(path: str | Path) -> JobSpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path.name}: not valid TOML: {exc}; fix the syntax") from None
-    return spec_from_dict(doc, base_dir=path.resolve().parent, name=path.stem, source=path.name)
+    return parse_spec(doc, base_dir=path.resolve().parent, name=path.stem, source=path.name)

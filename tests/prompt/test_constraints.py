@@ -11,9 +11,10 @@ import pytest
 from _support import ScriptedProvider, with_providers
 from llmap import Job
 from llmap.errors import AnswerInvalid, SpecError
+from llmap.plan import spec_from_dict
 from llmap.prompt.pattern import portable_pattern
 from llmap.prompt.schema import OutputSchema
-from llmap.spec import FieldSpec, spec_from_dict
+from llmap.spec import FieldSpec
 
 
 def _spec(fields: dict, **output) -> object:

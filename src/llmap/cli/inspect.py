@@ -14,7 +14,9 @@ from rich.table import Table
 
 from llmap.cli.common import JobFile, err, fail, load_job, out
 from llmap.errors import DiskFull, SpecError
-from llmap.observe.status import job_export, job_status, model_report
+from llmap.io.sinks import export_job
+from llmap.observe.report import build_run_summary, model_report
+from llmap.observe.status import job_status
 from llmap.store.ledger import STATUSES
 
 __all__ = ["estimate", "export", "report", "status"]
@@ -28,7 +30,7 @@ def status(
     """Show how many rows are pending, done, failed and skipped, read from the job's ledger, and the structured-output dialect each model used."""
     job = load_job(job_file)
     try:
-        rep = job_status(job, by)
+        rep = job_status(job.spec, by)
     except SpecError as exc:
         raise fail(exc) from None
     if as_json:
@@ -69,7 +71,7 @@ def export(
     """Write the output file again from the ledger (no model calls)."""
     job = load_job(job_file)
     try:
-        path, n = job_export(job, output)
+        path, n = export_job(job.spec, output)
     except SpecError as exc:
         raise fail(exc) from None
     except DiskFull as exc:
@@ -95,8 +97,8 @@ def report(
     """
     job = load_job(job_file)
     try:
-        lines, counts = model_report(job)
-        from llmap.observe.html import build_run_summary, write_html_report
+        lines, counts = model_report(job.spec)
+        from llmap.observe.html import write_html_report
 
         summary = build_run_summary(job.spec.ledger_path, run_no, by)
         if html is not None:
@@ -151,7 +153,7 @@ def estimate(
 
     job = load_job(job_file)
     try:
-        est = run_estimate(job, limit=limit)
+        est = run_estimate(job.spec, limit=limit)
     except SpecError as exc:
         raise fail(exc) from None
     Console(width=max(110, out.width) if not sys.stdout.isatty() else None).print(format_estimate(est))

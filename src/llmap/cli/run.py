@@ -12,7 +12,7 @@ from llmap.cli.common import JobFile, err, fail, load_job, out
 from llmap.errors import DiskFull, LedgerLocked, RunInterrupted, SpecError
 from llmap.observe.logs import JsonLog
 from llmap.observe.progress import MessagesOnly, RichProgress
-from llmap.observe.status import unchanged_since_complete
+from llmap.store.fingerprint import unchanged_since_complete
 
 __all__ = ["run"]
 

@@ -26,6 +26,7 @@ network (``enable_external_access = false``).
 from __future__ import annotations
 
 import asyncio
+import difflib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,12 +86,8 @@ class EscalateIf:
             kind = con.execute(f"SELECT typeof(({text})) FROM (SELECT {cols}) LIMIT 1").fetchall()[0][0]
         except duckdb.Error as exc:
             con.close()
-            why = _first_line(exc)
-            quoted = re.search(r'column "([^"]*)" not found', why)
-            hint = (f" (in SQL double quotes name a field: write '{quoted.group(1)}' for a string)"
-                    if quoted and f'"{quoted.group(1)}"' in text else "")
-            raise ValueError(f"{name} {text!r}: {why}{hint}; fields: "
-                             f"{', '.join(f'{n} ({t})' for n, t in field_types.items())}") from None
+            fields = ", ".join(f"{n} ({t})" for n, t in field_types.items())
+            raise ValueError(f"{name} {text!r}: {_explain(exc, text, list(field_types))}; fields: {fields}") from None
         if kind not in ("BOOLEAN", '"NULL"', "NULL"):
             con.close()
             raise ValueError(f"{name} {text!r} is a {kind}, not a condition; compare it, e.g. "
@@ -140,6 +137,19 @@ class EscalateIf:
 
     def __repr__(self) -> str:
         return f"EscalateIf({self.text!r})"
+
+
+def _explain(exc: BaseException, text: str, fields: list[str]) -> str:
+    """DuckDB's error in the job's words: an unknown field (with the closest name), else its first line."""
+    why = _first_line(exc)
+    missing = re.search(r'column "([^"]*)" not found', why)
+    if missing is None:
+        return why.replace("Binder Error: ", "").replace("Parser Error: ", "")
+    name = missing.group(1)
+    if f'"{name}"' in text:  # a double-quoted string: in SQL that names a column
+        return f"unknown field {name!r} (in SQL double quotes name a field: write '{name}' for a string)"
+    close = difflib.get_close_matches(name, fields, n=1)
+    return f"unknown field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def _first_line(exc: BaseException) -> str:

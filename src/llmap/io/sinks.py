@@ -22,10 +22,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from llmap.errors import SpecError
+from llmap.spec import JobSpec
 from llmap.store.diskfull import disk_full, guard, is_disk_full
-from llmap.store.ledger import Ledger
+from llmap.store.ledger import Ledger, open_for_reading
 
-__all__ = ["FIELD_ARROW", "ResultLayout", "check_writable", "export", "result_batches"]
+__all__ = ["FIELD_ARROW", "ResultLayout", "check_writable", "export", "export_job", "result_batches", "stored_layout"]
 
 #: Arrow type of each output field type.
 FIELD_ARROW = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
@@ -179,3 +180,29 @@ def export(batches: Iterator[pa.RecordBatch], schema: pa.Schema, path: Path) -> 
             raise disk_full(path, "output") from exc
         raise
     return n
+
+
+def stored_layout(ledger: Ledger, spec: JobSpec) -> ResultLayout:
+    """The output layout the ledger's last run recorded (its ``output_schema``), for ``spec``'s fields."""
+    schema = pa.ipc.read_schema(pa.py_buffer(ledger.get_meta("output_schema")))
+    return ResultLayout.from_schema(schema, {n: f.type for n, f in spec.output.fields.items()})
+
+
+def export_job(spec: JobSpec, path: Path | None = None) -> tuple[Path, int]:
+    """Export the latest run's rows from the ledger (read-only) to ``path`` (default ``[output] path``).
+
+    Returns:
+        (the written path, rows written).
+
+    Raises:
+        SpecError: no ledger yet, or an unsupported extension.
+        DiskFull: the disk filled while writing; the old output is untouched.
+    """
+    ledger, plan = open_for_reading(spec.ledger_path, job=spec.name)
+    try:
+        layout = stored_layout(ledger, spec)
+        out = path or spec.output_path
+        n = export(result_batches(ledger, plan, layout), layout.schema, out)
+    finally:
+        ledger.close()
+    return out, n

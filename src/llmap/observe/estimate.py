@@ -42,12 +42,13 @@ import jinja2.meta
 import pyarrow as pa
 
 from llmap.control.lanes import INITIAL_CONCURRENCY, MAX_CONCURRENCY
-from llmap.engine import Job, _key_text
+from llmap.io.sources import Source
+from llmap.plan import build_source, check_input, compile_spec
 from llmap.prompt.render import Renderer
-from llmap.prompt.schema import OutputSchema
-from llmap.spec import ModelSpec
+from llmap.spec import JobSpec, ModelSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import FILE_NAME, default_cache_dir
+from llmap.store.fingerprint import input_hash, key_text
 
 __all__ = ["Estimate", "ModelCost", "estimate", "estimate_text", "format_estimate"]
 
@@ -307,12 +308,13 @@ def _json_safe(schema: pa.Schema) -> bool:
 
 
 # -- the estimate ------------------------------------------------------------------------
-def estimate(job: Job, *, limit: int | None = None) -> Estimate:
-    """Estimate rows, requests, tokens, USD and time of running ``job`` now, sending nothing.
+def estimate(spec: JobSpec, *, limit: int | None = None, source: Source | None = None) -> Estimate:
+    """Estimate rows, requests, tokens, USD and time of running the job now, sending nothing.
 
     Args:
-        job: the job; its ledger and the response cache are read if they exist.
+        spec: the job; its ledger and the response cache are read if they exist.
         limit: optional cap on input rows, as ``llmap run --limit``.
+        source: an input built by the caller (an in-memory table); default ``[input]``.
 
     Returns:
         An :class:`Estimate`; ``elapsed_s`` is how long the estimate took.
@@ -322,15 +324,16 @@ def estimate(job: Job, *, limit: int | None = None) -> Estimate:
             keys are empty or repeated (the same checks as a run's preflight).
     """
     started = time.perf_counter()
-    spec = job.spec
     model = spec.model
-    renderer = Renderer.from_spec(spec.prompt, max_chars=spec.input.max_chars)
-    schema = OutputSchema(spec.output.fields).json_schema
-    source = job._build_source(limit)
+    compiled = compile_spec(spec)
+    compiled.close()  # the cascade conditions are not evaluated here
+    renderer = compiled.renderer
+    schema = compiled.schema.json_schema
+    given = source
+    source = build_source(spec, limit=limit, given=given)
     est = Estimate(pack=spec.prompt.pack)
     try:
-        columns = job._check_columns(source, renderer)
-        job._check_keys(source)
+        columns = check_input(spec, compiled, source).data_columns
         hist = _read_history(spec.ledger_path, model.label)
         est.ledger_found = hist is not None
         hist = hist or _History()
@@ -344,12 +347,12 @@ def estimate(job: Job, *, limit: int | None = None) -> Estimate:
             probe = _CacheProbe(cache_path, spec.cache.ttl_s)
             est.cache_source = f"response cache {cache_path}"
         try:
-            calib_chars, calib_tokens, calib_rows = _walk(job, source, columns, renderer, schema, hist, probe, est)
+            calib_chars, calib_tokens, calib_rows = _walk(spec, source, columns, renderer, schema, hist, probe, est)
         finally:
             if probe is not None:
                 probe.close()
     finally:
-        if job._source is None:
+        if given is None:
             source.close()
     if calib_tokens:
         est.chars_per_token = min(16.0, max(0.5, calib_chars / calib_tokens))
@@ -359,14 +362,12 @@ def estimate(job: Job, *, limit: int | None = None) -> Estimate:
     return est
 
 
-def _walk(job: Job, source: Any, columns: list[str], renderer: Renderer, schema: dict[str, Any], hist: _History,
+def _walk(spec: JobSpec, source: Any, columns: list[str], renderer: Renderer, schema: dict[str, Any], hist: _History,
           probe: _CacheProbe | None, est: Estimate) -> tuple[int, int, int]:
     """Sort every row into its bucket (see the module docstring); returns calibration (chars, tokens, rows)."""
-    spec = job.spec
     key_col = spec.input.key
     variables = renderer.variables
     fp = spec.request_fingerprint().encode()
-    encode = json.JSONEncoder(sort_keys=True, default=str).encode  # json.dumps(..., sort_keys=True, default=str)
     dumps_row = json.JSONEncoder(ensure_ascii=False, default=str).encode
     keys = _RequestKeys(renderer, spec.model, schema, spec.prompt.system)
     done, calib = hist.done, hist.calib
@@ -392,12 +393,12 @@ def _walk(job: Job, source: Any, columns: list[str], renderer: Renderer, schema:
             seq += 1
             est.rows += 1
             if key_col:
-                key = _key_text(row[key_col])
+                key = key_text(row[key_col])
             else:
                 key = str(seq)
                 row["_row"] = seq
             inputs = {v: row[v] for v in variables}
-            h = hashlib.sha256(fp + encode(inputs).encode()).hexdigest()
+            h = input_hash(fp, inputs)
             if done.get(key) == h:
                 est.done += 1
                 if calib_rows < _CALIBRATION_ROWS and key in calib:

@@ -29,18 +29,19 @@ import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from llmap import errors as E
+from llmap.control.cascade import EscalateIf
 from llmap.control.lanes import Lane, pick_lane
 from llmap.control.misconfig import MisconfigDetector, verdict_message
 from llmap.control.retry import RetryPolicy
-from llmap.prompt.condition import Condition
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema, reask_message
 from llmap.providers.base import Completion, Request
 from llmap.run.stats import DispatchStats, Stop
+from llmap.spec import LimitsSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import CacheEntry
 from llmap.store.ledger import RowResult
@@ -75,21 +76,18 @@ class Dispatcher:
         fallback: static answer for rows no model could answer, or None.
         stats: counters to update.
         answers: the response cache and in-run dedup, or None to ask every time.
+        escalate_if: per lane, its bound ``escalate_if`` (:mod:`llmap.control.cascade`), or None.
         clock: monotonic seconds; ``sleep``: awaitable delay (both injectable).
     """
 
-    def __init__(self, lanes: Sequence[Lane], renderer: Renderer, schema: OutputSchema, limits: Any, *,
+    def __init__(self, lanes: Sequence[Lane], renderer: Renderer, schema: OutputSchema, limits: LimitsSpec, *,
                  max_reask: int, fallback: dict[str, Any] | None, stats: DispatchStats,
-                 answers: AnswerCache | None = None,
+                 answers: AnswerCache | None = None, escalate_if: Sequence[EscalateIf | None] = (),
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
         self.lanes = list(lanes)
         self.answers = answers
-
-        self.escalate_if = [
-            Condition.parse(lane.model.escalate_if, schema.field_types) if lane.model.escalate_if else None
-            for lane in self.lanes
-        ]
+        self.escalate_if = list(escalate_if) + [None] * (len(self.lanes) - len(escalate_if))
         self.renderer = renderer
         self.schema = schema
         self.limits = limits
@@ -305,7 +303,7 @@ class Dispatcher:
                         leads[i] = ckey
                         continue  # this row leads the request: route again (the slot was given back)
                     res.tried.append((hit.model, "cache", hit.output, 0, 0))
-                    if self.escalates(lane, hit.output):
+                    if await self.escalates(lane, hit.output):
                         start = i + 1
                         continue
                     res.status, res.output, res.model, res.source = "done", hit.output, hit.model, "cache"
@@ -365,7 +363,7 @@ class Dispatcher:
                 if i in leads:  # a validated answer to the row's request (re-asked or not) fans out
                     answers.resolve(leads.pop(i), CacheEntry(keys[i], lane.label, output, comp.prompt_tokens,
                                                              comp.completion_tokens))
-                if self.escalates(lane, output):
+                if await self.escalates(lane, output):
                     res.tried.append((lane.label, "escalated", output, comp.prompt_tokens, comp.completion_tokens))
                     start = i + 1
                     continue
@@ -401,10 +399,17 @@ class Dispatcher:
             res.status, res.output = "fallback", dict(self.fallback)
         return res
 
-    def escalates(self, lane: Lane, output: dict[str, Any]) -> bool:
+    async def escalates(self, lane: Lane, output: dict[str, Any]) -> bool:
         """True when this lane's ``escalate_if`` holds for ``output`` and a later model exists."""
         cond = self.escalate_if[lane.index]
-        return cond is not None and lane.index + 1 < len(self.lanes) and cond.evaluate(output)
+        return cond is not None and lane.index + 1 < len(self.lanes) and await cond.holds(output)
+
+    def escalates_many(self, lane: Lane, outputs: Sequence[dict[str, Any]]) -> list[bool]:
+        """:meth:`escalates` for several answers of one lane at once (a pack's), in one evaluation."""
+        cond = self.escalate_if[lane.index]
+        if cond is None or lane.index + 1 >= len(self.lanes):
+            return [False] * len(outputs)
+        return cond.evaluate_many(outputs)
 
     def _misconfigured(self, lane: Lane, exc: E.ProviderError) -> None:
         """``lane`` refuses every request the same way: leave it out; stop the run when no model is left.

@@ -164,12 +164,13 @@ class Packer:
         n = len(by_key)
         share_p, share_c = comp.prompt_tokens // n, comp.completion_tokens // n
         escalate = []
-        for key, output in outcome.answers.items():
+        verdicts = d.escalates_many(lane, list(outcome.answers.values()))
+        for (key, output), up in zip(outcome.answers.items(), verdicts, strict=True):
             _, _, base, ckey = by_key[key]
             if d.answers is not None and ckey is not None:
                 d.answers.resolve(ckey, CacheEntry(ckey, lane.label, output, share_p, share_c))
             tried = [(lane.label, "done", output, share_p, share_c)]
-            if d.escalates(lane, output):
+            if up:
                 tried[0] = (lane.label, "escalated", output, share_p, share_c)
                 escalate.append((key, base, tried))
                 continue

@@ -237,7 +237,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
                 return
             hit = answers.peek(row.ckey)
             if hit is not None:
-                if not dispatcher.escalates(primary, hit.output):
+                if not await dispatcher.escalates(primary, hit.output):
                     settle([RowResult(row.key, "done", output=hit.output, model=hit.model, source="cache",
                                       tried=[(hit.model, "cache", hit.output, 0, 0)])], [row])
                     return

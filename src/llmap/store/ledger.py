@@ -30,7 +30,7 @@ from llmap.errors import SpecError
 from llmap.store.diskfull import guard, guard_writes
 from llmap.store.migrate import apply_migrations
 
-__all__ = ["STATUSES", "Ledger", "PlannedRow", "RowResult"]
+__all__ = ["STATUSES", "Ledger", "PlannedRow", "RowResult", "open_for_reading"]
 
 #: Every status a row can have. ``fallback``: no model answered; ``[output] fallback`` was used.
 STATUSES = ("pending", "done", "failed", "skipped", "fallback")
@@ -459,3 +459,25 @@ class Ledger:
             "FROM attempts WHERE run = ? GROUP BY model, outcome ORDER BY model, outcome",
             (run_id,),
         ).fetchall()
+
+
+def open_for_reading(path: Path, *, job: str) -> tuple[Ledger, int]:
+    """A job's ledger opened read-only (never written, never locked: it works while a run holds the
+    job), and its latest plan.
+
+    Raises:
+        SpecError: there is no ledger, or no row planned yet (run the job first), or the file is not
+            a ledger.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"job {job!r} has no ledger at {str(path)!r} yet; run `llmap run` on it first")
+    try:
+        ledger = Ledger(path, readonly=True)
+    except sqlite3.Error as exc:
+        raise SpecError(f"cannot read the ledger {str(path)!r}: {exc}; is it a llmap ledger?") from None
+    plan = ledger.latest_plan()
+    if plan is None:
+        ledger.close()
+        raise SpecError(f"job {job!r} has no planned rows yet; run `llmap run` on it first")
+    return ledger, plan

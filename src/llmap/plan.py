@@ -1,0 +1,223 @@
+"""The plan: a job spec checked against itself and its input, and compiled, before any request.
+
+:mod:`llmap.spec` is pure data (TOML ⇄ typed objects). Everything that needs
+more than one key to check lives here, in one place, so a bad job is one
+:class:`~llmap.errors.SpecError` (exit 2) before money is spent:
+
+- :func:`compile_spec` (the spec alone): template syntax, field constraints,
+  few-shot examples and the fallback against the fields, ``escalate_if``
+  bound by DuckDB against the fields, a cost cap without prices. It returns
+  the :class:`Compiled` job: renderer, output schema, cascade conditions.
+- :func:`check_input` (the spec and its input's header): every column the
+  job names exists, ``where`` runs, keys are present and unique; it returns
+  the columns to read and the output's layout.
+
+:func:`load_spec` and :func:`spec_from_dict` read a job and run
+:func:`compile_spec`'s checks: a spec they return is one llmap can run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from llmap import errors as E
+from llmap.control.cascade import EscalateIf
+from llmap.io.sinks import ResultLayout
+from llmap.io.sources import Source
+from llmap.prompt.render import Renderer
+from llmap.prompt.schema import OutputSchema, check_examples, check_fallback, check_fields
+from llmap.spec import JobSpec, parse_spec, read_spec
+from llmap.store.fingerprint import key_text
+
+__all__ = ["Compiled", "InputPlan", "build_source", "check_input", "compile_spec", "load_spec", "spec_from_dict"]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A job spec compiled: what every row's request is made from.
+
+    Attributes:
+        renderer: the prompt templates and few-shot turns.
+        schema: the output fields as JSON Schema and validator.
+        escalate_if: per ``[[model]]``, its bound ``escalate_if``, or None.
+        fingerprint: the request fingerprint (prompt, fields, model settings;
+            see :meth:`~llmap.spec.JobSpec.request_fingerprint`).
+    """
+
+    renderer: Renderer
+    schema: OutputSchema
+    escalate_if: tuple[EscalateIf | None, ...]
+    fingerprint: str
+
+    def close(self) -> None:
+        """Release the cascade conditions' DuckDB connections."""
+        for cond in self.escalate_if:
+            if cond is not None:
+                cond.close()
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """What the input contributes to a run.
+
+    Attributes:
+        data_columns: the columns read and kept in the ledger (key, template
+            variables, ``keep``, the ``per_group`` column), in that order.
+        layout: the output file's columns and types.
+    """
+
+    data_columns: list[str]
+    layout: ResultLayout
+
+
+def compile_spec(spec: JobSpec, *, source: str = "job") -> Compiled:
+    """Check everything the spec says against itself, and compile it.
+
+    Args:
+        spec: a parsed spec.
+        source: how to name the job in error messages (its file name).
+
+    Raises:
+        SpecError: one line naming the problem and the fix.
+    """
+    renderer = Renderer.from_spec(spec.prompt, source=source, max_chars=spec.input.max_chars)
+    check_fields(spec.output.fields, source=source)
+    check_examples(spec.output.fields, spec.prompt.examples, source=source)
+    if spec.output.fallback is not None:
+        check_fallback(spec.output.fields, spec.output.fallback, source=source)
+    _check_cost_cap(spec, source)
+    escalate = _bind_cascade(spec, source)
+    return Compiled(renderer, OutputSchema(spec.output.fields), escalate, spec.request_fingerprint())
+
+
+def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = "job") -> JobSpec:
+    """Parse a job document (see :func:`llmap.spec.parse_spec`) and run :func:`compile_spec`'s checks.
+
+    Raises:
+        SpecError: on the first problem, as one line naming the fix.
+    """
+    spec = parse_spec(doc, base_dir=base_dir, name=name, source=source)
+    compile_spec(spec, source=source).close()
+    return spec
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a job file and check it (:func:`llmap.spec.read_spec`, then :func:`compile_spec`'s checks).
+
+    Raises:
+        SpecError: the file is missing, is not valid TOML, or fails a check.
+    """
+    spec = read_spec(path)
+    compile_spec(spec, source=Path(path).name).close()
+    return spec
+
+
+def build_source(spec: JobSpec, *, limit: int | None = None, given: Source | None = None) -> Source:
+    """The job's input: ``given`` (an in-memory table, for :func:`llmap.map`), or ``[input] path`` / ``sql``.
+
+    Args:
+        spec: the job.
+        limit: at most this many rows; default ``[input] limit``.
+        given: a source built by the caller; its limit is set and it is returned.
+
+    Raises:
+        InputError: the input cannot be opened.
+    """
+    inp = spec.input
+    lim = limit if limit is not None else inp.limit
+    if given is not None:
+        given.limit = lim
+        return given
+    if inp.sql is not None:
+        return Source.from_sql(inp.sql, base_dir=spec.base_dir, where=inp.where, limit=lim, order_by=inp.order_by)
+    return Source.from_path(spec.resolve(inp.path), where=inp.where, limit=lim, order_by=inp.order_by,
+                            encoding=inp.encoding)
+
+
+def check_input(spec: JobSpec, compiled: Compiled, source: Source) -> InputPlan:
+    """Check the input against the job: columns, ``where``, keys; and lay out the output.
+
+    Raises:
+        InputError: a column the job names is missing, ``where`` fails, or a
+            key is empty or repeated (the message names the first such key).
+    """
+    renderer = compiled.renderer
+    needed: list[tuple[str, str]] = []
+    if spec.input.key:
+        needed.append((spec.input.key, "[input] key"))
+    needed += [(v, "[prompt] template") for v in renderer.variables]
+    needed += [(c, "[output] keep") for c in spec.output.keep]
+    for i, ex in enumerate(spec.prompt.examples, 1):
+        needed += [(c, f"[prompt] examples #{i}") for c in ex.input]
+    group = [spec.input.per_group.column] if spec.input.per_group else []
+    needed += [(c, "[input] per_group") for c in group]
+    needed += [(c, "[input] max_chars") for c in spec.input.max_chars]
+    source.require_columns(needed)
+    source.check_where()
+    _check_keys(spec, source)
+    key = [spec.input.key] if spec.input.key else []
+    columns = list(dict.fromkeys(key + list(renderer.variables) + list(spec.output.keep) + group))
+    shown = list(dict.fromkeys(key + list(spec.output.keep)))
+    key_schema = source.arrow_schema(shown)
+    if not spec.input.key:
+        key_schema = pa.schema([pa.field("_row", pa.int64())] + list(key_schema))
+    return InputPlan(columns, ResultLayout(key_schema, {n: f.type for n, f in spec.output.fields.items()}))
+
+
+def _check_keys(spec: JobSpec, source: Source) -> None:
+    key = spec.input.key
+    if not key:
+        return
+    nulls = source.null_keys(key)
+    if nulls:
+        raise E.InputError(
+            f"key column {key!r} is empty in {nulls} row(s) of {source.label}; fill it, filter those rows "
+            "with [input] where, or choose another [input] key"
+        )
+    dup = source.first_duplicate(key)
+    if dup is not None:
+        raise E.InputError(
+            f"key {key!r} is not unique: {key_text(dup[0])!r} appears {dup[1]} times in {source.label}; "
+            "choose a unique [input] key, or drop it to key rows by row number"
+        )
+
+
+def _check_cost_cap(spec: JobSpec, source: str) -> None:
+    """``max_cost_usd`` counts USD from the models' prices: a model without them would never count."""
+    if spec.limits.max_cost_usd is None:
+        return
+    for m in spec.models:
+        missing = [k for k in ("price_in", "price_out") if k not in m.model_fields_set]
+        if m.provider == "local" or not missing:  # the embedded model costs nothing
+            continue
+        raise E.SpecError(
+            f"{source}: [limits] max_cost_usd is set but [[model]] {m.name!r} has no {' or '.join(missing)}, so its "
+            f"spend would count as $0 and the cap would never stop it; add price_in and price_out to that model (USD "
+            f"per million prompt / completion tokens; 0 if it is free), or cap [limits] max_tokens instead"
+        )
+
+
+def _bind_cascade(spec: JobSpec, source: str) -> tuple[EscalateIf | None, ...]:
+    types = {n: f.type for n, f in spec.output.fields.items()}
+    out: list[EscalateIf | None] = []
+    for i, m in enumerate(spec.models):
+        if m.escalate_if is None:
+            out.append(None)
+            continue
+        if i == len(spec.models) - 1:
+            raise E.SpecError(
+                f"{source}: [[model]] {m.name!r} has escalate_if but no model after it to escalate to; "
+                "add a stronger [[model]] below it or remove escalate_if"
+            )
+        try:
+            out.append(EscalateIf.bind(m.escalate_if, types, name=f"[[model]] {m.name!r} escalate_if"))
+        except ValueError as exc:
+            for cond in out:
+                if cond is not None:
+                    cond.close()
+            raise E.SpecError(f"{source}: {exc}") from None
+    return tuple(out)
