@@ -54,6 +54,8 @@ class ScriptedProvider:
     """A provider that answers from a script, for re-ask and failover tests."""
 
     max_concurrency = 4
+    discovering = False
+    structured = None
 
     def __init__(self, label: str, answers) -> None:
         self.label = label

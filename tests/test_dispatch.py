@@ -50,7 +50,7 @@ async def test_tail_hedge_beats_a_hung_first_copy():
     for _ in range(30):
         lane.timeout.observe(0.01)  # p95 latency: 10 ms
     lane.probing = False  # answers have come back before (the tail of a run)
-    d.draining = lambda: True
+    d.watch_tail(lambda: True)
     res = await asyncio.wait_for(d.solve("k", {"t": "x"}), timeout=5)
     assert res.status == "done" and p.calls == 2 and d.stats.hedged == 1
 

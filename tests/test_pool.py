@@ -145,7 +145,7 @@ def test_a_closed_provider_does_not_reopen_its_session(make_job, sim):
         await p.aclose()
         with pytest.raises(ProviderError, match="closed"):
             await p.complete(req)
-        return p._session
+        return p.http._session  # noqa: SLF001 - the test is about this
 
     assert asyncio.run(main()) is None
 

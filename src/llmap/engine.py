@@ -374,11 +374,9 @@ class Job:
             dispatcher = Dispatcher(lanes, prep.compiled.renderer, prep.compiled.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
                                     answers=AnswerCache(cache), escalate_if=prep.compiled.escalate_if)
-            for lane in lanes:
-                _count_resends(lane, stats, progress)
             packer = None
             if spec.prompt.pack != 1:
-                packer = Packer(dispatcher, spec.prompt.pack, draining=lambda: dispatcher.draining())
+                packer = Packer(dispatcher, spec.prompt.pack)
             per_group = spec.input.per_group
             if self._log is not None:
                 stats.on_request = self._log.request
@@ -392,44 +390,16 @@ class Job:
                 cache.close()
 
 
-def _count_resends(lane: Lane, stats: DispatchStats, progress: Progress) -> None:
-    """Count a provider's resends in a new request shape (see :mod:`llmap.control.dialect`) as
-    requests of the run, and say once what changed."""
-    if not hasattr(lane.provider, "on_resend"):
-        return
-
-    def on_resend(note: str | None, status: int, latency_s: float) -> None:
-        stats.requests += 1
-        stats.log(lane.label, str(status), latency_s, 0, 0, 1)
-        if note:
-            progress.message(f"llmap: {lane.label}: {note} (HTTP {status})")
-
-    lane.provider.on_resend = on_resend
-
-    def refuse() -> E.ProviderError | None:
-        err: E.ProviderError | None = None
-        if stats.stop.is_set():  # the row stays pending
-            err = E.FatalProviderError(f"the run is stopping: {stats.stop_reason}", model=lane.label)
-        elif lane.disabled is not None:  # left out of the run: the row fails over without a request
-            err = E.BadRequest(lane.disabled, model=lane.label)
-        if err is not None:
-            err.unsent = True  # type: ignore[attr-defined]  # not a request: the dispatcher does not count it
-        return err
-
-    lane.provider.refuse = refuse
-
-
 def _record_shapes(providers: list[Provider], stats: DispatchStats) -> None:
     """Put each model's structured-output dialect into the run's per-model record (the ledger's
     ``runs.by_model``), for ``llmap status`` and ``llmap report``."""
     for p in providers:
-        shape = getattr(p, "shape", None)
-        if shape is None:
+        if p.structured is None:
             continue
         m = stats.by_model.setdefault(p.label, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
                                                 "cost_usd": 0.0})
-        m["structured"] = shape.dialect
-        m["structured_how"] = shape.describe()
+        m["structured"] = p.structured.split(" ", 1)[0]
+        m["structured_how"] = p.structured
 
 
 class _Logged:

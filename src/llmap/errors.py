@@ -19,7 +19,8 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │   │   └── MalformedResponse 200 with a body that is not a chat completion
     │   └── TerminalError         retrying cannot help this row
     │       ├── BadRequest        400 / 404 / 422
-    │       │   └── ContextTooLong
+    │       │   ├── ContextTooLong
+    │       │   └── ModelLeftOut  the model refused every request the same way; rows fail over
     │       └── FatalProviderError  every row would hit it: stop the run (exit 1)
     │           ├── AuthError       401 / 403
     │           └── QuotaExhausted  insufficient_quota
@@ -51,6 +52,7 @@ __all__ = [
     "LedgerLocked",
     "LlmapError",
     "MalformedResponse",
+    "ModelLeftOut",
     "Overloaded",
     "ProviderError",
     "QuotaExhausted",
@@ -105,6 +107,8 @@ class ProviderError(LlmapError):
         self.row_key = row_key
         self.attempt = attempt
         self.status = status
+        #: requests refused for their shape before this error (``llmap.providers.base.Refusal``)
+        self.refusals: tuple = ()
 
 
 class TransientError(ProviderError):
@@ -145,6 +149,12 @@ class BadRequest(TerminalError):
 
 class ContextTooLong(BadRequest):
     """The prompt does not fit the model's context window."""
+
+
+class ModelLeftOut(BadRequest):
+    """The model was left out of the run (it refused every request the same way, see
+    :mod:`llmap.control.misconfig`): raised, without a request, for a row that was waiting to send
+    to it, so the row fails over to the next model."""
 
 
 class FatalProviderError(TerminalError):

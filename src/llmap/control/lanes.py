@@ -64,9 +64,10 @@ class Lane:
             clock=clock,
             on_change=(lambda old, new: on_breaker(self, old, new)) if on_breaker else None,
         )
-        #: Nothing is known of this model's limits (none configured): one request goes first, and the
-        #: rest wait for its answer, which may carry rate-limit headers (see :meth:`on_success`).
-        self.probing = not self.limiter.rate.limited
+        #: Nothing is known of this model's limits (none configured), or its provider still learns what
+        #: the server takes (``discovering``): one request goes first, and the rest wait for its answer,
+        #: which may carry rate-limit headers (see :meth:`on_success`).
+        self.probing = not self.limiter.rate.limited or bool(getattr(provider, "discovering", False))
         self._cap = cap
         self.timeout = AdaptiveTimeout(model.timeout_s)
         self.output_tokens = OutputTokenEstimator(model.max_tokens)

@@ -33,6 +33,7 @@ from llmap.errors import (
 __all__ = [
     "Completion",
     "Provider",
+    "Refusal",
     "Request",
     "classify_status",
     "error_for_response",
@@ -61,6 +62,22 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request the server refused for its *shape* and that the provider sent again at once in the
+    next shape (see :mod:`llmap.control.dialect`): a request of the run, but no answer and no outage.
+
+    Attributes:
+        status: the refusal's HTTP status.
+        latency_s: seconds the refused request took.
+        note: what changed, in words (said once per change), or None.
+    """
+
+    status: int
+    latency_s: float
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     """One answer.
 
@@ -72,6 +89,7 @@ class Completion:
         headers: response headers (lower-cased names), for rate-limit budgets.
         usage_reported: False when the answer carried no ``usage``: the token
             counts are then 0 and the dispatcher estimates them instead.
+        refusals: requests sent before this answer and refused for their shape.
     """
 
     content: str
@@ -80,6 +98,7 @@ class Completion:
     latency_s: float
     headers: dict[str, str] = field(default_factory=dict)
     usage_reported: bool = True
+    refusals: tuple[Refusal, ...] = ()
 
 
 @runtime_checkable
@@ -87,11 +106,18 @@ class Provider(Protocol):
     """What the dispatcher needs from a model backend.
 
     ``label`` is ``provider:name``. ``max_concurrency`` is how many requests
-    the provider can usefully run at once (1 for the in-process model).
+    the provider can usefully run at once (1 for one embedded model process).
+    ``discovering`` is True while the provider still learns what the server
+    takes (its structured-output dialect, parameter spellings): the lane then
+    sends one request at a time until an answer comes back. ``structured``
+    names the structured-output dialect in use, in words, for the ledger and
+    ``llmap status`` (None when the provider has no such choice).
     """
 
     label: str
     max_concurrency: int
+    discovering: bool
+    structured: str | None
 
     async def check(self) -> None:
         """Fail fast before any paid request: the URL answers, the key works, the model loads.
@@ -103,9 +129,14 @@ class Provider(Protocol):
     async def complete(self, request: Request) -> Completion:
         """Send one request.
 
+        Returns:
+            The answer; its ``refusals`` are the requests the server refused
+            for their shape on the way (counted as requests of the run).
+
         Raises:
             TransientError: worth retrying (429, 5xx, timeout, bad body).
-            TerminalError: not worth retrying (400, 404, auth, quota).
+            TerminalError: not worth retrying (400, 404, auth, quota). Either
+                carries ``refusals`` likewise.
         """
 
     async def aclose(self) -> None:

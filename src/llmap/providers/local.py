@@ -61,6 +61,8 @@ class LocalProvider:
     """
 
     max_concurrency = 1
+    discovering = False  # grammar-constrained output: nothing to learn about the server
+    structured = None
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec

@@ -10,30 +10,28 @@ structured-output dialect (``structured = "auto"``) or a parameter spelling
 (``max_tokens`` on an OpenAI reasoning model), the same request is sent again
 at once in the next shape, inside :meth:`OpenAIProvider.complete`. Such a
 refusal is no outage: it never reaches the retry policy, the circuit breaker
-or the concurrency control. Each resend is reported to :attr:`on_resend` so
-the run counts it. Until the server has answered once (in this run, or in an
-earlier one that :class:`~llmap.store.dialects.DialectMemory` remembers), one
-request probes at a time, so a server that refuses the first dialect costs
-one refused request, not one per row in flight, and a server that refuses
-everything is found out by the misconfiguration check
-(:mod:`llmap.control.misconfig`) after a few requests, not a burst.
+or the concurrency control. Each resend comes back as a
+:class:`~llmap.providers.base.Refusal` with the answer (or the error), so the
+run counts it. Until the server has answered once (in this run, or in an
+earlier one that :class:`~llmap.store.dialects.DialectMemory` remembers) the
+provider is ``discovering`` and its lane sends one request at a time, so a
+server that refuses the first dialect costs one refused request, not one per
+row in flight, and a server that refuses everything is found out by the
+misconfiguration check (:mod:`llmap.control.misconfig`) after a few requests,
+not a burst.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
-import time
-from collections.abc import Callable
 from typing import Any
-
-import aiohttp
 
 from llmap import errors as E
 from llmap.control.dialect import RequestShape, Sent, dialect_refused, refused_parameter
-from llmap.providers.base import Completion, Request, error_for_response, map_transport_error
+from llmap.providers.base import Completion, Refusal, Request, error_for_response
+from llmap.providers.http import HttpAnswer, HttpClient, decode_json
 from llmap.spec import ModelSpec
 from llmap.store.dialects import DialectMemory
 
@@ -42,17 +40,12 @@ __all__ = ["OpenAIProvider"]
 #: Used when ``[model] base_url`` is not set.
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
-_KEEP_HEADERS = ("x-ratelimit-", "anthropic-ratelimit-", "retry-after")
 #: Most shape changes one request may go through (2 dialect steps, 2 parameters, and slack).
 _MAX_RESENDS = 6
 #: ``${VAR}`` in a ``[model] headers`` value: read from the environment.
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: The instruction ``structured = "prompt"`` adds to the system prompt (the re-ask says the same words).
 PROMPT_INSTRUCTION = "Reply with only a JSON object that matches this JSON Schema: "
-
-
-def _limit_headers(headers: Any) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(_KEEP_HEADERS)}
 
 
 class OpenAIProvider:
@@ -68,7 +61,9 @@ class OpenAIProvider:
 
     Attributes:
         shape: the :class:`~llmap.control.dialect.RequestShape` in use (dialect,
-            parameter spellings); the engine records ``shape.describe()`` in the ledger.
+            parameter spellings).
+        discovering: True until the server has answered a request in the current shape.
+        structured: the dialect in use, in words (``shape.describe()``), recorded in the ledger.
 
     Raises:
         SpecError: ``api_key_env``, or a ``${VAR}`` in ``headers``, names a variable that is not set.
@@ -92,20 +87,22 @@ class OpenAIProvider:
             self._secrets.append(key.encode())
         for name, value in spec.headers.items():
             self._headers[name] = _ENV_REF.sub(lambda m, n=name: self._env_secret(m.group(1), n), value)
-        self._query = dict(spec.query)
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=spec.connect_timeout_s, sock_read=spec.timeout_s)
-        self._session: aiohttp.ClientSession | None = None
-        self._closed = False
         self.memory = memory if memory is not None else DialectMemory()
         self.shape = RequestShape.start(spec.structured, self.memory.get(self.base_url, spec.name),
                                         frozenset(spec.params))
-        self._probe = asyncio.Lock()
-        #: Called ``(note, status, latency_s)`` for each refused request that is sent again in a new
-        #: shape; ``note`` says what changed (once per change), None for a quiet resend.
-        self.on_resend: Callable[[str | None, int, float], None] | None = None
-        #: Asked by a request that waited for the probe: an error to raise instead of sending (the run
-        #: is stopping, or this model was left out), or None to send.
-        self.refuse: Callable[[], E.ProviderError | None] = lambda: None
+        self.http = HttpClient(self.base_url, label=self.label, headers=self._headers, secrets=self._secrets,
+                               concurrency=concurrency, connect_timeout_s=spec.connect_timeout_s,
+                               read_timeout_s=spec.timeout_s, query=spec.query)
+
+    @property
+    def discovering(self) -> bool:
+        """True until the server has answered a request in the current shape (dialect, parameters)."""
+        return not self.shape.settled
+
+    @property
+    def structured(self) -> str:
+        """The structured-output dialect in use, in words (e.g. ``json_object (auto, refused json_schema)``)."""
+        return self.shape.describe()
 
     def _env_secret(self, var: str, header: str) -> str:
         value = os.environ.get(var)
@@ -115,32 +112,17 @@ class OpenAIProvider:
         self._secrets.append(value.encode())
         return value
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._closed:  # a late request after the run ended must not open a session nobody closes
-            raise RuntimeError(f"the provider {self.label} is closed")
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=self.max_concurrency)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, headers=self._headers, raise_for_status=False
-            )
-        return self._session
-
     async def check(self) -> None:
         """GET ``{base_url}/models``: proves the URL answers and the key is accepted. Costs nothing.
 
         Raises:
             SpecError: the server cannot be reached, or rejects the key.
         """
-        url = f"{self.base_url}/models"
         try:
-            async with self._client().get(url, params=self._query or None,
-                                          timeout=aiohttp.ClientTimeout(total=self.spec.connect_timeout_s + 5)) as r:
-                status = r.status
-                await r.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            detail = str(exc) or type(exc).__name__
+            status = await self.http.probe("/models")
+        except OSError as exc:
             raise E.SpecError(
-                f"cannot reach [model] base_url {self.base_url}: {detail}; start the server or fix base_url"
+                f"cannot reach [model] base_url {self.base_url}: {exc}; start the server or fix base_url"
             ) from None
         if status in (401, 403):
             who = f"the key in ${self.spec.api_key_env}" if self.spec.api_key_env else "a request without an API key"
@@ -176,52 +158,34 @@ class OpenAIProvider:
         """POST one chat completion; see :meth:`llmap.providers.base.Provider.complete`.
 
         A refused request shape is sent again at once in the next shape (see
-        the module docstring); other errors are raised for the dispatcher.
+        the module docstring), at most a few times; each such resend is one
+        of the answer's (or the error's) ``refusals``. Other errors are raised
+        for the dispatcher.
         """
-        if not self.shape.settled and request.schema is not None:
-            async with self._probe:  # until the first answer, one request finds out what the server takes
-                refused = self.refuse()
-                if refused is not None:  # the probes before this one settled the run's fate
-                    raise refused
-                if not self.shape.settled:
-                    return await self._complete(request)
-        return await self._complete(request)
-
-    async def _complete(self, request: Request) -> Completion:
-        for _ in range(_MAX_RESENDS):
-            sent = self.shape.sent()
-            status, raw, headers, latency = await self._post(self.body(request, sent), request)
-            if status < 400:
-                if self.shape.accepted(sent):
-                    self.memory.put(self.base_url, self.spec.name, self.shape.record())
-                return self._parse(raw, headers, latency, request)
-            parsed = _decode_error(raw)
-            note = self.shape.refused(sent, dialect=dialect_refused(status, parsed, sent.dialect),
-                                      param=refused_parameter(status, parsed))
-            if note is None:
-                raise error_for_response(status, parsed, headers, model=self.label, row_key=request.row_key)
-            if self.on_resend is not None:
-                self.on_resend(note or None, status, latency)
-        raise error_for_response(status, parsed, headers, model=self.label, row_key=request.row_key)
-
-    async def _post(self, body: dict[str, Any], request: Request) -> tuple[int, bytes, dict[str, str], float]:
-        t0 = time.monotonic()
+        refusals: list[Refusal] = []
         try:
-            async with self._client().post(f"{self.base_url}/chat/completions", data=json.dumps(body),
-                                           params=self._query or None) as resp:
-                raw = await resp.read()
-                status = resp.status
-                headers = _limit_headers(resp.headers)
-        except Exception as exc:  # the transport boundary: map everything
-            raise map_transport_error(exc, model=self.label, row_key=request.row_key) from exc
-        for secret in self._secrets:  # a server that echoes a key must not put it in our errors
-            if secret in raw:
-                raw = raw.replace(secret, b"***")
-        return status, raw, headers, time.monotonic() - t0
+            for _ in range(_MAX_RESENDS):
+                sent = self.shape.sent()
+                ans = await self.http.post_json("/chat/completions", self.body(request, sent), row_key=request.row_key)
+                if ans.status < 400:
+                    if self.shape.accepted(sent):
+                        self.memory.put(self.base_url, self.spec.name, self.shape.record())
+                    return self._parse(ans, request, tuple(refusals))
+                parsed = decode_json(ans.body)
+                note = self.shape.refused(sent, dialect=dialect_refused(ans.status, parsed, sent.dialect),
+                                          param=refused_parameter(ans.status, parsed))
+                if note is None:
+                    raise error_for_response(ans.status, parsed, ans.headers, model=self.label,
+                                             row_key=request.row_key)
+                refusals.append(Refusal(ans.status, ans.latency_s, note or None))
+            raise error_for_response(ans.status, parsed, ans.headers, model=self.label, row_key=request.row_key)
+        except E.ProviderError as exc:
+            exc.refusals = tuple(refusals)
+            raise
 
-    def _parse(self, raw: bytes, headers: dict[str, str], latency: float, request: Request) -> Completion:
+    def _parse(self, ans: HttpAnswer, request: Request, refusals: tuple[Refusal, ...]) -> Completion:
         try:
-            doc = json.loads(raw)
+            doc = json.loads(ans.body)
             content = doc["choices"][0]["message"]["content"]
             if not isinstance(content, str):
                 raise TypeError("content is not a string")
@@ -232,28 +196,20 @@ class OpenAIProvider:
                 content=content,
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
-                latency_s=latency,
-                headers=headers,
+                latency_s=ans.latency_s,
+                headers=ans.headers,
                 usage_reported=reported,
+                refusals=refusals,
             )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise E.MalformedResponse(
-                f"malformed answer from {self.label}: {exc!r}: {raw[:120]!r}", model=self.label, row_key=request.row_key
+                f"malformed answer from {self.label}: {exc!r}: {ans.body[:120]!r}", model=self.label,
+                row_key=request.row_key
             ) from exc
 
     async def aclose(self) -> None:
         """Close the connection pool; later requests fail instead of reopening it."""
-        self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-def _decode_error(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return {"error": raw.decode("utf-8", "replace")[:300]}
+        await self.http.aclose()
 
 
 def _with_schema_instruction(messages: list[dict[str, str]], schema: dict[str, Any]) -> list[dict[str, str]]:

@@ -39,7 +39,7 @@ from llmap.control.misconfig import MisconfigDetector, verdict_message
 from llmap.control.retry import RetryPolicy
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema, reask_message
-from llmap.providers.base import Completion, Request
+from llmap.providers.base import Completion, Refusal, Request
 from llmap.run.stats import DispatchStats, Stop
 from llmap.spec import LimitsSpec
 from llmap.store.answers import AnswerCache
@@ -98,11 +98,20 @@ class Dispatcher:
         self.sleep = sleep
         self.retry = RetryPolicy(max_attempts=limits.max_attempts, cap_s=limits.backoff_cap_s,
                                  budget_s=limits.retry_budget_s)
-        #: Returns True once every row has been handed to a worker (the run's tail).
-        self.draining: Callable[[], bool] = lambda: False
+        self._in_tail: Callable[[], bool] = lambda: False
         self._no_usage: set[str] = set()  # lanes already warned that their server reports no usage
         #: One model refusing every request the same way is a configuration error, not an outage.
         self.misconfig = MisconfigDetector()
+
+    # -- the run's tail -------------------------------------------------------
+    def watch_tail(self, in_tail: Callable[[], bool]) -> None:
+        """Tell the dispatcher how to know the run's tail: ``in_tail()`` is True once every row has been
+        handed to a worker (the pool knows). In the tail, stragglers are hedged (``limits.hedge_tail``)."""
+        self._in_tail = in_tail
+
+    def in_tail(self) -> bool:
+        """True in the run's tail (see :meth:`watch_tail`); no more rows will come."""
+        return self._in_tail()
 
     # -- caps -----------------------------------------------------------------
     def _check_caps(self) -> None:
@@ -138,6 +147,10 @@ class Dispatcher:
         """
         await lane.enter()
         try:
+            if self.stats.stop.is_set():  # the run stopped while this row waited: it stays pending
+                raise Stop
+            if lane.disabled is not None:  # left out while this row waited: it fails over, nothing is sent
+                raise E.ModelLeftOut(lane.disabled, model=lane.label, row_key=req.row_key)
             permit = await lane.limiter.acquire(est_tokens)
             try:
                 self._check_caps()
@@ -161,11 +174,9 @@ class Dispatcher:
                 self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
                 raise exc from None
             except E.ProviderError as exc:
+                self._count_refusals(lane, exc.refusals, pack_size)
                 if isinstance(exc, _UNPROCESSED):
                     lane.limiter.settle(permit, 0)
-                if getattr(exc, "unsent", False):  # refused before sending: the run stops or the lane is out
-                    self.stats.requests -= 1
-                    raise
                 self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
                 if self.misconfig.failure(lane.index, exc):
                     self._misconfigured(lane, exc)
@@ -175,6 +186,7 @@ class Dispatcher:
                 raise
         finally:
             lane.leave()
+        self._count_refusals(lane, comp.refusals, pack_size)
         self.misconfig.success(lane.index)
         if comp.usage_reported:
             lane.prompt_tokens.observe(_chars(req.messages), comp.prompt_tokens)
@@ -200,6 +212,14 @@ class Dispatcher:
         lane.breaker.record_success()
         lane.on_success()
         return comp
+
+    def _count_refusals(self, lane: Lane, refusals: Sequence[Refusal], pack_size: int) -> None:
+        """Requests the server refused for their shape and the provider sent again: requests of the run."""
+        for r in refusals:
+            self.stats.requests += 1
+            self.stats.log(lane.label, str(r.status), r.latency_s, 0, 0, pack_size)
+            if r.note:
+                self.stats.warn(f"{lane.label}: {r.note} (HTTP {r.status})")
 
     async def _hedged(self, lane: Lane, req: Request, est_tokens: float, delay_s: float) -> Completion:
         """A hedged request ("The Tail at Scale"): a second copy after ``delay_s`` if the first is late.
@@ -317,7 +337,7 @@ class Dispatcher:
                 msgs = messages.get(i, base_messages)
                 req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key)
                 est = lane.prompt_tokens.estimate(_chars(msgs)) + lane.output_tokens.estimate()
-                hedge = self.limits.hedge_tail and self.draining() and lane.in_flight * 2 < lane.limit
+                hedge = self.limits.hedge_tail and self.in_tail() and lane.in_flight * 2 < lane.limit
                 try:
                     if hedge:  # a row that failed before hedges at once; others once they are slower than p95
                         comp = await self._hedged(lane, req, est,

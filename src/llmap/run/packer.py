@@ -19,7 +19,6 @@ request per damaged pack.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 from llmap import errors as E
@@ -52,16 +51,12 @@ class Packer:
     Args:
         dispatcher: sends requests and settles single rows.
         pack: ``[prompt] pack``: rows per request, or ``"auto"``.
-        draining: returns True once every row has been handed out (no more
-            rows will come to fill a regrouped pack: send at once).
     """
 
-    def __init__(self, dispatcher: Dispatcher, pack: int | str, *,
-                 draining: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, dispatcher: Dispatcher, pack: int | str) -> None:
         self.d = dispatcher
         self.pack = pack if isinstance(pack, int) else 1
         self.auto = AutoPackSize() if pack == "auto" else None
-        self.draining = draining
         self._row_chars = 400.0  # EWMA of a row's user-message length, for pack = "auto"
         self._waiting: dict[int, list[tuple[Item, asyncio.Future[RowResult]]]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
@@ -220,7 +215,7 @@ class Packer:
             futures.append(fut)
         self._fill(size)
         if self._waiting.get(size) and size not in self._timers:
-            wait = 0.0 if self.draining() else REGROUP_WAIT_S
+            wait = 0.0 if self.d.in_tail() else REGROUP_WAIT_S  # in the tail no row will come to fill it
             self._timers[size] = loop.call_later(wait, self._flush_level, size)
         for it, res in zip(items, await asyncio.gather(*futures), strict=True):
             results[it[0]] = res

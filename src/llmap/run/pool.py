@@ -131,9 +131,9 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
                 answers.flush(wait=last)
             except DiskFull as exc:  # the cache's disk is full: still commit to the ledger, which may have room
                 halt_on_disk_full(exc)
-        if not buffer and not stats.request_log:
+        log = stats.take_request_log()
+        if not buffer and not log:
             return
-        log, stats.request_log = stats.request_log, []
         ledger.record(buffer, run_id=run_id, requests=log)  # durable before it counts
         for r in buffer:
             setattr(tally, r.status, getattr(tally, r.status) + 1)
@@ -221,7 +221,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         return ready
 
     handed_out = asyncio.Event()
-    dispatcher.draining = lambda: handed_out.is_set() and todo.qsize() <= n_workers
+    dispatcher.watch_tail(lambda: handed_out.is_set() and todo.qsize() <= n_workers)
 
     pack: list[_Row] = []  # rows gathered into the next request
 

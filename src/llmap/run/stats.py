@@ -82,6 +82,11 @@ class DispatchStats:
         if self.on_request is not None:
             self.on_request(entry)
 
+    def take_request_log(self) -> list[tuple]:
+        """The request log entries recorded since the last call (for the ledger); the log starts empty again."""
+        log, self.request_log = self.request_log, []
+        return log
+
     def warn(self, message: str) -> None:
         """Say something the user should know about this run (printed even with ``--quiet``)."""
         if self.on_warn is not None:
