@@ -51,12 +51,11 @@ def fill_cache(job_path: Path, csv: Path, every: int) -> int:
     spec = Job.from_toml(job_path).spec
     renderer = Renderer.from_spec(spec.prompt)
     schema = OutputSchema(spec.output.fields).json_schema
-    lane = type("Lane", (), {"model": spec.model})
     entries = []
     with open(csv, encoding="utf-8") as f:
         for i, row in enumerate(csvmod.DictReader(f)):
             if i % every == 0:
-                key = AnswerCache.key(lane, renderer.messages(row), schema)
+                key = AnswerCache.key(spec.model, renderer.messages(row), schema)
                 entries.append(CacheEntry(key, spec.model.label, {"topic": "other"}, 10, 5))
     with ResponseCache() as cache:
         cache.put_many(entries)

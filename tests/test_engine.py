@@ -11,8 +11,8 @@ import pytest
 from _support import ScriptedProvider, chat_requests, people, with_providers, write_csv
 from llmap import Job
 from llmap.errors import AnswerInvalid
-from llmap.observe.progress import CountingProgress
 from llmap.io.sinks import export_job
+from llmap.observe.progress import CountingProgress
 from llmap.observe.status import job_status
 
 

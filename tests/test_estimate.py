@@ -6,14 +6,14 @@ import io
 import math
 import sqlite3
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
 
 from _support import chat_requests, people, write_csv
 from llmap import Job
-from llmap.observe.estimate import estimate, estimate_text, format_estimate
+from llmap.observe.estimate import estimate
+from llmap.observe.estimate_table import estimate_text, format_estimate
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema
 from llmap.store.answers import AnswerCache
@@ -226,7 +226,7 @@ def test_fast_request_keys_equal_the_dispatchers(make_job, sim, tmp_path):
     keys = _RequestKeys(r, spec.model, schema, spec.prompt.system)
     keys._verify = 0  # no safety net: the fast path alone must agree
     for row in [*people(3), {"name": "a\u2028b\\\"\n", "city": None}]:
-        want = AnswerCache.key(SimpleNamespace(model=spec.model), r.messages(row), schema)
+        want = AnswerCache.key(spec.model, r.messages(row), schema)
         assert keys(row)[0] == want
     assert keys.fast
 

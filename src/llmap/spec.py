@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from llmap.control.headers import parse_duration
+from llmap.durations import parse_duration
 from llmap.errors import SpecError
 from llmap.io.encoding import canonical
 from llmap.providers.params import RESERVED_PARAMS, answer_params
@@ -381,7 +381,7 @@ class CacheSpec(_Strict):
             if parse_duration(v) <= 0:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"ttl {v!r} is not a duration; write e.g. \"30d\", \"12h\" or \"90m\"") from None
+            raise ValueError(f"ttl {v!r} is not a duration; write e.g. \"30d\", \"12h\", \"90m\" or \"1w\"") from None
         return v
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from llmap.durations import parse_duration
 from llmap.store.cache import (
     FILE_NAME,
     CacheEntry,
     ResponseCache,
     default_cache_dir,
-    parse_duration,
     request_key,
 )
 
@@ -327,3 +327,13 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_refuses_with_a_clear_message(text: str) -> None:
     with pytest.raises(ValueError, match=r"e\.g\. 45s, 90m, 12h, 30d, 1w"):
         parse_duration(text)
+
+
+def test_cache_ttl_takes_the_durations_the_readme_shows() -> None:
+    """``[cache] ttl = "1w"`` is valid (README), and a bare number is refused naming the fix."""
+    from llmap.spec import CacheSpec
+
+    assert CacheSpec(ttl="1w").ttl_s == 7 * 86400
+    assert CacheSpec(ttl="1d12h").ttl_s == 36 * 3600
+    with pytest.raises(ValueError, match='write e.g. "30d"'):
+        CacheSpec(ttl="30")

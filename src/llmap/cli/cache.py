@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llmap.store.cache import FILE_NAME, ResponseCache, default_cache_dir, parse_duration
+from llmap.durations import parse_duration
+from llmap.store.cache import FILE_NAME, ResponseCache, default_cache_dir
 
 __all__ = ["cache_app", "clear", "prune", "stats"]
 

@@ -15,13 +15,14 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from llmap.control.breaker import BreakerState, CircuitBreaker
 from llmap.control.concurrency import AIMDConcurrency
 from llmap.control.limits import Limiter, RateLimiter
 from llmap.control.timeouts import AdaptiveTimeout
 from llmap.control.tokens import OutputTokenEstimator, PromptTokenEstimator
+from llmap.providers.base import Provider
+from llmap.spec import LimitsSpec, ModelSpec
 
 __all__ = ["Lane", "pick_lane"]
 
@@ -46,7 +47,7 @@ class Lane:
         on_breaker: called ``(lane, old_state, new_state)`` when the breaker changes.
     """
 
-    def __init__(self, index: int, provider: Any, model: Any, limits: Any, *,
+    def __init__(self, index: int, provider: Provider, model: ModelSpec, limits: LimitsSpec, *,
                  clock: Callable[[], float] = time.monotonic,
                  on_breaker: Callable[[Lane, BreakerState, BreakerState], None] | None = None) -> None:
         self.index = index

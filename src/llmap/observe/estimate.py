@@ -32,10 +32,9 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import jinja2.meta
@@ -47,10 +46,10 @@ from llmap.plan import build_source, check_input, compile_spec
 from llmap.prompt.render import Renderer
 from llmap.spec import JobSpec, ModelSpec
 from llmap.store.answers import AnswerCache
-from llmap.store.cache import FILE_NAME, default_cache_dir
+from llmap.store.cache import FILE_NAME, ResponseCache, default_cache_dir
 from llmap.store.fingerprint import input_hash, key_text
 
-__all__ = ["Estimate", "ModelCost", "estimate", "estimate_text", "format_estimate"]
+__all__ = ["Estimate", "ModelCost", "estimate"]
 
 #: Characters per prompt token when the ledger has no usage to learn from.
 DEFAULT_CHARS_PER_TOKEN = 4.0
@@ -60,7 +59,6 @@ DEFAULT_LATENCY_S = 1.0
 _CALIBRATION_ROWS = 2000
 #: Cache keys per lookup batch (the cache query itself goes 500 keys per ``IN`` list).
 _LOOKUP_BATCH = 2000
-_SQL_CHUNK = 500
 #: Rows whose fast cache key is checked against :meth:`AnswerCache.key` before it is trusted.
 _VERIFY_ROWS = 32
 
@@ -203,28 +201,6 @@ def _read_history(path: Path, primary: str) -> _History | None:
     return h
 
 
-class _CacheProbe:
-    """Which keys have a fresh answer in the response cache (read-only; hit counts untouched)."""
-
-    def __init__(self, path: Path, ttl_s: float | None) -> None:
-        self._con = _connect_ro(path)
-        self._cutoff = time.time() - ttl_s if ttl_s is not None else None
-
-    def fresh(self, keys: Sequence[str]) -> set[str]:
-        out: set[str] = set()
-        for i in range(0, len(keys), _SQL_CHUNK):
-            chunk = list(keys[i:i + _SQL_CHUNK])
-            sql = f"SELECT key FROM responses WHERE key IN ({','.join('?' * len(chunk))})"
-            if self._cutoff is not None:
-                sql += " AND created_at > ?"
-                chunk.append(self._cutoff)  # type: ignore[arg-type]
-            out.update(k for (k,) in self._con.execute(sql, chunk))
-        return out
-
-    def close(self) -> None:
-        self._con.close()
-
-
 # -- requests, as the dispatcher would build them --------------------------------------
 def _dumps(v: Any) -> str:
     return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -245,7 +221,7 @@ class _RequestKeys:
 
     def __init__(self, renderer: Renderer, model: ModelSpec, schema: dict[str, Any], system_src: str | None) -> None:
         self.renderer = renderer
-        self.lane = SimpleNamespace(model=model)
+        self.model = model
         self.schema = schema
         static = system_src is None or not jinja2.meta.find_undeclared_variables(
             renderer.user.environment.parse(system_src))
@@ -259,7 +235,7 @@ class _RequestKeys:
 
     def _prepare(self, row: Mapping[str, Any]) -> None:
         head = self.renderer.messages(row)[:-1]
-        m = self.lane.model
+        m = self.model
         rest = _dumps({"model": m.name + "@" + (m.base_url or m.model_path or ""),
                        "params": {"temperature": m.temperature, "max_tokens": m.max_tokens},
                        "provider": m.provider, "schema": self.schema})
@@ -270,7 +246,7 @@ class _RequestKeys:
 
     def slow(self, row: Mapping[str, Any]) -> tuple[str, int]:
         msgs = self.renderer.messages(row)
-        return AnswerCache.key(self.lane, msgs, self.schema), sum(len(x["content"]) for x in msgs)
+        return AnswerCache.key(self.model, msgs, self.schema), sum(len(x["content"]) for x in msgs)
 
     def _fast(self, row: Mapping[str, Any]) -> tuple[str, int]:
         r = self.renderer
@@ -344,7 +320,7 @@ def estimate(spec: JobSpec, *, limit: int | None = None, source: Source | None =
         elif not cache_path.is_file():
             est.cache_source = "no response cache yet"
         else:
-            probe = _CacheProbe(cache_path, spec.cache.ttl_s)
+            probe = ResponseCache(cache_path, ttl_s=spec.cache.ttl_s, readonly=True)
             est.cache_source = f"response cache {cache_path}"
         try:
             calib_chars, calib_tokens, calib_rows = _walk(spec, source, columns, renderer, schema, hist, probe, est)
@@ -363,7 +339,7 @@ def estimate(spec: JobSpec, *, limit: int | None = None, source: Source | None =
 
 
 def _walk(spec: JobSpec, source: Any, columns: list[str], renderer: Renderer, schema: dict[str, Any], hist: _History,
-          probe: _CacheProbe | None, est: Estimate) -> tuple[int, int, int]:
+          probe: ResponseCache | None, est: Estimate) -> tuple[int, int, int]:
     """Sort every row into its bucket (see the module docstring); returns calibration (chars, tokens, rows)."""
     key_col = spec.input.key
     variables = renderer.variables
@@ -377,7 +353,7 @@ def _walk(spec: JobSpec, source: Any, columns: list[str], renderer: Renderer, sc
     calib_chars = calib_tokens = calib_rows = 0
 
     def lookup() -> None:
-        fresh = probe.fresh([k for k, _ in waiting]) if probe is not None else set()
+        fresh = set(probe.get_many([k for k, _ in waiting], count_hits=False)) if probe is not None else set()
         for k, chars in waiting:
             if k in fresh:
                 est.cached += 1
@@ -507,71 +483,3 @@ def _notes(est: Estimate, spec: Any) -> list[str]:
     if spec.limits.max_tokens is not None and est.prompt_tokens + est.completion_tokens > spec.limits.max_tokens:
         notes.append(f"the run would stop at [limits] max_tokens = {spec.limits.max_tokens}")
     return notes
-
-
-# -- display -----------------------------------------------------------------------------
-def _duration(s: float) -> str:
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
-
-
-def _rows(est: Estimate) -> Iterable[tuple[str, str, str]]:
-    yield "rows in the input", f"{est.rows:,}", "after [input] where and limit"
-    yield "already done", f"{est.done:,}", "ledger: done with the same inputs" if est.ledger_found else "no ledger yet"
-    yield "skipped", f"{est.skipped:,}", "every template input is empty"
-    yield "answered by the cache", f"{est.cached:,}", est.cache_source
-    yield "duplicates", f"{est.duplicates:,}", "identical requests in this run, sent once"
-    yield "rows to request", f"{est.to_request:,}", ""
-    yield "requests", f"{est.requests:,}", f"pack = {est.pack}" if est.pack != 1 else ""
-    yield ("prompt tokens", f"{est.prompt_tokens:,}",
-           f"{est.prompt_chars:,} chars / {est.chars_per_token:.2f} chars per token ({est.chars_per_token_source})")
-    primary = est.models[0] if est.models else None
-    if primary is not None:
-        yield ("completion tokens", f"{est.completion_tokens:,}",
-               f"{primary.completion_per_row:.1f} per row ({est.completion_source})")
-    for m in est.models:
-        what = "primary" if m.role == "primary" else "if every row escalated"
-        what += f" at ${m.price_in:g} / ${m.price_out:g} per M tokens in / out"
-        if not (m.price_in or m.price_out):
-            what += " (set [model] price_in and price_out)"
-        yield f"cost {m.label}", f"${m.cost_usd:,.4f}", what
-    if len(est.models) > 1:
-        yield "cost, upper bound", f"${est.cost_upper_usd:,.4f}", "primary + every escalation"
-    if est.time_bound == "rpm":
-        basis = f"{est.rpm:g} requests per minute"
-    elif est.time_bound == "tpm":
-        basis = f"{est.tpm:g} tokens per minute"
-    else:
-        basis = (f"{est.latency_s:.2f} s per request ({est.latency_source}) x {est.concurrency} in flight "
-                 f"({est.concurrency_source})")
-    yield "time", _duration(est.time_s), f"bound by {est.time_bound}: {basis}"
-    yield "estimated in", f"{est.elapsed_s:.2f} s", "no request sent"
-
-
-def format_estimate(est: Estimate) -> Any:
-    """A ``rich.table.Table`` of the figures, their basis and the notes (for the terminal)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title="llmap estimate", show_header=True, header_style="bold")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    table.add_column("basis", style="dim")
-    for name, value, basis in _rows(est):
-        table.add_row(escape(name), escape(value), escape(basis))
-    if est.notes:
-        table.caption = escape("; ".join(est.notes))
-        table.caption_justify = "left"
-    return table
-
-
-def estimate_text(est: Estimate) -> str:
-    """The same figures as plain text lines (for logs and ``--quiet`` output)."""
-    rows = list(_rows(est))
-    w = max(len(n) for n, _, _ in rows)
-    v = max(len(x) for _, x, _ in rows)
-    lines = [f"{n.ljust(w)}  {x.rjust(v)}  {b}".rstrip() for n, x, b in rows]
-    return "\n".join(lines + [f"note: {n}" for n in est.notes])

@@ -316,7 +316,7 @@ class Dispatcher:
                 for j in [j for j in leads if j < i]:  # lanes this row has moved past
                     answers.resolve(leads.pop(j), None)
                 if answers is not None and i not in leads and not reasks.get(i):
-                    ckey = keys.setdefault(i, answers.key(lane, base_messages, self.schema.json_schema))
+                    ckey = keys.setdefault(i, answers.key(lane.model, base_messages, self.schema.json_schema))
                     lane.breaker.release()  # never hold a half-open probe slot while waiting for an answer
                     hit = await answers.claim(ckey)
                     if hit is None:

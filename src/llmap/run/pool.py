@@ -214,7 +214,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
                 continue
             rendered[0] = True
             if answers is not None:
-                row.ckey = answers.key(primary, row.messages, schema)
+                row.ckey = answers.key(primary.model, row.messages, schema)
             ready.append(row)
         if answers is not None:
             answers.prefetch([row.ckey for row in ready])

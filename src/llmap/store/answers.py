@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from llmap.providers.params import answer_params
+from llmap.spec import ModelSpec
 from llmap.store.cache import CacheEntry, ResponseCache, request_key
 
 __all__ = ["AnswerCache"]
@@ -66,9 +67,9 @@ class AnswerCache:
         self.hits = 0
 
     @staticmethod
-    def key(lane: Any, messages: Sequence[dict[str, str]], schema: dict[str, Any] | None) -> str:
-        """The cache key of a row's request on ``lane`` (model identity, parameters, messages, schema)."""
-        m = lane.model
+    def key(model: ModelSpec, messages: Sequence[dict[str, str]], schema: dict[str, Any] | None) -> str:
+        """The cache key of a row's request to ``model`` (its identity, parameters, messages, schema)."""
+        m = model
         identity = m.name + "@" + (m.base_url or m.model_path or "")
         params = {"temperature": m.temperature, "max_tokens": m.max_tokens}
         params.update(answer_params(getattr(m, "params", None) or {}))

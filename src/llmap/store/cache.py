@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -43,7 +42,6 @@ __all__ = [
     "CacheStats",
     "ResponseCache",
     "default_cache_dir",
-    "parse_duration",
     "request_key",
 ]
 
@@ -199,6 +197,9 @@ class ResponseCache:
         ttl_s: seconds an entry stays fresh; None (default) = forever.
         clock: returns the current time in seconds (POSIX time by default);
             tests inject a fake one to move time without sleeping.
+        readonly: open an existing file read-only: nothing is written or
+            migrated (read with ``count_hits=False``); ``sqlite3.Error`` when
+            it does not exist.
 
     Raises:
         ValueError: ``ttl_s`` is negative.
@@ -211,6 +212,7 @@ class ResponseCache:
         *,
         ttl_s: float | None = None,
         clock: Callable[[], float] = time.time,
+        readonly: bool = False,
     ) -> None:
         if ttl_s is not None and ttl_s < 0:
             raise ValueError(f"ttl_s must be >= 0 seconds or None, not {ttl_s!r}")
@@ -218,6 +220,10 @@ class ResponseCache:
         self.ttl_s = ttl_s
         self._clock = clock
         self._lock = threading.Lock()
+        if readonly:  # an existing file, never written or migrated (``llmap estimate``): use count_hits=False
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
@@ -472,42 +478,3 @@ class ResponseCache:
             newest_created_at=newest,
             by_model=by_model,
         )
-
-
-# -- durations ----------------------------------------------------------------
-_WEEKS = re.compile(r"(\d+(?:\.\d*)?|\.\d+)w")
-_DURATION_HELP = "write a number and a unit (s, m, h, d or w), e.g. 45s, 90m, 12h, 30d, 1w or 1d12h"
-
-
-def parse_duration(text: str) -> float:
-    """Parse a command-line duration such as ``30d``, ``12h``, ``90m``, ``45s``, ``1w`` or ``1d12h``.
-
-    Parts may be combined (``1w2d``, ``1h30m``) and may be decimal (``1.5h``).
-    Units: ``w`` weeks, ``d`` days, ``h`` hours, ``m`` minutes, ``s`` seconds
-    (and ``ms``). The parsing is :func:`llmap.control.headers.parse_duration`'s,
-    plus weeks; unlike it, a bare number is refused because ``30`` could mean
-    seconds or days.
-
-    Args:
-        text: the duration; case and surrounding white space are ignored.
-
-    Returns:
-        Seconds (>= 0).
-
-    Raises:
-        ValueError: the text is not such a duration; the message says how to write one.
-    """
-    from llmap.control.headers import parse_duration as parse_go_duration
-
-    s = text.strip().lower()
-    try:
-        float(s)
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f"duration {text!r} has no unit: {_DURATION_HELP}")
-    s = _WEEKS.sub(lambda m: f"{float(m.group(1)) * 7:f}d", s)
-    try:
-        return parse_go_duration(s)
-    except ValueError:
-        raise ValueError(f"invalid duration {text!r}: {_DURATION_HELP}") from None
