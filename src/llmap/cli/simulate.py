@@ -12,9 +12,6 @@ from typing import Annotated
 
 import typer
 
-from llmap.sim.config import SimConfig, parse_outage
-from llmap.sim.server import serve_forever
-
 __all__ = ["HeaderStyle", "simulate"]
 
 
@@ -145,6 +142,11 @@ def simulate(
     offline, for free, with rate limits and failures you choose.
     """
     try:
+        from llmap.sim.config import (  # imported here: `llmap run` never loads the simulator
+            SimConfig,
+            parse_outage,
+        )
+
         config = SimConfig(
             host=host,
             port=port,
@@ -169,4 +171,6 @@ def simulate(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    from llmap.sim.server import serve_forever
+
     serve_forever(config)
