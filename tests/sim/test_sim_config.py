@@ -66,7 +66,7 @@ def test_to_argv_leaves_defaults_out():
 
 def test_cli_flags_build_the_same_config(monkeypatch):
     seen: list[SimConfig] = []
-    monkeypatch.setattr(simulate_module, "serve_forever", seen.append)
+    monkeypatch.setattr("llmap.sim.server.serve_forever", seen.append)  # imported when the command runs
     config = SimConfig(
         port=0,
         latency_median=0.2,
@@ -94,7 +94,7 @@ def test_cli_flags_build_the_same_config(monkeypatch):
 
 
 def test_cli_rejects_bad_values(monkeypatch):
-    monkeypatch.setattr(simulate_module, "serve_forever", lambda config: None)
+    monkeypatch.setattr("llmap.sim.server.serve_forever", lambda config: None)
     app = typer.Typer()
     app.command()(simulate_module.simulate)
     result = CliRunner().invoke(app, ["--fail-rate", "2"])
