@@ -52,8 +52,13 @@ __all__ = ["Job", "RunResult", "make_provider"]
 
 
 
-def make_provider(spec: ModelSpec, *, concurrency: int) -> Provider:
+def make_provider(spec: ModelSpec, *, concurrency: int | None) -> Provider:
     """Build the provider for one ``[model]`` entry.
+
+    Args:
+        spec: the ``[model]`` table.
+        concurrency: ``[limits] concurrency``, or None when unset (adaptive for
+            HTTP providers; the default process count for ``local``).
 
     Raises:
         SpecError: a missing API key variable, missing local-model packages or model file.
@@ -61,10 +66,10 @@ def make_provider(spec: ModelSpec, *, concurrency: int) -> Provider:
     if spec.provider == "openai":
         from llmap.providers.openai import OpenAIProvider
 
-        return OpenAIProvider(spec, concurrency=concurrency)
+        return OpenAIProvider(spec, concurrency=concurrency or MAX_CONCURRENCY)
     from llmap.providers.local import LocalProvider
 
-    return LocalProvider(spec)
+    return LocalProvider(spec, processes=concurrency)
 
 
 @dataclass
@@ -196,7 +201,7 @@ class Job:
         layout = ResultLayout(key_schema, {n: f.type for n, f in spec.output.fields.items()})
         if check_output:
             check_writable(spec.output_path)
-        providers = [make_provider(m, concurrency=spec.limits.concurrency or MAX_CONCURRENCY) for m in spec.models]
+        providers = [make_provider(m, concurrency=spec.limits.concurrency) for m in spec.models]
         try:
             for p in providers:
                 await p.check()

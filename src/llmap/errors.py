@@ -22,7 +22,8 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │       │   └── ContextTooLong
     │       └── FatalProviderError  every row would hit it: stop the run (exit 1)
     │           ├── AuthError       401 / 403
-    │           └── QuotaExhausted  insufficient_quota
+    │           ├── QuotaExhausted  insufficient_quota
+    │           └── LocalModelCrashed  the embedded model's process died (SIGSEGV, SIGILL, abort)
     ├── AnswerInvalid             the answer does not validate against the fields
     └── RunInterrupted            Ctrl-C / SIGTERM; progress is kept (exit 130)
 
@@ -42,6 +43,7 @@ __all__ = [
     "FatalProviderError",
     "InputError",
     "LlmapError",
+    "LocalModelCrashed",
     "MalformedResponse",
     "Overloaded",
     "ProviderError",
@@ -148,6 +150,26 @@ class AuthError(FatalProviderError):
 
 class QuotaExhausted(FatalProviderError):
     """The account has no quota left (OpenAI ``insufficient_quota``)."""
+
+
+class LocalModelCrashed(FatalProviderError):
+    """The embedded model's child process died (a native crash or a kill signal).
+
+    llama.cpp runs in a child process (:mod:`llmap.providers.local_worker`),
+    so llmap itself survives: the row stays pending and the run stops with
+    this one-line message, which names the fix (usually: reinstall
+    llama-cpp-python with portable CPU flags).
+
+    Attributes:
+        signal: the signal number that killed the process, or None.
+        returncode: the process's exit status (negative for a signal).
+    """
+
+    def __init__(self, message: str, *, signal: int | None = None, returncode: int | None = None,
+                 **kw) -> None:
+        super().__init__(message, **kw)
+        self.signal = signal
+        self.returncode = returncode
 
 
 class AnswerInvalid(LlmapError):
