@@ -374,8 +374,8 @@ class LocalProvider:
             self._started = True
 
     def _release(self, proc: _Process) -> None:
-        assert self._idle is not None
-        self._idle.put_nowait(proc)
+        if self._idle is not None:  # None: the provider was closed meanwhile
+            self._idle.put_nowait(proc)
 
     async def complete(self, request: Request) -> Completion:
         """Run one request on a free model process; see :class:`llmap.providers.base.Provider`.
