@@ -80,7 +80,7 @@ class _GreedyGrammar:
         llama_cpp.llama_sampler_apply(self.smpl, ctypes.byref(self._some))
         return self.some["logit"][:n]
 
-    def pick(self, logits_ptr: Any) -> int | None:
+    def pick(self, logits: np.ndarray) -> int | None:
         """The greedy token for these logits, or None when the grammar allows no token.
 
         Exactly llama.cpp's grammar-then-greedy choice (the highest logit the
@@ -88,7 +88,6 @@ class _GreedyGrammar:
         steps: the argmax alone, then the :data:`TOP_K` best tokens in order,
         then the whole vocabulary.
         """
-        logits = np.ctypeslib.as_array(logits_ptr, shape=(self.n_vocab,))
         tok = int(logits.argmax())
         if self.smpl is None:
             return tok
@@ -199,11 +198,13 @@ class FastLlama(Llama):
 
         At temperature 0 with no penalties or logits processors, this is
         prefix-reusing greedy decoding (see the module docstring); otherwise
-        llama-cpp-python's own loop, after which no block is reused.
+        llama-cpp-python's own loop, after which no block is reused. A
+        ``stopping_criteria`` (chat templates bring one) is asked before each
+        token with the tokens so far and the logits, as llama-cpp-python does.
         """
         fast = (
             not args and kw.get("temp") == 0.0 and kw.get("logits_processor") is None
-            and kw.get("stopping_criteria") is None and kw.get("repeat_penalty", 1.0) == 1.0
+            and kw.get("repeat_penalty", 1.0) == 1.0
             and not kw.get("frequency_penalty") and not kw.get("presence_penalty")
             and not kw.get("mirostat_mode") and self.draft_model is None
         )
@@ -216,7 +217,7 @@ class FastLlama(Llama):
         row = self._prefill(history, proposal)
         greedy = _GreedyGrammar(self, kw.get("grammar"))
         try:
-            yield from self._greedy(history, greedy, row, proposal)
+            yield from self._greedy(history, greedy, row, proposal, kw.get("stopping_criteria"))
         finally:
             greedy.close()
 
@@ -253,9 +254,11 @@ class FastLlama(Llama):
                 return out[:min(self.draft_max, room)]
         return []
 
-    def _greedy(self, history: list[int], greedy: _GreedyGrammar, row: int, pending: list[int]) -> Iterator[int]:
+    def _greedy(self, history: list[int], greedy: _GreedyGrammar, row: int, pending: list[int],
+                stop: Callable[[Any, Any], bool] | None) -> Iterator[int]:
         """Greedy tokens; ``row`` is the batch row predicting the next token, ``pending`` the drafts after it."""
         timers, counters = self.timers, self.counters
+        n_vocab = self.n_vocab()
         while True:
             start = len(history)  # position of pending[0]
             counters["drafted"] += len(pending)
@@ -264,9 +267,10 @@ class FastLlama(Llama):
                 if self.cancelled():
                     return
                 t0 = time.perf_counter()
-                tok = greedy.pick(self._ctx.get_logits_ith(row + k))
+                logits = np.ctypeslib.as_array(self._ctx.get_logits_ith(row + k), shape=(n_vocab,))
+                tok = greedy.pick(logits)
                 timers["sample_s"] += time.perf_counter() - t0
-                if tok is None:
+                if tok is None or (stop is not None and stop(np.asarray(history, dtype=np.intc), logits)):
                     return
                 greedy.accept(tok)
                 history.append(tok)
