@@ -2,7 +2,8 @@
 
 The last user message decides what a "complete" request does:
 ``crash`` kills this process with SIGSEGV, ``abort`` with SIGABRT, ``slow`` waits
-(up to 10 s) until the request is cancelled, ``context`` answers a context error;
+(up to 10 s) until the request is cancelled, ``hang`` sleeps 30 s whatever happens,
+``context`` answers a context error;
 anything else is echoed back as ``{"echo": <text>, "pid": <pid>}``.
 FAKE_CRASH_AT=ping makes the preflight generation crash. Every request is
 appended to $FAKE_LOG (one JSON line each), cancels included.
@@ -65,6 +66,8 @@ def handle(msg: dict) -> dict:
         os.abort()
     if text == "context":
         return {"error": {"kind": "context", "message": "Requested tokens (9000) exceed context window of 2048"}}
+    if text == "hang":
+        time.sleep(30)
     if text == "slow":
         deadline = time.monotonic() + 10
         with cond:

@@ -156,3 +156,39 @@ def test_crash_messages_by_signal():
     assert "SIGILL" in crash_message(-signal.SIGILL) and "instruction this CPU does not have" in crash_message(-4)
     assert "out-of-memory" in crash_message(-signal.SIGKILL)
     assert "exited with code 1" in crash_message(1, "Traceback ...")
+
+
+async def test_a_process_that_dies_while_idle_fails_the_next_request(provider_factory):
+    p = provider_factory()
+    await p.check()
+    try:
+        (pid,) = p.pids
+        os.kill(pid, signal.SIGSEGV)
+        for _ in range(100):
+            if not p.pids:
+                break
+            await asyncio.sleep(0.02)
+        with pytest.raises(E.LocalModelCrashed, match="crashed with SIGSEGV"):
+            await p.complete(_req("hello"))
+    finally:
+        await p.aclose()
+
+
+async def test_a_cancelled_request_that_never_answers_is_killed_and_the_process_replaced(provider_factory,
+                                                                                        monkeypatch):
+    monkeypatch.setattr("llmap.providers.local.CANCEL_GRACE_S", 0.3)
+    p = provider_factory()
+    await p.check()
+    try:
+        (first,) = p.pids
+        hung = asyncio.create_task(p.complete(_req("hang")))
+        await asyncio.sleep(0.3)
+        hung.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await hung
+        comp = await asyncio.wait_for(p.complete(_req("after")), 10)
+        answer = json.loads(comp.content)
+        assert answer["echo"] == "after" and answer["pid"] != first
+        assert not _alive(first)
+    finally:
+        await p.aclose()

@@ -166,6 +166,8 @@ class _Process:
         self._stderr_task: asyncio.Task | None = None
         self._next_id = 0
         self.current: int | None = None
+        #: True once we killed it ourselves (a cancelled request that never answered): restart on next use
+        self.killed = False
 
     @property
     def alive(self) -> bool:
@@ -184,6 +186,7 @@ class _Process:
         """
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.stderr_tail.clear()
+        self.killed = False
         self.proc = await asyncio.create_subprocess_exec(
             *self.command,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -265,7 +268,9 @@ class _Process:
             proc.stdin.write((json.dumps({"op": "cancel", "target": rid}) + "\n").encode("utf-8"))
 
     def kill(self) -> None:
+        """Kill the child (a cancelled request it never answered); the next request starts a fresh one."""
         if self.alive:
+            self.killed = True
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()  # type: ignore[union-attr]
 
@@ -393,7 +398,9 @@ class LocalProvider:
                "temperature": request.temperature, "max_tokens": request.max_tokens}
         t0 = time.monotonic()
         try:
-            if not proc.alive:  # died earlier (and the caller went on): start a fresh one
+            if not proc.alive:
+                if proc.proc is not None and not proc.killed:  # it died on its own while idle: a crash too
+                    raise await proc._crashed(self.label, request.row_key)
                 await proc.start(self._load_msg(), label=self.label, preflight=False)
             task = asyncio.ensure_future(proc.call(msg, label=self.label, row_key=request.row_key))
         except BaseException:
