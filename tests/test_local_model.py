@@ -73,3 +73,95 @@ model_path = "nope.gguf"
     with pytest.raises(SpecError, match=f"model_path '{tmp_path}/nope.gguf' does not exist"):
         Job.from_toml(tmp_path / "job.toml").run()
     assert not (tmp_path / "o.parquet").exists()
+
+
+def _done_rows(ledger) -> dict[str, str]:
+    import sqlite3
+
+    if not ledger.exists():
+        return {}
+    try:
+        with sqlite3.connect(ledger) as db:
+            return dict(db.execute("SELECT key, output FROM rows WHERE status = 'done'").fetchall())
+    except sqlite3.OperationalError:
+        return {}
+
+
+def test_sigsegv_in_the_model_process_stops_the_run_in_one_line_and_the_rerun_finishes(tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from _support import LLMAP
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    shutil.copy(examples / "districts_sample.csv", tmp_path / "districts_sample.csv")
+    job = tmp_path / "job.toml"
+    job.write_text((examples / "districts_sample.toml").read_text() + "\n[cache]\nenabled = false\n")
+    ledger = tmp_path / ".llmap" / "district-type-sample.ledger.sqlite"
+    proc = subprocess.Popen([*LLMAP, "run", str(job), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len(_done_rows(ledger)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "llmap.providers.local_worker" in " ".join(c.cmdline())]
+        assert workers, "the model runs in child processes"
+        done_before = _done_rows(ledger)
+        assert 3 <= len(done_before) < 12, "the crash should land midway"
+        os.kill(workers[0].pid, signal.SIGSEGV)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    stopped = [line for line in err.splitlines() if "run stopped" in line]
+    assert len(stopped) == 1, err
+    assert "crashed with SIGSEGV" in stopped[0] and "--no-cache-dir --no-binary llama-cpp-python" in stopped[0]
+    assert "Traceback" not in err
+    done_after = _done_rows(ledger)
+    assert done_after.items() >= done_before.items()  # no done row lost or changed
+    assert len(done_after) < 12
+
+    rerun = subprocess.run([*LLMAP, "run", str(job), "-q"], capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    final = _done_rows(ledger)
+    assert len(final) == 12
+    assert final.items() >= done_after.items()  # finished rows were not asked again
+
+
+def test_prefix_reuse_changes_speed_not_answers():
+    import json
+
+    from llmap.providers.local import default_model_path
+    from llmap.providers.local_model import FastLlama
+
+    examples = [("Teton Science Charter School", "charter"), ("Gillette City Schools", "city"),
+                ("Natrona County School District #1", "county")]
+    system = [{"role": "system", "content": "You classify US public school districts. Answer with JSON only."}]
+    for name, kind in examples:
+        system += [{"role": "user", "content": f"District: {name} (WY)."},
+                   {"role": "assistant", "content": json.dumps({"kind": kind})}]
+    rows = ["Laramie County School District #2", "Casper City Schools", "Cody Charter Academy", "Big Horn BOCES"]
+    schema = {"type": "object", "properties": {"kind": {"type": "string", "enum": ["city", "county", "charter", "other"]}},
+              "required": ["kind"]}
+    answers = {}
+    for reuse in (True, False):
+        llm = FastLlama(model_path=str(default_model_path()), n_ctx=1024, n_threads=2, verbose=False,
+                        prefix_reuse=reuse)
+        answers[reuse] = [
+            llm.create_chat_completion(messages=[*system, {"role": "user", "content": f"District: {r} (WY)."}],
+                                       temperature=0, max_tokens=24,
+                                       response_format={"type": "json_object", "schema": schema}
+                                       )["choices"][0]["message"]["content"]
+            for r in rows
+        ]
+        if reuse:
+            assert llm.counters["prompt_reused"] >= 3 * 64  # rows 2-4 skipped the shared prefix's blocks
+        else:
+            assert llm.counters["prompt_reused"] == 0
+        llm.close()
+    assert answers[True] == answers[False]
+    assert all(json.loads(a)["kind"] in ("city", "county", "charter", "other") for a in answers[True])

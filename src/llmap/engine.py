@@ -66,8 +66,13 @@ def require_no_running_loop(call: str, instead: str) -> None:
     )
 
 
-def make_provider(spec: ModelSpec, *, concurrency: int) -> Provider:
+def make_provider(spec: ModelSpec, *, concurrency: int | None) -> Provider:
     """Build the provider for one ``[model]`` entry.
+
+    Args:
+        spec: the ``[model]`` table.
+        concurrency: ``[limits] concurrency``, or None when unset (adaptive for
+            HTTP providers; the default process count for ``local``).
 
     Raises:
         SpecError: a missing API key variable, missing local-model packages or model file.
@@ -75,10 +80,10 @@ def make_provider(spec: ModelSpec, *, concurrency: int) -> Provider:
     if spec.provider == "openai":
         from llmap.providers.openai import OpenAIProvider
 
-        return OpenAIProvider(spec, concurrency=concurrency)
+        return OpenAIProvider(spec, concurrency=concurrency or MAX_CONCURRENCY)
     from llmap.providers.local import LocalProvider
 
-    return LocalProvider(spec)
+    return LocalProvider(spec, processes=concurrency)
 
 
 @dataclass
@@ -156,8 +161,7 @@ class Job:
             inp = check_input(spec, compiled, source)
             if check_output:
                 check_writable(spec.output_path)
-            providers = [make_provider(m, concurrency=spec.limits.concurrency or MAX_CONCURRENCY)
-                         for m in spec.models]
+            providers = [make_provider(m, concurrency=spec.limits.concurrency) for m in spec.models]
             for p in providers:
                 await p.check()
         except BaseException:

@@ -23,7 +23,8 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │       │   └── ModelLeftOut  the model refused every request the same way; rows fail over
     │       └── FatalProviderError  every row would hit it: stop the run (exit 1)
     │           ├── AuthError       401 / 403
-    │           └── QuotaExhausted  insufficient_quota
+    │           ├── QuotaExhausted  insufficient_quota
+    │           └── LocalModelCrashed  the embedded model's process died (SIGSEGV, SIGILL, abort)
     ├── AnswerInvalid             the answer does not validate against the fields
     ├── RenderError               a template failed on one row's values; that row fails, the run goes on
     ├── EventLoopRunning          a sync call (llmap.map, Job.run) inside a running event loop
@@ -51,6 +52,7 @@ __all__ = [
     "InputError",
     "LedgerLocked",
     "LlmapError",
+    "LocalModelCrashed",
     "MalformedResponse",
     "ModelLeftOut",
     "Overloaded",
@@ -167,6 +169,26 @@ class AuthError(FatalProviderError):
 
 class QuotaExhausted(FatalProviderError):
     """The account has no quota left (OpenAI ``insufficient_quota``)."""
+
+
+class LocalModelCrashed(FatalProviderError):
+    """The embedded model's child process died (a native crash or a kill signal).
+
+    llama.cpp runs in a child process (:mod:`llmap.providers.local_worker`),
+    so llmap itself survives: the row stays pending and the run stops with
+    this one-line message, which names the fix (usually: reinstall
+    llama-cpp-python with portable CPU flags).
+
+    Attributes:
+        signal: the signal number that killed the process, or None.
+        returncode: the process's exit status (negative for a signal).
+    """
+
+    def __init__(self, message: str, *, signal: int | None = None, returncode: int | None = None,
+                 **kw) -> None:
+        super().__init__(message, **kw)
+        self.signal = signal
+        self.returncode = returncode
 
 
 class AnswerInvalid(LlmapError):
