@@ -153,7 +153,12 @@ _CONTEXT_MARKERS = (
     "too many tokens",
     "exceed_context_size",
 )
-_QUOTA_MARKERS = ("insufficient_quota", "exceeded your current quota", "billing_hard_limit")
+_QUOTA_MARKERS = ("insufficient_quota", "exceeded your current quota", "billing_hard_limit",
+                  # Anthropic: a 429 rate_limit_error "This request would exceed your account's monthly spend limit"
+                  "spend limit")
+#: Any 4xx whose words say the account is out of money: every row would hit it (Anthropic answers 400
+#: invalid_request_error "Your credit balance is too low to access the Anthropic API ...").
+_BILLING_MARKERS = ("credit balance is too low", "billing_error")
 
 
 #: Words of a request-validation error (pydantic, FastAPI): the request is wrong, whatever the status.
@@ -233,19 +238,25 @@ def classify_status(status: int, body: Mapping[str, Any] | None = None) -> type[
 
     * 2xx: MalformedResponse (call it only when the body is unusable).
     * 401, 403: AuthError (fatal: stops the run).
-    * 402, and 429 whose code or message says ``insufficient_quota``:
+    * 402, a 429 whose code or message says ``insufficient_quota`` or a
+      spend limit (Anthropic: "This request would exceed your account's
+      monthly spend limit", with or without ``retry-after``: a monthly limit
+      does not come back in minutes), and any 4xx that says the credit
+      balance is too low (Anthropic's 400) or ``billing_error``:
       QuotaExhausted (fatal). OpenRouter and others answer 402 when credits run out.
     * 408: RequestTimeout.
     * 409: Overloaded (a conflict or lock timeout; transient, as the OpenAI SDK treats it).
     * 429: RateLimited.
-    * 400, 404, 413, 422 and any other 4xx: BadRequest, or ContextTooLong when the
+    * 413 (Anthropic's ``request_too_large``: the request is over 32 MB):
+      ContextTooLong, the request's own size (a pack is split, a row fails alone).
+    * 400, 404, 422 and any other 4xx: BadRequest, or ContextTooLong when the
       code or message says the context length was exceeded
       (``context_length_exceeded``, "maximum context length", "prompt is too long", ...).
     * 500 whose body is a request-validation error (pydantic / FastAPI words:
       "validation error", "Input should be", "Field required",
       ``extra_forbidden``): BadRequest. llama-cpp-python's server answers a
       refused request body this way; retrying it can only fail again.
-    * other 5xx, 529: Overloaded.
+    * other 5xx, and 529 (Anthropic's ``overloaded_error``: busy for every customer): Overloaded.
     * anything else (1xx, 3xx): FatalProviderError: an unfollowed redirect or an
       odd status means a wrong base URL, which every row would hit.
 
@@ -273,7 +284,9 @@ def classify_status(status: int, body: Mapping[str, Any] | None = None) -> type[
             return QuotaExhausted
         return RateLimited
     if 400 <= status < 500:
-        if any(marker in text for marker in _CONTEXT_MARKERS):
+        if any(marker in text for marker in _BILLING_MARKERS):
+            return QuotaExhausted
+        if status == 413 or any(marker in text for marker in _CONTEXT_MARKERS):
             return ContextTooLong
         return BadRequest
     if 500 <= status < 600:

@@ -448,6 +448,15 @@ class Dispatcher:
             raise Stop from exc
 
     def record_failure(self, lane: Lane, exc: E.ProviderError) -> None:
+        """Feed a failed attempt to the lane's policies.
+
+        A 429 is ours to fix: it cuts the concurrency (AIMD) and a
+        ``Retry-After`` pauses the whole lane. A 5xx, a 529 (Anthropic's
+        ``overloaded_error``: the service is busy for every customer, not our
+        quota), a timeout or a broken body counts toward the circuit breaker
+        and is backed off by the retry policy, without shrinking the
+        concurrency. A 4xx answer shows the server is up.
+        """
         if isinstance(exc, E.RateLimited):
             self.stats.rate_limited += 1
             lane.on_congestion()
@@ -455,8 +464,6 @@ class Dispatcher:
                 lane.limiter.pause_for(exc.retry_after)  # the whole lane waits, not only this row
             lane.breaker.release()
         elif isinstance(exc, _OUTAGE):
-            if exc.status == 529:
-                lane.on_congestion()
             lane.breaker.record_failure()
         else:  # a 4xx answer: the server is up
             lane.breaker.record_success()
