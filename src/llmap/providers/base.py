@@ -52,6 +52,11 @@ class Request:
         temperature: sampling temperature.
         max_tokens: cap on completion tokens.
         row_key: the row this request serves (for error context only).
+        shared_prefix: how many leading messages are the same for every
+            request of the run (the system prompt, the few-shot turns); 0 when
+            none is (a system prompt that reads the row's columns). A provider
+            with a prompt cache marks the end of them; the row's own text
+            (and any re-ask) comes after.
     """
 
     messages: list[dict[str, str]]
@@ -59,6 +64,7 @@ class Request:
     temperature: float
     max_tokens: int
     row_key: str | None = None
+    shared_prefix: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,17 @@ class Completion:
         usage_reported: False when the answer carried no ``usage``: the token
             counts are then 0 and the dispatcher estimates them instead.
         refusals: requests sent before this answer and refused for their shape.
+        cache_read_tokens: of ``prompt_tokens``, those read from the
+            provider's prompt cache (Anthropic ``cache_read_input_tokens``,
+            OpenAI ``usage.prompt_tokens_details.cached_tokens``).
+        cache_write_tokens: of ``prompt_tokens``, those written to it
+            (Anthropic ``cache_creation_input_tokens``).
+        limit_prompt_tokens: of ``prompt_tokens``, those the provider counts
+            against its input-token limit; None means all of them (Anthropic
+            does not count cache reads).
+        stop_reason: why the answer ended, when that matters: ``"max_tokens"``
+            (cut at ``max_tokens``), ``"refusal"`` (the model declined), or
+            None (a complete answer).
     """
 
     content: str
@@ -99,6 +116,15 @@ class Completion:
     headers: dict[str, str] = field(default_factory=dict)
     usage_reported: bool = True
     refusals: tuple[Refusal, ...] = ()
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    limit_prompt_tokens: int | None = None
+    stop_reason: str | None = None
+
+    @property
+    def counted_prompt_tokens(self) -> int:
+        """Prompt tokens that count against the provider's input-token limit."""
+        return self.prompt_tokens if self.limit_prompt_tokens is None else self.limit_prompt_tokens
 
 
 @runtime_checkable
