@@ -257,3 +257,16 @@ async def test_unknown_limits_send_one_request_first():
     assert lane.in_flight == 1  # the probe alone
     await asyncio.gather(*first)
     assert not lane.probing and peak < 8  # no headers: slow start, not the full wave
+
+
+def test_a_529_counts_toward_the_breaker_but_does_not_shrink_concurrency():
+    d = _dispatcher([Provider("p", None)])
+    lane = d.lanes[0]
+    before = lane.aimd.limit
+    for _ in range(10):  # ten 529s in a row: the breaker's streak opens it
+        d.record_failure(lane, E.Overloaded("HTTP 529: Overloaded", model="p", status=529))
+    assert lane.aimd.limit == before  # overloaded for every customer: not our quota
+    assert lane.breaker.state.value != "closed"
+    d.record_failure(lane, E.RateLimited("HTTP 429", model="p", status=429, retry_after=2.0))
+    assert lane.aimd.limit < before and d.stats.rate_limited == 1  # a 429 is ours: cut, and pause the lane
+    assert lane.limiter.rate.paused_until > lane.limiter.clock()
