@@ -148,7 +148,8 @@ class _Loop:
             ticker.cancel()
             ctx.flush()
         if ctx.user_cancelled:
-            ctx.stats.halt("the job's batches were cancelled (llmap batch cancel); run again to submit the rest")
+            ctx.stats.halt("the job's batches were cancelled with `llmap batch cancel`: their unfinished rows stay "
+                           "pending")
 
     async def _tick(self) -> None:
         while True:

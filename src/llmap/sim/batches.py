@@ -94,7 +94,7 @@ class Timeline:
         """Lines finished by time ``t``."""
         if self.time_s <= 0:
             return self.n
-        return min(self.n, math.floor(self.n * max(0.0, t - self.created) / self.time_s))
+        return min(self.n, math.floor(self.n * max(0.0, t - self.created) / self.time_s + 1e-9))
 
     def phase(self, now: float) -> tuple[str, int]:
         """``(phase, lines done)``: ``running``, ``cancelling``, or the ending ``completed`` / ``expired`` /
