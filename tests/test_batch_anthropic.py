@@ -11,6 +11,7 @@ import pytest
 from _support import job_toml, people, write_csv
 from llmap.engine import Job
 from llmap.observe.estimate import estimate
+from llmap.observe.html import write_html_report
 from llmap.observe.report import build_run_summary, model_report
 from llmap.sim import Simulator
 
@@ -77,3 +78,5 @@ def test_report_estimate_and_cost_split_by_path(tmp_path):
         assert cb == pytest.approx(0.5 * (pt * 3.0 + ct * 15.0) / 1e6)
         lines, _ = model_report(spec)
         assert lines[0].cost_usd == pytest.approx(res.cost_usd, rel=0.05)  # batch rows at their batch price
+        write_html_report(spec.ledger_path, tmp_path / "r.html")
+        assert "Requests (cost) by path" in (tmp_path / "r.html").read_text()

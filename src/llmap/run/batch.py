@@ -10,8 +10,8 @@ loop, every ``[batch] poll_s`` seconds:
    the create request and its answer): the provider's list says whether the
    batch exists (OpenAI: its ``metadata`` tag; Anthropic: its creation time
    and request count). Found, it is adopted; not found, its rows are free
-   again. An intent whose create request failed in this run waits
-   :data:`RECONCILE_GRACE_S` first, in case the provider still makes it.
+   again, once the intent is :data:`RECONCILE_GRACE_S` old (a create request
+   that failed may still be made by the provider in the meantime).
 2. **Poll** the open batches; **collect** the ended ones
    (:mod:`llmap.run.batch_collect`), learn from the refused ones, and cancel
    those past ``[batch] deadline`` (their finished requests are collected,
@@ -41,6 +41,7 @@ from llmap.run.batch_collect import Collector
 from llmap.run.batch_context import BatchContext
 from llmap.run.batch_submit import Submitter
 from llmap.run.dispatch import Dispatcher
+from llmap.run.pool import install_sigterm
 from llmap.run.stats import DispatchStats
 from llmap.spec import BatchSpec
 from llmap.store.batches import BatchBook, BatchRecord
@@ -48,7 +49,8 @@ from llmap.store.ledger import Ledger, RowResult
 
 __all__ = ["RECONCILE_GRACE_S", "batch_api", "cancel_batches", "run_batches"]
 
-#: Seconds an intent whose create request failed in this run waits before llmap looks for it at the provider.
+#: Seconds after its intent before a batch not found at the provider is taken as never created (a create
+#: request that failed, or that a crash cut, may still be made by the provider in the meantime).
 RECONCILE_GRACE_S = 60.0
 #: Seconds between commits of rows settled in real time.
 FLUSH_S = 0.25
@@ -102,7 +104,11 @@ async def run_batches(*, ledger: Ledger, run_id: int, job: str, spec: BatchSpec,
     size = SizeLimit(min(spec.max_requests, api.max_requests), min(spec.max_bytes_n, api.max_bytes))
     ctx = BatchContext(ledger, BatchBook(ledger), run_id, job, spec, api, dispatcher, stats, tally, progress,
                        pack=max(1, pack), on_settled=on_settled, clock=clock, size=size)
-    await _Loop(ctx, sleep).run(detach)
+    undo_sigterm = install_sigterm(asyncio.current_task())  # SIGTERM stops like Ctrl-C: batches keep running
+    try:
+        await _Loop(ctx, sleep).run(detach)
+    finally:
+        undo_sigterm()
 
 
 class _Loop:
@@ -111,7 +117,6 @@ class _Loop:
         self.sleep = sleep
         self.submitter = Submitter(ctx)
         self.collector = Collector(ctx)
-        self.failed_here: dict[int, float] = {}  # intents whose create failed in this run -> when
         self.warned: set[int] = set()
         self.cancelled_before = {r.id for r in ctx.book.held() if r.cancel == "user"}
         self.shown = ""
@@ -127,8 +132,6 @@ class _Loop:
                     before = {r.id for r in ctx.book.held()}
                     await self.submitter.submit()
                     created = len({r.id for r in ctx.book.held()} - before)
-                    self.failed_here.update({r.id: ctx.clock() for r in ctx.book.held()
-                                             if r.state == "intent" and r.id not in self.failed_here})
                 self._show()
                 if detach:
                     break
@@ -196,6 +199,13 @@ class _Loop:
             except E.FatalProviderError as exc:
                 ctx.stats.fatal = ctx.stats.fatal or exc
                 ctx.stats.halt(f"{exc}")
+            except E.BadRequest as exc:  # 404: the provider no longer knows it (deleted): its rows are free again
+                if exc.status != 404 or rec.state == "intent":
+                    ctx.stats.halt(f"batch {rec.id} ({rec.provider_id}): {exc}")
+                    continue
+                ctx.book.dropped(rec.id, str(exc), now=now)
+                ctx.progress.message(f"llmap: batch {rec.id} ({rec.provider_id}) is gone at the provider ({exc}); "
+                                     "its unanswered rows go in a new batch")
             except E.ProviderError as exc:  # the batch is still there: poll it again next round
                 if rec.id not in self.warned:
                     self.warned.add(rec.id)
@@ -204,16 +214,13 @@ class _Loop:
     async def _reconcile(self, rec: BatchRecord, now: float) -> None:
         """An intent without a provider id: adopt the batch made for it, or free its rows."""
         ctx = self.ctx
-        failed_at = self.failed_here.get(rec.id)
-        if failed_at is not None and now - failed_at < RECONCILE_GRACE_S:
-            return
         found = await ctx.api.find(rec.tag, created_at=rec.created_at, requests=rec.requests,
                                    known=ctx.book.known_ids())
         if found.state is not None:
             ctx.book.opened(rec.id, found.state.provider_id, found.state.status, now=now)
             ctx.progress.message(f"llmap: batch {rec.id} was created before the last run stopped: found it as "
                                  f"{found.state.provider_id} ({found.state.status}); its rows are not sent again")
-        elif not found.maybe:
+        elif not found.maybe and now - rec.created_at >= RECONCILE_GRACE_S:
             ctx.book.dropped(rec.id, "never created (not found at the provider)", now=now)
             ctx.progress.message(f"llmap: batch {rec.id} was never created at the provider; its rows go in a new "
                                  "batch")
