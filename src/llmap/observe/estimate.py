@@ -42,12 +42,11 @@ import pyarrow as pa
 
 from llmap.control.lanes import INITIAL_CONCURRENCY, MAX_CONCURRENCY
 from llmap.io.sources import Source
-from llmap.plan import build_source, check_input, compile_spec
+from llmap.plan import Compiled, build_source, check_input, compile_spec, keyed_rows
 from llmap.prompt.render import Renderer
 from llmap.spec import JobSpec, ModelSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import FILE_NAME, ResponseCache, default_cache_dir
-from llmap.store.fingerprint import input_hash, key_text
 
 __all__ = ["Estimate", "ModelCost", "estimate"]
 
@@ -303,8 +302,6 @@ def estimate(spec: JobSpec, *, limit: int | None = None, source: Source | None =
     model = spec.model
     compiled = compile_spec(spec)
     compiled.close()  # the cascade conditions are not evaluated here
-    renderer = compiled.renderer
-    schema = compiled.schema.json_schema
     given = source
     source = build_source(spec, limit=limit, given=given)
     est = Estimate(pack=spec.prompt.pack)
@@ -323,7 +320,7 @@ def estimate(spec: JobSpec, *, limit: int | None = None, source: Source | None =
             probe = ResponseCache(cache_path, ttl_s=spec.cache.ttl_s, readonly=True)
             est.cache_source = f"response cache {cache_path}"
         try:
-            calib_chars, calib_tokens, calib_rows = _walk(spec, source, columns, renderer, schema, hist, probe, est)
+            calib_chars, calib_tokens, calib_rows = _walk(spec, compiled, source, columns, hist, probe, est)
         finally:
             if probe is not None:
                 probe.close()
@@ -338,12 +335,12 @@ def estimate(spec: JobSpec, *, limit: int | None = None, source: Source | None =
     return est
 
 
-def _walk(spec: JobSpec, source: Any, columns: list[str], renderer: Renderer, schema: dict[str, Any], hist: _History,
+def _walk(spec: JobSpec, compiled: Compiled, source: Source, columns: list[str], hist: _History,
           probe: ResponseCache | None, est: Estimate) -> tuple[int, int, int]:
     """Sort every row into its bucket (see the module docstring); returns calibration (chars, tokens, rows)."""
-    key_col = spec.input.key
+    renderer = compiled.renderer
+    schema = compiled.schema.json_schema
     variables = renderer.variables
-    fp = spec.request_fingerprint().encode()
     dumps_row = json.JSONEncoder(ensure_ascii=False, default=str).encode
     keys = _RequestKeys(renderer, spec.model, schema, spec.prompt.system)
     done, calib = hist.done, hist.calib
@@ -362,42 +359,35 @@ def _walk(spec: JobSpec, source: Any, columns: list[str], renderer: Renderer, sc
                 est.prompt_chars += chars
         waiting.clear()
 
-    seq = -1
-    for batch in source.batches(columns):
-        roundtrip = not _json_safe(batch.schema)
-        for row in batch.to_pylist():
-            seq += 1
-            est.rows += 1
-            if key_col:
-                key = key_text(row[key_col])
-            else:
-                key = str(seq)
-                row["_row"] = seq
-            inputs = {v: row[v] for v in variables}
-            h = input_hash(fp, inputs)
-            if done.get(key) == h:
-                est.done += 1
-                if calib_rows < _CALIBRATION_ROWS and key in calib:
-                    calib_rows += 1
-                    calib_tokens += calib[key]
-                    calib_chars += keys(json.loads(dumps_row(row)) if roundtrip else row)[1]
-                continue
-            if variables and all(v is None or v == "" for v in inputs.values()):
-                est.skipped += 1
-                continue
-            if h in seen_inputs:
-                est.duplicates += 1
-                continue
-            seen_inputs.add(h)
-            # The dispatcher renders the row as stored in the ledger: JSON text, read back.
-            ckey, chars = keys(json.loads(dumps_row(row)) if roundtrip else row)
-            if ckey in seen_keys:
-                est.duplicates += 1
-                continue
-            seen_keys.add(ckey)
-            waiting.append((ckey, chars))
-            if len(waiting) >= _LOOKUP_BATCH:
-                lookup()
+    last_schema, roundtrip = None, False
+    for r in keyed_rows(spec, compiled, source, columns):
+        est.rows += 1
+        if r.batch_schema is not last_schema:
+            last_schema, roundtrip = r.batch_schema, not _json_safe(r.batch_schema)
+        key, row, inputs, h = r.key, r.row, r.inputs, r.input_hash
+        if done.get(key) == h:
+            est.done += 1
+            if calib_rows < _CALIBRATION_ROWS and key in calib:
+                calib_rows += 1
+                calib_tokens += calib[key]
+                calib_chars += keys(json.loads(dumps_row(row)) if roundtrip else row)[1]
+            continue
+        if variables and all(v is None or v == "" for v in inputs.values()):
+            est.skipped += 1
+            continue
+        if h in seen_inputs:
+            est.duplicates += 1
+            continue
+        seen_inputs.add(h)
+        # The dispatcher renders the row as stored in the ledger: JSON text, read back.
+        ckey, chars = keys(json.loads(dumps_row(row)) if roundtrip else row)
+        if ckey in seen_keys:
+            est.duplicates += 1
+            continue
+        seen_keys.add(ckey)
+        waiting.append((ckey, chars))
+        if len(waiting) >= _LOOKUP_BATCH:
+            lookup()
     lookup()
     return calib_chars, calib_tokens, calib_rows
 
