@@ -277,3 +277,27 @@ def test_llmap_map_picks_anthropic_for_a_claude_model(claude, tmp_path):
     assert [r["_status"] for r in out] == ["done", "done"]
     assert {r["_model"] for r in out} == {"anthropic:claude-haiku-4-5"}
     assert claude.stats()["requests"] == 2
+
+
+# -- estimate -------------------------------------------------------------------------------------
+
+def test_estimate_assumes_every_request_after_the_first_reads_the_prefix(tmp_path, claude):
+    from llmap.observe.estimate import estimate
+    from llmap.observe.estimate_table import estimate_text
+
+    job = write_job(tmp_path, model_table(claude.url), n=40)
+    spec = Job.from_toml(job).spec
+    est = estimate(spec)
+    prefix = -(-len(SYSTEM) // 4)  # ceil(chars / 4.0)
+    assert est.prefix_chars == len(SYSTEM) and est.requests == 40
+    assert est.cache_read_tokens == prefix * 39 and est.models[0].cache_write_tokens == prefix
+    assert est.cost_usd == pytest.approx(cost_usd(spec.model, est.prompt_tokens, est.completion_tokens,
+                                                  prefix * 39, prefix))
+    assert "of them prompt-cache reads" in estimate_text(est) and claude.stats()["requests"] == 0
+    # without prompt caching, or with a system prompt that reads a column, nothing is assumed cached
+    no_cache = estimate(Job.from_toml(write_job(tmp_path, model_table(claude.url, extra="prompt_cache = false"),
+                                                n=40)).spec)
+    assert no_cache.cache_read_tokens == 0 and no_cache.cost_usd > 1.5 * est.cost_usd
+    per_row = estimate(Job.from_toml(write_job(tmp_path, model_table(claude.url), n=40,
+                                               system=SYSTEM + " {{ city }}")).spec)
+    assert per_row.prefix_chars == 0 and per_row.cache_read_tokens == 0
