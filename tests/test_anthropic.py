@@ -15,6 +15,7 @@ import llmap
 from _support import people, write_csv
 from llmap import Job
 from llmap.cli import app
+from llmap.observe.metrics import RunMetrics
 from llmap.observe.progress import CountingProgress
 from llmap.observe.report import build_run_summary, model_report
 from llmap.pricing import cost_usd
@@ -187,8 +188,13 @@ def test_packing_with_a_forced_tool(tmp_path, claude):
 
 def test_cache_tokens_are_recorded_priced_and_shown(tmp_path, claude):
     job = write_job(tmp_path, model_table(claude.url), n=12)
-    res = Job.from_toml(job).run()
-    assert res.counts["done"] == 12
+    progress, metrics = CountingProgress(), []
+    res = Job.from_toml(job).run(progress=progress, on_start=lambda stats, tally, lanes: metrics.append(
+        RunMetrics(job="job", stats_fn=lambda: stats, tally_fn=lambda: tally, lanes_fn=lambda: lanes)))
+    assert res.counts["done"] == 12 and progress.finished.cache_read_tokens == res.cache_read_tokens > 0
+    scraped = {s.labels.get("kind"): s.value for m in metrics[0].collect() if m.name == "llmap_tokens" for s in m.samples
+               if s.name == "llmap_tokens_total"}
+    assert scraped["cache_read"] == res.cache_read_tokens and scraped["cache_write"] > 0
     with ledger(tmp_path) as db:
         reqs = db.execute("SELECT prompt_tokens, completion_tokens, cache_read_tokens, cache_write_tokens "
                           "FROM requests ORDER BY t").fetchall()
@@ -301,3 +307,11 @@ def test_estimate_assumes_every_request_after_the_first_reads_the_prefix(tmp_pat
     per_row = estimate(Job.from_toml(write_job(tmp_path, model_table(claude.url), n=40,
                                                system=SYSTEM + " {{ city }}")).spec)
     assert per_row.prefix_chars == 0 and per_row.cache_read_tokens == 0
+
+
+def test_the_run_summary_says_how_much_was_read_from_the_prompt_cache(tmp_path, claude):
+    job = write_job(tmp_path, model_table(claude.url), n=4)
+    out = runner.invoke(app, ["run", str(job), "-q"])
+    assert out.exit_code == 0
+    reads = claude.stats()["tokens"]["cache_read"]
+    assert reads > 0 and f"({reads:,} read from the prompt cache)" in out.output
