@@ -82,6 +82,19 @@ def test_prompt_cache_false_marks_nothing():
     assert provider(prompt_cache=False).discovering is False
 
 
+def test_an_empty_earlier_answer_is_not_sent_as_an_empty_block():
+    r = render()
+    msgs = [*r.messages({"t": "x"}), {"role": "assistant", "content": ""}, {"role": "user", "content": "again"}]
+    body = provider().body(Request(msgs, SCHEMA, 0.0, 256, shared_prefix=1))
+    assert body["messages"][1] == {"role": "assistant", "content": "(empty)"}
+
+
+def test_an_answer_without_usage_counts_by_estimate():
+    comp = provider()._parse(answer({"content": [{"type": "text", "text": "{}"}], "stop_reason": "end_turn"}),
+                             request(render(), {"t": "x"}))
+    assert not comp.usage_reported and comp.limit_prompt_tokens is None
+
+
 def test_re_asks_stay_after_the_breakpoint():
     r = render(examples=1)
     base = r.messages({"t": "x"})
