@@ -92,6 +92,10 @@ def make_provider(spec: ModelSpec, *, concurrency: int | None) -> Provider:
         from llmap.providers.openai import OpenAIProvider
 
         return OpenAIProvider(spec, concurrency=concurrency or MAX_CONCURRENCY)
+    if spec.provider == "anthropic":
+        from llmap.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(spec, concurrency=concurrency or MAX_CONCURRENCY)
     from llmap.providers.local import LocalProvider
 
     return LocalProvider(spec, processes=concurrency)
@@ -110,6 +114,7 @@ class RunResult:
         prompt_tokens, completion_tokens: tokens spent in this run.
         elapsed_s: wall time of the run in seconds.
         cost_usd: USD spent in this run at the models' prices.
+        cache_read_tokens: prompt tokens read from the providers' prompt caches in this run.
         rate_limited: 429 answers in this run.
         retries: attempts after the first, summed over rows and models.
     """
@@ -125,6 +130,7 @@ class RunResult:
     cost_usd: float = 0.0
     rate_limited: int = 0
     retries: int = 0
+    cache_read_tokens: int = 0
 
 
 @dataclass
@@ -314,7 +320,8 @@ class Job:
                                        prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
                                        cost_usd=stats.cost_usd, rate_limited=stats.rate_limited,
                                        retries=stats.retries, cached=tally.cache_hits if tally else 0,
-                                       by_model=stats.by_model)
+                                       by_model=stats.by_model, cache_read_tokens=stats.cache_read_tokens,
+                                       cache_write_tokens=stats.cache_write_tokens)
                     except E.DiskFull:
                         if not disk_full:
                             raise  # else the DiskFull on its way out already says it
@@ -334,7 +341,7 @@ class Job:
         exit_code = 0 if counts["failed"] == 0 and counts["pending"] == 0 and stop is None else 1
         return RunResult(counts, out, exit_code, stop, stats.requests, stats.prompt_tokens,
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
-                         stats.retries)
+                         stats.retries, stats.cache_read_tokens)
 
     def _settled_hook(self, stats: DispatchStats, prep: _Prepared) -> Callable[[list[RowResult], list[str]], None]:
         """Alerts and structured row logs, run on every batch of settled rows."""
