@@ -33,7 +33,15 @@ from llmap.io.sinks import check_writable, export, result_batches
 from llmap.io.sources import Source
 from llmap.observe.logs import JsonLog
 from llmap.observe.progress import NullProgress, Progress, Tally
-from llmap.plan import Compiled, InputPlan, build_source, check_input, compile_spec, load_spec
+from llmap.plan import (
+    Compiled,
+    InputPlan,
+    build_source,
+    check_input,
+    compile_spec,
+    keyed_rows,
+    load_spec,
+)
 from llmap.providers.base import Provider
 from llmap.run.dispatch import Dispatcher
 from llmap.run.packer import Packer
@@ -45,11 +53,14 @@ from llmap.store.batches import BatchBook
 from llmap.store.cache import FILE_NAME as CACHE_FILE
 from llmap.store.cache import ResponseCache, default_cache_dir
 from llmap.store.diskfull import guard
-from llmap.store.fingerprint import completion_fingerprint, input_hash, key_text
+from llmap.store.fingerprint import completion_fingerprint
 from llmap.store.ledger import Ledger, PlannedRow, RowResult
 from llmap.store.lock import LedgerLock
 
 __all__ = ["Job", "RunResult", "make_provider", "require_no_running_loop"]
+
+#: Rows planned into the ledger per transaction.
+PLAN_ROWS = 2048
 
 
 def require_no_running_loop(call: str, instead: str) -> None:
@@ -186,29 +197,22 @@ class Job:
 
     # -- plan -----------------------------------------------------------------
     def _plan(self, ledger: Ledger, run_id: int, prep: _Prepared) -> None:
-        key_col = self.spec.input.key
         renderer = prep.compiled.renderer
         variables = renderer.variables
-        fp = prep.compiled.fingerprint.encode()
-        seq = -1
-        for batch in prep.source.batches(prep.input.data_columns):
-            planned = []
-            for row in batch.to_pylist():
-                seq += 1
-                if key_col:
-                    key = key_text(row[key_col])
-                else:
-                    key = str(seq)
-                    row["_row"] = seq
-                inputs = {v: row[v] for v in variables}
-                h = input_hash(fp, inputs)
-                data = json.dumps(row, ensure_ascii=False, default=str)
-                cut = renderer.truncated_columns(row) if renderer.max_chars else None
-                truncated = json.dumps(cut) if cut else None
-                if variables and all(v is None or v == "" for v in inputs.values()):
-                    planned.append(PlannedRow(key, seq, h, data, "skipped", "every template input is empty", truncated))
-                else:
-                    planned.append(PlannedRow(key, seq, h, data, truncated=truncated))
+        planned: list[PlannedRow] = []
+        for r in keyed_rows(self.spec, prep.compiled, prep.source, prep.input.data_columns):
+            data = json.dumps(r.row, ensure_ascii=False, default=str)
+            cut = renderer.truncated_columns(r.row) if renderer.max_chars else None
+            truncated = json.dumps(cut) if cut else None
+            if variables and all(v is None or v == "" for v in r.inputs.values()):
+                planned.append(PlannedRow(r.key, r.seq, r.input_hash, data, "skipped", "every template input is empty",
+                                          truncated))
+            else:
+                planned.append(PlannedRow(r.key, r.seq, r.input_hash, data, truncated=truncated))
+            if len(planned) >= PLAN_ROWS:
+                ledger.plan(run_id, planned)
+                planned = []
+        if planned:
             ledger.plan(run_id, planned)
 
     # -- run ------------------------------------------------------------------

@@ -415,7 +415,7 @@ class LimitsSpec(_Strict):
             extra requests per run, counted in ``requests``).
         max_cost_usd: stop sending new requests once this much is spent (USD,
             from ``[model] price_in`` / ``price_out``); in-flight requests finish.
-            Every ``openai`` model must then set both prices (0 for a free
+            Every ``openai`` and ``anthropic`` model must then set both prices (0 for a free
             server), else :func:`spec_from_dict` raises ``SpecError``.
         max_tokens: the same, counted in tokens (prompt + completion).
     """

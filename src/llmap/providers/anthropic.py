@@ -58,6 +58,7 @@ ANTHROPIC_VERSION = "2023-06-01"
 TOOL_NAME = "answer"
 _TOOL_DESCRIPTION = "Record the answer. Call this tool once, with every field of the answer."
 _CACHE = {"type": "ephemeral"}
+_EMPTY = "(empty)"
 #: JSON Schema keywords structured outputs refuse (Anthropic's structured-outputs limits).
 _UNSUPPORTED = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
                           "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"})
@@ -159,7 +160,8 @@ class AnthropicProvider:
             system, messages = messages[0]["content"], messages[1:]
         shared = max(0, request.shared_prefix - (1 if system is not None else 0)) if request.shared_prefix else 0
         cache = self.cache_prompt
-        turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+        # the API refuses an empty text block: an empty earlier answer (re-asked) is sent as a placeholder
+        turns = [{"role": m["role"], "content": m["content"] or _EMPTY} for m in messages]
         # The cache breakpoint: the last shared turn, else the system prompt, else the tool.
         mark_turn = cache and shared > 0
         mark_system = cache and not mark_turn and system is not None and request.shared_prefix > 0
@@ -244,7 +246,8 @@ class AnthropicProvider:
                 usage_reported=reported,
                 cache_read_tokens=read,
                 cache_write_tokens=write,
-                limit_prompt_tokens=fresh + write,  # cache reads do not count against the input-token limit
+                # cache reads do not count against the input-token limit
+                limit_prompt_tokens=fresh + write if reported else None,
                 stop_reason=stop if stop in ("max_tokens", "refusal") else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -126,8 +126,7 @@ class Dispatcher:
             raise Stop
 
     # -- one request ----------------------------------------------------------
-    async def send(self, lane: Lane, req: Request, est_tokens: float, pack_size: int = 1, *,
-                   est_output: float = 0.0) -> Completion:
+    async def send(self, lane: Lane, req: Request, pack_size: int = 1) -> Completion:
         """Send one request on ``lane``: admit (concurrency, RPM/TPM), send under the adaptive timeout, settle.
 
         Every attempt settles its token reservation: an answer with its real
@@ -139,11 +138,11 @@ class Dispatcher:
         Args:
             lane: the model to send to.
             req: the request.
-            est_tokens: prompt + completion tokens to reserve against TPM
-                (:meth:`~llmap.control.lanes.Lane.reservation`).
             pack_size: rows the request carries (per-row output estimates).
-            est_output: of ``est_tokens``, the completion tokens (for an
-                output-token limit, Anthropic's OTPM).
+
+        The tokens reserved (:meth:`~llmap.control.lanes.Lane.reservation`) are
+        estimated once the request has its slot, so a request that waited for
+        the lane's first answer reserves what that answer taught.
 
         Raises:
             ProviderError: the attempt failed (see :mod:`llmap.errors`).
@@ -155,6 +154,7 @@ class Dispatcher:
                 raise Stop
             if lane.disabled is not None:  # left out while this row waited: it fails over, nothing is sent
                 raise E.ModelLeftOut(lane.disabled, model=lane.label, row_key=req.row_key)
+            est_tokens, est_output = lane.reservation(_chars(req.messages), pack_size)
             permit = await lane.limiter.acquire(est_tokens, est_output=est_output)
             try:
                 self._check_caps()
@@ -236,21 +236,20 @@ class Dispatcher:
             if r.note:
                 self.stats.warn(f"{lane.label}: {r.note} (HTTP {r.status})")
 
-    async def _hedged(self, lane: Lane, req: Request, est_tokens: float, delay_s: float,
-                      est_output: float = 0.0) -> Completion:
+    async def _hedged(self, lane: Lane, req: Request, delay_s: float) -> Completion:
         """A hedged request ("The Tail at Scale"): a second copy after ``delay_s`` if the first is late.
 
         Used only in the run's tail while the lane has spare capacity, so that
         a straggler row waits for the faster of two tries instead of a hang's
         timeout. The first answer wins; the other copy is cancelled.
         """
-        first = asyncio.create_task(self.send(lane, req, est_tokens, est_output=est_output))
+        first = asyncio.create_task(self.send(lane, req))
         tasks = [first]
         try:
             done, _ = await asyncio.wait(tasks, timeout=delay_s)
             if not done and lane.in_flight * 2 < lane.limit:
                 self.stats.hedged += 1
-                tasks.append(asyncio.create_task(self.send(lane, req, est_tokens, est_output=est_output)))
+                tasks.append(asyncio.create_task(self.send(lane, req)))
             # An answer wins. After an error, the other copy gets at most the p95 latency more
             # (it may be a hang); then the error goes to the retry policy, whose retry hedges again.
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -356,14 +355,12 @@ class Dispatcher:
                 msgs = messages.get(i, base_messages)
                 req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key,
                               shared_prefix=shared)
-                est, est_out = lane.reservation(_chars(msgs))
                 hedge = self.limits.hedge_tail and self.in_tail() and lane.in_flight * 2 < lane.limit
                 try:
                     if hedge:  # a row that failed before hedges at once; others once they are slower than p95
-                        comp = await self._hedged(lane, req, est, 0.0 if tries[i] > 1 else lane.timeout.quantile(0.95),
-                                                  est_out)
+                        comp = await self._hedged(lane, req, 0.0 if tries[i] > 1 else lane.timeout.quantile(0.95))
                     else:
-                        comp = await self.send(lane, req, est, est_output=est_out)
+                        comp = await self.send(lane, req)
                 except E.ProviderError as exc:
                     exc.row_key, exc.attempt = key, tries[i]
                     last_error = f"{type(exc).__name__}: {exc}"

@@ -118,7 +118,6 @@ class Packer:
         req = Request(messages, pack_schema(d.schema.json_schema), model.temperature,
                       model.max_tokens * len(items), row_key=items[0][0],
                       shared_prefix=d.renderer.shared_prefix(messages))
-        est, est_out = lane.reservation(sum(len(m["content"]) for m in messages), len(items))
         t0 = d.clock()
         attempt = 0
         while True:
@@ -127,7 +126,7 @@ class Packer:
                 raise Stop
             attempt += 1
             try:
-                comp = await d.send(lane, req, est, pack_size=len(items), est_output=est_out)
+                comp = await d.send(lane, req, pack_size=len(items))
                 break
             except E.ProviderError as exc:
                 exc.attempt = attempt
