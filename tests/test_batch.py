@@ -219,3 +219,31 @@ def test_per_group_and_batch_do_not_mix(tmp_path):
         job.write_text(job.read_text().replace('key = "id"', 'key = "id"\nper_group = { column = "city", n = 1 }'))
         with pytest.raises(SpecError, match="per_group"):
             Job.from_toml(job)
+
+
+def test_the_cost_cap_stops_before_a_batch_that_could_pass_it(tmp_path):
+    with Simulator(batch_time=0.2) as sim:
+        job = make(tmp_path, sim, 10, model=PRICES)
+        job.write_text(job.read_text().replace("[limits]", "[limits]\nmax_cost_usd = 0.0001"))
+        res, _ = run(job)
+        assert res.exit_code == 1 and "budget cap" in res.stop_reason and res.counts["pending"] == 10
+        assert sim.stats()["batches"]["created"] == 0
+
+
+def test_a_row_changed_while_its_batch_runs_is_not_settled_by_the_old_answer(tmp_path):
+    with Simulator(batch_time=1.0) as sim:
+        job = make(tmp_path, sim, 4)
+        first = Job.from_toml(job).run(detach=True)
+        assert first.exit_code == 0 and len(first.batches) == 1
+        job.write_text(job.read_text().replace("Name: {{ name }}", "Person: {{ name }}"))  # every request changes
+        sim.reconfigure(batch_time=2.5)  # the old batch ends first, with answers to the old requests
+        res, _ = run(job)
+        assert res.counts["done"] == 4
+        st = sim.stats()["batches"]
+        assert st["created"] == 2 and st["lines"] == 8  # the changed rows went again at once, in a new batch
+        with ledger(tmp_path) as db:
+            ended = dict(db.execute("SELECT id, ended_at FROM batches"))
+            settled = [t for (t,) in db.execute("SELECT updated_at FROM rows")]
+            billed = db.execute("SELECT count(*) FROM requests WHERE path = 'batch' AND outcome = '200'").fetchone()
+        assert ended[1] < ended[2] - 1 and min(settled) >= ended[2] - 0.5  # settled by the new batch only
+        assert billed[0] == 8  # the old batch's answers are billed (and cached), not used

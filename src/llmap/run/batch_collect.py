@@ -138,11 +138,9 @@ class Collector:
 
     def _apply(self, res: LineResult, group: Sequence[Line], rows: dict[str, tuple[str, str]],
                settled: list[tuple[RowResult, str]], send: list[_Route], *, user: bool, past_deadline: bool) -> None:
-        """One line's result onto its rows (pending ones only: a batch collected again settles nothing twice)."""
+        """One line's result onto its rows: billed and cached always, settling only rows still pending with the
+        inputs they were submitted with."""
         ctx = self.ctx
-        live = [ln for ln in group if rows.get(ln.key, ("", ""))[0] == "pending"]
-        if not live:
-            return
         items = list(dict.fromkeys(ln.item for ln in group))
         label = ctx.api.label
         if res.body is None:

@@ -50,6 +50,7 @@ class _Row:
     data: str
     messages: list[dict[str, str]]
     ckey: str | None
+    input_hash: str | None = None
 
 
 @dataclass
@@ -61,7 +62,8 @@ class _Batch:
     texts: list[bytes] = field(default_factory=list)
     book: list[Line] = field(default_factory=list)  # custom id -> item -> row key
     items: dict[str, tuple[str, str]] = field(default_factory=dict)  # cache key -> (custom id, item)
-    waiting: dict[str, list[str]] = field(default_factory=dict)  # cache key -> identical rows, item not in a line yet
+    waiting: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)  # cache key -> identical rows
+    # (key, input hash) whose item is not in a line yet
     datas: dict[str, str] = field(default_factory=dict)
     size: int = 0
     tokens: int = 0
@@ -117,7 +119,7 @@ class Submitter:
                 break
             after = page[-1][0]
             rows: list[_Row] = []
-            for _, key, data in page:
+            for _, key, data, input_hash in page:
                 if ctx.busy(key):
                     continue
                 try:
@@ -126,21 +128,21 @@ class Submitter:
                     settled.append((RowResult(key, "failed", error=str(exc)), data))
                     continue
                 ckey = answers.key(model, messages, schema) if answers is not None else None
-                rows.append(_Row(key, data, messages, ckey))
+                rows.append(_Row(key, data, messages, ckey, input_hash))
             if answers is not None:
                 answers.prefetch([r.ckey for r in rows])
             for row in rows:
                 if row.ckey is not None and row.key not in ctx.followup:
                     if row.ckey in held_items:  # an identical request is in a held batch: wait for its answer
                         b, cid, item = held_items[row.ckey]
-                        attach.setdefault(b, []).append(Line(cid, item, row.key, row.ckey))
+                        attach.setdefault(b, []).append(Line(cid, item, row.key, row.ckey, row.input_hash))
                         continue
                     if row.ckey in batch.items:  # ... or in the batch being built
                         cid, item = batch.items[row.ckey]
                         if cid:
-                            batch.book.append(Line(cid, item, row.key, row.ckey))
+                            batch.book.append(Line(cid, item, row.key, row.ckey, row.input_hash))
                         else:  # its item waits in a pack not yet full
-                            batch.waiting.setdefault(row.ckey, []).append(row.key)
+                            batch.waiting.setdefault(row.ckey, []).append((row.key, row.input_hash))
                         batch.datas[row.key] = row.data
                         continue
                     hit = answers.peek(row.ckey) if answers is not None else None
@@ -219,12 +221,12 @@ class Submitter:
         batch.tokens += int(prompt)
         batch.worst_usd += ctx.lane.cost_usd(int(prompt), model.max_tokens * len(rows)) * model.price_batch_factor
         for r in rows:
-            batch.book.append(Line(cid, r.key, r.key, r.ckey))
+            batch.book.append(Line(cid, r.key, r.key, r.ckey, r.input_hash))
             batch.datas[r.key] = r.data
             if r.ckey is not None:
                 batch.items[r.ckey] = (cid, r.key)
-                for key in batch.waiting.pop(r.ckey, []):  # identical rows that joined it before its line existed
-                    batch.book.append(Line(cid, r.key, key, r.ckey))
+                for key, h in batch.waiting.pop(r.ckey, []):  # identical rows that joined it before its line existed
+                    batch.book.append(Line(cid, r.key, key, r.ckey, h))
 
     async def _close(self, batch: _Batch) -> str:
         if self.pending:
@@ -285,8 +287,17 @@ class Submitter:
         return "ok"
 
     def _open_worst(self) -> float:
-        held = {r.id for r in self.ctx.book.held()}
-        return sum(v for b, v in self._worst.items() if b in held)
+        """What the held batches may still cost at most: their own reservation, or for a batch an earlier run
+        created, its prompt tokens and every request answering ``max_tokens`` per row."""
+        lane, model = self.ctx.lane, self.ctx.lane.model
+        total = 0.0
+        for rec in self.ctx.book.held():
+            worst = self._worst.get(rec.id)
+            if worst is None:
+                out = rec.requests * self.ctx.pack * model.max_tokens
+                worst = lane.cost_usd(rec.tokens, out) * model.price_batch_factor
+            total += worst
+        return total
 
     def _data(self, key: str) -> str:
         row = self.ctx.ledger.connection.execute("SELECT data FROM rows WHERE key = ?", (key,)).fetchone()

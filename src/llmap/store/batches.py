@@ -47,12 +47,15 @@ _COLUMNS = ("id, run, model, provider, tag, requests, bytes, tokens, state, prov
 @dataclass(frozen=True, slots=True)
 class Line:
     """One row's place in a batch: ``custom_id`` (the line), ``item`` (its id inside a pack; the leading row's
-    key), ``key`` (the row) and ``ckey`` (the cache key of the item's single-row request, or None)."""
+    key), ``key`` (the row), ``ckey`` (the cache key of the item's single-row request, or None) and
+    ``input_hash`` (the row's input hash when it was submitted: a row whose inputs, prompt or model changed since
+    is neither held by the line nor settled by its answer)."""
 
     custom_id: str
     item: str
     key: str
     ckey: str | None = None
+    input_hash: str | None = None
 
 
 @dataclass
@@ -114,8 +117,9 @@ class BatchBook:
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'intent', ?)",
                 (run, model, provider, tag, file_hash, requests, size, tokens, now))
             bid = int(cur.lastrowid)
-            self.db.executemany("INSERT INTO batch_lines (batch, custom_id, item, key, ckey) VALUES (?, ?, ?, ?, ?)",
-                                [(bid, ln.custom_id, ln.item, ln.key, ln.ckey) for ln in lines])
+            self.db.executemany("INSERT INTO batch_lines (batch, custom_id, item, key, ckey, input_hash) "
+                                "VALUES (?, ?, ?, ?, ?, ?)",
+                                [(bid, ln.custom_id, ln.item, ln.key, ln.ckey, ln.input_hash) for ln in lines])
         return bid
 
     @guard_writes("ledger")
@@ -123,9 +127,9 @@ class BatchBook:
         """Attach rows to lines of a held batch (their request is identical to the line's item)."""
         with self.db:
             self.db.execute("BEGIN")
-            self.db.executemany("INSERT OR IGNORE INTO batch_lines (batch, custom_id, item, key, ckey) "
-                                "VALUES (?, ?, ?, ?, ?)", [(batch, ln.custom_id, ln.item, ln.key, ln.ckey)
-                                                           for ln in lines])
+            self.db.executemany("INSERT OR IGNORE INTO batch_lines (batch, custom_id, item, key, ckey, input_hash) "
+                                "VALUES (?, ?, ?, ?, ?, ?)",
+                                [(batch, ln.custom_id, ln.item, ln.key, ln.ckey, ln.input_hash) for ln in lines])
 
     @guard_writes("ledger")
     def opened(self, batch: int, provider_id: str, status: str, *, now: float | None = None) -> None:
@@ -182,13 +186,15 @@ class BatchBook:
     def lines(self, batch: int) -> list[Line]:
         """The rows of one batch's lines."""
         return [Line(*r) for r in self.db.execute(
-            "SELECT custom_id, item, key, ckey FROM batch_lines WHERE batch = ? ORDER BY rowid", (batch,))]
+            "SELECT custom_id, item, key, ckey, input_hash FROM batch_lines WHERE batch = ? ORDER BY rowid",
+            (batch,))]
 
     def row_data(self, batch: int) -> dict[str, tuple[str, str]]:
-        """Row key -> (status, data JSON) for every row of one batch's lines."""
-        return {k: (st, d) for k, st, d in self.db.execute(
-            "SELECT r.key, r.status, r.data FROM batch_lines l JOIN rows r ON r.key = l.key WHERE l.batch = ?",
-            (batch,))}
+        """Row key -> (status, data JSON) for every row of one batch's lines; a row whose input hash changed
+        since it was submitted has the status ``"changed"`` (the line's answer is not its answer any more)."""
+        return {k: (st if h is None or h == ih else "changed", d) for k, st, d, h, ih in self.db.execute(
+            "SELECT r.key, r.status, r.data, l.input_hash, r.input_hash FROM batch_lines l JOIN rows r "
+            "ON r.key = l.key WHERE l.batch = ?", (batch,))}
 
     def held_items(self) -> dict[str, tuple[int, str, str]]:
         """Cache key -> (batch, custom id, item) of every item of a held batch: an identical row joins it."""
@@ -196,13 +202,14 @@ class BatchBook:
             "SELECT l.ckey, l.batch, l.custom_id, l.item FROM batch_lines l JOIN batches b ON b.id = l.batch "
             "WHERE b.state IN ('intent', 'open') AND l.ckey IS NOT NULL AND l.item = l.key")}
 
-    def free_pending(self, plan: int, *, after_seq: int, limit: int) -> list[tuple[int, str, str]]:
-        """Up to ``limit`` pending rows of ``plan`` after ``after_seq`` that no held batch holds:
-        ``(seq, key, data JSON)``."""
+    def free_pending(self, plan: int, *, after_seq: int, limit: int) -> list[tuple[int, str, str, str]]:
+        """Up to ``limit`` pending rows of ``plan`` after ``after_seq`` that no held batch holds (a row changed
+        since its batch took it is free): ``(seq, key, data JSON, input hash)``."""
         return self.db.execute(
-            "SELECT seq, key, data FROM rows WHERE plan = ? AND status = 'pending' AND seq > ? AND key NOT IN "
-            "(SELECT l.key FROM batch_lines l JOIN batches b ON b.id = l.batch WHERE b.state IN ('intent', 'open')) "
-            "ORDER BY seq LIMIT ?", (plan, after_seq, limit)).fetchall()
+            "SELECT seq, key, data, input_hash FROM rows WHERE plan = ? AND status = 'pending' AND seq > ? AND "
+            "key NOT IN (SELECT l.key FROM batch_lines l JOIN batches b ON b.id = l.batch JOIN rows r "
+            "ON r.key = l.key WHERE b.state IN ('intent', 'open') AND (l.input_hash IS NULL "
+            "OR l.input_hash = r.input_hash)) ORDER BY seq LIMIT ?", (plan, after_seq, limit)).fetchall()
 
     def held_rows(self) -> int:
         """Rows held by batches that may still answer."""

@@ -167,6 +167,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             item TEXT NOT NULL,
             key TEXT NOT NULL,
             ckey TEXT,
+            input_hash TEXT,
             PRIMARY KEY (custom_id, key)
         );
         CREATE INDEX batch_lines_key ON batch_lines (key);
