@@ -235,7 +235,11 @@ class _Loop:
             f"; {ctx.book.held_rows():,} rows submitted"
         if ctx.in_realtime:
             text += f", {ctx.in_realtime:,} in real time"
-        t.batches = f"batches: {text}"
+        n, parts = len(held), sorted(states.items())
+        if len(parts) == 1:  # on the bar: "2 batches in_progress", or "3 batches: 1 validating, 2 in_progress"
+            t.batches = f"{n} batch{'es' if n != 1 else ''} {parts[0][0]}"
+        else:
+            t.batches = f"{n} batches: " + ", ".join(f"{k} {s}" for s, k in parts) if n else ""
         ctx.progress.advance(t)
         if text != self.shown:
             self.shown = text
