@@ -80,3 +80,36 @@ def test_report_estimate_and_cost_split_by_path(tmp_path):
         assert lines[0].cost_usd == pytest.approx(res.cost_usd, rel=0.05)  # batch rows at their batch price
         write_html_report(spec.ledger_path, tmp_path / "r.html")
         assert "Requests (cost) by path" in (tmp_path / "r.html").read_text()
+
+
+def test_find_by_time_and_size_waits_while_several_batches_could_be_it(tmp_path):
+    import asyncio
+    import time
+
+    from llmap.providers.anthropic import AnthropicProvider
+    from llmap.providers.base import Request
+    from llmap.providers.batch.anthropic import AnthropicBatches
+    from llmap.spec import ModelSpec
+
+    async def go(sim):
+        api = AnthropicBatches(AnthropicProvider(ModelSpec(provider="anthropic", name="claude-sim", base_url=sim.url)))
+        try:
+            def lines(tag):
+                return [api.line(f"{tag}-{i}", Request([{"role": "user", "content": f"{tag} {i}"}], None, 0.0, 16))
+                        for i in range(3)]
+
+            t0 = time.time()
+            mine = await api.create("lmmine", lines("lmmine"), job="j")
+            other = await api.create("lmother", lines("lmother"), job="j")  # another client's, same size, same time
+            assert (await api.find("lmmine", created_at=t0, requests=3, known=set())).maybe
+            one = await api.find("lmmine", created_at=t0, requests=3, known={other.provider_id})
+            assert one.state is not None and one.state.provider_id == mine.provider_id  # one left: taken
+            assert (await api.find("lmmine", created_at=t0, requests=4, known=set())).state is None  # size differs
+            await asyncio.sleep(0.5)  # both ended: the custom ids' tag decides
+            ended = await api.find("lmmine", created_at=t0, requests=3, known=set())
+            assert ended.state is not None and ended.state.provider_id == mine.provider_id and not ended.maybe
+        finally:
+            await api.provider.aclose()
+
+    with Simulator(batch_time=0.3) as sim:
+        asyncio.run(go(sim))

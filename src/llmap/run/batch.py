@@ -250,10 +250,11 @@ async def cancel_batches(ledger: Ledger, provider: Provider) -> list[tuple[int, 
     """Ask the provider to cancel every open batch of a job (``llmap batch cancel``).
 
     Returns:
-        ``(local id, provider id, status)`` per batch asked.
+        ``(local id, provider id, status)`` per batch asked; a batch that had already ended says so (the next
+        run collects it).
 
     Raises:
-        ProviderError: the provider refused (the message names the batch).
+        ProviderError: the provider could not be asked (no answer, a 5xx, the key): the message names the batch.
     """
     api = batch_api(provider)
     book = BatchBook(ledger)
@@ -261,7 +262,13 @@ async def cancel_batches(ledger: Ledger, provider: Provider) -> list[tuple[int, 
     for rec in book.held():
         if rec.provider_id is None:
             continue
-        state = await api.cancel(rec.provider_id)
+        try:
+            status = (await api.cancel(rec.provider_id)).status
+        except E.FatalProviderError:
+            raise
+        except E.BadRequest as exc:  # ended already (OpenAI: 400 "Cannot cancel a batch with status completed")
+            out.append((rec.id, rec.provider_id, f"not cancelled: {exc}"))
+            continue
         book.cancelling(rec.id, "user")
-        out.append((rec.id, rec.provider_id, state.status))
+        out.append((rec.id, rec.provider_id, status))
     return out
