@@ -91,9 +91,10 @@ def test_an_expired_batch_keeps_its_finished_half(tmp_path):
 @pytest.mark.parametrize("retry", ["realtime", "batch"])
 def test_error_file_lines_are_retried_by_either_policy(tmp_path, retry):
     with Simulator(batch_time=0.2, batch_fail_rate=0.15, seed=11) as sim:
-        res, _ = run(make(tmp_path, sim, 30, batch=f'retry = "{retry}"\n'))
+        res, progress = run(make(tmp_path, sim, 30, batch=f'retry = "{retry}"\n'))
         st = sim.stats()
         assert res.exit_code == 0 and res.counts["done"] == 30
+        assert max(done for done, _, _ in progress.advances) == 30  # each row counted once
         failed = st["batches"]["failed_lines"]
         assert failed > 0
         if retry == "realtime":

@@ -23,13 +23,21 @@ def test_chunk_respects_requests_and_bytes():
 
 def test_size_limit_halves_on_a_refusal_and_never_grows():
     size = SizeLimit(50_000, 190_000_000)
-    assert size.refused(20_000, 4_000_000)
+    assert size.refused(20_000, 4_000_000)  # the words say neither: both halve
     assert (size.max_requests, size.max_bytes) == (10_000, 2_000_001)
     assert size.refused(10_000, 2_000_000)
     assert size.max_requests == 5_000
     assert size.refused(30_000, 9_000_000)  # a bigger refused batch cannot raise the limit again
     assert size.max_requests == 5_000
     assert not size.refused(1, 10)  # one request alone is too big: nothing to split
+
+
+def test_size_limit_lowers_what_the_refusal_names():
+    size = SizeLimit(50_000, 190_000_000)
+    size.refused(20_000, 4_000_000, why="The batch has 20,000 requests; the limit is at most 5,000 requests")
+    assert (size.max_requests, size.max_bytes) == (10_000, 190_000_000)  # a count: bytes stay
+    size.refused(8_000, 3_000_000, why="uploading the batch file: HTTP 400: File is too large.")
+    assert (size.max_requests, size.max_bytes) == (10_000, 1_500_001)  # bytes: the count stays
 
 
 def test_enqueue_gate_waits_for_running_batches_then_lets_one_through():

@@ -57,13 +57,20 @@ class SizeLimit:
         self.max_requests = max(1, max_requests)
         self.max_bytes = max(1, max_bytes)
 
-    def refused(self, requests: int, size: int) -> bool:
+    def refused(self, requests: int, size: int, *, why: str = "") -> bool:
         """A batch of ``requests`` lines and ``size`` bytes was refused for its size: later batches stay under
-        half of it. Returns False when it cannot be split (one line): that request alone is too big."""
+        half of it, in requests when ``why`` speaks of requests (not bytes), in bytes when it speaks of bytes
+        or a file's size, in both when it says neither. Returns False when it cannot be split (one line):
+        that request alone is too big."""
         if requests <= 1:
             return False
-        self.max_requests = min(self.max_requests, requests // 2)
-        self.max_bytes = min(self.max_bytes, max(1, size // 2 + 1))
+        text = why.lower()
+        count = "request" in text or "line" in text
+        volume = any(w in text for w in ("byte", " mb", "file is too large", "file size", "too large"))
+        if count or not volume:
+            self.max_requests = min(self.max_requests, requests // 2)
+        if volume or not count:
+            self.max_bytes = min(self.max_bytes, max(1, size // 2 + 1))
         return True
 
 

@@ -79,13 +79,13 @@ class Collector:
                 ctx.progress.message(f"llmap: batch {rec.id} was refused ({text}); its {rec.requests:,} requests go "
                                      "again once running batches end")
             elif verdict is Wait.SPLIT:
-                ctx.size.refused(rec.requests, rec.bytes)
+                ctx.size.refused(rec.requests, rec.bytes, why="requests")
                 ctx.progress.message(f"llmap: batch {rec.id} was refused ({text}) with no other batch running; its "
                                      f"requests go again in batches of at most {ctx.size.max_requests:,}")
             else:
                 send = self._all_rows(rec)
         elif too_large(text):
-            if ctx.size.refused(rec.requests, rec.bytes):
+            if ctx.size.refused(rec.requests, rec.bytes, why=text):
                 ctx.progress.message(f"llmap: batch {rec.id} was refused for its size ({text}); its requests go "
                                      f"again in batches of at most {ctx.size.max_requests:,}")
             else:

@@ -122,10 +122,11 @@ class BatchContext:
         self.progress.advance(t)
 
     def flush(self) -> None:
-        """Commit the rows real time has settled since the last flush."""
+        """Commit the rows real time has settled since the last flush (they stay out of batches until then)."""
         if self._buffer or self.stats.request_log:
             done, self._buffer = self._buffer, []
             self.commit([r for r, _ in done], [d for _, d in done])
+            self._realtime.difference_update(r.key for r, _ in done)
 
     def to_realtime(self, key: str, data: str, *, start: int = 0, reask: list[dict[str, str]] | None = None,
                     lead: str | None = None, tried: list | None = None) -> None:
@@ -147,12 +148,13 @@ class BatchContext:
 
     async def _solve(self, key: str, data: str, start: int, reask: list[dict[str, str]] | None, lead: str | None,
                      tried: list) -> None:
+        res: RowResult | None = None
         try:
             async with self._slots:
                 try:
                     messages = self.render(data)
                 except RenderError as exc:
-                    self._buffer.append((RowResult(key, "failed", error=str(exc)), data))
+                    res = RowResult(key, "failed", error=str(exc))
                     return
                 d = self.dispatcher
                 if tried and tried[-1][1] == "escalated":  # a cascade: the batch model's answer met escalate_if
@@ -162,17 +164,19 @@ class BatchContext:
                 else:
                     res = await d.solve_messages(key, messages, start=start, lead=lead, reask=reask)
                     res.tried = tried + (res.tried or [])
-                self._buffer.append((res, data))
         except Stop:
             pass  # the run is stopping: the row stays pending
         except Exception as exc:  # one row's bad value or a bug: it fails, the run goes on
-            self._buffer.append((RowResult(key, "failed", error=f"{type(exc).__name__}: {exc}"), data))
+            res = RowResult(key, "failed", error=f"{type(exc).__name__}: {exc}")
         finally:
-            self._realtime.discard(key)
+            if res is None:
+                self._realtime.discard(key)  # unsettled (the run stops): free again
+            else:
+                self._buffer.append((res, data))  # held out of batches until flush() commits it
 
     @property
     def in_realtime(self) -> int:
-        """Rows in real time now."""
+        """Rows in real time now (settled but not yet committed ones included)."""
         return len(self._realtime)
 
     async def drain(self) -> None:

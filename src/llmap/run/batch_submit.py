@@ -131,6 +131,9 @@ class Submitter:
                 rows.append(_Row(key, data, messages, ckey, input_hash))
             if answers is not None:
                 answers.prefetch([r.ckey for r in rows])
+            if len(settled) >= PAGE_ROWS:  # rows the cache answered: committed as they come (memory stays flat)
+                ctx.commit([r for r, _ in settled], [d for _, d in settled])
+                settled.clear()
             for row in rows:
                 if row.ckey is not None and row.key not in ctx.followup:
                     if row.ckey in held_items:  # an identical request is in a held batch: wait for its answer
@@ -263,7 +266,7 @@ class Submitter:
             state = await ctx.api.create(batch.tag, batch.lines, job=ctx.job)
         except E.BatchTooLarge as exc:
             ctx.book.dropped(bid, str(exc), now=ctx.clock())
-            if ctx.size.refused(batch.n, batch.size):
+            if ctx.size.refused(batch.n, batch.size, why=str(exc)):
                 ctx.progress.message(f"llmap: {exc}; sending its {rows:,} rows again in batches of at most "
                                      f"{ctx.size.max_requests:,} requests")
             else:  # one request alone is over the batch API's limit: real time may take it
