@@ -49,6 +49,7 @@ from llmap.run.pool import run_pool
 from llmap.run.stats import DispatchStats
 from llmap.spec import JobSpec, ModelSpec
 from llmap.store.answers import AnswerCache
+from llmap.store.batches import BatchBook
 from llmap.store.cache import FILE_NAME as CACHE_FILE
 from llmap.store.cache import ResponseCache, default_cache_dir
 from llmap.store.diskfull import guard
@@ -117,6 +118,8 @@ class RunResult:
         cache_read_tokens: prompt tokens read from the providers' prompt caches in this run.
         rate_limited: 429 answers in this run.
         retries: attempts after the first, summed over rows and models.
+        batches: provider ids of the job's batches still running at the end (``[model] batch``).
+        detached: the run submitted its batches and returned without waiting (``--detach``).
     """
 
     counts: dict[str, int]
@@ -131,6 +134,8 @@ class RunResult:
     rate_limited: int = 0
     retries: int = 0
     cache_read_tokens: int = 0
+    batches: tuple[str, ...] = ()
+    detached: bool = False
 
 
 @dataclass
@@ -156,6 +161,7 @@ class Job:
         self.spec = spec
         self._source = source
         self._log: JsonLog | None = None
+        self._detach = False
         self._on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None
 
     @classmethod
@@ -213,7 +219,7 @@ class Job:
     def run(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
             export_output: bool = True, log: JsonLog | None = None,
             on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
-            wait_lock: bool = False) -> RunResult:
+            wait_lock: bool = False, detach: bool = False) -> RunResult:
         """Run the job to completion (sync wrapper over :meth:`arun`).
 
         The run holds the job's ledger lock (:mod:`llmap.store.lock`) for its
@@ -229,6 +235,8 @@ class Job:
                 (e.g. to serve metrics).
             wait_lock: when another run holds the ledger, wait for it to end
                 (``--wait-lock``) instead of raising :class:`~llmap.errors.LedgerLocked`.
+            detach: with ``[model] batch``, submit the batches and return
+                without waiting for them (``--detach``); the next run collects them.
 
         Raises:
             SpecError: bad spec or input; nothing was sent.
@@ -240,13 +248,14 @@ class Job:
         """
         require_no_running_loop("Job.run()", "await job.arun(...)")
         return asyncio.run(self.arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
-                                     log=log, on_start=on_start, wait_lock=wait_lock))
+                                     log=log, on_start=on_start, wait_lock=wait_lock, detach=detach))
 
     async def arun(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
                    export_output: bool = True, log: JsonLog | None = None,
                    on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
-                   wait_lock: bool = False) -> RunResult:
+                   wait_lock: bool = False, detach: bool = False) -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
+        self._detach = detach
         lock = LedgerLock(self.spec.ledger_path, job=self.spec.name)
         await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
         try:
@@ -277,6 +286,7 @@ class Job:
         run_id = None
         planned = False
         counts: dict[str, int] = {}
+        running: tuple[str, ...] = ()
         tally: Tally | None = None
         reason = "complete"
         try:
@@ -299,7 +309,7 @@ class Job:
                 reason = "interrupted"
                 raise E.RunInterrupted(
                     "interrupted; finished rows are kept in the ledger, run the same command again to continue"
-                ) from None
+                    + _still_running(ledger, self.spec)) from None
             finally:
                 progress.finish(tally)
             if stats.stop_reason is not None:
@@ -330,6 +340,8 @@ class Job:
                         layout = prep.input.layout
                         export(result_batches(ledger, run_id, layout), layout.schema, out)
                     counts = ledger.counts(run_id)
+                    if self.spec.model.batch:
+                        running = tuple(r.provider_id or f"batch {r.id}" for r in BatchBook(ledger).held())
                     if reason == "complete" and counts["pending"] == 0 and counts["failed"] == 0:
                         self._mark_complete(ledger)
             finally:
@@ -338,10 +350,11 @@ class Job:
         stop = None
         if stats.stop_reason is not None:
             stop = f"{stats.stop_reason}; fix it and run again: finished rows are kept"
-        exit_code = 0 if counts["failed"] == 0 and counts["pending"] == 0 and stop is None else 1
+        left = 0 if self._detach and self.spec.model.batch else counts["pending"]
+        exit_code = 0 if counts["failed"] == 0 and left == 0 and stop is None else 1
         return RunResult(counts, out, exit_code, stop, stats.requests, stats.prompt_tokens,
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
-                         stats.retries, stats.cache_read_tokens)
+                         stats.retries, stats.cache_read_tokens, running, self._detach and self.spec.model.batch)
 
     def _settled_hook(self, stats: DispatchStats, prep: _Prepared) -> Callable[[list[RowResult], list[str]], None]:
         """Alerts and structured row logs, run on every batch of settled rows."""
@@ -397,12 +410,32 @@ class Job:
                 stats.on_request = self._log.request
             if self._on_start is not None:
                 self._on_start(stats, tally, lanes)
+            if spec.model.batch:  # the first model's requests go through its provider's batch API
+                from llmap.run.batch import run_batches
+
+                await run_batches(ledger=ledger, run_id=run_id, job=spec.name, spec=spec.batch,
+                                  provider=prep.providers[0], dispatcher=dispatcher, stats=stats, tally=tally,
+                                  progress=progress, pack=packer.size() if packer is not None else 1,
+                                  on_settled=self._settled_hook(stats, prep), detach=self._detach)
+                return
             await run_pool(ledger, run_id, dispatcher, stats, tally, progress,
                            quota=(per_group.column, per_group.n) if per_group else None, packer=packer,
                            on_settled=self._settled_hook(stats, prep))
         finally:
             if cache is not None:
                 cache.close()
+
+
+def _still_running(ledger: Ledger, spec: JobSpec) -> str:
+    """The interrupted run's word on its batches: they keep running, and the next run collects them."""
+    if not spec.model.batch:
+        return ""
+    held = BatchBook(ledger).held()
+    if not held:
+        return ""
+    return (f"; {len(held)} batch{'es' if len(held) != 1 else ''} keep running at the provider (recorded in the "
+            "ledger): the next `llmap run` collects them and sends none of their rows again, "
+            "`llmap batch cancel` stops them")
 
 
 def _record_shapes(providers: list[Provider], stats: DispatchStats) -> None:

@@ -51,12 +51,16 @@ class JsonLog:
         self._f.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
 
     def request(self, entry: tuple) -> None:
-        """A request log entry ``(t, model, outcome, latency_s, pt, ct, pack_size, cache_read, cache_write)``."""
-        t, model, outcome, latency, pt, ct, pack, read, write = entry
-        doc = {"t": t, "event": "request", "model": model, "outcome": outcome, "latency_s": round(latency, 4),
+        """A request log entry ``(t, model, outcome, latency_s, pt, ct, pack_size, cache_read, cache_write, cost_usd,
+        path)`` (see :class:`~llmap.run.stats.DispatchStats`)."""
+        t, model, outcome, latency, pt, ct, pack, read, write = entry[:9]
+        doc = {"t": t, "event": "request", "model": model, "outcome": outcome,
+               "latency_s": round(latency, 4) if latency is not None else None,
                "prompt_tokens": pt, "completion_tokens": ct, "pack_size": pack}
         if read or write:
             doc |= {"cache_read_tokens": read, "cache_write_tokens": write}
+        if len(entry) > 10 and entry[10]:
+            doc["path"] = entry[10]
         self._write(doc)
 
     def row(self, r: RowResult, messages: list[dict[str, str]] | None = None) -> None:
