@@ -1,0 +1,45 @@
+"""The job spec: a TOML file <-> typed, validated objects.
+
+A job spec names the input, the prompt, the output fields and the model.
+This module is pure data: :func:`read_spec` and :func:`parse_spec` turn TOML
+into pydantic objects and check each table's own keys (types, ranges, unknown
+keys), and every problem becomes one :class:`~llmap.errors.SpecError` whose
+message names the problem and the fix. Checks across tables (templates
+against fields, examples, fallback, ``escalate_if``, the cost cap) and against
+the input's header live in :mod:`llmap.plan`; :func:`llmap.plan.load_spec`
+runs both.
+
+The contract (see README.md for every key, default and unit)::
+
+    name = "district-type"          # optional; default: the file's stem
+    [input]   path | sql, key, where, limit, encoding
+    [prompt]  system, user, examples
+    [output]  path, keep, max_reask, [output.fields]
+    [model]   provider, name, base_url, api_key_env, model_path, temperature, max_tokens, ...
+    [limits]  concurrency, rpm, tpm, itpm, otpm, ...
+    [batch]   max_requests, max_bytes, poll_s, deadline, retry   (for [model] batch = true)
+"""
+
+from llmap.spec.base import FIELD_TYPES
+from llmap.spec.job import JobSpec, parse_spec, read_spec
+from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
+from llmap.spec.model import ModelSpec
+from llmap.spec.sections import Example, FieldSpec, InputSpec, OutputSpec, PerGroup, PromptSpec
+
+__all__ = [
+    "FIELD_TYPES",
+    "AlertsSpec",
+    "BatchSpec",
+    "Example",
+    "FieldSpec",
+    "CacheSpec",
+    "InputSpec",
+    "JobSpec",
+    "LimitsSpec",
+    "ModelSpec",
+    "OutputSpec",
+    "PerGroup",
+    "PromptSpec",
+    "parse_spec",
+    "read_spec",
+]
