@@ -139,6 +139,7 @@ class Job:
         self.spec = spec
         self._source = source
         self._log: JsonLog | None = None
+        self._executor, self._workers, self._ray_address = "local", None, "auto"
         self._on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None
 
     @classmethod
@@ -203,7 +204,8 @@ class Job:
     def run(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
             export_output: bool = True, log: JsonLog | None = None,
             on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
-            wait_lock: bool = False) -> RunResult:
+            wait_lock: bool = False, executor: str = "local", workers: int | None = None,
+            ray_address: str | None = "auto") -> RunResult:
         """Run the job to completion (sync wrapper over :meth:`arun`).
 
         The run holds the job's ledger lock (:mod:`llmap.store.lock`) for its
@@ -219,6 +221,13 @@ class Job:
                 (e.g. to serve metrics).
             wait_lock: when another run holds the ledger, wait for it to end
                 (``--wait-lock``) instead of raising :class:`~llmap.errors.LedgerLocked`.
+            executor: ``"local"`` (this process sends every request) or ``"ray"``: this
+                process keeps the ledger and the cache, and ``workers`` Ray actors send the
+                requests under one cluster-wide rate limit (:mod:`llmap.run.ray`; needs
+                ``llmap[ray]``).
+            workers: Ray workers (default: one per CPU of the cluster); ``executor="ray"`` only.
+            ray_address: the Ray cluster: ``"auto"`` (default) joins a running one, else
+                starts a local one; ``executor="ray"`` only.
 
         Raises:
             SpecError: bad spec or input; nothing was sent.
@@ -230,13 +239,17 @@ class Job:
         """
         require_no_running_loop("Job.run()", "await job.arun(...)")
         return asyncio.run(self.arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
-                                     log=log, on_start=on_start, wait_lock=wait_lock))
+                                     log=log, on_start=on_start, wait_lock=wait_lock, executor=executor,
+                                     workers=workers, ray_address=ray_address))
 
     async def arun(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
                    export_output: bool = True, log: JsonLog | None = None,
                    on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
-                   wait_lock: bool = False) -> RunResult:
+                   wait_lock: bool = False, executor: str = "local", workers: int | None = None,
+                   ray_address: str | None = "auto") -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
+        self._executor = _check_executor(executor, workers)
+        self._workers, self._ray_address = workers, ray_address
         lock = LedgerLock(self.spec.ledger_path, job=self.spec.name)
         await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
         try:
@@ -370,7 +383,7 @@ class Job:
         stats.on_halt = lambda reason: progress.message(
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
         stats.on_warn = lambda text: progress.message(f"llmap: {text}")
-        cache = None
+        cache = remote = None
         if spec.cache.enabled:
             with guard(default_cache_dir() / CACHE_FILE, "response cache"):
                 cache = ResponseCache(ttl_s=spec.cache.ttl_s)
@@ -386,12 +399,39 @@ class Job:
                 stats.on_request = self._log.request
             if self._on_start is not None:
                 self._on_start(stats, tally, lanes)
+            if self._executor == "ray":
+                from llmap.run.ray import RayExecutor
+
+                progress.message("llmap: starting Ray workers")
+                remote = await RayExecutor.start(spec, dispatcher, stats, workers=self._workers,
+                                                 address=self._ray_address)
             await run_pool(ledger, run_id, dispatcher, stats, tally, progress,
                            quota=(per_group.column, per_group.n) if per_group else None, packer=packer,
-                           on_settled=self._settled_hook(stats, prep))
+                           on_settled=self._settled_hook(stats, prep), remote=remote)
         finally:
+            if remote is not None:
+                await remote.aclose()
             if cache is not None:
                 cache.close()
+
+
+def _check_executor(executor: str, workers: int | None) -> str:
+    """Check ``executor`` and ``workers`` before anything is sent.
+
+    Raises:
+        SpecError: an unknown executor, ``workers`` < 1 or without Ray, or Ray missing.
+    """
+    if executor not in ("local", "ray"):
+        raise E.SpecError(f"unknown executor {executor!r}; use 'local' or 'ray'")
+    if workers is not None and executor != "ray":
+        raise E.SpecError("--workers applies to --executor ray only; add --executor ray or drop --workers")
+    if workers is not None and workers < 1:
+        raise E.SpecError(f"--workers must be at least 1, got {workers}")
+    if executor == "ray":
+        from llmap.run.ray import require_ray
+
+        require_ray()
+    return executor
 
 
 def _record_shapes(providers: list[Provider], stats: DispatchStats) -> None:

@@ -125,6 +125,15 @@ class Dispatcher:
         if st.stop.is_set():
             raise Stop
 
+    def check_caps(self) -> bool:
+        """Halt the run when a budget cap is reached by :attr:`stats` (the Ray executor's driver
+        calls this after merging its workers' usage). Returns True when the run is stopping."""
+        try:
+            self._check_caps()
+        except Stop:
+            return True
+        return False
+
     # -- one request ----------------------------------------------------------
     async def send(self, lane: Lane, req: Request, est_tokens: float, pack_size: int = 1) -> Completion:
         """Send one request on ``lane``: admit (concurrency, RPM/TPM), send under the adaptive timeout, settle.
