@@ -45,11 +45,11 @@ def test_an_unused_grant_handed_back_is_refunded():
 
 
 def test_settlement_charges_real_usage_to_everyone():
-    b = budget(tpm=6000)  # 100 tokens/s; the bucket starts with one second's worth: 200 at t=1
-    assert b.sync(Report("a", 0, want=1, est_tokens=100), 1.0).requests == 1  # 100 left
-    b.sync(Report("a", 0, reserved_tokens=100, actual_tokens=400), 1.0)  # used 300 more: -200
-    g = b.sync(Report("b", 0, want=1, est_tokens=100), 2.0)  # -100 at t=2: 2 s until 100
-    assert g.requests == 0 and g.wait_s == pytest.approx(2.0)
+    b = budget(tpm=6000)  # 100 tokens/s; the first grant finds one second's worth: 100
+    assert b.sync(Report("a", 0, want=1, est_tokens=100), 1.0).requests == 1  # 0 left
+    b.sync(Report("a", 0, reserved_tokens=100, actual_tokens=400), 1.0)  # used 300 more: -300
+    g = b.sync(Report("b", 0, want=1, est_tokens=100), 2.0)  # -200 at t=2: 3 s until 100
+    assert g.requests == 0 and g.wait_s == pytest.approx(3.0)
 
 
 def test_a_retry_after_from_one_worker_pauses_every_worker():
@@ -95,3 +95,8 @@ def test_the_breaker_is_shared_and_one_worker_gets_the_probe():
     assert b.view(0, "c", 2.1).breaker == "half_open"
     b.sync(Report("a", 0, probe_outcome=True), 2.2)
     assert b.view(0, "c", 2.2).breaker == "closed"
+
+
+def test_nothing_accrues_before_the_first_grant():
+    b = budget(rpm=600)  # the workers take 5 s to start: their first grant still gets one second's worth
+    assert b.sync(Report("a", 0, want=32), 5.0).requests == 10

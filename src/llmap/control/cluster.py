@@ -160,6 +160,7 @@ class _Lane:
     in_flight: dict[str, int] = field(default_factory=dict)
     probe_owner: str | None = None
     version: int = 0
+    granted: bool = False
 
 
 class ClusterBudget:
@@ -278,6 +279,11 @@ class ClusterBudget:
 
     def _grant(self, lane: _Lane, want: int, est_tokens: float, now: float) -> tuple[int, float, float]:
         """Reserve up to ``want`` requests of ``est_tokens`` each, one at a time, as a local run would."""
+        if not lane.granted:  # the budget's clock starts at the first request: nothing accrues while workers start
+            lane.granted = True
+            if lane.rate.paused_until == -math.inf and lane.rate.configured_rpm == (lane.rate.requests.capacity
+                                                                                    if lane.rate.requests else None):
+                lane.rate = RateLimiter(lane.limits.rpm, lane.limits.tpm, now=now)
         rate = lane.rate
         if not rate.limited:
             return want, want * est_tokens, 0.0

@@ -68,9 +68,11 @@ def lane_limits(spec: JobSpec) -> list[LaneLimits]:
 
 
 def budget_name(spec: JobSpec) -> str:
-    """The budget actor's name: one per set of models (provider, name, base URL), so jobs and
-    pipelines that call the same models on one cluster share one budget."""
+    """The budget actor's name: one per set of models (provider, name, base URL) and their limits,
+    so jobs and pipelines that call the same models with the same limits on one cluster share one
+    budget, and a job whose limits changed gets a budget of its own."""
     ident = "|".join(f"{m.provider}:{m.name}@{m.base_url or m.model_path or ''}" for m in spec.models)
+    ident += repr(lane_limits(spec))
     return "llmap-budget-" + hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 

@@ -113,7 +113,7 @@ class RowWorker:
         self._tail = False
 
     async def setup(self) -> str:
-        """Build the providers, lanes and dispatcher; join the budget. Returns the node's IP.
+        """Build the providers, lanes and dispatcher; join the budget. Returns the Ray node's id.
 
         Raises:
             SpecError: the spec does not compile here, or a provider cannot be built (a missing
@@ -148,7 +148,7 @@ class RowWorker:
         self._watchdog = asyncio.create_task(self.dispatcher.watchdog(), name="llmap-timeout-watchdog")
         import ray
 
-        return ray.util.get_node_ip_address()
+        return ray.get_runtime_context().get_node_id()
 
     def _halted(self, reason: str) -> None:
         self._halt = reason
