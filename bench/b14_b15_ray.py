@@ -50,9 +50,9 @@ def _busiest_minute(times: list[float]) -> int:
 def one(name: str, csv: Path, tmp: Path, *, executor: str, workers: int | None, sim_kw: dict, limits: str) -> dict:
     with start_simulator_process(**sim_kw) as sim:
         job = write_job(tmp, name=name, csv=csv, base_urls=[sim.base_url], limits=limits)
-        t0 = time.perf_counter()
+        t0, epoch0, cpu0 = time.perf_counter(), time.time(), time.process_time()
         result = Job.from_toml(job).run(executor=executor, workers=workers)
-        wall = time.perf_counter() - t0
+        wall, epoch1, cpu = time.perf_counter() - t0, time.time(), time.process_time() - cpu0
         stats = sim.stats()
     times = _requests(tmp / ".llmap" / f"{name}.ledger.sqlite")
     if result.exit_code != 0:
@@ -60,7 +60,8 @@ def one(name: str, csv: Path, tmp: Path, *, executor: str, workers: int | None, 
     n429 = stats["by_status"].get("429", 0)
     return {"name": name, "rows": result.counts["done"], "wall_s": wall, "span_s": times[-1] - times[0],
             "requests": stats["requests"], "429": n429, "429_pct": 100 * n429 / max(1, stats["requests"]),
-            "busiest_60s": _busiest_minute(times)}
+            "busiest_60s": _busiest_minute(times), "before_s": times[0] - epoch0, "after_s": epoch1 - times[-1],
+            "driver_cpu_us": 1e6 * cpu / max(1, result.counts["done"])}
 
 
 def b14(rows: int, tmp: Path) -> list[tuple[str, str]]:
@@ -72,7 +73,8 @@ def b14(rows: int, tmp: Path) -> list[tuple[str, str]]:
         r = one(f"b14-w{w}", csv, tmp, executor="ray", workers=w, sim_kw=sim_kw, limits=f"rpm = {RPM}\ntpm = {TPM}")
         out.append((f"B14 {w} worker{'s' if w > 1 else ''}",
                     f"{r['rows']:,} rows, wall {r['wall_s']:.1f} s (ideal {ideal:.0f} s) = {r['wall_s'] / ideal:.3f}; "
-                    f"first to last answer {r['span_s']:.1f} s = {r['span_s'] / ideal:.3f}; "
+                    f"first to last answer {r['span_s']:.1f} s = {r['span_s'] / ideal:.3f} (first answer after "
+                    f"{r['before_s']:.1f} s, end {r['after_s']:.1f} s after the last); "
                     f"{r['requests']:,} requests, 429s {r['429']} ({r['429_pct']:.2f}%); "
                     f"busiest 60 s: {r['busiest_60s']:,} requests (limit {RPM:,})"))
     return out
@@ -89,7 +91,7 @@ def b15(rows: int, tmp: Path) -> list[tuple[str, str]]:
         base = base or rate
         out.append((f"B15 {executor}" + (f" {w} worker{'s' if w > 1 else ''}" if w else ""),
                     f"{rate:,.0f} rows/s over the run ({r['wall_s']:.1f} s, {rate / base:.2f}x local); "
-                    f"{rate_span:,.0f} rows/s first to last answer"))
+                    f"{rate_span:,.0f} rows/s first to last answer; this process's CPU {r['driver_cpu_us']:,.0f} µs/row"))
     return out
 
 

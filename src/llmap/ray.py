@@ -209,9 +209,9 @@ def map_batches(ds: Any, *, prompt: str, fields: Mapping[str, Any], model: str |
     ray = require_ray()
     spec = _spec(prompt, fields, model, system=system, examples=examples, base_url=base_url,
                  api_key_env=api_key_env, concurrency=requests_in_flight, max_reask=max_reask, rpm=rpm, tpm=tpm)
-    from llmap.run.ray_budget import budget_actor, budget_name
+    from llmap.run.ray_budget import budget_actor
 
-    _ACTORS[budget_name(spec)] = budget_actor(spec, workers=concurrency)  # owned here, joined by every mapper
+    budget_actor(spec, workers=concurrency)  # made (and held) here, joined by every mapper
     if cache:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

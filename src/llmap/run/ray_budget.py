@@ -155,16 +155,24 @@ def budget_actor(spec: JobSpec, *, workers: int, name: str | None = None) -> Any
     """The job's budget actor on the connected Ray cluster: found by name, else created.
 
     The first job to create the actor for a set of models sets its limits; later
-    ones join it. The actor lives as long as the driver that created it.
+    ones join it. This process keeps a handle, so the actor lives as long as the
+    process (Ray ends an actor once every handle to it is gone).
     """
     import ray
 
-    actor = ray.remote(BudgetService).options(
-        name=name or budget_name(spec), namespace="llmap", get_if_exists=True, num_cpus=0,
-        max_concurrency=10_000,
-    ).remote(lane_limits(spec), workers)
+    name = name or budget_name(spec)
+    held = (name, ray.get_runtime_context().get_node_id())  # a new cluster has new node ids
+    actor = _HELD.get(held)
+    if actor is None:
+        actor = _HELD[held] = ray.remote(BudgetService).options(
+            name=name, namespace="llmap", get_if_exists=True, num_cpus=0, max_concurrency=10_000,
+        ).remote(lane_limits(spec), workers)
     actor.expect.remote(workers)
     return actor
+
+
+#: Budget actors this process made or joined, by (name, node id): held so that they live on.
+_HELD: dict[tuple[str, str], Any] = {}
 
 
 class BudgetLink:
