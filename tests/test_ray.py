@@ -41,10 +41,10 @@ def cluster():
     c.shutdown()
 
 
-def _job(tmp_path: Path, base_url: str, n: int, **kw) -> Path:
+def _job(tmp_path: Path, base_url: str, n: int, *, limits: str = "", **kw) -> Path:
     write_csv(tmp_path / "people.csv", people(n))
     job = tmp_path / "job.toml"
-    job.write_text(job_toml(base_url, **kw), encoding="utf-8")
+    job.write_text(job_toml(base_url, **kw) + limits, encoding="utf-8")  # [limits] is the last table
     return job
 
 
@@ -61,23 +61,35 @@ def _workers() -> list[str]:
 
 def test_every_row_exactly_once_across_four_workers(cluster, tmp_path, monkeypatch):
     monkeypatch.setattr("llmap.run.ray.LEASE_ROWS", 25)  # 300 rows: a dozen leases over four workers
-    nodes = set()
-    real_start = __import__("llmap.run.ray", fromlist=["RayExecutor"]).RayExecutor.start
+    from llmap.run.ray import Launch
 
-    async def start(*a, **kw):
-        ex = await real_start(*a, **kw)
-        nodes.update(ray.get([h.setup.remote() for h in ex.workers.values()]))  # setup answers its node's id
+    nodes = set()
+    real = Launch.executor
+
+    async def executor(self, *a, **kw):
+        ex = await real(self, *a, **kw)
+        nodes.update([await h.node.remote() for h in ex.workers.values()])
         return ex
 
-    monkeypatch.setattr("llmap.run.ray.RayExecutor.start", start)
+    monkeypatch.setattr(Launch, "executor", executor)
     with Simulator(latency_median=0.02) as sim:
-        result = Job.from_toml(_job(tmp_path, sim.base_url, 300, concurrency=16)).run(executor="ray", workers=4)
+        job = _job(tmp_path, sim.base_url, 300, concurrency=16, limits="hedge_tail = false\n")  # no tail copies
+        result = Job.from_toml(job).run(executor="ray", workers=4)
         sent = sim.stats()["requests"]
     rows = _ledger_rows(tmp_path)
     assert result.counts["done"] == 300 and result.exit_code == 0
-    assert sent == result.requests and 300 <= sent <= 310  # a few hedged copies in the tail (hedge_tail)
+    assert sent == result.requests == 300
     assert [r[1:] for r in rows] == [("done", 1)] * 300
     assert len(nodes) == 2  # the workers are spread over both nodes
+
+
+def test_the_driver_answers_in_run_duplicates_itself(cluster, tmp_path):
+    with Simulator(latency_median=0.05) as sim:
+        job = _job(tmp_path, sim.base_url, 60, user="City: {{ city }}.")  # three distinct requests
+        result = Job.from_toml(job).run(executor="ray", workers=2)
+        sent = sim.stats()["requests"]
+    assert result.counts["done"] == 60
+    assert sent == 3
 
 
 def test_killing_a_worker_mid_run_hands_its_rows_to_the_others(cluster, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmap import errors as E
 from llmap.control.alerts import FailureRateAlert
@@ -139,7 +140,8 @@ class Job:
         self.spec = spec
         self._source = source
         self._log: JsonLog | None = None
-        self._executor, self._workers, self._ray_address = "local", None, "auto"
+        self._executor = "local"
+        self._launch: Any = None  # Ray workers starting (llmap.run.ray.Launch), until dispatch takes them
         self._on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None
 
     @classmethod
@@ -249,13 +251,19 @@ class Job:
                    ray_address: str | None = "auto") -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
         self._executor = _check_executor(executor, workers)
-        self._workers, self._ray_address = workers, ray_address
         lock = LedgerLock(self.spec.ledger_path, job=self.spec.name)
         await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
         try:
+            if self._executor == "ray":  # the workers start while the job is checked and planned
+                from llmap.run.ray import Launch
+
+                self._launch = Launch(self.spec, workers=workers, address=ray_address)
             return await self._arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
                                     log=log, on_start=on_start)
         finally:
+            if self._launch is not None:  # not needed after all (no pending row, or the run failed first)
+                await self._launch.abandon()
+                self._launch = None
             lock.release()
 
     async def _arun(self, *, limit: int | None, fresh: bool, progress: Progress | None, export_output: bool,
@@ -399,12 +407,10 @@ class Job:
                 stats.on_request = self._log.request
             if self._on_start is not None:
                 self._on_start(stats, tally, lanes)
-            if self._executor == "ray":
-                from llmap.run.ray import RayExecutor
-
-                progress.message("llmap: starting Ray workers")
-                remote = await RayExecutor.start(spec, dispatcher, stats, workers=self._workers,
-                                                 address=self._ray_address)
+            if self._launch is not None and tally.total > tally.done + tally.failed + tally.skipped + tally.fallback:
+                launch, self._launch = self._launch, None
+                remote = await launch.executor(dispatcher, stats)
+                progress.message(f"llmap: {len(remote.workers)} Ray workers send the requests")
             await run_pool(ledger, run_id, dispatcher, stats, tally, progress,
                            quota=(per_group.column, per_group.n) if per_group else None, packer=packer,
                            on_settled=self._settled_hook(stats, prep), remote=remote)

@@ -46,7 +46,7 @@ from llmap.run.stats import DispatchStats
 from llmap.spec import JobSpec
 from llmap.store.ledger import RowResult
 
-__all__ = ["RayExecutor", "connect", "require_ray"]
+__all__ = ["Launch", "RayExecutor", "connect", "require_ray"]
 
 #: Rows per lease.
 LEASE_ROWS = 256
@@ -107,6 +107,72 @@ def _secrets(spec: JobSpec) -> dict[str, str]:
     return {n: os.environ[n] for n in sorted(names) if n in os.environ}
 
 
+class Launch:
+    """Ray workers starting: made at the start of a run, so the workers start while the driver
+    checks and plans the job; :meth:`executor` waits for them.
+
+    Args:
+        spec: the job.
+        workers: how many (default: one per CPU of the cluster).
+        address: the Ray cluster (see :func:`connect`).
+
+    Raises:
+        SpecError: Ray is missing or unreachable (at once: connecting blocks).
+    """
+
+    def __init__(self, spec: JobSpec, *, workers: int | None, address: str | None = "auto") -> None:
+        connect(address)
+        import ray
+
+        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.budget = budget_actor(spec, workers=n)
+        token = uuid.uuid4().hex[:8]
+        env = _secrets(spec)
+        options: dict[str, Any] = {"namespace": "llmap", "num_cpus": 0, "max_concurrency": 10_000,
+                                   "scheduling_strategy": "SPREAD"}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        remote = ray.remote(RowWorker)
+        self.handles: dict[str, Any] = {}
+        for i in range(n):
+            name = f"llmap-worker-{spec.name}-{token}-{i}"
+            self.handles[name] = remote.options(name=name, **options).remote(spec, name, self.budget)
+        self._setup = asyncio.ensure_future(asyncio.gather(*(h.setup.remote() for h in self.handles.values())))
+
+    async def executor(self, dispatcher: Dispatcher, stats: DispatchStats, **kw: Any) -> RayExecutor:
+        """Wait until every worker is set up; the executor over them.
+
+        Raises:
+            SpecError: a worker cannot build the job's providers (a missing API key variable there).
+        """
+        import ray
+
+        try:
+            await self._setup
+        except ray.exceptions.RayTaskError as exc:
+            await self.abandon()
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), E.LlmapError) else None
+            if cause is not None:
+                raise E.SpecError(f"a Ray worker could not start the job: {cause}") from None
+            raise
+        except BaseException:
+            await self.abandon()
+            raise
+        handles, self.handles = self.handles, {}
+        return RayExecutor(handles, self.budget, dispatcher, stats, **kw)
+
+    async def abandon(self) -> None:
+        """End the workers (the run stopped before it needed them)."""
+        import ray
+
+        self._setup.cancel()
+        await asyncio.gather(self._setup, return_exceptions=True)
+        for h in self.handles.values():
+            with contextlib.suppress(Exception):
+                ray.kill(h)
+        self.handles = {}
+
+
 class RayExecutor:
     """The pool's :class:`~llmap.run.pool.RemoteRows` on a Ray cluster (see the module docstring).
 
@@ -137,36 +203,12 @@ class RayExecutor:
     @classmethod
     async def start(cls, spec: JobSpec, dispatcher: Dispatcher, stats: DispatchStats, *, workers: int | None,
                     address: str | None = "auto", **kw: Any) -> RayExecutor:
-        """Connect to Ray, start the budget actor and ``workers`` workers (default: one per CPU of the cluster).
+        """Connect to Ray, start the budget actor and ``workers`` workers (see :class:`Launch`).
 
         Raises:
             SpecError: Ray is missing or unreachable, or a worker cannot build the job's providers.
         """
-        connect(address)
-        import ray
-
-        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        budget = budget_actor(spec, workers=n)
-        token = uuid.uuid4().hex[:8]
-        env = _secrets(spec)
-        options: dict[str, Any] = {"namespace": "llmap", "num_cpus": 0, "max_concurrency": 10_000,
-                                   "scheduling_strategy": "SPREAD"}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-        remote = ray.remote(RowWorker)
-        handles = {f"llmap-worker-{spec.name}-{token}-{i}": None for i in range(n)}
-        for name in handles:
-            handles[name] = remote.options(name=name, **options).remote(spec, name, budget)
-        try:
-            await asyncio.gather(*(h.setup.remote() for h in handles.values()))
-        except ray.exceptions.RayTaskError as exc:
-            for h in handles.values():
-                ray.kill(h)
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), E.LlmapError) else None
-            if cause is not None:
-                raise E.SpecError(f"a Ray worker could not start the job: {cause}") from None
-            raise
-        return cls(handles, budget, dispatcher, stats, **kw)
+        return await Launch(spec, workers=workers, address=address).executor(dispatcher, stats, **kw)
 
     async def aclose(self) -> None:
         """Close every worker (unused budget is handed back) and end them."""

@@ -150,6 +150,12 @@ class RowWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    async def node(self) -> str:
+        """The Ray node this worker runs on (its id)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def _halted(self, reason: str) -> None:
         self._halt = reason
         self._ready.set()
