@@ -8,7 +8,8 @@ duplicates itself, and commits results in batches. Only the step that sends
 requests moves: :class:`RayExecutor` is the pool's
 :class:`~llmap.run.pool.RemoteRows`.
 
-* It starts N :class:`~llmap.run.ray_worker.RowWorker` actors and the job's
+* It starts N :class:`~llmap.run.ray_worker.RowWorker` actors (round robin over the
+  cluster's nodes) and the job's
   budget actor (:mod:`llmap.run.ray_budget`): one RPM/TPM budget, AIMD limit
   and circuit breaker per model for the whole cluster.
 * It groups the pool's packs into leases of about :data:`LEASE_ROWS` rows
@@ -128,15 +129,16 @@ class Launch:
         self.budget = budget_actor(spec, workers=n)
         token = uuid.uuid4().hex[:8]
         env = _secrets(spec)
-        options: dict[str, Any] = {"namespace": "llmap", "num_cpus": 0, "max_concurrency": 10_000,
-                                   "scheduling_strategy": "SPREAD"}
+        options: dict[str, Any] = {"namespace": "llmap", "num_cpus": 0, "max_concurrency": 10_000}
         if env:
             options["runtime_env"] = {"env_vars": env}
         remote = ray.remote(RowWorker)
         self.handles: dict[str, Any] = {}
+        nodes = _nodes()
         for i in range(n):
             name = f"llmap-worker-{spec.name}-{token}-{i}"
-            self.handles[name] = remote.options(name=name, **options).remote(spec, name, self.budget)
+            self.handles[name] = remote.options(name=name, scheduling_strategy=_place(nodes, i), **options).remote(
+                spec, name, self.budget)
         self._setup = asyncio.ensure_future(asyncio.gather(*(h.setup.remote() for h in self.handles.values())))
 
     async def executor(self, dispatcher: Dispatcher, stats: DispatchStats, **kw: Any) -> RayExecutor:
@@ -365,6 +367,23 @@ class RayExecutor:
 
 
 _EMPTY = object()
+
+
+def _nodes() -> list[str]:
+    """The ids of the cluster's live nodes that have CPUs, in a stable order."""
+    import ray
+
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+
+
+def _place(nodes: list[str], i: int) -> Any:
+    """Worker ``i``'s placement: round robin over ``nodes`` (soft: another node if that one is gone).
+    Ray's own SPREAD is best effort, and put every zero-CPU worker on one node at times."""
+    if not nodes:
+        return "SPREAD"
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)
 
 
 def _nowait(todo: asyncio.Queue) -> Any:
