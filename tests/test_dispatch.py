@@ -214,7 +214,7 @@ async def test_a_pack_feeds_the_per_row_output_estimate():
     d = _dispatcher([p])
     from llmap.providers.base import Request
 
-    await d.send(d.lanes[0], Request([{"role": "user", "content": "x"}], None, 0, 100), 10, pack_size=10)
+    await d.send(d.lanes[0], Request([{"role": "user", "content": "x"}], None, 0, 100), pack_size=10)
     assert d.lanes[0].output_tokens.estimate() == 30
 
 
@@ -233,7 +233,7 @@ async def test_every_failed_attempt_settles_its_reservation():
     req = Request([{"role": "user", "content": "x"}], None, 0, 100)
     for _ in range(2):
         with pytest.raises(E.ProviderError):
-            await d.send(lane, req, 500)
+            await d.send(lane, req)
     bucket = lane.limiter.rate.tokens
     assert bucket.available(lane.limiter.clock()) >= 999  # one second's worth, nothing owed
 
@@ -257,3 +257,103 @@ async def test_unknown_limits_send_one_request_first():
     assert lane.in_flight == 1  # the probe alone
     await asyncio.gather(*first)
     assert not lane.probing and peak < 8  # no headers: slow start, not the full wave
+
+
+def test_a_529_counts_toward_the_breaker_but_does_not_shrink_concurrency():
+    d = _dispatcher([Provider("p", None)])
+    lane = d.lanes[0]
+    before = lane.aimd.limit
+    for _ in range(10):  # ten 529s in a row: the breaker's streak opens it
+        d.record_failure(lane, E.Overloaded("HTTP 529: Overloaded", model="p", status=529))
+    assert lane.aimd.limit == before  # overloaded for every customer: not our quota
+    assert lane.breaker.state.value != "closed"
+    d.record_failure(lane, E.RateLimited("HTTP 429", model="p", status=429, retry_after=2.0))
+    assert lane.aimd.limit < before and d.stats.rate_limited == 1  # a 429 is ours: cut, and pause the lane
+    assert lane.limiter.rate.paused_until > lane.limiter.clock()
+
+
+# -- stop reasons (Anthropic's stop_reason: max_tokens, refusal) ------------------------------------
+
+def _scripted(*answers):
+    """A provider answering each call from ``answers`` (a Completion, or a stop reason for an empty one)."""
+    async def behave(n):
+        a = answers[min(n, len(answers)) - 1]
+        return a if isinstance(a, Completion) else Completion("", 5, 256, 0.01, stop_reason=a)
+    return behave
+
+
+async def test_an_answer_cut_at_max_tokens_is_re_asked_once_with_a_note():
+    p = Provider("p", _scripted("max_tokens", Completion(ANSWER, 5, 3, 0.01)))
+    seen = []
+    inner = p.complete
+
+    async def complete(request):
+        seen.append(request.messages)
+        return await inner(request)
+
+    p.complete = complete
+    d = _dispatcher([p])
+    res = await d.solve("k", {"t": "x"})
+    assert res.status == "done" and p.calls == 2
+    assert "cut off at the limit of 256 tokens" in seen[1][-1]["content"] and seen[1][:-1] == seen[0]
+    assert [t[1] for t in res.tried] == ["max_tokens", "done"]
+
+
+async def test_a_second_cut_fails_the_row_saying_raise_max_tokens_and_fails_over():
+    cut = Provider("cut", _scripted("max_tokens"))
+    ok = Provider("ok", _scripted(Completion(ANSWER, 5, 3, 0.01)))
+    d = _dispatcher([cut, ok])
+    res = await d.solve("k", {"t": "x"})
+    assert cut.calls == 2 and res.status == "done" and res.model == "ok"
+    alone = _dispatcher([Provider("cut", _scripted("max_tokens"))])
+    res = await alone.solve("k", {"t": "x"})
+    assert res.status == "failed" and "AnswerCut" in res.error and "raise [model] max_tokens" in res.error
+
+
+async def test_cuts_on_a_models_first_requests_are_a_configuration_error():
+    from llmap.run.stats import Stop
+
+    d = _dispatcher([Provider("cut", _scripted("max_tokens"))])
+    with pytest.raises(Stop):
+        for key in ("a", "b"):
+            await d.solve(key, {"t": key})
+    assert "raise [model] max_tokens" in d.stats.stop_reason and "answers stop at" in d.stats.stop_reason
+
+
+async def test_a_refusal_fails_the_row_and_says_so_and_the_next_model_may_answer():
+    d = _dispatcher([Provider("p", _scripted("refusal"))])
+    res = await d.solve("k", {"t": "x"})
+    assert res.status == "failed" and res.error == "Refusal: p declined to answer (stop_reason refusal)"
+    assert d.lanes[0].provider.calls == 1  # not retried, not re-asked
+    d = _dispatcher([Provider("p", _scripted("refusal")), Provider("q", _scripted(Completion(ANSWER, 5, 3, 0.01)))])
+    res = await d.solve("k", {"t": "x"})
+    assert res.status == "done" and res.model == "q"
+
+
+async def test_a_request_that_waited_for_the_first_answer_reserves_what_it_taught():
+    """The reservation is made once the request has its slot: rows queued behind the lane's first request
+    (a discovering provider sends one first) reserve the output the first answer showed, not max_tokens."""
+    gate = asyncio.Event()
+
+    async def behave(n):
+        if n == 1:
+            await gate.wait()
+        return Completion(ANSWER, 5, 7, 0.01)
+
+    p = Provider("p", behave)
+    p.discovering = True
+    d = _dispatcher([p], otpm=60_000)
+    lane = d.lanes[0]
+    reserved = []
+    acquire = lane.limiter.acquire
+
+    async def spy(est_tokens, *, est_output=0.0):
+        reserved.append(est_output)
+        return await acquire(est_tokens, est_output=est_output)
+
+    lane.limiter.acquire = spy
+    rows = [asyncio.create_task(d.solve(k, {"t": k})) for k in ("a", "b", "c")]
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert all(r.status == "done" for r in await asyncio.gather(*rows))
+    assert reserved == [256, 7, 7]  # max_tokens' default before any answer, then what the answer used

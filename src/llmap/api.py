@@ -70,7 +70,9 @@ def _model(model: str | Mapping[str, Any] | ModelSpec, base_url: str | None,
         return dict(model)
     if model == "local":
         return {"provider": "local"}
-    doc: dict[str, Any] = {"provider": "openai", "name": model}
+    # Claude models speak Anthropic's Messages API (for an OpenAI-compatible shim, pass a [model] dict)
+    provider = "anthropic" if model.startswith("claude") else "openai"
+    doc: dict[str, Any] = {"provider": provider, "name": model}
     if base_url:
         doc["base_url"] = base_url
     if api_key_env:
@@ -103,12 +105,14 @@ async def amap(
         fields: output field name -> type (``"string"``, ``"integer"``,
             ``"number"``, ``"boolean"``) or a dict with ``type``, ``enum``,
             ``description``.
-        model: ``"local"`` (embedded Gemma 3 270M; needs ``llmap[local]``), an
-            OpenAI-compatible model name (with ``base_url``), or a ``[model]``
-            dict / :class:`~llmap.spec.ModelSpec`.
+        model: ``"local"`` (embedded Gemma 3 270M; needs ``llmap[local]``), a
+            Claude model name (``"claude-haiku-4-5"``: Anthropic's Messages API,
+            key in ``ANTHROPIC_API_KEY``), an OpenAI-compatible model name (with
+            ``base_url``), or a ``[model]`` dict / :class:`~llmap.spec.ModelSpec`.
         system: optional system prompt template.
         examples: few-shot ``{"input": {...}, "output": {...}}`` pairs.
-        base_url: OpenAI-compatible base URL when ``model`` is a name.
+        base_url: the base URL when ``model`` is a name (OpenAI-compatible, or
+            Anthropic's for a Claude model; default the provider's own).
         api_key_env: environment variable holding the API key.
         concurrency: requests in flight.
         max_reask: re-asks after an invalid answer.

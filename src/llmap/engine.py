@@ -34,7 +34,15 @@ from llmap.io.sinks import check_writable, export, result_batches
 from llmap.io.sources import Source
 from llmap.observe.logs import JsonLog
 from llmap.observe.progress import NullProgress, Progress, Tally
-from llmap.plan import Compiled, InputPlan, build_source, check_input, compile_spec, load_spec
+from llmap.plan import (
+    Compiled,
+    InputPlan,
+    build_source,
+    check_input,
+    compile_spec,
+    keyed_rows,
+    load_spec,
+)
 from llmap.providers.base import Provider
 from llmap.run.dispatch import Dispatcher
 from llmap.run.packer import Packer
@@ -45,11 +53,14 @@ from llmap.store.answers import AnswerCache
 from llmap.store.cache import FILE_NAME as CACHE_FILE
 from llmap.store.cache import ResponseCache, default_cache_dir
 from llmap.store.diskfull import guard
-from llmap.store.fingerprint import completion_fingerprint, input_hash, key_text
+from llmap.store.fingerprint import completion_fingerprint
 from llmap.store.ledger import Ledger, PlannedRow, RowResult
 from llmap.store.lock import LedgerLock
 
 __all__ = ["Job", "RunResult", "make_provider", "require_no_running_loop"]
+
+#: Rows planned into the ledger per transaction.
+PLAN_ROWS = 2048
 
 
 def require_no_running_loop(call: str, instead: str) -> None:
@@ -82,6 +93,10 @@ def make_provider(spec: ModelSpec, *, concurrency: int | None) -> Provider:
         from llmap.providers.openai import OpenAIProvider
 
         return OpenAIProvider(spec, concurrency=concurrency or MAX_CONCURRENCY)
+    if spec.provider == "anthropic":
+        from llmap.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(spec, concurrency=concurrency or MAX_CONCURRENCY)
     from llmap.providers.local import LocalProvider
 
     return LocalProvider(spec, processes=concurrency)
@@ -100,6 +115,7 @@ class RunResult:
         prompt_tokens, completion_tokens: tokens spent in this run.
         elapsed_s: wall time of the run in seconds.
         cost_usd: USD spent in this run at the models' prices.
+        cache_read_tokens: prompt tokens read from the providers' prompt caches in this run.
         rate_limited: 429 answers in this run.
         retries: attempts after the first, summed over rows and models.
     """
@@ -115,6 +131,7 @@ class RunResult:
     cost_usd: float = 0.0
     rate_limited: int = 0
     retries: int = 0
+    cache_read_tokens: int = 0
 
 
 @dataclass
@@ -177,29 +194,22 @@ class Job:
 
     # -- plan -----------------------------------------------------------------
     def _plan(self, ledger: Ledger, run_id: int, prep: _Prepared) -> None:
-        key_col = self.spec.input.key
         renderer = prep.compiled.renderer
         variables = renderer.variables
-        fp = prep.compiled.fingerprint.encode()
-        seq = -1
-        for batch in prep.source.batches(prep.input.data_columns):
-            planned = []
-            for row in batch.to_pylist():
-                seq += 1
-                if key_col:
-                    key = key_text(row[key_col])
-                else:
-                    key = str(seq)
-                    row["_row"] = seq
-                inputs = {v: row[v] for v in variables}
-                h = input_hash(fp, inputs)
-                data = json.dumps(row, ensure_ascii=False, default=str)
-                cut = renderer.truncated_columns(row) if renderer.max_chars else None
-                truncated = json.dumps(cut) if cut else None
-                if variables and all(v is None or v == "" for v in inputs.values()):
-                    planned.append(PlannedRow(key, seq, h, data, "skipped", "every template input is empty", truncated))
-                else:
-                    planned.append(PlannedRow(key, seq, h, data, truncated=truncated))
+        planned: list[PlannedRow] = []
+        for r in keyed_rows(self.spec, prep.compiled, prep.source, prep.input.data_columns):
+            data = json.dumps(r.row, ensure_ascii=False, default=str)
+            cut = renderer.truncated_columns(r.row) if renderer.max_chars else None
+            truncated = json.dumps(cut) if cut else None
+            if variables and all(v is None or v == "" for v in r.inputs.values()):
+                planned.append(PlannedRow(r.key, r.seq, r.input_hash, data, "skipped", "every template input is empty",
+                                          truncated))
+            else:
+                planned.append(PlannedRow(r.key, r.seq, r.input_hash, data, truncated=truncated))
+            if len(planned) >= PLAN_ROWS:
+                ledger.plan(run_id, planned)
+                planned = []
+        if planned:
             ledger.plan(run_id, planned)
 
     # -- run ------------------------------------------------------------------
@@ -331,7 +341,8 @@ class Job:
                                        prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
                                        cost_usd=stats.cost_usd, rate_limited=stats.rate_limited,
                                        retries=stats.retries, cached=tally.cache_hits if tally else 0,
-                                       by_model=stats.by_model)
+                                       by_model=stats.by_model, cache_read_tokens=stats.cache_read_tokens,
+                                       cache_write_tokens=stats.cache_write_tokens)
                     except E.DiskFull:
                         if not disk_full:
                             raise  # else the DiskFull on its way out already says it
@@ -351,7 +362,7 @@ class Job:
         exit_code = 0 if counts["failed"] == 0 and counts["pending"] == 0 and stop is None else 1
         return RunResult(counts, out, exit_code, stop, stats.requests, stats.prompt_tokens,
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
-                         stats.retries)
+                         stats.retries, stats.cache_read_tokens)
 
     def _settled_hook(self, stats: DispatchStats, prep: _Prepared) -> Callable[[list[RowResult], list[str]], None]:
         """Alerts and structured row logs, run on every batch of settled rows."""

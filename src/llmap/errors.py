@@ -20,6 +20,7 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │   └── TerminalError         retrying cannot help this row
     │       ├── BadRequest        400 / 404 / 422
     │       │   ├── ContextTooLong
+    │       │   ├── AnswerCut     answers stop at max_tokens (raise [model] max_tokens)
     │       │   └── ModelLeftOut  the model refused every request the same way; rows fail over
     │       └── FatalProviderError  every row would hit it: stop the run (exit 1)
     │           ├── AuthError       401 / 403
@@ -41,6 +42,7 @@ or a fatal provider error or :class:`DiskFull` stopped the run, 2 :class:`SpecEr
 from __future__ import annotations
 
 __all__ = [
+    "AnswerCut",
     "AnswerInvalid",
     "AuthError",
     "BadRequest",
@@ -151,6 +153,12 @@ class BadRequest(TerminalError):
 
 class ContextTooLong(BadRequest):
     """The prompt does not fit the model's context window."""
+
+
+class AnswerCut(BadRequest):
+    """The answer stopped at ``max_tokens`` (Anthropic ``stop_reason = "max_tokens"``) and again after a
+    re-ask: the row fails with this error on that model. The same cut on a model's first requests is a
+    configuration error (:mod:`llmap.control.misconfig`): raise ``[model] max_tokens``."""
 
 
 class ModelLeftOut(BadRequest):

@@ -18,6 +18,7 @@ more than one key to check lives here, in one place, so a bad job is one
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ from llmap.io.sources import Source
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema, check_examples, check_fallback, check_fields
 from llmap.spec import JobSpec, parse_spec, read_spec
-from llmap.store.fingerprint import key_text
+from llmap.store.fingerprint import input_hash, key_text
 
-__all__ = ["Compiled", "InputPlan", "build_source", "check_input", "compile_spec", "load_spec", "spec_from_dict"]
+__all__ = ["Compiled", "InputPlan", "KeyedRow", "build_source", "check_input", "compile_spec", "keyed_rows", "load_spec",
+           "spec_from_dict"]
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,45 @@ def check_input(spec: JobSpec, compiled: Compiled, source: Source) -> InputPlan:
     if not spec.input.key:
         key_schema = pa.schema([pa.field("_row", pa.int64())] + list(key_schema))
     return InputPlan(columns, ResultLayout(key_schema, {n: f.type for n, f in spec.output.fields.items()}))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedRow:
+    """One input row as the ledger knows it.
+
+    Attributes:
+        seq: its position in the input (0-based).
+        key: its key as text (the ``[input] key`` column, else ``seq``).
+        row: column -> value (with ``_row`` = ``seq`` when the job has no key).
+        inputs: the template variables' values.
+        input_hash: :func:`~llmap.store.fingerprint.input_hash` of the inputs.
+        batch_schema: the Arrow schema of the batch it came in.
+    """
+
+    seq: int
+    key: str
+    row: dict[str, Any]
+    inputs: dict[str, Any]
+    input_hash: str
+    batch_schema: pa.Schema
+
+
+def keyed_rows(spec: JobSpec, compiled: Compiled, source: Source, columns: list[str]) -> Iterator[KeyedRow]:
+    """Every input row with its key and input hash, in input order (the planner and ``estimate``)."""
+    key_col = spec.input.key
+    variables = compiled.renderer.variables
+    fp = compiled.fingerprint.encode()
+    seq = -1
+    for batch in source.batches(columns):
+        for row in batch.to_pylist():
+            seq += 1
+            if key_col:
+                key = key_text(row[key_col])
+            else:
+                key = str(seq)
+                row["_row"] = seq
+            inputs = {v: row[v] for v in variables}
+            yield KeyedRow(seq, key, row, inputs, input_hash(fp, inputs), batch.schema)
 
 
 def _check_keys(spec: JobSpec, source: Source) -> None:

@@ -100,3 +100,12 @@ def test_the_breaker_is_shared_and_one_worker_gets_the_probe():
 def test_nothing_accrues_before_the_first_grant():
     b = budget(rpm=600)  # the workers take 5 s to start: their first grant still gets one second's worth
     assert b.sync(Report("a", 0, want=32), 5.0).requests == 10
+
+
+def test_separate_output_token_limit_is_shared_and_settled():
+    b = ClusterBudget([LaneLimits(None, None, 64, 16, otpm=6000)], workers=2, now=0.0)  # 100 output tokens/s
+    g = b.sync(Report("a", 0, want=5, est_tokens=500, est_output=50), 0.0)
+    assert g.requests == 2 and g.output == 100  # one second's worth of output tokens: two requests
+    assert b.sync(Report("b", 0, want=1, est_tokens=500, est_output=50), 0.0).requests == 0
+    b.sync(Report("a", 0, reserved_tokens=1000, actual_tokens=1000, reserved_output=100, actual_output=10), 0.0)
+    assert b.sync(Report("b", 0, want=1, est_tokens=500, est_output=50), 0.0).requests == 1  # 90 refunded

@@ -35,7 +35,7 @@ def openai_body(code=None, message="", type_=None):
         (405, BadRequest),
         (408, RequestTimeout),
         (409, Overloaded),
-        (413, BadRequest),
+        (413, ContextTooLong),  # Anthropic request_too_large: the request's own size
         (422, BadRequest),
         (429, RateLimited),
         (500, Overloaded),

@@ -106,12 +106,13 @@ def report(
     except SpecError as exc:
         raise fail(exc) from None
     table = Table(title=f"{job.spec.name}: rows settled per model", title_justify="left")
-    for col in ("model", "settled", "from cache", "stale", "escalated", "prompt tokens", "completion tokens",
-                "cost (USD)"):
+    for col in ("model", "settled", "from cache", "stale", "escalated", "prompt tokens", "cache reads",
+                "completion tokens", "cost (USD)"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for ln in lines:
         table.add_row(ln.model, f"{ln.settled:,}", f"{ln.from_cache:,}", f"{ln.stale:,}", f"{ln.escalated:,}",
-                      f"{ln.prompt_tokens:,}", f"{ln.completion_tokens:,}", f"{ln.cost_usd:,.4f}")
+                      f"{ln.prompt_tokens:,}", f"{ln.cache_read_tokens:,}", f"{ln.completion_tokens:,}",
+                      f"{ln.cost_usd:,.4f}")
     console = Console(width=max(120, out.width) if not sys.stdout.isatty() else None)
     console.print(table)
     for ln in lines:
@@ -131,6 +132,7 @@ def _run_table(sm) -> Table:
             ("answered from cache", f"{sm.cached:,}"),
             ("requests (429s, retries)", f"{sm.requests:,} ({sm.rate_limited:,}, {sm.retries:,})"),
             ("tokens (prompt + completion)", f"{sm.prompt_tokens:,} + {sm.completion_tokens:,}"),
+            ("prompt-cache reads / writes", f"{sm.cache_read_tokens:,} / {sm.cache_write_tokens:,}"),
             ("cost", f"${sm.cost_usd:,.4f}" if sm.cost_usd is not None else "-"),
             ("wall time", f"{sm.wall_s:,.1f} s" if sm.wall_s is not None else "-"),
             ("rows/s", f"{sm.rows_per_s:,.1f}" if sm.rows_per_s is not None else "-")]

@@ -102,6 +102,8 @@ def run(
     rate = (c["done"] + c["failed"] + c["fallback"]) / result.elapsed_s if result.elapsed_s > 0 else 0.0
     fallback = f", {c['fallback']:,} fallback" if c["fallback"] else ""
     cost = f", ${result.cost_usd:,.4f}" if result.cost_usd else ""
+    if result.cache_read_tokens:
+        cost = f" ({result.cache_read_tokens:,} read from the prompt cache){cost}"
     err.print(
         f"llmap: {c['done']:,} done, {c['failed']:,} failed, {c['skipped']:,} skipped{fallback}, {c['pending']:,} "
         f"pending of {sum(c.values()):,} rows; {result.requests:,} requests ({result.retries:,} retries, "

@@ -1,4 +1,4 @@
-"""``llmap simulate``: serve the OpenAI-compatible simulator on this machine.
+"""``llmap simulate``: serve the simulator (OpenAI-compatible and Anthropic Messages) on this machine.
 
 The command prints ``llmap simulator listening on http://HOST:PORT/v1`` as
 its first line (flushed) so a parent process can read the URL, then serves
@@ -99,13 +99,15 @@ def simulate(
     require_key: Annotated[
         str | None,
         typer.Option(
-            help="Require 'Authorization: Bearer KEY'; other requests get 401 invalid_api_key."
+            help="Require 'Authorization: Bearer KEY' (on /v1/messages: 'x-api-key: KEY'); other "
+            "requests get 401."
         ),
     ] = None,
     quota_tokens: Annotated[
         int | None,
         typer.Option(
-            help="After this many tokens served, answer 429 insufficient_quota (a fatal error)."
+            help="After this many tokens served, answer 429 insufficient_quota (on /v1/messages: "
+            "Anthropic's 429 'would exceed your account's monthly spend limit'): a fatal error."
         ),
     ] = None,
     seed: Annotated[
@@ -135,11 +137,42 @@ def simulate(
             "llama-cpp-python (500 with pydantic's validation error, as its server does)."
         ),
     ] = "openai",
+    itpm: Annotated[
+        int | None,
+        typer.Option(
+            help="/v1/messages: input tokens per minute (Anthropic's ITPM; prompt-cache reads are "
+            "free). Unlimited if unset."
+        ),
+    ] = None,
+    otpm: Annotated[
+        int | None,
+        typer.Option(
+            help="/v1/messages: output tokens per minute (Anthropic's OTPM; max_tokens is reserved, "
+            "the unused part given back). Unlimited if unset."
+        ),
+    ] = None,
+    overload_rate: Annotated[
+        float,
+        typer.Option(help="/v1/messages: fraction answered 529 overloaded_error (0..1).")
+    ] = 0.0,
+    limit_rate: Annotated[
+        float,
+        typer.Option(help="/v1/messages: fraction answered 429 rate_limit_error with retry-after 1 (0..1).")
+    ] = 0.0,
+    cache_min_tokens: Annotated[
+        int,
+        typer.Option(
+            help="/v1/messages: the shortest prefix marked with cache_control that is cached, in tokens."
+        ),
+    ] = 1024,
 ) -> None:
-    """Serve an OpenAI-compatible chat completions API that answers from JSON schemas.
+    """Serve an OpenAI-compatible chat completions API and Anthropic's Messages API, answering from JSON schemas.
 
     Point llmap (or any OpenAI client) at the printed base URL to try a job
-    offline, for free, with rate limits and failures you choose.
+    offline, for free, with rate limits and failures you choose. For
+    provider = "anthropic", use the same URL without /v1 as base_url:
+    /v1/messages answers a forced tool with a tool_use block, reports prompt-cache
+    reads and writes, and sends anthropic-ratelimit-* headers.
     """
     try:
         from llmap.sim.config import (  # imported here: `llmap run` never loads the simulator
@@ -168,6 +201,11 @@ def simulate(
             context_chars=context_chars,
             response_formats=response_formats,
             format_error=format_error,
+            itpm=itpm,
+            otpm=otpm,
+            overload_rate=overload_rate,
+            limit_rate=limit_rate,
+            cache_min_tokens=cache_min_tokens,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -59,6 +59,8 @@ class LaneLimits:
         concurrency: the most requests in flight across the cluster (the AIMD ceiling).
         initial: the AIMD limit to start from.
         breaker_cooldown_max_s: the longest breaker cooldown, seconds.
+        itpm, otpm: input and output tokens per minute for the whole cluster, or None
+            (Anthropic's separate limits; learned from headers too).
     """
 
     rpm: float | None
@@ -66,6 +68,8 @@ class LaneLimits:
     concurrency: int
     initial: int
     breaker_cooldown_max_s: float = 10.0
+    itpm: float | None = None
+    otpm: float | None = None
 
 
 @dataclass(slots=True)
@@ -77,9 +81,12 @@ class Report:
         lane: the model's index in the job's ``[[model]]`` list.
         want: requests wanted now (0: no grant asked).
         est_tokens: estimated tokens (prompt + completion) of each wanted request.
-        returned_requests, returned_tokens: the unused part of earlier grants, handed back.
+        est_output: of ``est_tokens``, the output tokens (for an output-token limit).
+        returned_requests, returned_tokens, returned_output: the unused part of earlier
+            grants, handed back.
         reserved_tokens, actual_tokens: settlements: the tokens reserved by the requests
-            settled since the last report, and the tokens they really used.
+            settled since the last report, and the tokens they really used;
+            ``reserved_output`` and ``actual_output`` are the output part of each.
         headers: the rate-limit headers of the latest answer, or None.
         headers_age_s: seconds between that request's admission and this report.
         pause_s: a Retry-After seen: admit nothing for this many seconds from now (0: none).
@@ -98,10 +105,14 @@ class Report:
     lane: int
     want: int = 0
     est_tokens: float = 0.0
+    est_output: float = 0.0
     returned_requests: int = 0
     returned_tokens: float = 0.0
+    returned_output: float = 0.0
     reserved_tokens: float = 0.0
     actual_tokens: float = 0.0
+    reserved_output: float = 0.0
+    actual_output: float = 0.0
     headers: dict[str, str] | None = None
     headers_age_s: float = 0.0
     pause_s: float = 0.0
@@ -117,6 +128,7 @@ class Report:
     def has_news(self) -> bool:
         """True when the report carries anything besides a grant request."""
         return bool(self.returned_requests or self.returned_tokens or self.reserved_tokens or self.actual_tokens
+                    or self.returned_output or self.reserved_output or self.actual_output
                     or self.headers or self.pause_s or self.successes or self.congestions
                     or self.breaker_successes or self.breaker_failures or self.breaker_releases or self.want_probe
                     or self.probe_outcome is not None)
@@ -128,7 +140,7 @@ class View:
 
     Attributes:
         requests: requests granted (each may be sent once; already charged).
-        tokens: tokens reserved for them, in all.
+        tokens: tokens reserved for them, in all; ``output``: of those, output tokens.
         wait_s: when ``requests`` is 0 and some were wanted: seconds until asking again may succeed.
         limited: an RPM or TPM budget is in force (configured or learned).
         paused_s: seconds from now during which nothing is admitted (Retry-After), 0 when none.
@@ -141,6 +153,7 @@ class View:
 
     requests: int = 0
     tokens: float = 0.0
+    output: float = 0.0
     wait_s: float = 0.0
     limited: bool = False
     paused_s: float = 0.0
@@ -161,6 +174,7 @@ class _Lane:
     probe_owner: str | None = None
     version: int = 0
     granted: bool = False
+    headers_seen: bool = False
 
 
 class ClusterBudget:
@@ -185,7 +199,7 @@ class ClusterBudget:
         cap = max(1, limits.concurrency)
         aimd = AIMDConcurrency(initial=max(1, min(cap, limits.initial)), minimum=1, maximum=cap)
         breaker = CircuitBreaker(cooldown_max_s=limits.breaker_cooldown_max_s, clock=lambda: now)
-        return _Lane(limits, RateLimiter(limits.rpm, limits.tpm, now=now), aimd, breaker)
+        return _Lane(limits, _rate(limits, now), aimd, breaker)
 
     def __len__(self) -> int:
         return len(self._lanes)
@@ -219,12 +233,13 @@ class ClusterBudget:
             self.seen.add(r.worker)
         lane.in_flight[r.worker] = r.in_flight
         self._apply(lane, r, now)
-        granted, tokens, wait = self._grant(lane, r.want, r.est_tokens, now) if r.want > 0 else (0, 0.0, 0.0)
+        granted, wait = self._grant(lane, r.want, r.est_tokens, r.est_output, now) if r.want > 0 else (0, 0.0)
         after = (lane.rate.paused_until, lane.breaker.state_at(now), lane.probe_owner, self._share(lane))
         if after != before:
             lane.version += 1
         view = self.view(r.lane, r.worker, now)
-        view.requests, view.tokens, view.wait_s = granted, tokens, wait
+        view.requests, view.wait_s = granted, wait
+        view.tokens, view.output = granted * r.est_tokens, granted * r.est_output
         return view
 
     def view(self, lane_index: int, worker: str, now: float) -> View:
@@ -243,10 +258,12 @@ class ClusterBudget:
         if r.returned_requests and rate.requests is not None:
             rate.requests.refund(r.returned_requests, now)
         if r.returned_tokens:
-            rate.settle(r.returned_tokens, 0.0, now)
+            rate.settle(r.returned_tokens, 0.0, now, reserved_output=r.returned_output, actual_output=0.0)
         if r.reserved_tokens or r.actual_tokens:
-            rate.settle(r.reserved_tokens, r.actual_tokens, now)
+            rate.settle(r.reserved_tokens, r.actual_tokens, now, reserved_output=r.reserved_output,
+                        actual_output=r.actual_output)
         if r.headers:
+            lane.headers_seen = True
             rate.update_from_headers(r.headers, now, sent_at=now - max(0.0, r.headers_age_s))
         if r.pause_s > 0:
             rate.pause_until(now + r.pause_s)
@@ -277,24 +294,28 @@ class ClusterBudget:
                 and b.allow(now):
             lane.probe_owner = r.worker
 
-    def _grant(self, lane: _Lane, want: int, est_tokens: float, now: float) -> tuple[int, float, float]:
-        """Reserve up to ``want`` requests of ``est_tokens`` each, one at a time, as a local run would."""
+    def _grant(self, lane: _Lane, want: int, est_tokens: float, est_output: float, now: float) -> tuple[int, float]:
+        """Reserve up to ``want`` requests of ``est_tokens`` each, one at a time, as a local run would.
+        Returns ``(granted, seconds to wait when none was)``."""
         if not lane.granted:  # the budget's clock starts at the first request: nothing accrues while workers start
             lane.granted = True
-            if lane.rate.paused_until == -math.inf and lane.rate.configured_rpm == (lane.rate.requests.capacity
-                                                                                    if lane.rate.requests else None):
-                lane.rate = RateLimiter(lane.limits.rpm, lane.limits.tpm, now=now)
+            if not lane.headers_seen and lane.rate.paused_until == -math.inf:
+                lane.rate = _rate(lane.limits, now)
         rate = lane.rate
         if not rate.limited:
-            return want, want * est_tokens, 0.0
+            return want, 0.0
         granted, wait = 0, 0.0
         while granted < want:
-            wait = rate.reserve(est_tokens, now)
+            wait = rate.reserve(est_tokens, now, est_output=est_output)
             if wait > 0:
                 break
             granted += 1
-        return granted, granted * est_tokens, (wait if granted == 0 else 0.0)
+        return granted, (wait if granted == 0 else 0.0)
 
     def _share(self, lane: _Lane) -> int:
         return max(1, math.ceil(lane.aimd.limit / self.workers()))
+
+
+def _rate(limits: LaneLimits, now: float) -> RateLimiter:
+    return RateLimiter(limits.rpm, limits.tpm, itpm=limits.itpm, otpm=limits.otpm, now=now)
 

@@ -17,6 +17,12 @@ Two header families are read, case-insensitively:
       anthropic-ratelimit-requests-remaining: 49
       anthropic-ratelimit-requests-reset: 2024-08-01T12:00:01Z   RFC 3339 instant
       anthropic-ratelimit-tokens-limit / -remaining / -reset
+      anthropic-ratelimit-input-tokens-limit / -remaining / -reset    input tokens per minute (ITPM)
+      anthropic-ratelimit-output-tokens-limit / -remaining / -reset   output tokens per minute (OTPM)
+
+  Anthropic limits input and output tokens separately; its ``tokens-*``
+  headers describe whichever limit is most restrictive at the moment, so a
+  client that knows the separate ones should pace by those.
 
 and the back-off headers ``retry-after-ms`` (milliseconds, preferred because
 it is more precise, as the OpenAI SDK does) and ``retry-after`` (seconds, or
@@ -86,11 +92,15 @@ class RateLimitInfo:
         requests: the request budget (requests per minute).
         tokens: the token budget (tokens per minute).
         retry_after_s: seconds the server asked us to wait, or None.
+        input_tokens: the input-token budget (Anthropic's ITPM), or empty.
+        output_tokens: the output-token budget (Anthropic's OTPM), or empty.
     """
 
     requests: Budget = Budget()
     tokens: Budget = Budget()
     retry_after_s: float | None = None
+    input_tokens: Budget = Budget()
+    output_tokens: Budget = Budget()
 
 
 def parse_duration(value: str) -> float:
@@ -218,6 +228,14 @@ def _reset(value: str | None, wall_now: float) -> float | None:
         return None
 
 
+def _anthropic_budget(lower: Mapping[str, str], kind: str, wall_now: float) -> Budget:
+    return Budget(
+        limit=_number(lower.get(f"anthropic-ratelimit-{kind}-limit")),
+        remaining=_number(lower.get(f"anthropic-ratelimit-{kind}-remaining")),
+        reset_s=_reset(lower.get(f"anthropic-ratelimit-{kind}-reset"), wall_now),
+    )
+
+
 def _budget(lower: Mapping[str, str], kind: str, wall_now: float) -> Budget:
     openai = Budget(
         limit=_number(lower.get(f"x-ratelimit-limit-{kind}")),
@@ -226,11 +244,7 @@ def _budget(lower: Mapping[str, str], kind: str, wall_now: float) -> Budget:
     )
     if openai:
         return openai
-    return Budget(
-        limit=_number(lower.get(f"anthropic-ratelimit-{kind}-limit")),
-        remaining=_number(lower.get(f"anthropic-ratelimit-{kind}-remaining")),
-        reset_s=_reset(lower.get(f"anthropic-ratelimit-{kind}-reset"), wall_now),
-    )
+    return _anthropic_budget(lower, kind, wall_now)
 
 
 def parse_rate_limit_headers(
@@ -266,4 +280,6 @@ def parse_rate_limit_headers(
         requests=_budget(lower, "requests", wall_now),
         tokens=_budget(lower, "tokens", wall_now),
         retry_after_s=retry_after,
+        input_tokens=_anthropic_budget(lower, "input-tokens", wall_now),
+        output_tokens=_anthropic_budget(lower, "output-tokens", wall_now),
     )

@@ -21,7 +21,8 @@ from llmap.control.breaker import BreakerState, CircuitBreaker
 from llmap.control.concurrency import AIMDConcurrency
 from llmap.control.limits import Limiter, Permit, RateLimiter
 from llmap.control.timeouts import AdaptiveTimeout
-from llmap.control.tokens import OutputTokenEstimator, PromptTokenEstimator
+from llmap.control.tokens import CountedShare, OutputTokenEstimator, PromptTokenEstimator
+from llmap.pricing import cost_usd
 from llmap.providers.base import Provider
 from llmap.spec import LimitsSpec, ModelSpec
 
@@ -44,9 +45,9 @@ class LaneLimiter(Protocol):
     @property
     def limited(self) -> bool: ...
 
-    async def acquire(self, est_tokens: float = 0.0) -> Permit: ...
+    async def acquire(self, est_tokens: float = 0.0, *, est_output: float = 0.0) -> Permit: ...
 
-    def settle(self, permit: Permit, actual_tokens: float) -> None: ...
+    def settle(self, permit: Permit, actual_tokens: float, *, actual_output: float | None = None) -> None: ...
 
     def pause_for(self, seconds: float) -> None: ...
 
@@ -74,7 +75,9 @@ class Lane:
         self.label: str = provider.label
         rpm = model.rpm or limits.rpm
         tpm = model.tpm or limits.tpm
-        self.limiter: LaneLimiter = Limiter(RateLimiter(rpm, tpm, now=clock()), clock=clock)
+        itpm = model.itpm or limits.itpm
+        otpm = model.otpm or limits.otpm
+        self.limiter: LaneLimiter = Limiter(RateLimiter(rpm, tpm, itpm=itpm, otpm=otpm, now=clock()), clock=clock)
         cap = min(limits.concurrency or MAX_CONCURRENCY, provider.max_concurrency)
         self.aimd = AIMDConcurrency(initial=min(cap, limits.concurrency or INITIAL_CONCURRENCY), minimum=1,
                                     maximum=cap)
@@ -91,6 +94,8 @@ class Lane:
         self.timeout = AdaptiveTimeout(model.timeout_s)
         self.output_tokens = OutputTokenEstimator(model.max_tokens)
         self.prompt_tokens = PromptTokenEstimator()
+        #: the share of prompt tokens that count against the input-token limit (cache reads do not)
+        self.counted = CountedShare()
         self.in_flight = 0
         #: Why this model is left out of the run (it refused every request the same way), or None.
         self.disabled: str | None = None
@@ -165,9 +170,21 @@ class Lane:
     def on_congestion(self) -> None:
         self.aimd.on_congestion(self.in_flight)
 
-    def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD for this usage at ``price_in`` / ``price_out`` per million tokens."""
-        return (prompt_tokens * self.model.price_in + completion_tokens * self.model.price_out) / 1e6
+    def reservation(self, prompt_chars: int, items: int = 1) -> tuple[float, float]:
+        """Tokens to reserve for a request of ``prompt_chars`` characters answering ``items`` rows.
+
+        Returns:
+            ``(tokens, output)``: the prompt tokens expected to count against
+            the input limit (the estimate times :attr:`counted`'s share) plus the
+            output estimate, and the output estimate alone (for the OTPM bucket).
+        """
+        output = float(self.output_tokens.estimate() * items)
+        return self.prompt_tokens.estimate(prompt_chars) * self.counted.share + output, output
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int, cache_read_tokens: int = 0,
+                 cache_write_tokens: int = 0) -> float:
+        """USD for this usage at the model's prices (see :func:`llmap.pricing.cost_usd`)."""
+        return cost_usd(self.model, prompt_tokens, completion_tokens, cache_read_tokens, cache_write_tokens)
 
 
 def pick_lane(lanes: Sequence[Lane], start: int, now: float) -> tuple[Lane | None, float]:

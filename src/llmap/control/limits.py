@@ -5,7 +5,8 @@ The pieces, from the inside out:
 * :class:`TokenBucket` — one continuously refilled budget. Pure: every method
   takes ``now`` (clock seconds) and nothing reads a clock.
 * :class:`RateLimiter` — a requests-per-minute bucket and a tokens-per-minute
-  bucket, a server-imposed pause (``Retry-After``), and header sync. Pure.
+  bucket (or separate input- and output-token buckets, as Anthropic limits
+  them), a server-imposed pause (``Retry-After``), and header sync. Pure.
 * :class:`Limiter` — the async wrapper the dispatcher awaits. It owns the
   injected ``clock`` and ``sleep`` and serves waiters in FIFO order.
 * :class:`AIMDConcurrency` (defined in :mod:`llmap.control.concurrency`,
@@ -206,16 +207,22 @@ class RateLimiter:
     """Requests-per-minute and tokens-per-minute budgets, plus server pauses. Pure.
 
     Each request costs 1 from the request bucket and its estimated tokens
-    (prompt + completion) from the token bucket. Either bucket may be None
-    (unlimited). Limits learned from response headers apply even when the job
-    configured none; when both exist the lower one wins (the job may share its
-    key with others). Both buckets refill at ``limit / window_s`` per second;
-    the request bucket starts with at least one request so the first request is
+    (prompt + completion) from the token bucket. Providers that limit input
+    and output tokens separately (Anthropic's ITPM and OTPM) get two more
+    buckets: the request's input tokens (only those the provider counts:
+    Anthropic does not count prompt-cache reads) from the input bucket and its
+    output tokens from the output bucket. Any bucket may be None (unlimited).
+    Limits learned from response headers apply even when the job configured
+    none; when both exist the lower one wins (the job may share its key with
+    others). Every bucket refills at ``limit / window_s`` per second; the
+    request bucket starts with at least one request so the first request is
     never delayed.
 
     Args:
         rpm: requests per ``window_s`` configured by the job, or None.
         tpm: tokens per ``window_s`` configured by the job, or None.
+        itpm: input tokens per ``window_s`` configured by the job, or None.
+        otpm: output tokens per ``window_s`` configured by the job, or None.
         now: the current clock time in seconds.
         window_s: the period the limits are stated for (60 s: per minute).
 
@@ -228,18 +235,24 @@ class RateLimiter:
         rpm: float | None = None,
         tpm: float | None = None,
         *,
+        itpm: float | None = None,
+        otpm: float | None = None,
         now: float,
         window_s: float = 60.0,
     ) -> None:
-        for name, value in (("rpm", rpm), ("tpm", tpm), ("window_s", window_s)):
+        for name, value in (("rpm", rpm), ("tpm", tpm), ("itpm", itpm), ("otpm", otpm), ("window_s", window_s)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         self.window_s = float(window_s)
         self._born = now
         self.configured_rpm = rpm
         self.configured_tpm = tpm
+        self.configured_itpm = itpm
+        self.configured_otpm = otpm
         self.requests: TokenBucket | None = None if rpm is None else self._bucket(rpm, 1.0, now)
         self.tokens: TokenBucket | None = None if tpm is None else self._bucket(tpm, 0.0, now)
+        self.input_tokens: TokenBucket | None = None if itpm is None else self._bucket(itpm, 0.0, now)
+        self.output_tokens: TokenBucket | None = None if otpm is None else self._bucket(otpm, 0.0, now)
         #: Clock time before which nothing is admitted (from Retry-After); -inf when none.
         self.paused_until = -math.inf
 
@@ -251,55 +264,81 @@ class RateLimiter:
     @property
     def limited(self) -> bool:
         """True when a request or token budget is in force (else use AIMD concurrency)."""
-        return self.requests is not None or self.tokens is not None
+        return any(b is not None for b in (self.requests, self.tokens, self.input_tokens, self.output_tokens))
 
-    def time_until(self, est_tokens: float, now: float) -> float:
-        """Return seconds until a request of ``est_tokens`` would be admitted; no state change."""
+    def time_until(self, est_tokens: float, now: float, *, est_output: float = 0.0) -> float:
+        """Return seconds until a request of ``est_tokens`` would be admitted; no state change.
+
+        ``est_output`` is the part of ``est_tokens`` that is output (completion) tokens: it
+        is what the output bucket is charged, and the rest is what the input bucket is.
+        """
         wait = max(0.0, self.paused_until - now)
         if self.requests is not None:
             wait = max(wait, self.requests.time_until(1.0, now))
         if self.tokens is not None:
             wait = max(wait, self.tokens.time_until(est_tokens, now))
+        if self.input_tokens is not None:
+            wait = max(wait, self.input_tokens.time_until(max(0.0, est_tokens - est_output), now))
+        if self.output_tokens is not None:
+            wait = max(wait, self.output_tokens.time_until(est_output, now))
         return wait
 
-    def reserve(self, est_tokens: float, now: float) -> float:
+    def reserve(self, est_tokens: float, now: float, *, est_output: float = 0.0) -> float:
         """Admit one request of ``est_tokens`` tokens, or say how long to wait.
 
         Args:
-            est_tokens: estimated prompt + completion tokens of the request.
+            est_tokens: estimated input (prompt) + output (completion) tokens of the request.
             now: the current clock time in seconds.
+            est_output: of ``est_tokens``, the estimated output tokens (for the OTPM bucket).
 
         Returns:
             0.0 when admitted: 1 request and ``est_tokens`` tokens are taken
             (settle later with :meth:`settle`). Otherwise the seconds to wait
             before asking again; nothing is taken.
         """
-        wait = self.time_until(est_tokens, now)
+        wait = self.time_until(est_tokens, now, est_output=est_output)
         if wait > 0:
             return wait
         if self.requests is not None:
             self.requests.take(1.0, now)
         if self.tokens is not None:
             self.tokens.take(est_tokens, now)
+        if self.input_tokens is not None:
+            self.input_tokens.take(max(0.0, est_tokens - est_output), now)
+        if self.output_tokens is not None:
+            self.output_tokens.take(est_output, now)
         return 0.0
 
-    def settle(self, reserved_tokens: float, actual_tokens: float, now: float) -> None:
+    def settle(self, reserved_tokens: float, actual_tokens: float, now: float, *, reserved_output: float = 0.0,
+               actual_output: float | None = None) -> None:
         """Correct a reservation with the real usage: refund or owe the difference.
 
         Args:
             reserved_tokens: the ``est_tokens`` passed to :meth:`reserve`.
-            actual_tokens: ``usage.total_tokens`` of the answer. For a failed
-                request the server may still have charged it; pass
-                ``reserved_tokens`` to keep the reservation (conservative).
+            actual_tokens: the tokens the answer counts against the limits
+                (input the provider counts + output). For a failed request the
+                server may still have charged it; pass ``reserved_tokens`` to
+                keep the reservation (conservative).
             now: the current clock time in seconds.
+            reserved_output: the ``est_output`` passed to :meth:`reserve`.
+            actual_output: of ``actual_tokens``, the output tokens; by default
+                ``min(reserved_output, actual_tokens)`` (0 for a refund, the
+                reservation for a kept one).
         """
-        if self.tokens is None:
-            return
-        difference = actual_tokens - reserved_tokens
-        if difference > 0:
-            self.tokens.owe(difference, now)
-        elif difference < 0:
-            self.tokens.refund(-difference, now)
+        if actual_output is None:
+            actual_output = min(reserved_output, actual_tokens)
+        for bucket, reserved, actual in (
+            (self.tokens, reserved_tokens, actual_tokens),
+            (self.input_tokens, reserved_tokens - reserved_output, actual_tokens - actual_output),
+            (self.output_tokens, reserved_output, actual_output),
+        ):
+            if bucket is None:
+                continue
+            difference = max(0.0, actual) - max(0.0, reserved)
+            if difference > 0:
+                bucket.owe(difference, now)
+            elif difference < 0:
+                bucket.refund(-difference, now)
 
     def pause_until(self, until: float) -> None:
         """Admit nothing before clock time ``until`` (a Retry-After). Pauses only extend."""
@@ -316,7 +355,10 @@ class RateLimiter:
         """Learn limits, remaining budget and pauses from one response's headers.
 
         Reads OpenAI ``x-ratelimit-*`` and Anthropic ``anthropic-ratelimit-*``
-        headers (see :mod:`llmap.control.headers`). A ``limit`` creates the
+        headers (see :mod:`llmap.control.headers`); Anthropic's separate
+        ``input-tokens`` and ``output-tokens`` budgets feed the input and
+        output buckets, and then its combined ``tokens`` budget is not
+        learned (it is whichever of the two binds). A ``limit`` creates the
         bucket if the job set none (with one second's worth plus what it
         would have earned since this limiter was made, i.e. while the first
         request was out, at most :data:`LEARNED_CREDIT_MAX_S` seconds' worth),
@@ -338,7 +380,15 @@ class RateLimiter:
         self.requests = self._sync(
             self.requests, info.requests, self.configured_rpm, 1.0, now, sent_at
         )
-        self.tokens = self._sync(self.tokens, info.tokens, self.configured_tpm, 0.0, now, sent_at)
+        split = bool(info.input_tokens) or bool(info.output_tokens)
+        if not split or self.tokens is not None:
+            # Anthropic's tokens-* headers describe whichever of its input and output limits binds
+            # now: pace by the separate ones, and never learn a combined bucket from them.
+            self.tokens = self._sync(self.tokens, Budget() if split else info.tokens, self.configured_tpm, 0.0,
+                                     now, sent_at)
+        self.input_tokens = self._sync(self.input_tokens, info.input_tokens, self.configured_itpm, 0.0, now, sent_at)
+        self.output_tokens = self._sync(self.output_tokens, info.output_tokens, self.configured_otpm, 0.0, now,
+                                        sent_at)
         if info.retry_after_s is not None:
             self.pause_until(now + info.retry_after_s)
         return info
@@ -371,11 +421,13 @@ class Permit:
         tokens: the tokens reserved (pass back to :meth:`Limiter.settle`).
         sent_at: clock time of admission, in seconds.
         waited_s: seconds spent waiting in :meth:`Limiter.acquire`.
+        output: of ``tokens``, the output tokens reserved.
     """
 
     tokens: float
     sent_at: float
     waited_s: float
+    output: float = 0.0
 
 
 class Limiter:
@@ -414,8 +466,8 @@ class Limiter:
         """True when a request or token budget is in force (see :attr:`RateLimiter.limited`)."""
         return self.rate.limited
 
-    async def acquire(self, est_tokens: float = 0.0) -> Permit:
-        """Wait until a request of ``est_tokens`` tokens is admitted and reserve it.
+    async def acquire(self, est_tokens: float = 0.0, *, est_output: float = 0.0) -> Permit:
+        """Wait until a request of ``est_tokens`` tokens (``est_output`` of them output) is admitted and reserve it.
 
         Raises:
             asyncio.CancelledError: when cancelled while waiting; nothing is reserved.
@@ -424,14 +476,16 @@ class Limiter:
         async with self._lock:
             while True:
                 now = self.clock()
-                wait = self.rate.reserve(est_tokens, now)
+                wait = self.rate.reserve(est_tokens, now, est_output=est_output)
                 if wait <= 0:
-                    return Permit(tokens=est_tokens, sent_at=now, waited_s=now - start)
+                    return Permit(tokens=est_tokens, sent_at=now, waited_s=now - start, output=est_output)
                 await self.sleep(wait)
 
-    def settle(self, permit: Permit, actual_tokens: float) -> None:
-        """Refund or owe the difference between the permit's reservation and real usage."""
-        self.rate.settle(permit.tokens, actual_tokens, self.clock())
+    def settle(self, permit: Permit, actual_tokens: float, *, actual_output: float | None = None) -> None:
+        """Refund or owe the difference between the permit's reservation and real usage
+        (see :meth:`RateLimiter.settle`)."""
+        self.rate.settle(permit.tokens, actual_tokens, self.clock(), reserved_output=permit.output,
+                         actual_output=actual_output)
 
     def pause_for(self, seconds: float) -> None:
         """Admit nothing for ``seconds`` from now (a Retry-After)."""

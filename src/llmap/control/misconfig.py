@@ -105,6 +105,8 @@ def likely_fix(exc: E.ProviderError, *, structured: str = "auto") -> str:
         structured: the model's ``[model] structured`` mode.
     """
     text = str(exc).lower()
+    if isinstance(exc, E.AnswerCut):
+        return "raise [model] max_tokens: the answers do not fit in it"
     if exc.status == 404 or "model_not_found" in text or "does not exist" in text or "no such model" in text:
         return "check [model] name (and base_url): the server does not know this model"
     if "response_format" in text or "json_schema" in text or "json_object" in text:

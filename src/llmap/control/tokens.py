@@ -8,6 +8,11 @@ OutputTokenEstimator.estimate()`` and settles the difference with the real
 
 No tokenizer is downloaded: prompts are estimated from their length in
 characters, and the ratio is corrected from the usage the server reports.
+
+With a provider's prompt cache, part of a prompt may not count against the
+input-token limit at all (Anthropic does not count cache reads):
+:class:`CountedShare` learns what share of the prompt tokens counted, so the
+reservation is the part that will.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-__all__ = ["OutputTokenEstimator", "PromptTokenEstimator"]
+__all__ = ["CountedShare", "OutputTokenEstimator", "PromptTokenEstimator"]
 
 
 class OutputTokenEstimator:
@@ -166,3 +171,61 @@ class PromptTokenEstimator:
         observed = chars / prompt_tokens
         ratio = (1.0 - weight) * self.chars_per_token + weight * observed
         self.chars_per_token = min(self.max_ratio, max(self.min_ratio, ratio))
+
+
+class CountedShare:
+    """The share of prompt tokens that count against the input-token limit, from recent answers.
+
+    Anthropic does not count prompt-cache reads (``cache_read_input_tokens``)
+    against its input-tokens-per-minute limit, so once the shared prefix is in
+    the cache most of a prompt is free of the limit. The share is the sum of
+    counted tokens over the sum of prompt tokens of the last ``window``
+    answers; it is 1.0 until an answer with prompt tokens has been observed
+    (reserve everything), and never below ``floor`` (a cache entry that
+    expires makes the next prompt count in full, and the settled difference
+    is owed then).
+
+    Args:
+        window: how many recent answers to keep (default 50).
+        floor: the lowest share used, in (0, 1] (default 0.05).
+
+    Raises:
+        ValueError: window < 1 or floor outside (0, 1].
+    """
+
+    def __init__(self, *, window: int = 50, floor: float = 0.05) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if not 0.0 < floor <= 1.0:
+            raise ValueError(f"floor must be in (0, 1], got {floor}")
+        self.floor = floor
+        self._window: deque[tuple[int, int]] = deque(maxlen=window)
+        self._counted = 0
+        self._total = 0
+
+    def observe(self, counted_tokens: int, prompt_tokens: int) -> None:
+        """Record one answer: ``counted_tokens`` of its ``prompt_tokens`` counted against the limit.
+
+        Answers without prompt tokens carry no information and are ignored.
+
+        Raises:
+            ValueError: a count is negative, or ``counted_tokens > prompt_tokens``.
+        """
+        if counted_tokens < 0 or prompt_tokens < 0 or counted_tokens > prompt_tokens:
+            raise ValueError(f"need 0 <= counted_tokens <= prompt_tokens, got {counted_tokens}, {prompt_tokens}")
+        if prompt_tokens == 0:
+            return
+        if len(self._window) == self._window.maxlen:
+            old_counted, old_total = self._window[0]
+            self._counted -= old_counted
+            self._total -= old_total
+        self._window.append((counted_tokens, prompt_tokens))
+        self._counted += counted_tokens
+        self._total += prompt_tokens
+
+    @property
+    def share(self) -> float:
+        """Counted / prompt tokens over the window, in [``floor``, 1]; 1.0 before any observation."""
+        if not self._total:
+            return 1.0
+        return max(self.floor, self._counted / self._total)

@@ -28,6 +28,9 @@ def _rows(est: Estimate) -> Iterable[tuple[str, str, str]]:
     yield "requests", f"{est.requests:,}", f"pack = {est.pack}" if est.pack != 1 else ""
     yield ("prompt tokens", f"{est.prompt_tokens:,}",
            f"{est.prompt_chars:,} chars / {est.chars_per_token:.2f} chars per token ({est.chars_per_token_source})")
+    if est.cache_read_tokens:
+        yield ("of them prompt-cache reads", f"{est.cache_read_tokens:,}",
+               f"a {est.prefix_chars:,}-character shared prefix, read by every request after the first")
     primary = est.models[0] if est.models else None
     if primary is not None:
         yield ("completion tokens", f"{est.completion_tokens:,}",
@@ -35,6 +38,8 @@ def _rows(est: Estimate) -> Iterable[tuple[str, str, str]]:
     for m in est.models:
         what = "primary" if m.role == "primary" else "if every row escalated"
         what += f" at ${m.price_in:g} / ${m.price_out:g} per M tokens in / out"
+        if m.cache_read_tokens:
+            what += f", cache reads / writes ${m.price_cache_read:g} / ${m.price_cache_write:g}"
         if not (m.price_in or m.price_out):
             what += " (set [model] price_in and price_out)"
         yield f"cost {m.label}", f"${m.cost_usd:,.4f}", what

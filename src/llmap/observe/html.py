@@ -187,6 +187,7 @@ def _summary_table(s: RunSummary) -> str:
         ("Errors (non-200)", f"{svg.count(s.errors_total)} ({s.error_rate:.1%})"), ("429s", svg.count(s.rate_limited)),
         ("Retries", svg.count(s.retries)), ("Cost", svg.usd(s.cost_usd)),
         ("Prompt tokens", svg.count(s.prompt_tokens)), ("Completion tokens", svg.count(s.completion_tokens)),
+        ("Prompt-cache reads", svg.count(s.cache_read_tokens)), ("Prompt-cache writes", svg.count(s.cache_write_tokens)),
     ]
     rows = []
     for i in range(0, len(items), 2):
@@ -198,9 +199,11 @@ def _summary_table(s: RunSummary) -> str:
 def _models_table(s: RunSummary) -> str:
     if not s.models:
         return ""
-    head = "<tr><th>Model</th><th>Requests</th><th>Prompt tokens</th><th>Completion tokens</th><th>Cost</th></tr>"
+    head = ("<tr><th>Model</th><th>Requests</th><th>Prompt tokens</th><th>of them cache reads</th>"
+            "<th>Completion tokens</th><th>Cost</th></tr>")
     body = "".join(f"<tr><td>{svg.esc(m.model)}</td><td class=\"n\">{svg.count(m.requests)}</td>"
-                   f"<td class=\"n\">{svg.count(m.prompt_tokens)}</td><td class=\"n\">{svg.count(m.completion_tokens)}</td>"
+                   f"<td class=\"n\">{svg.count(m.prompt_tokens)}</td><td class=\"n\">{svg.count(m.cache_read_tokens)}</td>"
+                   f"<td class=\"n\">{svg.count(m.completion_tokens)}</td>"
                    f"<td class=\"n\">{svg.esc(svg.usd(m.cost_usd))}</td></tr>" for m in s.models)
     return f'<table class="models">{head}{body}</table>'
 

@@ -51,10 +51,13 @@ class JsonLog:
         self._f.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
 
     def request(self, entry: tuple) -> None:
-        """A request log entry ``(t, model, outcome, latency_s, pt, ct, pack_size)``."""
-        t, model, outcome, latency, pt, ct, pack = entry
-        self._write({"t": t, "event": "request", "model": model, "outcome": outcome, "latency_s": round(latency, 4),
-                     "prompt_tokens": pt, "completion_tokens": ct, "pack_size": pack})
+        """A request log entry ``(t, model, outcome, latency_s, pt, ct, pack_size, cache_read, cache_write)``."""
+        t, model, outcome, latency, pt, ct, pack, read, write = entry
+        doc = {"t": t, "event": "request", "model": model, "outcome": outcome, "latency_s": round(latency, 4),
+               "prompt_tokens": pt, "completion_tokens": ct, "pack_size": pack}
+        if read or write:
+            doc |= {"cache_read_tokens": read, "cache_write_tokens": write}
+        self._write(doc)
 
     def row(self, r: RowResult, messages: list[dict[str, str]] | None = None) -> None:
         """A settled row; ``messages`` is logged only with ``log_prompts``."""

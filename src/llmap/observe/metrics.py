@@ -11,7 +11,9 @@ Families (every one has a ``job`` label; counters are exposed with ``_total``)::
     llmap_rows{status}                rows by status: done, failed, skipped, fallback, pending (gauge)
     llmap_rows_total                  rows in this run's plan (gauge)
     llmap_requests_total{model,outcome}  requests by outcome: "200", an HTTP status, an error class
-    llmap_tokens_total{kind}          usage reported by providers, kind = prompt | completion
+    llmap_tokens_total{kind}          usage reported by providers, kind = prompt | completion |
+                                      cache_read | cache_write (the prompt tokens read from / written
+                                      to the providers' prompt caches, part of prompt)
     llmap_cost_usd_total              USD spent at the models' prices
     llmap_cache_hits_total            rows answered from the cache or an identical request
     llmap_rate_limited_total          429 answers
@@ -20,6 +22,8 @@ Families (every one has a ``job`` label; counters are exposed with ``_total``)::
     llmap_concurrency_limit{model}    current adaptive (AIMD) concurrency limit (gauge)
     llmap_rpm_limit{model}            requests per minute in force, when known (gauge)
     llmap_tpm_limit{model}            tokens per minute in force, when known (gauge)
+    llmap_itpm_limit{model}           input tokens per minute in force, when known (gauge; Anthropic)
+    llmap_otpm_limit{model}           output tokens per minute in force, when known (gauge; Anthropic)
     llmap_breaker_state{model,state}  1 for the breaker's state, 0 for the others (gauge)
 
 Until the engine attaches an object (its function returns None) the families
@@ -129,6 +133,8 @@ class RunMetrics(Collector):
                 requests.add_metric([self.job, model, outcome], n)
             tokens.add_metric([self.job, "prompt"], stats.prompt_tokens)
             tokens.add_metric([self.job, "completion"], stats.completion_tokens)
+            tokens.add_metric([self.job, "cache_read"], stats.cache_read_tokens)
+            tokens.add_metric([self.job, "cache_write"], stats.cache_write_tokens)
             cost.add_metric([self.job], stats.cost_usd)
             rate_limited.add_metric([self.job], stats.rate_limited)
             retries.add_metric([self.job], stats.retries)
@@ -141,6 +147,10 @@ class RunMetrics(Collector):
         limit = self._gauge("llmap_concurrency_limit", "Current adaptive concurrency limit.", ["model"])
         rpm = self._gauge("llmap_rpm_limit", "Requests per minute in force (configured or learned).", ["model"])
         tpm = self._gauge("llmap_tpm_limit", "Tokens per minute in force (configured or learned).", ["model"])
+        itpm = self._gauge("llmap_itpm_limit", "Input tokens per minute in force (configured or learned).",
+                           ["model"])
+        otpm = self._gauge("llmap_otpm_limit", "Output tokens per minute in force (configured or learned).",
+                           ["model"])
         breaker = self._gauge("llmap_breaker_state", "Circuit breaker state: 1 for the current one.",
                               ["model", "state"])
         for lane in lanes:
@@ -152,10 +162,14 @@ class RunMetrics(Collector):
                 rpm.add_metric(labels, rate.requests.capacity)
             if rate.tokens is not None:
                 tpm.add_metric(labels, rate.tokens.capacity)
+            if rate.input_tokens is not None:
+                itpm.add_metric(labels, rate.input_tokens.capacity)
+            if rate.output_tokens is not None:
+                otpm.add_metric(labels, rate.output_tokens.capacity)
             current = _breaker_state(lane.breaker)
             for state in BreakerState:
                 breaker.add_metric([*labels, state.value], 1 if state is current else 0)
-        yield from (in_flight, limit, rpm, tpm, breaker)
+        yield from (in_flight, limit, rpm, tpm, itpm, otpm, breaker)
 
 
 def _version(dist: str) -> tuple[int, ...]:

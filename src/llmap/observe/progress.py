@@ -37,6 +37,7 @@ class Tally:
         total: rows in this run's plan.
         done, failed, skipped, fallback: rows settled so far (including earlier runs).
         prompt_tokens, completion_tokens: tokens spent in this run.
+        cache_read_tokens: of the prompt tokens, those read from the providers' prompt caches.
         requests: requests sent in this run.
         cost_usd: USD spent in this run; rate_limited: 429 answers in this run.
         cache_hits: rows answered from the cache or an identical request in this run.
@@ -50,6 +51,7 @@ class Tally:
     fallback: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_read_tokens: int = 0
     requests: int = 0
     cost_usd: float = 0.0
     rate_limited: int = 0
@@ -138,13 +140,14 @@ class _RateColumn(ProgressColumn):
         el = max(1e-9, time.monotonic() - t.started)
         rate = (task.completed - task.fields["base"]) / el
         tokens = t.prompt_tokens + t.completion_tokens
+        read = f" ({t.cache_read_tokens:,} cache reads)" if t.cache_read_tokens else ""
         cost = f"  ${t.cost_usd:,.4f}" if t.cost_usd else ""
         conc = f"  {t.in_flight}/{t.concurrency} in flight" if t.concurrency else ""
-        return Text(f"{rate:,.1f} rows/s  {tokens:,} tokens{cost}{conc}", style="cyan")
+        return Text(f"{rate:,.1f} rows/s  {tokens:,} tokens{read}{cost}{conc}", style="cyan")
 
 
 class RichProgress:
-    """A rich progress bar: rows done/failed/total, rows/s, ETA, tokens. Writes to stderr."""
+    """A rich progress bar: rows done/failed/total, rows/s, ETA, tokens (and prompt-cache reads). Writes to stderr."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 from llmap import errors as E
 from llmap.observe.status import structured_by_model
+from llmap.pricing import cost_usd
 from llmap.spec import JobSpec
 from llmap.store.ledger import STATUSES, open_for_reading
 
@@ -46,6 +47,7 @@ class ModelUsage:
         requests: requests sent to it.
         prompt_tokens, completion_tokens: tokens spent on it.
         cost_usd: those tokens at its prices, USD; None when unknown.
+        cache_read_tokens: of the prompt tokens, those read from its prompt cache.
     """
 
     model: str
@@ -53,6 +55,7 @@ class ModelUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float | None = 0.0
+    cache_read_tokens: int = 0
 
 
 @dataclass
@@ -74,6 +77,8 @@ class RunSummary:
         cached: rows answered from the cache or an identical request.
         requests, rate_limited, retries: requests sent, 429 answers, retried attempts.
         prompt_tokens, completion_tokens, cost_usd: usage (tokens, USD).
+        cache_read_tokens, cache_write_tokens: of the prompt tokens, those read
+            from / written to the providers' prompt caches.
         wall_s: ``ended_at - started_at``, or up to the last logged request
             when the run never ended; None when unknown.
         rows_per_s: settled rows (done + failed + fallback) per wall second.
@@ -118,6 +123,8 @@ class RunSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
     wall_s: float | None = None
     rows_per_s: float | None = None
     logged_requests: int = 0
@@ -212,7 +219,8 @@ def _summarize(db: sqlite3.Connection, path: Path, run: int | None, group_by: st
 
     s = RunSummary(path, run, ids, float(get["started_at"]), get.get("ended_at"), get.get("exit_reason"))
     for k in ("rows_total", "done", "failed", "skipped", "pending", "fallback", "cached", "requests",
-              "rate_limited", "retries", "prompt_tokens", "completion_tokens"):
+              "rate_limited", "retries", "prompt_tokens", "completion_tokens", "cache_read_tokens",
+              "cache_write_tokens"):
         setattr(s, k, num(k))
     s.cost_usd = num("cost_usd", float)
     has_log = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests'").fetchone()
@@ -297,7 +305,8 @@ def _read_models(db: sqlite3.Connection, s: RunSummary, by_model: str | None, ha
     except ValueError:
         recorded = {}
     models = [ModelUsage(m, int(u.get("requests") or 0), int(u.get("prompt_tokens") or 0),
-                         int(u.get("completion_tokens") or 0), float(u.get("cost_usd") or 0.0))
+                         int(u.get("completion_tokens") or 0), float(u.get("cost_usd") or 0.0),
+                         int(u.get("cache_read_tokens") or 0))
               for m, u in recorded.items() if isinstance(u, dict)]
     if not models and has_log:
         models = [ModelUsage(m, n, pt, ct, None) for m, n, pt, ct in db.execute(
@@ -345,7 +354,10 @@ class ModelLine:
         stale: of those, an expired cache entry served because every model failed.
         escalated: answers of this model passed on to the next model (cascade), latest run.
         prompt_tokens, completion_tokens: tokens spent on this model's answers, latest run.
-        cost_usd: those tokens at the model's ``price_in`` / ``price_out``.
+        cache_read_tokens, cache_write_tokens: of the prompt tokens, those its requests read from /
+            wrote to the prompt cache, latest run (from the request log).
+        cost_usd: those tokens at the model's prices (``price_in``, ``price_out``, and the cache
+            prices: :func:`llmap.pricing.cost_usd`).
         structured: the structured-output dialect the model's latest run used, in words; "" if none.
     """
 
@@ -356,6 +368,8 @@ class ModelLine:
     escalated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
     cost_usd: float = 0.0
     structured: str = ""
 
@@ -371,8 +385,8 @@ def model_report(spec: JobSpec) -> tuple[list[ModelLine], dict[str, int]]:
     """
     ledger, plan = open_for_reading(spec.ledger_path, job=spec.name)
     try:
-        prices = {m.label: (m.price_in, m.price_out) for m in spec.models}
-        lines: dict[str, ModelLine] = {label: ModelLine(label) for label in prices}
+        specs = {m.label: m for m in spec.models}
+        lines: dict[str, ModelLine] = {label: ModelLine(label) for label in specs}
         for model, status, source, n, _pt, _ct in ledger.settled_by_model(plan):
             if status not in ("done",):
                 continue
@@ -388,9 +402,13 @@ def model_report(spec: JobSpec) -> tuple[list[ModelLine], dict[str, int]]:
                 line.completion_tokens += ct
         for model, how in structured_by_model(ledger.connection).items():
             lines.setdefault(model, ModelLine(model)).structured = how
+        for model, read, write in ledger.cache_by_model(plan):
+            line = lines.setdefault(model, ModelLine(model))
+            line.cache_read_tokens, line.cache_write_tokens = read, write
         for line in lines.values():
-            p_in, p_out = prices.get(line.model, (0.0, 0.0))
-            line.cost_usd = (line.prompt_tokens * p_in + line.completion_tokens * p_out) / 1e6
+            m = specs.get(line.model)
+            line.cost_usd = 0.0 if m is None else cost_usd(m, line.prompt_tokens, line.completion_tokens,
+                                                           line.cache_read_tokens, line.cache_write_tokens)
         return list(lines.values()), ledger.counts(plan)
     finally:
         ledger.close()

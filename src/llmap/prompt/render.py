@@ -55,6 +55,19 @@ class Renderer:
     variables: tuple[str, ...]
     user_source: str = ""
     max_chars: Mapping[str, int] = field(default_factory=dict)
+    system_variables: frozenset[str] = frozenset()
+
+    def shared_prefix(self, messages: list[dict[str, str]]) -> int:
+        """How many leading messages of a row's (or a pack's) rendered ``messages`` every request shares.
+
+        The system prompt and the few-shot turns are the same for every row
+        when the system template reads no column; the last message is the
+        row's own. A system prompt that reads a column makes every request
+        different from its first message on: 0.
+        """
+        if self.system_variables:
+            return 0
+        return max(0, len(messages) - 1)
 
     @classmethod
     def from_spec(cls, prompt: Any, *, source: str = "job", max_chars: Mapping[str, int] | None = None) -> Renderer:
@@ -76,7 +89,8 @@ class Renderer:
                     "add it to the example's input"
                 )
         examples = tuple((ex.input, ex.output) for ex in prompt.examples)
-        return cls(system, user, examples, tuple(sorted(user_vars | system_vars)), prompt.user, dict(max_chars or {}))
+        return cls(system, user, examples, tuple(sorted(user_vars | system_vars)), prompt.user, dict(max_chars or {}),
+                   frozenset(system_vars))
 
     def truncated_columns(self, row: Mapping[str, Any]) -> list[str]:
         """The columns of ``row`` longer than their ``max_chars`` (they will be cut when rendered)."""

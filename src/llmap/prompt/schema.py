@@ -24,7 +24,7 @@ from llmap.errors import AnswerInvalid, SpecError
 from llmap.prompt.pattern import portable_pattern
 from llmap.spec import FIELD_TYPES, Example, FieldSpec
 
-__all__ = ["OutputSchema", "check_examples", "check_fallback", "check_fields", "reask_message"]
+__all__ = ["OutputSchema", "check_examples", "check_fallback", "check_fields", "cut_message", "reask_message"]
 
 _PY_TYPES: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": StrictBool}
 
@@ -164,6 +164,12 @@ def reask_message(detail: str, schema: Mapping[str, Any]) -> dict[str, str]:
             f"this JSON Schema: {json.dumps(schema, separators=(',', ':'))}"
         ),
     }
+
+
+def cut_message(max_tokens: int) -> dict[str, str]:
+    """The user turn that re-asks an answer cut at ``max_tokens`` (asked once; a second cut fails the row)."""
+    return {"role": "user", "content": f"Your previous answer was cut off at the limit of {max_tokens} tokens. "
+                                       "Answer again, complete and shorter: keep every field brief."}
 
 
 def check_examples(fields: Mapping[str, FieldSpec], examples: Sequence[Example], *, source: str = "job") -> None:

@@ -52,6 +52,11 @@ class Request:
         temperature: sampling temperature.
         max_tokens: cap on completion tokens.
         row_key: the row this request serves (for error context only).
+        shared_prefix: how many leading messages are the same for every
+            request of the run (the system prompt, the few-shot turns); 0 when
+            none is (a system prompt that reads the row's columns). A provider
+            with a prompt cache marks the end of them; the row's own text
+            (and any re-ask) comes after.
     """
 
     messages: list[dict[str, str]]
@@ -59,6 +64,7 @@ class Request:
     temperature: float
     max_tokens: int
     row_key: str | None = None
+    shared_prefix: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,17 @@ class Completion:
         usage_reported: False when the answer carried no ``usage``: the token
             counts are then 0 and the dispatcher estimates them instead.
         refusals: requests sent before this answer and refused for their shape.
+        cache_read_tokens: of ``prompt_tokens``, those read from the
+            provider's prompt cache (Anthropic ``cache_read_input_tokens``,
+            OpenAI ``usage.prompt_tokens_details.cached_tokens``).
+        cache_write_tokens: of ``prompt_tokens``, those written to it
+            (Anthropic ``cache_creation_input_tokens``).
+        limit_prompt_tokens: of ``prompt_tokens``, those the provider counts
+            against its input-token limit; None means all of them (Anthropic
+            does not count cache reads).
+        stop_reason: why the answer ended, when that matters: ``"max_tokens"``
+            (cut at ``max_tokens``), ``"refusal"`` (the model declined), or
+            None (a complete answer).
     """
 
     content: str
@@ -99,6 +116,15 @@ class Completion:
     headers: dict[str, str] = field(default_factory=dict)
     usage_reported: bool = True
     refusals: tuple[Refusal, ...] = ()
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    limit_prompt_tokens: int | None = None
+    stop_reason: str | None = None
+
+    @property
+    def counted_prompt_tokens(self) -> int:
+        """Prompt tokens that count against the provider's input-token limit."""
+        return self.prompt_tokens if self.limit_prompt_tokens is None else self.limit_prompt_tokens
 
 
 @runtime_checkable
@@ -153,7 +179,12 @@ _CONTEXT_MARKERS = (
     "too many tokens",
     "exceed_context_size",
 )
-_QUOTA_MARKERS = ("insufficient_quota", "exceeded your current quota", "billing_hard_limit")
+_QUOTA_MARKERS = ("insufficient_quota", "exceeded your current quota", "billing_hard_limit",
+                  # Anthropic: a 429 rate_limit_error "This request would exceed your account's monthly spend limit"
+                  "spend limit")
+#: Any 4xx whose words say the account is out of money: every row would hit it (Anthropic answers 400
+#: invalid_request_error "Your credit balance is too low to access the Anthropic API ...").
+_BILLING_MARKERS = ("credit balance is too low", "billing_error")
 
 
 #: Words of a request-validation error (pydantic, FastAPI): the request is wrong, whatever the status.
@@ -233,19 +264,25 @@ def classify_status(status: int, body: Mapping[str, Any] | None = None) -> type[
 
     * 2xx: MalformedResponse (call it only when the body is unusable).
     * 401, 403: AuthError (fatal: stops the run).
-    * 402, and 429 whose code or message says ``insufficient_quota``:
+    * 402, a 429 whose code or message says ``insufficient_quota`` or a
+      spend limit (Anthropic: "This request would exceed your account's
+      monthly spend limit", with or without ``retry-after``: a monthly limit
+      does not come back in minutes), and any 4xx that says the credit
+      balance is too low (Anthropic's 400) or ``billing_error``:
       QuotaExhausted (fatal). OpenRouter and others answer 402 when credits run out.
     * 408: RequestTimeout.
     * 409: Overloaded (a conflict or lock timeout; transient, as the OpenAI SDK treats it).
     * 429: RateLimited.
-    * 400, 404, 413, 422 and any other 4xx: BadRequest, or ContextTooLong when the
+    * 413 (Anthropic's ``request_too_large``: the request is over 32 MB):
+      ContextTooLong, the request's own size (a pack is split, a row fails alone).
+    * 400, 404, 422 and any other 4xx: BadRequest, or ContextTooLong when the
       code or message says the context length was exceeded
       (``context_length_exceeded``, "maximum context length", "prompt is too long", ...).
     * 500 whose body is a request-validation error (pydantic / FastAPI words:
       "validation error", "Input should be", "Field required",
       ``extra_forbidden``): BadRequest. llama-cpp-python's server answers a
       refused request body this way; retrying it can only fail again.
-    * other 5xx, 529: Overloaded.
+    * other 5xx, and 529 (Anthropic's ``overloaded_error``: busy for every customer): Overloaded.
     * anything else (1xx, 3xx): FatalProviderError: an unfollowed redirect or an
       odd status means a wrong base URL, which every row would hit.
 
@@ -273,7 +310,9 @@ def classify_status(status: int, body: Mapping[str, Any] | None = None) -> type[
             return QuotaExhausted
         return RateLimited
     if 400 <= status < 500:
-        if any(marker in text for marker in _CONTEXT_MARKERS):
+        if any(marker in text for marker in _BILLING_MARKERS):
+            return QuotaExhausted
+        if status == 413 or any(marker in text for marker in _CONTEXT_MARKERS):
             return ContextTooLong
         return BadRequest
     if 500 <= status < 600:

@@ -13,6 +13,8 @@ send rather than open a session nobody would close.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,9 +22,13 @@ from typing import Any
 
 import aiohttp
 
+from llmap.errors import SpecError
 from llmap.providers.base import map_transport_error
 
-__all__ = ["HttpAnswer", "HttpClient", "decode_json"]
+__all__ = ["HttpAnswer", "HttpClient", "api_key", "decode_json", "expand_headers"]
+
+#: ``${VAR}`` in a ``[model] headers`` value: read from the environment.
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 #: Response headers kept with an answer: the rate-limit budgets and Retry-After.
 RATE_LIMIT_HEADERS = ("x-ratelimit-", "anthropic-ratelimit-", "retry-after")
@@ -51,6 +57,38 @@ def decode_json(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError:
         return {"error": raw.decode("utf-8", "replace")[:300]}
+
+
+def api_key(env: str) -> str:
+    """The API key in environment variable ``env``.
+
+    Raises:
+        SpecError: the variable is not set (or empty), naming it and the fix.
+    """
+    key = os.environ.get(env)
+    if not key:
+        raise SpecError(f"environment variable {env} is not set; export it with your API key, or change "
+                        "[model] api_key_env")
+    return key
+
+
+def expand_headers(headers: Mapping[str, str], secrets: list[bytes]) -> dict[str, str]:
+    """``[model] headers`` with each ``${VAR}`` read from the environment; the values read are
+    appended to ``secrets`` (redacted from every body read back).
+
+    Raises:
+        SpecError: a ``${VAR}`` is not set, naming the header and the variable.
+    """
+    def value(match: re.Match, header: str) -> str:
+        var = match.group(1)
+        got = os.environ.get(var)
+        if not got:
+            raise SpecError(f"[model] headers {header!r} reads ${{{var}}}, which is not set; export it "
+                            "or change the header")
+        secrets.append(got.encode())
+        return got
+
+    return {name: _ENV_REF.sub(lambda m, n=name: value(m, n), v) for name, v in headers.items()}
 
 
 class HttpClient:
@@ -113,19 +151,29 @@ class HttpClient:
             raise map_transport_error(exc, model=self.label, row_key=row_key) from exc
         return HttpAnswer(status, self.redact(raw), headers, time.monotonic() - t0)
 
+    async def get(self, path: str) -> HttpAnswer:
+        """GET ``{base_url}{path}`` (a free request: ``check()`` before a run).
+
+        Raises:
+            OSError: the server cannot be reached (the message says why).
+        """
+        t0 = time.monotonic()
+        try:
+            async with self._client().get(f"{self.base_url}{path}", params=self._query,
+                                          timeout=aiohttp.ClientTimeout(total=self._connect_timeout_s + 5)) as r:
+                raw = await r.read()
+                headers = {k.lower(): v for k, v in r.headers.items() if k.lower().startswith(RATE_LIMIT_HEADERS)}
+                return HttpAnswer(r.status, self.redact(raw), headers, time.monotonic() - t0)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise OSError(str(exc) or type(exc).__name__) from None
+
     async def probe(self, path: str) -> int:
         """GET ``{base_url}{path}`` and return its status; costs nothing (``check()`` before a run).
 
         Raises:
             OSError: the server cannot be reached (the message says why).
         """
-        try:
-            async with self._client().get(f"{self.base_url}{path}", params=self._query,
-                                          timeout=aiohttp.ClientTimeout(total=self._connect_timeout_s + 5)) as r:
-                await r.read()
-                return r.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise OSError(str(exc) or type(exc).__name__) from None
+        return (await self.get(path)).status
 
     async def aclose(self) -> None:
         """Close the pool; later requests fail instead of reopening it."""

@@ -24,14 +24,12 @@ not a burst.
 from __future__ import annotations
 
 import json
-import os
-import re
 from typing import Any
 
 from llmap import errors as E
 from llmap.control.dialect import RequestShape, Sent, dialect_refused, refused_parameter
 from llmap.providers.base import Completion, Refusal, Request, error_for_response
-from llmap.providers.http import HttpAnswer, HttpClient, decode_json
+from llmap.providers.http import HttpAnswer, HttpClient, api_key, decode_json, expand_headers
 from llmap.spec import ModelSpec
 from llmap.store.dialects import DialectMemory
 
@@ -42,8 +40,6 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 #: Most shape changes one request may go through (2 dialect steps, 2 parameters, and slack).
 _MAX_RESENDS = 6
-#: ``${VAR}`` in a ``[model] headers`` value: read from the environment.
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: The instruction ``structured = "prompt"`` adds to the system prompt (the re-ask says the same words).
 PROMPT_INSTRUCTION = "Reply with only a JSON object that matches this JSON Schema: "
 
@@ -77,16 +73,10 @@ class OpenAIProvider:
         self._headers = {"Content-Type": "application/json"}
         self._secrets: list[bytes] = []
         if spec.api_key_env:
-            key = os.environ.get(spec.api_key_env)
-            if not key:
-                raise E.SpecError(
-                    f"environment variable {spec.api_key_env} is not set; export it with your API key, "
-                    "or change [model] api_key_env"
-                )
+            key = api_key(spec.api_key_env)
             self._headers["Authorization"] = f"Bearer {key}"
             self._secrets.append(key.encode())
-        for name, value in spec.headers.items():
-            self._headers[name] = _ENV_REF.sub(lambda m, n=name: self._env_secret(m.group(1), n), value)
+        self._headers.update(expand_headers(spec.headers, self._secrets))
         self.memory = memory if memory is not None else DialectMemory()
         self.shape = RequestShape.start(spec.structured, self.memory.get(self.base_url, spec.name),
                                         frozenset(spec.params))
@@ -103,14 +93,6 @@ class OpenAIProvider:
     def structured(self) -> str:
         """The structured-output dialect in use, in words (e.g. ``json_object (auto, refused json_schema)``)."""
         return self.shape.describe()
-
-    def _env_secret(self, var: str, header: str) -> str:
-        value = os.environ.get(var)
-        if not value:
-            raise E.SpecError(f"[model] headers {header!r} reads ${{{var}}}, which is not set; export it "
-                              "or change the header")
-        self._secrets.append(value.encode())
-        return value
 
     async def check(self) -> None:
         """GET ``{base_url}/models``: proves the URL answers and the key is accepted. Costs nothing.
@@ -192,6 +174,8 @@ class OpenAIProvider:
             usage = doc.get("usage")
             reported = isinstance(usage, dict) and ("prompt_tokens" in usage or "completion_tokens" in usage)
             usage = usage if reported else {}
+            details = usage.get("prompt_tokens_details")  # OpenAI's automatic prompt caching
+            cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
             return Completion(
                 content=content,
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
@@ -200,6 +184,7 @@ class OpenAIProvider:
                 headers=ans.headers,
                 usage_reported=reported,
                 refusals=refusals,
+                cache_read_tokens=cached,
             )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise E.MalformedResponse(

@@ -38,7 +38,7 @@ from llmap.control.lanes import Lane, pick_lane
 from llmap.control.misconfig import MisconfigDetector, verdict_message
 from llmap.control.retry import RetryPolicy
 from llmap.prompt.render import Renderer
-from llmap.prompt.schema import OutputSchema, reask_message
+from llmap.prompt.schema import OutputSchema, cut_message, reask_message
 from llmap.providers.base import Completion, Refusal, Request
 from llmap.run.stats import DispatchStats, Stop
 from llmap.spec import LimitsSpec
@@ -125,17 +125,8 @@ class Dispatcher:
         if st.stop.is_set():
             raise Stop
 
-    def check_caps(self) -> bool:
-        """Halt the run when a budget cap is reached by :attr:`stats` (the Ray executor's driver
-        calls this after merging its workers' usage). Returns True when the run is stopping."""
-        try:
-            self._check_caps()
-        except Stop:
-            return True
-        return False
-
     # -- one request ----------------------------------------------------------
-    async def send(self, lane: Lane, req: Request, est_tokens: float, pack_size: int = 1) -> Completion:
+    async def send(self, lane: Lane, req: Request, pack_size: int = 1) -> Completion:
         """Send one request on ``lane``: admit (concurrency, RPM/TPM), send under the adaptive timeout, settle.
 
         Every attempt settles its token reservation: an answer with its real
@@ -147,8 +138,11 @@ class Dispatcher:
         Args:
             lane: the model to send to.
             req: the request.
-            est_tokens: prompt + completion tokens to reserve against TPM.
             pack_size: rows the request carries (per-row output estimates).
+
+        The tokens reserved (:meth:`~llmap.control.lanes.Lane.reservation`) are
+        estimated once the request has its slot, so a request that waited for
+        the lane's first answer reserves what that answer taught.
 
         Raises:
             ProviderError: the attempt failed (see :mod:`llmap.errors`).
@@ -160,7 +154,8 @@ class Dispatcher:
                 raise Stop
             if lane.disabled is not None:  # left out while this row waited: it fails over, nothing is sent
                 raise E.ModelLeftOut(lane.disabled, model=lane.label, row_key=req.row_key)
-            permit = await lane.limiter.acquire(est_tokens)
+            est_tokens, est_output = lane.reservation(_chars(req.messages), pack_size)
+            permit = await lane.limiter.acquire(est_tokens, est_output=est_output)
             try:
                 self._check_caps()
             except Stop:
@@ -196,10 +191,10 @@ class Dispatcher:
         finally:
             lane.leave()
         self._count_refusals(lane, comp.refusals, pack_size)
-        self.misconfig.success(lane.index)
         if comp.usage_reported:
             lane.prompt_tokens.observe(_chars(req.messages), comp.prompt_tokens)
             lane.output_tokens.observe(math.ceil(comp.completion_tokens / pack_size))
+            lane.counted.observe(min(comp.counted_prompt_tokens, comp.prompt_tokens), comp.prompt_tokens)
         else:  # keep TPM and the budget caps working on estimates
             comp = dataclasses.replace(
                 comp, prompt_tokens=lane.prompt_tokens.estimate(_chars(req.messages)),
@@ -208,18 +203,29 @@ class Dispatcher:
                 self._no_usage.add(lane.label)
                 self.stats.warn(f"warning: {lane.label} reports no token usage; TPM limits, budget caps and costs use "
                                 "estimates from text length for it")
-        cost = lane.cost_usd(comp.prompt_tokens, comp.completion_tokens)
+        cost = lane.cost_usd(comp.prompt_tokens, comp.completion_tokens, comp.cache_read_tokens,
+                             comp.cache_write_tokens)
         st = self.stats
         st.prompt_tokens += comp.prompt_tokens
         st.completion_tokens += comp.completion_tokens
         st.cost_usd += cost
-        st.log(lane.label, None, comp.latency_s, comp.prompt_tokens, comp.completion_tokens, pack_size, cost)
-        lane.limiter.settle(permit, comp.prompt_tokens + comp.completion_tokens)
+        st.log(lane.label, None, comp.latency_s, comp.prompt_tokens, comp.completion_tokens, pack_size, cost,
+               cache_read=comp.cache_read_tokens, cache_write=comp.cache_write_tokens)
+        # only the input the provider counts (Anthropic: not cache reads) against its input and token limits
+        lane.limiter.settle(permit, comp.counted_prompt_tokens + comp.completion_tokens,
+                            actual_output=comp.completion_tokens)
         if comp.headers:
             lane.limiter.update_from_headers(comp.headers, sent_at=permit.sent_at)
         lane.timeout.observe(comp.latency_s)
         lane.breaker.record_success()
         lane.on_success()
+        if comp.stop_reason == "max_tokens":  # cut on every request: max_tokens is too small (configuration)
+            cut = E.AnswerCut(f"answers stop at [model] max_tokens = {lane.model.max_tokens}", model=lane.label,
+                              row_key=req.row_key)
+            if self.misconfig.failure(lane.index, cut):
+                self._misconfigured(lane, cut)
+        else:
+            self.misconfig.success(lane.index)
         return comp
 
     def _count_refusals(self, lane: Lane, refusals: Sequence[Refusal], pack_size: int) -> None:
@@ -230,20 +236,20 @@ class Dispatcher:
             if r.note:
                 self.stats.warn(f"{lane.label}: {r.note} (HTTP {r.status})")
 
-    async def _hedged(self, lane: Lane, req: Request, est_tokens: float, delay_s: float) -> Completion:
+    async def _hedged(self, lane: Lane, req: Request, delay_s: float) -> Completion:
         """A hedged request ("The Tail at Scale"): a second copy after ``delay_s`` if the first is late.
 
         Used only in the run's tail while the lane has spare capacity, so that
         a straggler row waits for the faster of two tries instead of a hang's
         timeout. The first answer wins; the other copy is cancelled.
         """
-        first = asyncio.create_task(self.send(lane, req, est_tokens))
+        first = asyncio.create_task(self.send(lane, req))
         tasks = [first]
         try:
             done, _ = await asyncio.wait(tasks, timeout=delay_s)
             if not done and lane.in_flight * 2 < lane.limit:
                 self.stats.hedged += 1
-                tasks.append(asyncio.create_task(self.send(lane, req, est_tokens)))
+                tasks.append(asyncio.create_task(self.send(lane, req)))
             # An answer wins. After an error, the other copy gets at most the p95 latency more
             # (it may be a hang); then the error goes to the retry policy, whose retry hedges again.
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -302,6 +308,8 @@ class Dispatcher:
         last_error = "no model answered"
         tries: dict[int, int] = {}  # lane index -> attempts there
         reasks: dict[int, int] = {}
+        cuts: set[int] = set()  # lanes where the row's answer was cut at max_tokens once (and re-asked)
+        shared = self.renderer.shared_prefix(base_messages)
         messages: dict[int, list[dict[str, str]]] = {}
         keys: dict[int, str] = {}  # lane index -> cache key of the row's base request there
         leads: dict[int, str] = {}  # lane index -> the key this row leads there (others wait for it)
@@ -344,15 +352,14 @@ class Dispatcher:
                     st.retries += 1
                 model = lane.model
                 msgs = messages.get(i, base_messages)
-                req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key)
-                est = lane.prompt_tokens.estimate(_chars(msgs)) + lane.output_tokens.estimate()
+                req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key,
+                              shared_prefix=shared)
                 hedge = self.limits.hedge_tail and self.in_tail() and lane.in_flight * 2 < lane.limit
                 try:
                     if hedge:  # a row that failed before hedges at once; others once they are slower than p95
-                        comp = await self._hedged(lane, req, est,
-                                                  0.0 if tries[i] > 1 else lane.timeout.quantile(0.95))
+                        comp = await self._hedged(lane, req, 0.0 if tries[i] > 1 else lane.timeout.quantile(0.95))
                     else:
-                        comp = await self.send(lane, req, est)
+                        comp = await self.send(lane, req)
                 except E.ProviderError as exc:
                     exc.row_key, exc.attempt = key, tries[i]
                     last_error = f"{type(exc).__name__}: {exc}"
@@ -377,6 +384,17 @@ class Dispatcher:
                 res.latency_s += comp.latency_s
                 res.prompt_tokens += comp.prompt_tokens
                 res.completion_tokens += comp.completion_tokens
+                if comp.stop_reason is not None:  # cut at max_tokens, or refused: no answer to validate
+                    res.tried.append((lane.label, comp.stop_reason, None, comp.prompt_tokens, comp.completion_tokens))
+                    if comp.stop_reason == "max_tokens" and i not in cuts:
+                        cuts.add(i)  # re-ask once, with a note
+                        messages[i] = [*msgs, cut_message(model.max_tokens)]
+                        continue
+                    last_error = (f"AnswerCut: the answer was cut at max_tokens = {model.max_tokens}, also after a "
+                                  f"re-ask; raise [model] max_tokens" if comp.stop_reason == "max_tokens" else
+                                  f"Refusal: {lane.label} declined to answer (stop_reason refusal)")
+                    start = i + 1
+                    continue
                 try:
                     output = self.schema.validate(comp.content)
                 except E.AnswerInvalid as exc:
@@ -457,6 +475,15 @@ class Dispatcher:
             raise Stop from exc
 
     def record_failure(self, lane: Lane, exc: E.ProviderError) -> None:
+        """Feed a failed attempt to the lane's policies.
+
+        A 429 is ours to fix: it cuts the concurrency (AIMD) and a
+        ``Retry-After`` pauses the whole lane. A 5xx, a 529 (Anthropic's
+        ``overloaded_error``: the service is busy for every customer, not our
+        quota), a timeout or a broken body counts toward the circuit breaker
+        and is backed off by the retry policy, without shrinking the
+        concurrency. A 4xx answer shows the server is up.
+        """
         if isinstance(exc, E.RateLimited):
             self.stats.rate_limited += 1
             lane.on_congestion()
@@ -464,8 +491,6 @@ class Dispatcher:
                 lane.limiter.pause_for(exc.retry_after)  # the whole lane waits, not only this row
             lane.breaker.release()
         elif isinstance(exc, _OUTAGE):
-            if exc.status == 529:
-                lane.on_congestion()
             lane.breaker.record_failure()
         else:  # a 4xx answer: the server is up
             lane.breaker.record_success()

@@ -116,9 +116,8 @@ class Packer:
         messages = pack_messages(d.renderer, [(key, row) for key, row, _, _ in items])
         model = lane.model
         req = Request(messages, pack_schema(d.schema.json_schema), model.temperature,
-                      model.max_tokens * len(items), row_key=items[0][0])
-        est = lane.prompt_tokens.estimate(sum(len(m["content"]) for m in messages)) \
-            + lane.output_tokens.estimate() * len(items)
+                      model.max_tokens * len(items), row_key=items[0][0],
+                      shared_prefix=d.renderer.shared_prefix(messages))
         t0 = d.clock()
         attempt = 0
         while True:
@@ -127,7 +126,7 @@ class Packer:
                 raise Stop
             attempt += 1
             try:
-                comp = await d.send(lane, req, est, pack_size=len(items))
+                comp = await d.send(lane, req, pack_size=len(items))
                 break
             except E.ProviderError as exc:
                 exc.attempt = attempt

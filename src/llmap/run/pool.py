@@ -168,6 +168,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         buffer.clear()
         tally.requests = stats.requests
         tally.prompt_tokens, tally.completion_tokens = stats.prompt_tokens, stats.completion_tokens
+        tally.cache_read_tokens = stats.cache_read_tokens
         tally.cost_usd, tally.rate_limited = stats.cost_usd, stats.rate_limited
         tally.cache_hits = answers.hits if answers is not None else 0
         tally.in_flight = sum(lane.in_flight for lane in dispatcher.lanes)

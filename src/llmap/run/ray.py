@@ -43,7 +43,7 @@ from llmap.run.dispatch import Dispatcher
 from llmap.run.leases import LeaseBook
 from llmap.run.ray_budget import budget_actor
 from llmap.run.ray_worker import COUNTERS, Batch, RowWorker
-from llmap.run.stats import DispatchStats
+from llmap.run.stats import DispatchStats, Stop
 from llmap.spec import JobSpec
 from llmap.store.ledger import RowResult
 
@@ -341,7 +341,8 @@ class RayExecutor:
                 self._settle(keep, [self._rows.pop(r.key) for r in keep])
         if batch.halt is not None:
             st.halt(batch.halt)
-        self.dispatcher.check_caps()
+        with contextlib.suppress(Stop):  # the dispatcher's own cap rule, on the usage merged from the workers
+            self.dispatcher._check_caps()
         self._wake()
 
     def _lost(self, name: str, exc: BaseException) -> None:

@@ -54,7 +54,7 @@ WATCH_S = 5.0
 
 
 def lane_limits(spec: JobSpec) -> list[LaneLimits]:
-    """Each ``[[model]]``'s limits for the whole cluster: ``rpm``/``tpm`` (the model's, else
+    """Each ``[[model]]``'s limits for the whole cluster: ``rpm``/``tpm``/``itpm``/``otpm`` (the model's, else
     ``[limits]``'s) and ``[limits] concurrency`` as the cluster's ceiling of requests in flight
     (default: adaptive from 16 up to 256 per worker)."""
     lim = spec.limits
@@ -63,7 +63,8 @@ def lane_limits(spec: JobSpec) -> list[LaneLimits]:
         rpm, tpm = m.rpm or lim.rpm, m.tpm or lim.tpm
         cap = lim.concurrency or MAX_CONCURRENCY
         initial = min(cap, lim.concurrency or INITIAL_CONCURRENCY)
-        out.append(LaneLimits(rpm, tpm, cap, initial, BREAKER_COOLDOWN_MAX_S))
+        out.append(LaneLimits(rpm, tpm, cap, initial, BREAKER_COOLDOWN_MAX_S, itpm=m.itpm or lim.itpm,
+                              otpm=m.otpm or lim.otpm))
     return out
 
 
@@ -198,7 +199,7 @@ class BudgetLink:
         self.view = View()
         self._report = Report(worker, lane)
         self._headers_at: float | None = None
-        self._grant_requests, self._grant_tokens, self._granted_at = 0, 0.0, -math.inf
+        self._grant_requests, self._grant_tokens, self._grant_output, self._granted_at = 0, 0.0, 0.0, -math.inf
         self._paused_until = -math.inf
         self._probe_at = -math.inf
         self._rate = 0.0  # EWMA of requests per second taken from grants
@@ -223,8 +224,9 @@ class BudgetLink:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         r = self._take_report()
-        r.returned_requests, r.returned_tokens = self._grant_requests, self._grant_tokens
-        self._grant_requests, self._grant_tokens = 0, 0.0
+        r.returned_requests, r.returned_tokens, r.returned_output = (self._grant_requests, self._grant_tokens,
+                                                                     self._grant_output)
+        self._grant_requests, self._grant_tokens, self._grant_output = 0, 0.0, 0.0
         if r.has_news():
             with contextlib.suppress(Exception):
                 await self._sync(r)
@@ -265,8 +267,9 @@ class BudgetLink:
         """True when the shared budget has an RPM or TPM limit (configured or learned)."""
         return self.view.limited
 
-    async def acquire(self, est_tokens: float = 0.0) -> Permit:
-        """Wait until a request of ``est_tokens`` tokens may go, and take it from the local grant.
+    async def acquire(self, est_tokens: float = 0.0, *, est_output: float = 0.0) -> Permit:
+        """Wait until a request of ``est_tokens`` tokens (``est_output`` of them output) may go, and
+        take it from the local grant.
 
         Raises:
             asyncio.CancelledError: when cancelled while waiting; nothing is taken.
@@ -279,36 +282,42 @@ class BudgetLink:
                     await self.sleep(self._paused_until - now)
                     continue
                 if not self.view.limited:
-                    return Permit(tokens=est_tokens, sent_at=now, waited_s=now - start)
+                    return Permit(tokens=est_tokens, sent_at=now, waited_s=now - start, output=est_output)
                 if (self._grant_requests >= 1 and self._grant_tokens + 1e-9 >= est_tokens
-                        and now - self._granted_at <= GRANT_TTL_S):
+                        and self._grant_output + 1e-9 >= est_output and now - self._granted_at <= GRANT_TTL_S):
                     self._grant_requests -= 1
                     self._grant_tokens -= est_tokens
+                    self._grant_output -= est_output
                     self._taken += 1
-                    return Permit(tokens=est_tokens, sent_at=now, waited_s=now - start)
-                await self._refill(est_tokens)
+                    return Permit(tokens=est_tokens, sent_at=now, waited_s=now - start, output=est_output)
+                await self._refill(est_tokens, est_output)
 
-    async def _refill(self, est_tokens: float) -> None:
+    async def _refill(self, est_tokens: float, est_output: float) -> None:
         """Hand back what is left of the grant and ask for a chunk sized to the recent rate."""
         now = self.clock()
         if self._granted_at > -math.inf and now > self._granted_at:
             rate = self._taken / max(now - self._granted_at, 1e-3)
             self._rate = rate if self._rate == 0 else 0.7 * self._rate + 0.3 * rate
         r = self._take_report()
-        r.returned_requests, r.returned_tokens = self._grant_requests, self._grant_tokens
+        r.returned_requests, r.returned_tokens, r.returned_output = (self._grant_requests, self._grant_tokens,
+                                                                     self._grant_output)
         r.want = max(1, min(CHUNK_MAX, math.ceil(self._rate * CHUNK_S)))
-        r.est_tokens = est_tokens
-        self._grant_requests, self._grant_tokens, self._taken = 0, 0.0, 0
+        r.est_tokens, r.est_output = est_tokens, est_output
+        self._grant_requests, self._grant_tokens, self._grant_output, self._taken = 0, 0.0, 0.0, 0
         view = await self._sync(r)
         self._apply(view)
-        self._grant_requests, self._grant_tokens, self._granted_at = view.requests, view.tokens, self.clock()
+        self._grant_requests, self._grant_tokens, self._grant_output = view.requests, view.tokens, view.output
+        self._granted_at = self.clock()
         if view.requests == 0 and view.limited:
             await self.sleep(max(view.wait_s, 0.01) if not math.isinf(view.wait_s) else 1.0)
 
-    def settle(self, permit: Permit, actual_tokens: float) -> None:
-        """Settle a request's real usage against its reservation (sent with the next report)."""
+    def settle(self, permit: Permit, actual_tokens: float, *, actual_output: float | None = None) -> None:
+        """Settle a request's real usage against its reservation (sent with the next report);
+        ``actual_output`` as for :meth:`~llmap.control.limits.Limiter.settle`."""
         self._report.reserved_tokens += permit.tokens
         self._report.actual_tokens += actual_tokens
+        self._report.reserved_output += permit.output
+        self._report.actual_output += min(permit.output, actual_tokens) if actual_output is None else actual_output
 
     def pause_for(self, seconds: float) -> None:
         """A Retry-After: pause here at once, and every worker within one round trip."""

@@ -30,6 +30,8 @@ class DispatchStats:
     Attributes:
         requests: requests sent.
         prompt_tokens, completion_tokens: usage reported by the providers.
+        cache_read_tokens, cache_write_tokens: of the prompt tokens, those read
+            from / written to the providers' prompt caches.
         cost_usd: spend at the models' prices.
         rate_limited: 429 answers.
         retries: attempts after the first, per row and model.
@@ -41,6 +43,8 @@ class DispatchStats:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
     cost_usd: float = 0.0
     rate_limited: int = 0
     retries: int = 0
@@ -51,9 +55,11 @@ class DispatchStats:
     on_halt: Callable[[str], None] | None = None
     #: called with each warning (a condition worth saying once, e.g. a server without usage)
     on_warn: Callable[[str], None] | None = None
-    #: request log entries not yet written to the ledger: (t, model, outcome, latency_s, pt, ct, pack_size)
+    #: request log entries not yet written to the ledger:
+    #: (t, model, outcome, latency_s, pt, ct, pack_size, cache_read, cache_write)
     request_log: list[tuple] = field(default_factory=list)
-    #: model -> {"requests", "prompt_tokens", "completion_tokens", "cost_usd"} (this run)
+    #: model -> {"requests", "prompt_tokens", "completion_tokens", "cost_usd", "cache_read_tokens",
+    #: "cache_write_tokens"} (this run)
     by_model: dict[str, dict[str, float]] = field(default_factory=dict)
     #: (model, outcome) -> requests, for metrics; outcome "200", an HTTP status, or an error class
     outcomes: Counter = field(default_factory=Counter)
@@ -61,8 +67,13 @@ class DispatchStats:
     on_request: Callable[[tuple], None] | None = None
 
     def log(self, model: str, error: BaseException | str | None, latency_s: float, prompt_tokens: int,
-            completion_tokens: int, pack_size: int, cost_usd: float = 0.0) -> None:
-        """Record one request's outcome: an answer when ``error`` is None, else the error or an outcome name."""
+            completion_tokens: int, pack_size: int, cost_usd: float = 0.0, *, cache_read: int = 0,
+            cache_write: int = 0) -> None:
+        """Record one request's outcome: an answer when ``error`` is None, else the error or an outcome name.
+
+        ``cache_read`` and ``cache_write`` are the prompt tokens it read from and wrote to the provider's
+        prompt cache (part of ``prompt_tokens``); they are summed into the run's totals here.
+        """
         if error is None:
             outcome = "200"
         elif isinstance(error, str):
@@ -70,15 +81,20 @@ class DispatchStats:
         else:
             status = getattr(error, "status", None)
             outcome = str(status) if status else type(error).__name__
-        entry = (time.time(), model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size)
+        entry = (time.time(), model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size, cache_read,
+                 cache_write)
         self.request_log.append(entry)
         self.outcomes[(model, outcome)] += 1
+        self.cache_read_tokens += cache_read
+        self.cache_write_tokens += cache_write
         m = self.by_model.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
                                              "cost_usd": 0.0})
         m["requests"] += 1
         m["prompt_tokens"] += prompt_tokens
         m["completion_tokens"] += completion_tokens
         m["cost_usd"] += cost_usd
+        m["cache_read_tokens"] = m.get("cache_read_tokens", 0) + cache_read
+        m["cache_write_tokens"] = m.get("cache_write_tokens", 0) + cache_write
         if self.on_request is not None:
             self.on_request(entry)
 

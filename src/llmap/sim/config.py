@@ -74,6 +74,17 @@ class SimConfig:
             Faults are drawn per request, not per body, so a retry can succeed.
         context_chars: a message longer than this many characters gets 400
             ``context_length_exceeded``.
+        itpm: input tokens per minute on ``/v1/messages`` (Anthropic's ITPM;
+            uncached input only: cache reads are free); ``None`` = unlimited.
+        otpm: output tokens per minute on ``/v1/messages`` (Anthropic's OTPM;
+            ``max_tokens`` is reserved, the unused part given back).
+        overload_rate: fraction of ``/v1/messages`` answered 529
+            ``overloaded_error`` (after admission).
+        limit_rate: fraction of ``/v1/messages`` answered 429
+            ``rate_limit_error`` with ``retry-after: 1`` (after admission: a
+            limit shared with other clients of the key).
+        cache_min_tokens: the shortest prefix ``/v1/messages`` caches when it is
+            marked with ``cache_control``, tokens (Anthropic: 1,024 to 4,096 by model).
         response_formats: the ``response_format`` types the server takes,
             comma-separated, from :data:`RESPONSE_FORMATS`; ``""`` takes none
             (only prompts). A ``json_object`` may carry a ``schema`` beside its
@@ -108,6 +119,11 @@ class SimConfig:
     context_chars: int = 200_000
     response_formats: str = "json_schema,json_object"
     format_error: str = "openai"
+    itpm: int | None = None
+    otpm: int | None = None
+    overload_rate: float = 0.0
+    limit_rate: float = 0.0
+    cache_min_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.outage, str):
@@ -119,11 +135,13 @@ class SimConfig:
             object.__setattr__(self, "outage", (start, end))
         for name in ("fail_rate", "hang_rate", "malformed_rate"):
             _check_rate(name, getattr(self, name))
-        for name in ("drop_item_rate", "corrupt_item_rate"):
+        for name in ("drop_item_rate", "corrupt_item_rate", "overload_rate", "limit_rate"):
             _check_rate(name, getattr(self, name))
         if self.fail_rate + self.hang_rate + self.malformed_rate > 1.0 + 1e-9:
             raise ValueError("fail_rate + hang_rate + malformed_rate must not exceed 1")
-        for name in ("rpm", "tpm", "quota_tokens"):
+        if self.fail_rate + self.overload_rate + self.limit_rate + self.hang_rate + self.malformed_rate > 1.0 + 1e-9:
+            raise ValueError("fail_rate + overload_rate + limit_rate + hang_rate + malformed_rate must not exceed 1")
+        for name in ("rpm", "tpm", "quota_tokens", "itpm", "otpm"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value!r}")
@@ -141,6 +159,8 @@ class SimConfig:
             raise ValueError(f"response_formats: unknown type {unknown[0]!r}; use some of {RESPONSE_FORMATS}")
         if self.format_error not in FORMAT_ERRORS:
             raise ValueError(f"format_error must be one of {FORMAT_ERRORS}, got {self.format_error!r}")
+        if self.cache_min_tokens < 0:
+            raise ValueError(f"cache_min_tokens must be >= 0, got {self.cache_min_tokens!r}")
         if self.context_chars <= 0:
             raise ValueError(f"context_chars must be positive, got {self.context_chars!r}")
 

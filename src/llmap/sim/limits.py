@@ -12,6 +12,13 @@ are tested by moving a fake clock instead of sleeping.
 :func:`ratelimit_headers` renders a decision as OpenAI ``x-ratelimit-*``
 headers (resets as durations like ``6m0s``) or Anthropic
 ``anthropic-ratelimit-*`` headers (resets as RFC 3339 UTC timestamps).
+
+:class:`MessagesLimiter` limits ``/v1/messages`` the way Anthropic does:
+requests (RPM), input tokens (ITPM: uncached input only, cache reads are
+free) and output tokens (OTPM: charged ``max_tokens`` on admission, the
+unused part given back when the answer is done), with
+``anthropic-ratelimit-{requests,input-tokens,output-tokens,tokens}-*``
+headers (:meth:`MessagesLimiter.headers`).
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ __all__ = [
     "Admission",
     "BucketState",
     "Clock",
+    "MessagesAdmission",
+    "MessagesLimiter",
     "RateLimiter",
     "TokenBucket",
     "format_duration",
@@ -82,6 +91,10 @@ class TokenBucket:
     def take(self, amount: float) -> None:
         """Remove ``amount`` units (the level may not go below zero)."""
         self._level = max(self.level() - amount, 0.0)
+
+    def give(self, amount: float) -> None:
+        """Put ``amount`` units back (at most up to ``capacity``)."""
+        self._level = min(self.capacity, self.level() + max(0.0, amount))
 
     def time_to_full(self) -> float:
         """Seconds until the bucket is full again."""
@@ -275,3 +288,99 @@ def ratelimit_headers(
         headers["retry-after"] = f"{retry_ms / 1000:.3f}".rstrip("0").rstrip(".")
         headers["retry-after-ms"] = str(retry_ms)
     return headers
+
+
+@dataclass(frozen=True, slots=True)
+class MessagesAdmission:
+    """:class:`MessagesLimiter`'s decision about one ``/v1/messages`` request.
+
+    Attributes:
+        allowed: admitted (and charged).
+        limited_by: ``"requests"``, ``"input tokens"`` or ``"output tokens"`` when refused.
+        limit: the per-minute limit that refused it (0 when admitted).
+        retry_after: seconds until the request would fit (0 when admitted).
+        requests, input_tokens, output_tokens: each configured bucket's state, or None.
+    """
+
+    allowed: bool
+    limited_by: str | None
+    limit: int
+    retry_after: float
+    requests: BucketState | None
+    input_tokens: BucketState | None
+    output_tokens: BucketState | None
+
+
+class MessagesLimiter:
+    """Anthropic's limits on ``/v1/messages``: RPM, ITPM and OTPM buckets, each full at start.
+
+    Args:
+        rpm: requests per minute (``None`` = unlimited).
+        itpm: input tokens per minute; only uncached input counts (``None`` = unlimited).
+        otpm: output tokens per minute (``None`` = unlimited).
+        clock: current time in seconds; :func:`time.monotonic` by default.
+    """
+
+    def __init__(self, rpm: int | None = None, itpm: int | None = None, otpm: int | None = None,
+                 clock: Clock = time.monotonic) -> None:
+        self.requests = TokenBucket(rpm, rpm / 60, clock) if rpm else None
+        self.input_tokens = TokenBucket(itpm, itpm / 60, clock) if itpm else None
+        self.output_tokens = TokenBucket(otpm, otpm / 60, clock) if otpm else None
+
+    @property
+    def active(self) -> bool:
+        """Whether any limit is configured."""
+        return any(b is not None for b in (self.requests, self.input_tokens, self.output_tokens))
+
+    def admit(self, input_tokens: int, max_tokens: int) -> MessagesAdmission:
+        """Admit a request whose uncached input is ``input_tokens`` and whose ``max_tokens`` is given.
+
+        Returns:
+            The decision; when allowed, every bucket was charged (output: ``max_tokens``).
+        """
+        checks = [("requests", self.requests, 1), ("input tokens", self.input_tokens, input_tokens),
+                  ("output tokens", self.output_tokens, max_tokens)]
+        waits = [(b.wait_for(cost), name, b) for name, b, cost in checks if b is not None]
+        wait, name, bucket = max(waits, key=lambda w: w[0]) if waits else (0.0, None, None)
+        allowed = wait == 0.0
+        if allowed:
+            for _, b, cost in checks:
+                if b is not None:
+                    b.take(cost)
+        return MessagesAdmission(allowed, None if allowed else name,
+                                 0 if allowed or bucket is None else int(bucket.capacity), wait,
+                                 _state(self.requests), _state(self.input_tokens), _state(self.output_tokens))
+
+    def settle(self, max_tokens: int, output_tokens: int) -> None:
+        """Give back the output tokens reserved (``max_tokens``) but not used."""
+        if self.output_tokens is not None:
+            self.output_tokens.give(max_tokens - output_tokens)
+
+    def reset(self) -> None:
+        """Fill every bucket."""
+        for bucket in (self.requests, self.input_tokens, self.output_tokens):
+            if bucket is not None:
+                bucket.fill()
+
+    @staticmethod
+    def headers(admission: MessagesAdmission, wall_now: float) -> dict[str, str]:
+        """``anthropic-ratelimit-*`` headers (RFC 3339 resets), and on refusal ``retry-after`` in whole seconds.
+
+        ``tokens-*`` is the input and output budgets together, as a real answer shows them.
+        """
+        out: dict[str, str] = {}
+        states = (("requests", admission.requests), ("input-tokens", admission.input_tokens),
+                  ("output-tokens", admission.output_tokens))
+        for kind, state in states:
+            if state is not None:
+                out[f"anthropic-ratelimit-{kind}-limit"] = str(state.limit)
+                out[f"anthropic-ratelimit-{kind}-remaining"] = str(state.remaining)
+                out[f"anthropic-ratelimit-{kind}-reset"] = format_rfc3339(wall_now + state.reset)
+        tokens = [st for st in (admission.input_tokens, admission.output_tokens) if st is not None]
+        if tokens:
+            out["anthropic-ratelimit-tokens-limit"] = str(sum(st.limit for st in tokens))
+            out["anthropic-ratelimit-tokens-remaining"] = str(sum(st.remaining for st in tokens))
+            out["anthropic-ratelimit-tokens-reset"] = format_rfc3339(wall_now + max(st.reset for st in tokens))
+        if not admission.allowed:
+            out["retry-after"] = str(max(1, math.ceil(admission.retry_after)))
+        return out

@@ -1,8 +1,10 @@
-"""The simulator's HTTP server: an OpenAI-compatible chat completions API.
+"""The simulator's HTTP server: an OpenAI-compatible chat completions API, and Anthropic's Messages API.
 
 Routes:
 
 - ``POST /v1/chat/completions``: a chat completion (see :meth:`SimServer.chat`).
+- ``POST /v1/messages``, ``GET /v1/models/{model_id}``: Anthropic's Messages
+  API (see :mod:`llmap.sim.messages`).
 - ``GET /v1/models``: ``{"object": "list", "data": [{"id": "sim", ...}]}``.
 - ``GET /stats``: counters (:mod:`llmap.sim.stats`); ``POST /stats/reset``
   zeroes them, refills the rate-limit buckets and the token quota.
@@ -56,6 +58,7 @@ from aiohttp import web
 from llmap.sim.answers import completion_tokens, make_answer, message_text, prompt_tokens
 from llmap.sim.config import SimConfig
 from llmap.sim.limits import Admission, Clock, RateLimiter, ratelimit_headers
+from llmap.sim.messages import MessagesMixin
 from llmap.sim.stats import SimStats
 
 __all__ = ["SimServer", "listening_line", "serve_forever", "start_site"]
@@ -90,7 +93,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, text=json.dumps(data), content_type="application/json")
 
 
-class SimServer:
+class SimServer(MessagesMixin):
     """The state and handlers of one simulator (config, limits, stats, faults).
 
     Everything runs on one event loop; nothing here is thread-safe.
@@ -113,6 +116,7 @@ class SimServer:
         self._started = clock()
         self._tokens_served = 0
         self.stats = SimStats(clock, wall_clock)
+        self._init_messages(config)
 
     @property
     def config(self) -> SimConfig:
@@ -139,6 +143,7 @@ class SimServer:
             self._limiter = RateLimiter(new.rpm, new.tpm, self._clock)
         if "seed" in changes:
             self._rng = random.Random(new.seed)
+        self._reconfigure_messages(self._config, new)
         self._config = new
         return new
 
@@ -146,6 +151,7 @@ class SimServer:
         """Zero the stats, refill the rate-limit buckets and the token quota."""
         self.stats.reset()
         self._limiter.reset()
+        self._reset_messages()
         self._tokens_served = 0
 
     def make_app(self) -> web.Application:
@@ -153,6 +159,8 @@ class SimServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_get("/v1/models/{model_id}", self.model_info)
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/stats/reset", self.reset_stats)
         app.router.add_get("/config", self.get_config)

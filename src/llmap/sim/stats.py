@@ -7,7 +7,9 @@ Shape of :meth:`SimStats.snapshot`::
       "by_status": {"200": 100, "429": 20},
       "hung": 0,                       # requests never answered (hang_rate)
       "malformed": 0,                  # 200s sent with a broken body
-      "tokens": {"prompt": 5400, "completion": 900},   # of 200 answers
+      "tokens": {"prompt": 5400, "completion": 900,    # of 200 answers
+                 "cache_read": 0, "cache_write": 0},   # of the prompt: /v1/messages prompt-cache reads, writes
+      "cache_reads": 0,                # 200 answers that read a cached prefix (/v1/messages)
       "by_model": {"sim": 120},
       "admitted_per_second": [40, 40, 20],  # 200 answers per whole second
       "started_at": 1714560000.0       # Unix time of start or last reset
@@ -45,6 +47,9 @@ class SimStats:
         self.malformed = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cache_read_tokens = 0
+        self.cache_write_tokens = 0
+        self.cache_reads = 0
         self.by_model: dict[str, int] = {}
         self.admitted: list[int] = []
         self.started = self._clock()
@@ -58,10 +63,14 @@ class SimStats:
         """Count one answer with HTTP ``status``."""
         self.by_status[status] = self.by_status.get(status, 0) + 1
 
-    def record_success(self, prompt: int, completion: int) -> None:
-        """Count the tokens of one 200 answer and its second since start."""
+    def record_success(self, prompt: int, completion: int, *, cache_read: int = 0, cache_write: int = 0) -> None:
+        """Count the tokens of one 200 answer (``cache_read``/``cache_write``: of ``prompt``, from / to the
+        prompt cache) and its second since start."""
         self.prompt_tokens += prompt
         self.completion_tokens += completion
+        self.cache_read_tokens += cache_read
+        self.cache_write_tokens += cache_write
+        self.cache_reads += 1 if cache_read else 0
         second = int(self._clock() - self.started)
         admitted = self.admitted
         if second >= len(admitted):
@@ -75,7 +84,9 @@ class SimStats:
             "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
             "hung": self.hung,
             "malformed": self.malformed,
-            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
+            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens,
+                       "cache_read": self.cache_read_tokens, "cache_write": self.cache_write_tokens},
+            "cache_reads": self.cache_reads,
             "by_model": dict(self.by_model),
             "admitted_per_second": list(self.admitted),
             "started_at": self.started_at,

@@ -8,8 +8,9 @@ row and a re-run continues where the last one stopped.
 SQLite runs in WAL mode with ``synchronous=NORMAL``: a commit survives a
 killed process; one writer (the engine's event loop) commits results in
 batches. A write that finds the disk full raises
-:class:`~llmap.errors.DiskFull` (its transaction is rolled back whole). The schema is built from named migrations recorded in
-``_migrations`` (the simonw/llm pattern), so later versions can add to it.
+:class:`~llmap.errors.DiskFull` (its transaction is rolled back whole). The schema is built from named migrations
+(:mod:`llmap.store.ledger_schema`) recorded in ``_migrations`` (the simonw/llm pattern), so later versions can add
+to it.
 
 Each run *plans* the rows it sees into the ledger with its run id; rows that
 a later run no longer sees (input changed, ``limit`` lowered) keep their old
@@ -28,126 +29,13 @@ from typing import Any
 
 from llmap.errors import SpecError
 from llmap.store.diskfull import guard, guard_writes
+from llmap.store.ledger_schema import MIGRATIONS
 from llmap.store.migrate import apply_migrations
 
-__all__ = ["STATUSES", "Ledger", "PlannedRow", "RowResult", "open_for_reading"]
+__all__ = ["MIGRATIONS", "STATUSES", "Ledger", "PlannedRow", "RowResult", "open_for_reading"]
 
 #: Every status a row can have. ``fallback``: no model answered; ``[output] fallback`` was used.
 STATUSES = ("pending", "done", "failed", "skipped", "fallback")
-
-MIGRATIONS: list[tuple[str, str]] = [
-    (
-        "001_rows_runs_meta",
-        """
-        CREATE TABLE rows (
-            key TEXT PRIMARY KEY,
-            seq INTEGER NOT NULL,
-            plan INTEGER NOT NULL,
-            input_hash TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed', 'skipped')),
-            attempts INTEGER NOT NULL DEFAULT 0,
-            data TEXT NOT NULL,
-            output TEXT,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER,
-            latency_s REAL,
-            model TEXT,
-            error TEXT,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        );
-        CREATE INDEX rows_plan_status_seq ON rows (plan, status, seq);
-        CREATE INDEX rows_plan_seq ON rows (plan, seq);
-        CREATE TABLE runs (
-            id INTEGER PRIMARY KEY,
-            started_at REAL NOT NULL,
-            ended_at REAL,
-            spec_hash TEXT NOT NULL,
-            rows_total INTEGER,
-            done INTEGER,
-            failed INTEGER,
-            skipped INTEGER,
-            pending INTEGER,
-            requests INTEGER,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER,
-            exit_reason TEXT
-        );
-        CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB);
-        """,
-    ),
-    (
-        # SQLite cannot alter a CHECK constraint: rebuild the table to admit 'fallback'.
-        "002_status_fallback",
-        """
-        CREATE TABLE rows_new (
-            key TEXT PRIMARY KEY,
-            seq INTEGER NOT NULL,
-            plan INTEGER NOT NULL,
-            input_hash TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed', 'skipped', 'fallback')),
-            attempts INTEGER NOT NULL DEFAULT 0,
-            data TEXT NOT NULL,
-            output TEXT,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER,
-            latency_s REAL,
-            model TEXT,
-            error TEXT,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        );
-        INSERT INTO rows_new SELECT * FROM rows;
-        DROP TABLE rows;
-        ALTER TABLE rows_new RENAME TO rows;
-        CREATE INDEX rows_plan_status_seq ON rows (plan, status, seq);
-        CREATE INDEX rows_plan_seq ON rows (plan, seq);
-        ALTER TABLE runs ADD COLUMN fallback INTEGER;
-        ALTER TABLE runs ADD COLUMN cost_usd REAL;
-        ALTER TABLE runs ADD COLUMN rate_limited INTEGER;
-        ALTER TABLE runs ADD COLUMN retries INTEGER;
-        """,
-    ),
-    (
-        "003_source_truncated_attempts",
-        """
-        ALTER TABLE rows ADD COLUMN source TEXT;
-        ALTER TABLE rows ADD COLUMN truncated TEXT;
-        CREATE TABLE attempts (
-            id INTEGER PRIMARY KEY,
-            run INTEGER NOT NULL,
-            key TEXT NOT NULL,
-            model TEXT,
-            outcome TEXT NOT NULL,
-            output TEXT,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER,
-            created_at REAL NOT NULL
-        );
-        CREATE INDEX attempts_key ON attempts (key);
-        """,
-    ),
-    (
-        "004_request_log_run_details",
-        """
-        CREATE TABLE requests (
-            id INTEGER PRIMARY KEY,
-            run INTEGER NOT NULL,
-            t REAL NOT NULL,
-            model TEXT NOT NULL,
-            outcome TEXT NOT NULL,
-            latency_s REAL,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER,
-            pack_size INTEGER NOT NULL DEFAULT 1
-        );
-        CREATE INDEX requests_run_t ON requests (run, t);
-        ALTER TABLE runs ADD COLUMN cached INTEGER;
-        ALTER TABLE runs ADD COLUMN by_model TEXT;
-        """,
-    ),
-]
-
 
 @dataclass(frozen=True, slots=True)
 class PlannedRow:
@@ -248,8 +136,9 @@ UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prom
 WHERE key = ?
 """
 _REQUEST = """
-INSERT INTO requests (run, t, model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO requests (run, t, model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size,
+    cache_read_tokens, cache_write_tokens)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _ATTEMPT = """
 INSERT INTO attempts (run, key, model, outcome, output, prompt_tokens, completion_tokens, created_at)
@@ -326,7 +215,8 @@ class Ledger:
     @guard_writes("ledger")
     def end_run(self, run_id: int, *, exit_reason: str, requests: int, prompt_tokens: int,
                 completion_tokens: int, cost_usd: float = 0.0, rate_limited: int = 0, retries: int = 0,
-                cached: int = 0, by_model: dict[str, Any] | None = None) -> None:
+                cached: int = 0, by_model: dict[str, Any] | None = None, cache_read_tokens: int = 0,
+                cache_write_tokens: int = 0) -> None:
         """Stamp a run's end with its row counts and usage.
 
         Args:
@@ -335,16 +225,19 @@ class Ledger:
             requests, prompt_tokens, completion_tokens, cost_usd, rate_limited,
                 retries, cached: this run's totals (tokens, USD, 429 answers,
                 retried attempts, rows answered from the cache or dedup).
-            by_model: ``{model: {"requests", "prompt_tokens", "completion_tokens", "cost_usd"}}``.
+            by_model: ``{model: {"requests", "prompt_tokens", "completion_tokens", "cost_usd", ...}}``.
+            cache_read_tokens, cache_write_tokens: of the prompt tokens, those
+                read from / written to the providers' prompt caches.
         """
         c = self.counts(run_id)
         self._db.execute(
             "UPDATE runs SET ended_at = ?, rows_total = ?, done = ?, failed = ?, skipped = ?, pending = ?, "
             "fallback = ?, requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, rate_limited = ?, "
-            "retries = ?, cached = ?, by_model = ?, exit_reason = ? WHERE id = ?",
+            "retries = ?, cached = ?, by_model = ?, exit_reason = ?, cache_read_tokens = ?, cache_write_tokens = ? "
+            "WHERE id = ?",
             (time.time(), sum(c.values()), c["done"], c["failed"], c["skipped"], c["pending"], c["fallback"],
              requests, prompt_tokens, completion_tokens, cost_usd, rate_limited, retries, cached,
-             json.dumps(by_model or {}), exit_reason, run_id),
+             json.dumps(by_model or {}), exit_reason, cache_read_tokens, cache_write_tokens, run_id),
         )
 
     def latest_plan(self) -> int | None:
@@ -376,9 +269,11 @@ class Ledger:
             results: settled rows.
             run_id: the run they belong to.
             requests: request log entries ``(t, model, outcome, latency_s,
-                prompt_tokens, completion_tokens, pack_size)``: ``t`` in POSIX
-                seconds; ``outcome`` ``"200"``, another HTTP status, or an
-                error class such as ``RequestTimeout``.
+                prompt_tokens, completion_tokens, pack_size, cache_read_tokens,
+                cache_write_tokens)``: ``t`` in POSIX seconds; ``outcome``
+                ``"200"``, another HTTP status, or an error class such as
+                ``RequestTimeout``; the last two are the prompt tokens read from
+                and written to the provider's prompt cache (may be left off: 0).
 
         Returns once durable.
         """
@@ -399,7 +294,7 @@ class Ledger:
             if tried:
                 self._db.executemany(_ATTEMPT, tried)
             if requests:
-                self._db.executemany(_REQUEST, [(run_id, *r) for r in requests])
+                self._db.executemany(_REQUEST, [(run_id, *r, *(0,) * (9 - len(r))) for r in requests])
 
     # -- reading --------------------------------------------------------------
     def counts(self, plan: int) -> dict[str, int]:
@@ -450,6 +345,14 @@ class Ledger:
             "coalesce(sum(completion_tokens), 0) FROM rows WHERE plan = ? GROUP BY model, status, source "
             "ORDER BY model, status, source",
             (plan,),
+        ).fetchall()
+
+    def cache_by_model(self, run_id: int) -> list[tuple[str, int, int]]:
+        """Per model in one run: prompt tokens read from and written to its prompt cache (the request log)."""
+        return self._db.execute(
+            "SELECT model, coalesce(sum(cache_read_tokens), 0), coalesce(sum(cache_write_tokens), 0) FROM requests "
+            "WHERE run = ? GROUP BY model HAVING sum(cache_read_tokens) > 0 OR sum(cache_write_tokens) > 0 "
+            "ORDER BY model", (run_id,),
         ).fetchall()
 
     def attempts_by_model(self, run_id: int) -> list[tuple[str, str, int, int, int]]:

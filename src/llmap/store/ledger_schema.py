@@ -1,0 +1,136 @@
+"""The ledger's SQLite schema, as named migrations applied in order (:mod:`llmap.store.migrate`).
+
+Tables: ``rows`` (one per input row: state, answer, usage), ``runs`` (one per
+run: totals, per-model usage, exit reason), ``attempts`` (every model answer
+on a row's way: cascade steps, re-asks), ``requests`` (one per request sent:
+time, model, outcome, latency, tokens, prompt-cache reads and writes, pack
+size) and ``meta``. A migration once released is never edited: a later change
+is a new entry at the end.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS"]
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "001_rows_runs_meta",
+        """
+        CREATE TABLE rows (
+            key TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            plan INTEGER NOT NULL,
+            input_hash TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed', 'skipped')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            data TEXT NOT NULL,
+            output TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            latency_s REAL,
+            model TEXT,
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX rows_plan_status_seq ON rows (plan, status, seq);
+        CREATE INDEX rows_plan_seq ON rows (plan, seq);
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            spec_hash TEXT NOT NULL,
+            rows_total INTEGER,
+            done INTEGER,
+            failed INTEGER,
+            skipped INTEGER,
+            pending INTEGER,
+            requests INTEGER,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            exit_reason TEXT
+        );
+        CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB);
+        """,
+    ),
+    (
+        # SQLite cannot alter a CHECK constraint: rebuild the table to admit 'fallback'.
+        "002_status_fallback",
+        """
+        CREATE TABLE rows_new (
+            key TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            plan INTEGER NOT NULL,
+            input_hash TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed', 'skipped', 'fallback')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            data TEXT NOT NULL,
+            output TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            latency_s REAL,
+            model TEXT,
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        INSERT INTO rows_new SELECT * FROM rows;
+        DROP TABLE rows;
+        ALTER TABLE rows_new RENAME TO rows;
+        CREATE INDEX rows_plan_status_seq ON rows (plan, status, seq);
+        CREATE INDEX rows_plan_seq ON rows (plan, seq);
+        ALTER TABLE runs ADD COLUMN fallback INTEGER;
+        ALTER TABLE runs ADD COLUMN cost_usd REAL;
+        ALTER TABLE runs ADD COLUMN rate_limited INTEGER;
+        ALTER TABLE runs ADD COLUMN retries INTEGER;
+        """,
+    ),
+    (
+        "003_source_truncated_attempts",
+        """
+        ALTER TABLE rows ADD COLUMN source TEXT;
+        ALTER TABLE rows ADD COLUMN truncated TEXT;
+        CREATE TABLE attempts (
+            id INTEGER PRIMARY KEY,
+            run INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            model TEXT,
+            outcome TEXT NOT NULL,
+            output TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX attempts_key ON attempts (key);
+        """,
+    ),
+    (
+        "004_request_log_run_details",
+        """
+        CREATE TABLE requests (
+            id INTEGER PRIMARY KEY,
+            run INTEGER NOT NULL,
+            t REAL NOT NULL,
+            model TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            latency_s REAL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            pack_size INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE INDEX requests_run_t ON requests (run, t);
+        ALTER TABLE runs ADD COLUMN cached INTEGER;
+        ALTER TABLE runs ADD COLUMN by_model TEXT;
+        """,
+    ),
+    (
+        # Prompt caching: the tokens each request read from / wrote to the provider's prompt cache.
+        "005_prompt_cache_tokens",
+        """
+        ALTER TABLE requests ADD COLUMN cache_read_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE requests ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE runs ADD COLUMN cache_read_tokens INTEGER;
+        ALTER TABLE runs ADD COLUMN cache_write_tokens INTEGER;
+        """,
+    ),
+]
