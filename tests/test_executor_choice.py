@@ -42,3 +42,10 @@ def test_run_help_teaches_the_ray_options():
     out = subprocess.run([*LLMAP, "run", "--help"], capture_output=True, text=True, timeout=60,
                          env={"COLUMNS": "200", "PATH": ""})
     assert "--executor" in out.stdout and "--ray-address" in out.stdout and "--workers" in out.stdout
+
+
+def test_ray_with_the_batch_api_is_a_one_line_error_before_any_request(make_job, sim):
+    job = Job.from_toml(make_job(5, model_extra="batch = true"))
+    with pytest.raises(SpecError, match=r"\[model\] batch .* drop --executor ray"):
+        job.run(executor="ray")
+    assert sim.stats()["requests"] == 0

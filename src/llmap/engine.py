@@ -32,7 +32,7 @@ from llmap.control.breaker import BreakerState
 from llmap.control.lanes import MAX_CONCURRENCY, Lane
 from llmap.io.sinks import check_writable, export, result_batches
 from llmap.io.sources import Source
-from llmap.observe.logs import JsonLog
+from llmap.observe.logs import JsonLog, LoggedProgress
 from llmap.observe.progress import NullProgress, Progress, Tally
 from llmap.plan import (
     Compiled,
@@ -50,6 +50,7 @@ from llmap.run.pool import run_pool
 from llmap.run.stats import DispatchStats
 from llmap.spec import JobSpec, ModelSpec
 from llmap.store.answers import AnswerCache
+from llmap.store.batches import BatchBook
 from llmap.store.cache import FILE_NAME as CACHE_FILE
 from llmap.store.cache import ResponseCache, default_cache_dir
 from llmap.store.diskfull import guard
@@ -118,6 +119,8 @@ class RunResult:
         cache_read_tokens: prompt tokens read from the providers' prompt caches in this run.
         rate_limited: 429 answers in this run.
         retries: attempts after the first, summed over rows and models.
+        batches: provider ids of the job's batches still running at the end (``[model] batch``).
+        detached: the run submitted its batches and returned without waiting (``--detach``).
     """
 
     counts: dict[str, int]
@@ -132,6 +135,8 @@ class RunResult:
     rate_limited: int = 0
     retries: int = 0
     cache_read_tokens: int = 0
+    batches: tuple[str, ...] = ()
+    detached: bool = False
 
 
 @dataclass
@@ -159,6 +164,7 @@ class Job:
         self._log: JsonLog | None = None
         self._executor = "local"
         self._launch: Any = None  # Ray workers starting (llmap.run.ray.Launch), until dispatch takes them
+        self._detach = False
         self._on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None
 
     @classmethod
@@ -216,8 +222,8 @@ class Job:
     def run(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
             export_output: bool = True, log: JsonLog | None = None,
             on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
-            wait_lock: bool = False, executor: str = "local", workers: int | None = None,
-            ray_address: str | None = "auto") -> RunResult:
+            wait_lock: bool = False, detach: bool = False, executor: str = "local",
+            workers: int | None = None, ray_address: str | None = "auto") -> RunResult:
         """Run the job to completion (sync wrapper over :meth:`arun`).
 
         The run holds the job's ledger lock (:mod:`llmap.store.lock`) for its
@@ -233,6 +239,8 @@ class Job:
                 (e.g. to serve metrics).
             wait_lock: when another run holds the ledger, wait for it to end
                 (``--wait-lock``) instead of raising :class:`~llmap.errors.LedgerLocked`.
+            detach: with ``[model] batch``, submit the batches and return
+                without waiting for them (``--detach``); the next run collects them.
             executor: ``"local"`` (this process sends every request) or ``"ray"``: this
                 process keeps the ledger and the cache, and ``workers`` Ray actors send the
                 requests under one cluster-wide rate limit (:mod:`llmap.run.ray`; needs
@@ -251,16 +259,21 @@ class Job:
         """
         require_no_running_loop("Job.run()", "await job.arun(...)")
         return asyncio.run(self.arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
-                                     log=log, on_start=on_start, wait_lock=wait_lock, executor=executor,
-                                     workers=workers, ray_address=ray_address))
+                                     log=log, on_start=on_start, wait_lock=wait_lock, detach=detach,
+                                     executor=executor, workers=workers, ray_address=ray_address))
 
     async def arun(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
                    export_output: bool = True, log: JsonLog | None = None,
                    on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
-                   wait_lock: bool = False, executor: str = "local", workers: int | None = None,
-                   ray_address: str | None = "auto") -> RunResult:
+                   wait_lock: bool = False, detach: bool = False, executor: str = "local",
+                   workers: int | None = None, ray_address: str | None = "auto") -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
-        self._executor = _check_executor(executor, workers)
+        if executor != "local" or workers is not None:
+            from llmap.run.ray import check_executor
+
+            check_executor(executor, workers, batch=bool(self.spec.model.batch))
+        self._executor = executor
+        self._detach = detach
         lock = LedgerLock(self.spec.ledger_path, job=self.spec.name)
         await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
         try:
@@ -281,7 +294,7 @@ class Job:
                     on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None) -> RunResult:
         progress = progress or NullProgress()
         if log is not None:
-            progress = _Logged(progress, log)
+            progress = LoggedProgress(progress, log)
         self._log, self._on_start = log, on_start
         started = time.monotonic()
         prep = await self.prepare(limit=limit, check_output=export_output)
@@ -298,6 +311,7 @@ class Job:
         run_id = None
         planned = False
         counts: dict[str, int] = {}
+        running: tuple[str, ...] = ()
         tally: Tally | None = None
         reason = "complete"
         try:
@@ -320,7 +334,7 @@ class Job:
                 reason = "interrupted"
                 raise E.RunInterrupted(
                     "interrupted; finished rows are kept in the ledger, run the same command again to continue"
-                ) from None
+                    + _still_running(ledger, self.spec)) from None
             finally:
                 progress.finish(tally)
             if stats.stop_reason is not None:
@@ -351,6 +365,8 @@ class Job:
                         layout = prep.input.layout
                         export(result_batches(ledger, run_id, layout), layout.schema, out)
                     counts = ledger.counts(run_id)
+                    if self.spec.model.batch:
+                        running = tuple(r.provider_id or f"batch {r.id}" for r in BatchBook(ledger).held())
                     if reason == "complete" and counts["pending"] == 0 and counts["failed"] == 0:
                         self._mark_complete(ledger)
             finally:
@@ -359,10 +375,11 @@ class Job:
         stop = None
         if stats.stop_reason is not None:
             stop = f"{stats.stop_reason}; fix it and run again: finished rows are kept"
-        exit_code = 0 if counts["failed"] == 0 and counts["pending"] == 0 and stop is None else 1
+        left = 0 if self._detach and self.spec.model.batch else counts["pending"]
+        exit_code = 0 if counts["failed"] == 0 and left == 0 and stop is None else 1
         return RunResult(counts, out, exit_code, stop, stats.requests, stats.prompt_tokens,
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
-                         stats.retries, stats.cache_read_tokens)
+                         stats.retries, stats.cache_read_tokens, running, self._detach and self.spec.model.batch)
 
     def _settled_hook(self, stats: DispatchStats, prep: _Prepared) -> Callable[[list[RowResult], list[str]], None]:
         """Alerts and structured row logs, run on every batch of settled rows."""
@@ -418,6 +435,14 @@ class Job:
                 stats.on_request = self._log.request
             if self._on_start is not None:
                 self._on_start(stats, tally, lanes)
+            if spec.model.batch:  # the first model's requests go through its provider's batch API
+                from llmap.run.batch import run_batches
+
+                await run_batches(ledger=ledger, run_id=run_id, job=spec.name, spec=spec.batch,
+                                  provider=prep.providers[0], dispatcher=dispatcher, stats=stats, tally=tally,
+                                  progress=progress, pack=packer.size() if packer is not None else 1,
+                                  on_settled=self._settled_hook(stats, prep), detach=self._detach)
+                return
             if self._launch is not None and tally.total > tally.done + tally.failed + tally.skipped + tally.fallback:
                 launch, self._launch = self._launch, None
                 remote = await launch.executor(dispatcher, stats)
@@ -432,23 +457,16 @@ class Job:
                 cache.close()
 
 
-def _check_executor(executor: str, workers: int | None) -> str:
-    """Check ``executor`` and ``workers`` before anything is sent.
-
-    Raises:
-        SpecError: an unknown executor, ``workers`` < 1 or without Ray, or Ray missing.
-    """
-    if executor not in ("local", "ray"):
-        raise E.SpecError(f"unknown executor {executor!r}; use 'local' or 'ray'")
-    if workers is not None and executor != "ray":
-        raise E.SpecError("--workers applies to --executor ray only; add --executor ray or drop --workers")
-    if workers is not None and workers < 1:
-        raise E.SpecError(f"--workers must be at least 1, got {workers}")
-    if executor == "ray":
-        from llmap.run.ray import require_ray
-
-        require_ray()
-    return executor
+def _still_running(ledger: Ledger, spec: JobSpec) -> str:
+    """The interrupted run's word on its batches: they keep running, and the next run collects them."""
+    if not spec.model.batch:
+        return ""
+    held = BatchBook(ledger).held()
+    if not held:
+        return ""
+    return (f"; {len(held)} batch{'es' if len(held) != 1 else ''} keep running at the provider (recorded in the "
+            "ledger): the next `llmap run` collects them and sends none of their rows again, "
+            "`llmap batch cancel` stops them")
 
 
 def _record_shapes(providers: list[Provider], stats: DispatchStats) -> None:
@@ -461,25 +479,3 @@ def _record_shapes(providers: list[Provider], stats: DispatchStats) -> None:
                                                 "cost_usd": 0.0})
         m["structured"] = p.structured.split(" ", 1)[0]
         m["structured_how"] = p.structured
-
-
-class _Logged:
-    """A progress reporter that also writes its messages to the structured log."""
-
-    def __init__(self, inner: Progress, log: JsonLog) -> None:
-        self.inner, self.log = inner, log
-
-    def start(self, tally: Tally) -> None:
-        self.inner.start(tally)
-
-    def advance(self, tally: Tally) -> None:
-        self.inner.advance(tally)
-        self.log.flush()
-
-    def message(self, text: str) -> None:
-        self.inner.message(text)
-        self.log.message(text)
-
-    def finish(self, tally: Tally) -> None:
-        self.inner.finish(tally)
-        self.log.flush()

@@ -21,7 +21,8 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │       ├── BadRequest        400 / 404 / 422
     │       │   ├── ContextTooLong
     │       │   ├── AnswerCut     answers stop at max_tokens (raise [model] max_tokens)
-    │       │   └── ModelLeftOut  the model refused every request the same way; rows fail over
+    │       │   ├── ModelLeftOut  the model refused every request the same way; rows fail over
+    │       │   └── BatchTooLarge a batch API refused a batch for its size: llmap splits it in two
     │       └── FatalProviderError  every row would hit it: stop the run (exit 1)
     │           ├── AuthError       401 / 403
     │           ├── QuotaExhausted  insufficient_quota
@@ -46,6 +47,7 @@ __all__ = [
     "AnswerInvalid",
     "AuthError",
     "BadRequest",
+    "BatchTooLarge",
     "ConnectionFailed",
     "ContextTooLong",
     "DiskFull",
@@ -165,6 +167,11 @@ class ModelLeftOut(BadRequest):
     """The model was left out of the run (it refused every request the same way, see
     :mod:`llmap.control.misconfig`): raised, without a request, for a row that was waiting to send
     to it, so the row fails over to the next model."""
+
+
+class BatchTooLarge(BadRequest):
+    """A batch API refused a batch for its size (too many requests or bytes, at upload or at validation):
+    llmap submits it again as two halves (see :mod:`llmap.run.batch`)."""
 
 
 class FatalProviderError(TerminalError):

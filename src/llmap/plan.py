@@ -92,6 +92,7 @@ def compile_spec(spec: JobSpec, *, source: str = "job") -> Compiled:
     if spec.output.fallback is not None:
         check_fallback(spec.output.fields, spec.output.fallback, source=source)
     _check_cost_cap(spec, source)
+    _check_batch(spec, source)
     escalate = _bind_cascade(spec, source)
     return Compiled(renderer, OutputSchema(spec.output.fields), escalate, spec.request_fingerprint())
 
@@ -240,6 +241,22 @@ def _check_cost_cap(spec: JobSpec, source: str) -> None:
             f"spend would count as $0 and the cap would never stop it; add price_in and price_out to that model (USD "
             f"per million prompt / completion tokens; 0 if it is free), or cap [limits] max_tokens instead"
         )
+
+
+def _check_batch(spec: JobSpec, source: str) -> None:
+    """``[model] batch`` sends the first model's requests through its batch API; the models after it answer in
+    real time (failover, cascade, retries), and ``per_group`` quotas need real-time answers to count."""
+    later = [m for m in spec.models[1:] if m.batch]
+    if later:
+        raise E.SpecError(f"{source}: [[model]] {later[0].name!r} has batch = true, but only the first [[model]] can "
+                          "go by batch (the ones after it answer in real time); move it first or drop batch")
+    if spec.model.batch and spec.input.per_group is not None:
+        raise E.SpecError(f"{source}: [input] per_group counts answers as they come, which a batch cannot; drop "
+                          "per_group or [model] batch")
+    given = spec.model_fields_set
+    if "batch" in given and not spec.model.batch:
+        raise E.SpecError(f"{source}: [batch] is set but no [model] has batch = true; add batch = true to the first "
+                          "[model] or drop [batch]")
 
 
 def _bind_cascade(spec: JobSpec, source: str) -> tuple[EscalateIf | None, ...]:

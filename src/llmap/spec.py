@@ -17,12 +17,14 @@ The contract (see README.md for every key, default and unit)::
     [output]  path, keep, max_reask, [output.fields]
     [model]   provider, name, base_url, api_key_env, model_path, temperature, max_tokens, ...
     [limits]  concurrency, rpm, tpm, itpm, otpm, ...
+    [batch]   max_requests, max_bytes, poll_s, deadline, retry   (for [model] batch = true)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +39,7 @@ from llmap.providers.params import answer_params, reserved_params
 __all__ = [
     "FIELD_TYPES",
     "AlertsSpec",
+    "BatchSpec",
     "Example",
     "FieldSpec",
     "CacheSpec",
@@ -288,6 +291,13 @@ class ModelSpec(_Strict):
             out of logs and errors.
         query: for ``openai`` and ``anthropic``, query parameters added to
             every URL (Azure's ``api-version``).
+        batch: for the first ``openai`` or ``anthropic`` model: send its
+            requests through the provider's batch API (OpenAI Batch, Anthropic
+            Message Batches) at ``price_batch_factor`` of the price, within
+            24 hours; see ``[batch]`` and :mod:`llmap.run.batch`.
+        price_batch_factor: batch requests cost this share of ``price_in`` /
+            ``price_out`` (and the cache prices); default 0.5, both providers'
+            batch discount.
     """
 
     provider: Literal["local", "openai", "anthropic"] = "local"
@@ -314,9 +324,13 @@ class ModelSpec(_Strict):
     params: dict[str, Any] = {}
     headers: dict[str, str] = {}
     query: dict[str, str] = {}
+    batch: bool = False
+    price_batch_factor: float = Field(default=0.5, ge=0)
 
     @model_validator(mode="after")
     def _provider_keys(self) -> ModelSpec:
+        if self.batch and self.provider not in ("openai", "anthropic"):
+            raise ValueError("batch = true needs provider = 'openai' or 'anthropic' (their batch APIs); drop batch")
         remote = "provider = 'openai' or 'anthropic'"
         if self.provider == "local" and (self.base_url or self.api_key_env):
             raise ValueError(f"base_url and api_key_env apply to {remote}; set provider or drop them")
@@ -450,6 +464,80 @@ class CacheSpec(_Strict):
         return v
 
 
+#: The batch APIs' own ceilings per batch: requests and bytes (OpenAI: 50,000 and 200 MB; Anthropic: 100,000 and
+#: 256 MB). ``[batch] max_requests`` / ``max_bytes`` may only lower them.
+BATCH_CEILINGS = {"openai": (50_000, 200_000_000), "anthropic": (100_000, 256_000_000)}
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``190MB``, ``1.5GB``, ``512KiB`` or a plain number of bytes (KB/MB/GB are powers of 1000).
+
+    Raises:
+        ValueError: not a size; the message says how to write one.
+    """
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmg]i?b|b)?\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a size; write e.g. \"190MB\", \"1GB\" or a number of bytes")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or "b"])
+
+
+class BatchSpec(_Strict):
+    """``[batch]``: how a ``[model] batch = true`` model's requests go through its provider's batch API.
+
+    Args (TOML keys):
+        max_requests: requests (lines) per batch, default 50,000; the
+            provider's ceiling (:data:`BATCH_CEILINGS`) applies when lower.
+        max_bytes: bytes per batch (the JSONL file, or Anthropic's request
+            body), e.g. ``"190MB"`` (default); the provider's ceiling applies
+            when lower.
+        poll_s: seconds between status polls of the open batches (default 30).
+        deadline: how long after its creation a batch may run, a duration
+            (default ``"24h"``, the providers' completion window). Past it
+            llmap cancels the batch, keeps what it finished, and finishes its
+            other rows in real time.
+        retry: where rows go whose batch request failed, expired, or whose
+            answer did not validate: ``"realtime"`` (default: the model's
+            normal real-time path, under its limits) or ``"batch"`` (the next
+            batch; re-asks too).
+    """
+
+    max_requests: int = Field(default=50_000, ge=1)
+    max_bytes: int | str = "190MB"
+    poll_s: float = Field(default=30.0, gt=0)
+    deadline: str = "24h"
+    retry: Literal["realtime", "batch"] = "realtime"
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _size(cls, v: int | str) -> int | str:
+        if parse_size(v) < 1024:
+            raise ValueError(f"max_bytes {v!r} is below 1 KB; write e.g. \"190MB\"")
+        return v
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline(cls, v: str) -> str:
+        try:
+            if parse_duration(v) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"deadline {v!r} is not a duration; write e.g. \"24h\", \"6h\" or \"90m\"") from None
+        return v
+
+    @property
+    def deadline_s(self) -> float:
+        """``deadline`` in seconds."""
+        return parse_duration(self.deadline)
+
+    @property
+    def max_bytes_n(self) -> int:
+        """``max_bytes`` in bytes."""
+        return parse_size(self.max_bytes)
+
+
 class AlertsSpec(_Strict):
     """``[alerts]``: stop early when a run is going wrong.
 
@@ -473,6 +561,7 @@ class JobSpec(_Strict):
     limits: LimitsSpec = LimitsSpec()
     cache: CacheSpec = CacheSpec()
     alerts: AlertsSpec = AlertsSpec()
+    batch: BatchSpec = BatchSpec()
     ledger: str | None = None
     base_dir: Path = Path(".")
 

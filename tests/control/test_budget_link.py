@@ -77,3 +77,23 @@ async def test_a_worker_that_is_granted_nothing_waits_in_the_actor_not_in_a_loop
     await a.aclose()
     assert permit.sent_at == pytest.approx(1.0)
     assert calls[0] >= 1 and len([c for c in calls if c]) == 1  # one round trip, answered when admitted
+
+
+async def test_a_grant_that_had_to_wait_carries_the_output_estimate(fake_time):
+    # The dispatcher reserves est_output (the OTPM part) with every request; a grant made after a
+    # wait in the actor must carry it too, or the link can never use the grant (a hang at any rpm).
+    service, (a,) = links(fake_time, 1, rpm=60)
+    await a.start()
+    real_sync, calls = a._sync, []
+
+    async def bounded(report):
+        calls.append(report.want)
+        assert len(calls) < 50, "the link keeps asking for grants it cannot use"
+        return await real_sync(report)
+
+    a._sync = bounded
+    first = await a.acquire(50, est_output=20)
+    second = await a.acquire(50, est_output=20)  # waits in the actor for 1 s
+    await a.aclose()
+    assert first.output == 20 and second.output == 20
+    assert second.sent_at == pytest.approx(1.0)

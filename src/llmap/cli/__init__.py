@@ -1,4 +1,4 @@
-"""The ``llmap`` command line: ``run``, ``status``, ``export``, ``simulate``.
+"""The ``llmap`` command line: ``run``, ``status``, ``export``, ``report``, ``estimate``, ``cache``, ``batch``, ``simulate``.
 
 Exit codes: 0 every row done or skipped; 1 some rows failed or the run
 stopped on a provider error; 2 bad job or input (nothing sent); 75 another
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import typer
 
+from llmap.cli.batch import batch_app
 from llmap.cli.cache import cache_app
 from llmap.cli.inspect import estimate, export, report, status
 from llmap.cli.run import run
@@ -34,6 +35,7 @@ app.command("status")(status)
 app.command("export")(export)
 app.command("report")(report)
 app.add_typer(cache_app, name="cache")
+app.add_typer(batch_app, name="batch")
 
 
 def _register_simulate() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from rich.table import Table
 from llmap.cli.common import JobFile, err, fail, load_job, out
 from llmap.errors import DiskFull, SpecError
 from llmap.io.sinks import export_job
-from llmap.observe.report import build_run_summary, model_report
+from llmap.observe.report import build_run_summary, model_report, path_split
 from llmap.observe.status import job_status
 from llmap.store.ledger import STATUSES
 
@@ -38,7 +39,7 @@ def status(
         groups = [{"group": g, **c, **({"quota_met": c["done"] >= quota.n} if quota and by == quota.column else {})}
                   for g, c in rep.groups.items()]
         sys.stdout.write(json.dumps({"job": job.spec.name, "total": rep.total, "by": by, "groups": groups,
-                                     "structured": rep.structured}, default=str) + "\n")
+                                     "structured": rep.structured, "batches": rep.batches}, default=str) + "\n")
         return
     quota = job.spec.input.per_group
     show_quota = quota is not None and by == quota.column
@@ -62,6 +63,22 @@ def status(
     console.print(table)
     for model, how in rep.structured.items():
         console.print(f"structured output: {model}: {how}", highlight=False, markup=False)
+    if rep.batches:
+        console.print(_batch_table(rep.batches))
+
+
+def _batch_table(batches: list[dict]) -> Table:
+    """The job's latest batches: ids, the provider's status as last polled, requests, rows submitted and done."""
+    t = Table(title="batches (newest first; status as last polled)", title_justify="left")
+    for col in ("batch", "provider id", "state", "status", "requests", "rows", "done", "polled"):
+        t.add_column(col, justify="right" if col in ("requests", "rows", "done") else "left")
+    now = time.time()
+    for b in batches:
+        seen = f"{now - b['seen_at']:,.0f} s ago" if b.get("seen_at") else "-"
+        status = (b.get("status") or "-") + (f" (cancel: {b['cancel']})" if b.get("cancel") else "")
+        t.add_row(str(b["batch"]), b.get("provider_id") or "-", b["state"], status, f"{b['requests']:,}",
+                  f"{b['rows']:,}", f"{b['done']:,}", seen)
+    return t
 
 
 def export(
@@ -134,6 +151,7 @@ def _run_table(sm) -> Table:
             ("tokens (prompt + completion)", f"{sm.prompt_tokens:,} + {sm.completion_tokens:,}"),
             ("prompt-cache reads / writes", f"{sm.cache_read_tokens:,} / {sm.cache_write_tokens:,}"),
             ("cost", f"${sm.cost_usd:,.4f}" if sm.cost_usd is not None else "-"),
+            *([("requests (cost) by path", path_split(sm))] if sm.by_path else []),
             ("wall time", f"{sm.wall_s:,.1f} s" if sm.wall_s is not None else "-"),
             ("rows/s", f"{sm.rows_per_s:,.1f}" if sm.rows_per_s is not None else "-")]
     for k, v in rows:

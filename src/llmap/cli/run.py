@@ -46,12 +46,17 @@ def run(
     wait_lock: Annotated[bool, typer.Option(
         "--wait-lock", help="If another run of this job holds its ledger, wait for it to finish, then run "
         "(default: refuse at once with exit code 75).")] = False,
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="With \\[model] batch = true: submit the batches, print their ids and exit 0 without "
+        "waiting; run again later (without --detach) to collect them.")] = False,
 ) -> None:
     """Run a job: read the input, ask the model once per row, write the output.
 
     Every result is committed to the job's ledger before it counts, so Ctrl-C or a crash loses nothing: run the same command again and it continues where it stopped, sending requests only for rows not yet done.
 
     One run of a job at a time: a run holds the job's ledger lock for its whole life, and a second run of the same job is refused (or waits, with --wait-lock). status, export, report and estimate work during a run.
+
+    With \\[model] batch = true the first model's requests go through its provider's batch API (half price, within 24 hours): the run submits, then polls every \\[batch] poll_s seconds. Ctrl-C or a crash leaves the batches running and recorded in the ledger: the next run collects them and submits none of their rows again.
 
     Exit codes: 0 all rows done, skipped or given the fallback, 1 some rows failed or a budget cap or an error every row would hit stopped the run, 2 bad job or input (nothing sent), 75 another run of the job holds its ledger (nothing sent), 130 interrupted.
     """
@@ -82,7 +87,8 @@ def run(
         if log_json is not None:
             log = JsonLog(log_json, log_prompts=log_prompts)
         result = job.run(limit=limit, fresh=fresh, progress=progress, log=log, on_start=on_start,
-                         wait_lock=wait_lock, executor=executor, workers=workers, ray_address=ray_address)
+                         wait_lock=wait_lock, detach=detach, executor=executor, workers=workers,
+                         ray_address=ray_address)
     except SpecError as exc:
         raise fail(exc) from None
     except (LedgerLocked, DiskFull) as exc:
@@ -117,6 +123,12 @@ def run(
     if c["failed"]:
         err.print(f"llmap: see failed rows with: llmap status {job_file}; errors are in the output's _error column",
                   highlight=False, soft_wrap=True)
+    if result.batches:
+        err.print(f"llmap: {len(result.batches)} batch{'es' if len(result.batches) != 1 else ''} running at the "
+                  f"provider; run the same command again to collect them (llmap status {job_file} shows them)",
+                  highlight=False, soft_wrap=True)
+        for bid in result.batches:
+            out.print(f"batch: {bid}", highlight=False, soft_wrap=True)
     if result.output_path is not None:
         out.print(f"output: {result.output_path}", highlight=False, soft_wrap=True)
     raise typer.Exit(result.exit_code)

@@ -165,6 +165,24 @@ def simulate(
             help="/v1/messages: the shortest prefix marked with cache_control that is cached, in tokens."
         ),
     ] = 1024,
+    batch_time: Annotated[float, typer.Option(
+        help="Batch APIs: seconds a batch takes to run all its requests (they finish evenly over it).")] = 1.0,
+    batch_window: Annotated[float, typer.Option(
+        help="Batch APIs: the completion window in seconds; a batch still running then expires, keeping the "
+             "requests it finished (the real APIs: 86400).")] = 86_400.0,
+    batch_fail_rate: Annotated[float, typer.Option(
+        help="Batch APIs: fraction of batch requests that fail (OpenAI: 500 in the error file; Anthropic: "
+             "errored api_error).")] = 0.0,
+    batch_max_requests: Annotated[int, typer.Option(
+        help="Batch APIs: the request cap per batch (OpenAI: fails validation; Anthropic: 400).")] = 50_000,
+    batch_max_bytes: Annotated[int, typer.Option(
+        help="Batch APIs: the largest batch file (OpenAI: 400 File is too large) or body (Anthropic: 413), "
+             "bytes.")] = 200_000_000,
+    batch_max_tokens: Annotated[int | None, typer.Option(
+        help="OpenAI Batch: the enqueued-token cap per model; a batch that would pass it fails validation "
+             "with token_limit_exceeded. Unlimited if unset.")] = None,
+    batch_cancel_time: Annotated[float, typer.Option(
+        help="Batch APIs: seconds a cancel takes (cancelling, then cancelled).")] = 0.1,
 ) -> None:
     """Serve an OpenAI-compatible chat completions API and Anthropic's Messages API, answering from JSON schemas.
 
@@ -172,7 +190,8 @@ def simulate(
     offline, for free, with rate limits and failures you choose. For
     provider = "anthropic", use the same URL without /v1 as base_url:
     /v1/messages answers a forced tool with a tool_use block, reports prompt-cache
-    reads and writes, and sends anthropic-ratelimit-* headers.
+    reads and writes, and sends anthropic-ratelimit-* headers. The batch APIs (OpenAI's /v1/files and
+    /v1/batches, Anthropic's /v1/messages/batches) run each batch for --batch-time seconds.
     """
     try:
         from llmap.sim.config import (  # imported here: `llmap run` never loads the simulator
@@ -206,6 +225,13 @@ def simulate(
             overload_rate=overload_rate,
             limit_rate=limit_rate,
             cache_min_tokens=cache_min_tokens,
+            batch_time=batch_time,
+            batch_window=batch_window,
+            batch_fail_rate=batch_fail_rate,
+            batch_max_requests=batch_max_requests,
+            batch_max_bytes=batch_max_bytes,
+            batch_max_tokens=batch_max_tokens,
+            batch_cancel_time=batch_cancel_time,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -93,6 +93,8 @@ class Estimate:
         completion_source: ``"past runs"`` or ``"max_tokens"`` (primary model).
         cost_usd: USD on the primary model.
         cost_upper_usd: ``cost_usd`` plus every cascade step as if every row escalated.
+        batch_cost_usd: with ``[model] batch = true``, the primary model's cost by its batch API
+            (``batch_factor``, its ``price_batch_factor``, x ``cost_usd``), shown beside the real-time one; else None.
         models: per-model figures, primary first.
         time_s: estimated wall seconds: the largest of the RPM bound, the TPM
             bound and ``requests * latency_s / concurrency``.
@@ -124,6 +126,8 @@ class Estimate:
     completion_source: str = "max_tokens"
     cost_usd: float = 0.0
     cost_upper_usd: float = 0.0
+    batch_cost_usd: float | None = None
+    batch_factor: float = 0.5
     models: list[ModelCost] = field(default_factory=list)
     time_s: float = 0.0
     time_bound: str = "concurrency"
@@ -194,6 +198,8 @@ def cost_and_time(est: Estimate, spec: Any, hist: History) -> None:
     est.models = [primary]
     est.completion_tokens, est.completion_source = primary.completion_tokens, primary.completion_source
     est.cost_usd = est.cost_upper_usd = primary.cost_usd
+    if model.batch:
+        est.batch_factor, est.batch_cost_usd = model.price_batch_factor, primary.cost_usd * model.price_batch_factor
     for m in _cascade(spec.models):
         step = _model_cost(m, "escalation", n, n, est.prompt_tokens, hist, prefix)
         est.models.append(step)

@@ -43,6 +43,10 @@ def _rows(est: Estimate) -> Iterable[tuple[str, str, str]]:
         if not (m.price_in or m.price_out):
             what += " (set [model] price_in and price_out)"
         yield f"cost {m.label}", f"${m.cost_usd:,.4f}", what
+    if est.batch_cost_usd is not None and primary is not None:
+        yield (f"cost {primary.label}, by batch", f"${est.batch_cost_usd:,.4f}",
+               f"[model] batch = true: {est.batch_factor:g} x the real-time ${primary.cost_usd:,.4f} above; rows retried "
+               "in real time cost full price")
     if len(est.models) > 1:
         yield "cost, upper bound", f"${est.cost_upper_usd:,.4f}", "primary + every escalation"
     if est.time_bound == "rpm":
@@ -53,6 +57,8 @@ def _rows(est: Estimate) -> Iterable[tuple[str, str, str]]:
         basis = (f"{est.latency_s:.2f} s per request ({est.latency_source}) x {est.concurrency} in flight "
                  f"({est.concurrency_source})")
     yield "time", _duration(est.time_s), f"bound by {est.time_bound}: {basis}"
+    if est.batch_cost_usd is not None:
+        yield "time, by batch", "up to 24 h", "the batch APIs' completion window (most batches end within an hour)"
     yield "estimated in", f"{est.elapsed_s:.2f} s", "no request sent"
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from llmap.observe import svg
-from llmap.observe.report import TOP_GROUPS, RunSummary, build_run_summary
+from llmap.observe.report import TOP_GROUPS, RunSummary, build_run_summary, path_split
 
 __all__ = ["render_html", "write_html_report"]
 
@@ -189,6 +189,8 @@ def _summary_table(s: RunSummary) -> str:
         ("Prompt tokens", svg.count(s.prompt_tokens)), ("Completion tokens", svg.count(s.completion_tokens)),
         ("Prompt-cache reads", svg.count(s.cache_read_tokens)), ("Prompt-cache writes", svg.count(s.cache_write_tokens)),
     ]
+    if s.by_path:  # batch API requests (at price_batch_factor) beside real-time ones
+        items.append(("Requests (cost) by path", path_split(s)))
     rows = []
     for i in range(0, len(items), 2):
         cells = "".join(f"<th>{svg.esc(k)}</th><td class=\"n\">{svg.esc(v)}</td>" for k, v in items[i:i + 2])

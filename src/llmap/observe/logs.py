@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from llmap.errors import SpecError
 from llmap.store.ledger import RowResult
 
-__all__ = ["JsonLog"]
+if TYPE_CHECKING:
+    from llmap.observe.progress import Progress, Tally
+
+__all__ = ["JsonLog", "LoggedProgress"]
 
 
 class JsonLog:
@@ -51,12 +54,16 @@ class JsonLog:
         self._f.write(json.dumps(doc, ensure_ascii=False, default=str) + "\n")
 
     def request(self, entry: tuple) -> None:
-        """A request log entry ``(t, model, outcome, latency_s, pt, ct, pack_size, cache_read, cache_write)``."""
-        t, model, outcome, latency, pt, ct, pack, read, write = entry
-        doc = {"t": t, "event": "request", "model": model, "outcome": outcome, "latency_s": round(latency, 4),
+        """A request log entry ``(t, model, outcome, latency_s, pt, ct, pack_size, cache_read, cache_write, cost_usd,
+        path)`` (see :class:`~llmap.run.stats.DispatchStats`)."""
+        t, model, outcome, latency, pt, ct, pack, read, write = entry[:9]
+        doc = {"t": t, "event": "request", "model": model, "outcome": outcome,
+               "latency_s": round(latency, 4) if latency is not None else None,
                "prompt_tokens": pt, "completion_tokens": ct, "pack_size": pack}
         if read or write:
             doc |= {"cache_read_tokens": read, "cache_write_tokens": write}
+        if len(entry) > 10 and entry[10]:
+            doc["path"] = entry[10]
         self._write(doc)
 
     def row(self, r: RowResult, messages: list[dict[str, str]] | None = None) -> None:
@@ -78,3 +85,25 @@ class JsonLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+class LoggedProgress:
+    """A progress reporter that also writes its messages to the structured log."""
+
+    def __init__(self, inner: Progress, log: JsonLog) -> None:
+        self.inner, self.log = inner, log
+
+    def start(self, tally: Tally) -> None:
+        self.inner.start(tally)
+
+    def advance(self, tally: Tally) -> None:
+        self.inner.advance(tally)
+        self.log.flush()
+
+    def message(self, text: str) -> None:
+        self.inner.message(text)
+        self.log.message(text)
+
+    def finish(self, tally: Tally) -> None:
+        self.inner.finish(tally)
+        self.log.flush()

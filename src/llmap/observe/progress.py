@@ -42,6 +42,7 @@ class Tally:
         cost_usd: USD spent in this run; rate_limited: 429 answers in this run.
         cache_hits: rows answered from the cache or an identical request in this run.
         in_flight, concurrency: requests in flight now, and the current limit (AIMD).
+        batches: the batch path's state in words (batches by status, rows submitted), or "".
     """
 
     total: int = 0
@@ -58,6 +59,7 @@ class Tally:
     cache_hits: int = 0
     in_flight: int = 0
     concurrency: int = 0
+    batches: str = ""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -131,6 +133,8 @@ class _RowsColumn(ProgressColumn):
             parts += [" ", (f"{t.cache_hits:,} cached", "cyan")]
         if t.rate_limited:
             parts += [" ", (f"{t.rate_limited:,} 429s", "yellow")]
+        if t.batches:
+            parts += [" ", (t.batches, "magenta")]
         return Text.assemble(*parts)
 
 

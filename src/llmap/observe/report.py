@@ -27,7 +27,7 @@ from llmap.pricing import cost_usd
 from llmap.spec import JobSpec
 from llmap.store.ledger import STATUSES, open_for_reading
 
-__all__ = ["ModelLine", "ModelUsage", "RunSummary", "build_run_summary", "model_report"]
+__all__ = ["ModelLine", "ModelUsage", "RunSummary", "build_run_summary", "model_report", "path_split"]
 
 #: Most buckets on the throughput line and on the error bars.
 THROUGHPUT_BUCKETS = 600
@@ -99,6 +99,8 @@ class RunSummary:
         errors: outcome (``"503"``, ``"RequestTimeout"``) -> requests per
             bucket, most frequent outcome first.
         models: usage per model, most requests first.
+        by_path: ``"batch"`` / ``"realtime"`` -> (requests, cost in USD or None when unrecorded), from the request
+            log; only when the run sent batch requests (``[model] batch``).
         group_by: the grouping column, or None.
         groups: ``(value, {status: rows})`` for the run's plan, most rows first.
         notes: one-line remarks on what could not be shown and why.
@@ -138,6 +140,7 @@ class RunSummary:
     error_bucket_s: float = 1.0
     errors: dict[str, list[int]] = field(default_factory=dict)
     models: list[ModelUsage] = field(default_factory=list)
+    by_path: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     group_by: str | None = None
     groups: list[tuple[Any, dict[str, int]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -244,6 +247,13 @@ def _summarize(db: sqlite3.Connection, path: Path, run: int | None, group_by: st
     return s
 
 
+def path_split(s: RunSummary) -> str:
+    """Requests and cost by path, in words (``batch 120 ($0.0123), real time 6 ($0.0020)``), or ``""``."""
+    names = {"batch": "batch", "realtime": "real time"}
+    return ", ".join(f"{names.get(p, p)} {n:,}" + (f" (${c:,.4f})" if c is not None else "")
+                     for p, (n, c) in sorted(s.by_path.items()))
+
+
 def _read_request_log(db: sqlite3.Connection, s: RunSummary) -> None:
     start = s.started_at
     n, last = db.execute("SELECT count(*), max(t) FROM requests WHERE run = ?", (s.run,)).fetchone()
@@ -279,6 +289,10 @@ def _read_request_log(db: sqlite3.Connection, s: RunSummary) -> None:
     lat = [r[0] for r in db.execute("SELECT latency_s FROM requests WHERE run = ? AND outcome = '200' "
                                     "AND latency_s IS NOT NULL ORDER BY latency_s", (s.run,))]
     s.latency_bins = _log_bins(lat, LATENCY_BINS)
+    paths = {str(p): (int(n), c) for p, n, c in db.execute(
+        "SELECT coalesce(path, 'realtime'), count(*), sum(cost_usd) FROM requests WHERE run = ? GROUP BY 1", (s.run,))}
+    if "batch" in paths:
+        s.by_path = paths
     if lat:
         def q(p: float) -> float:
             return float(lat[min(len(lat) - 1, int(p * len(lat)))])
@@ -357,7 +371,8 @@ class ModelLine:
         cache_read_tokens, cache_write_tokens: of the prompt tokens, those its requests read from /
             wrote to the prompt cache, latest run (from the request log).
         cost_usd: those tokens at the model's prices (``price_in``, ``price_out``, and the cache
-            prices: :func:`llmap.pricing.cost_usd`).
+            prices: :func:`llmap.pricing.cost_usd`); batch requests at what the request log recorded
+            (``price_batch_factor`` of them).
         structured: the structured-output dialect the model's latest run used, in words; "" if none.
     """
 
@@ -405,10 +420,16 @@ def model_report(spec: JobSpec) -> tuple[list[ModelLine], dict[str, int]]:
         for model, read, write in ledger.cache_by_model(plan):
             line = lines.setdefault(model, ModelLine(model))
             line.cache_read_tokens, line.cache_write_tokens = read, write
+        batch = {m: rest for m, *rest in ledger.connection.execute(  # requests of batch APIs: their own prices
+            "SELECT model, sum(prompt_tokens), sum(completion_tokens), sum(cache_read_tokens), "
+            "sum(cache_write_tokens), sum(cost_usd) FROM requests WHERE run = ? AND path = 'batch' GROUP BY model",
+            (plan,))}
         for line in lines.values():
             m = specs.get(line.model)
-            line.cost_usd = 0.0 if m is None else cost_usd(m, line.prompt_tokens, line.completion_tokens,
-                                                           line.cache_read_tokens, line.cache_write_tokens)
+            pt, ct, rd, wr, paid = batch.get(line.model) or (0, 0, 0, 0, 0.0)
+            line.cost_usd = 0.0 if m is None else cost_usd(
+                m, max(0, line.prompt_tokens - pt), max(0, line.completion_tokens - ct),
+                max(0, line.cache_read_tokens - rd), max(0, line.cache_write_tokens - wr)) + (paid or 0.0)
         return list(lines.values()), ledger.counts(plan)
     finally:
         ledger.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 from llmap.plan import build_source
 from llmap.spec import JobSpec
+from llmap.store.batches import BatchBook
 from llmap.store.fingerprint import key_text
 from llmap.store.ledger import STATUSES, Ledger, open_for_reading
 
@@ -40,6 +41,9 @@ class StatusReport:
     #: model -> the structured-output dialect its latest run used, in words (``json_object (auto, refused
     #: json_schema)``); only models with an OpenAI-compatible provider.
     structured: dict[str, str] = field(default_factory=dict)
+    #: the job's latest provider batches, newest first (:meth:`~llmap.store.batches.BatchBook.summary`): ids,
+    #: state, the provider's status as last polled, requests, rows submitted and done
+    batches: list[dict[str, Any]] = field(default_factory=list)
 
 
 def job_status(spec: JobSpec, by: str | None = None) -> StatusReport:
@@ -55,6 +59,7 @@ def job_status(spec: JobSpec, by: str | None = None) -> StatusReport:
     try:
         total = ledger.counts(plan)
         structured = structured_by_model(ledger.connection)
+        batches = BatchBook(ledger).summary(plan)
         groups: dict[Any, dict[str, int]] = {}
         if by:
             stored = json.loads(ledger.get_meta("data_columns") or "[]")
@@ -66,7 +71,7 @@ def job_status(spec: JobSpec, by: str | None = None) -> StatusReport:
     finally:
         ledger.close()
     ordered = dict(sorted(groups.items(), key=lambda kv: (kv[0] is None, str(kv[0]))))
-    return StatusReport(total, by, ordered, spec.ledger_path, structured)
+    return StatusReport(total, by, ordered, spec.ledger_path, structured, batches)
 
 
 def structured_by_model(db: sqlite3.Connection, *, runs: int = 50) -> dict[str, str]:

@@ -210,6 +210,15 @@ class AnthropicProvider:
         self._answered = True
         return comp
 
+    def parse_answer(self, body: bytes, request: Request) -> Completion:
+        """The :class:`~llmap.providers.base.Completion` in a message's JSON ``body`` read elsewhere (a message
+        batch's results), read exactly as :meth:`complete` reads an answer.
+
+        Raises:
+            MalformedResponse: the body is not a message.
+        """
+        return self._parse(HttpAnswer(200, body, {}, 0.0), request)
+
     def _parse(self, ans: HttpAnswer, request: Request) -> Completion:
         try:
             doc = json.loads(ans.body)

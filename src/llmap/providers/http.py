@@ -151,6 +151,40 @@ class HttpClient:
             raise map_transport_error(exc, model=self.label, row_key=row_key) from exc
         return HttpAnswer(status, self.redact(raw), headers, time.monotonic() - t0)
 
+    async def send(self, method: str, path: str, *, body: Any = None, form: aiohttp.FormData | None = None,
+                   params: Mapping[str, str] | None = None) -> HttpAnswer:
+        """One request of a batch API (upload a file, create, poll, list, cancel a batch, download results).
+
+        Args:
+            method: ``GET`` or ``POST``.
+            path: appended to the base URL.
+            body: sent as JSON, or None.
+            form: a multipart form (a file upload), sent instead of ``body``.
+            params: query parameters, added to the client's own (Azure's ``api-version``).
+
+        Returns:
+            The answer, its whole body read (secrets redacted); any status.
+
+        Raises:
+            RequestTimeout, ConnectionFailed: no HTTP answer (mapped transport errors).
+        """
+        t0 = time.monotonic()
+        query = {**(self._query or {}), **(params or {})} or None
+        kwargs: dict[str, Any] = {"params": query}
+        if form is not None:
+            writer = form()  # its own Content-Type (multipart, with the boundary) replaces the JSON one
+            kwargs |= {"data": writer, "headers": {"Content-Type": writer.content_type}}
+        elif body is not None:
+            kwargs["data"] = json.dumps(body)
+        try:
+            async with self._client().request(method, f"{self.base_url}{path}", **kwargs) as resp:
+                raw = await resp.read()
+                headers = {k.lower(): v for k, v in resp.headers.items() if k.lower().startswith(RATE_LIMIT_HEADERS)}
+                status = resp.status
+        except Exception as exc:  # the transport boundary: map everything
+            raise map_transport_error(exc, model=self.label) from exc
+        return HttpAnswer(status, self.redact(raw), headers, time.monotonic() - t0)
+
     async def get(self, path: str) -> HttpAnswer:
         """GET ``{base_url}{path}`` (a free request: ``check()`` before a run).
 

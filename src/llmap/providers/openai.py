@@ -165,6 +165,15 @@ class OpenAIProvider:
             exc.refusals = tuple(refusals)
             raise
 
+    def parse_answer(self, body: bytes, request: Request) -> Completion:
+        """The :class:`~llmap.providers.base.Completion` in a chat completion's JSON ``body`` read elsewhere (a
+        batch's output file), read exactly as :meth:`complete` reads an answer.
+
+        Raises:
+            MalformedResponse: the body is not a chat completion.
+        """
+        return self._parse(HttpAnswer(200, body, {}, 0.0), request, ())
+
     def _parse(self, ans: HttpAnswer, request: Request, refusals: tuple[Refusal, ...]) -> Completion:
         try:
             doc = json.loads(ans.body)

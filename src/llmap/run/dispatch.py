@@ -287,7 +287,7 @@ class Dispatcher:
         return await self.solve_messages(key, self.renderer.messages(row))
 
     async def solve_messages(self, key: str, base_messages: list[dict[str, str]], *, start: int = 0,
-                             lead: str | None = None) -> RowResult:
+                             lead: str | None = None, reask: list[dict[str, str]] | None = None) -> RowResult:
         """Settle one row from its rendered messages, trying models from lane ``start`` on.
 
         Args:
@@ -298,6 +298,7 @@ class Dispatcher:
                 already looked it up and found nothing (the worker pool does,
                 for a whole page at once): the row leads that request without
                 a second lookup.
+            reask: an invalid answer from elsewhere (a batch) and its re-ask: the first request re-asks with them.
 
         Raises:
             Stop: the run is stopping (fatal error, budget cap); the row stays pending.
@@ -307,10 +308,10 @@ class Dispatcher:
         t0 = self.clock()
         last_error = "no model answered"
         tries: dict[int, int] = {}  # lane index -> attempts there
-        reasks: dict[int, int] = {}
+        reasks: dict[int, int] = {start: 1} if reask else {}
         cuts: set[int] = set()  # lanes where the row's answer was cut at max_tokens once (and re-asked)
         shared = self.renderer.shared_prefix(base_messages)
-        messages: dict[int, list[dict[str, str]]] = {}
+        messages: dict[int, list[dict[str, str]]] = {start: [*base_messages, *reask]} if reask else {}
         keys: dict[int, str] = {}  # lane index -> cache key of the row's base request there
         leads: dict[int, str] = {}  # lane index -> the key this row leads there (others wait for it)
         answers = self.answers

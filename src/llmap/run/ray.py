@@ -47,7 +47,7 @@ from llmap.run.stats import DispatchStats, Stop
 from llmap.spec import JobSpec
 from llmap.store.ledger import RowResult
 
-__all__ = ["Launch", "RayExecutor", "connect", "require_ray"]
+__all__ = ["Launch", "RayExecutor", "check_executor", "connect", "require_ray"]
 
 #: Rows per lease.
 LEASE_ROWS = 256
@@ -70,6 +70,26 @@ def require_ray() -> Any:
     except ImportError:
         raise E.SpecError("--executor ray needs Ray, which is not installed; pip install 'llmap[ray]'") from None
     return ray
+
+
+def check_executor(executor: str, workers: int | None, *, batch: bool = False) -> None:
+    """Check ``executor`` and ``workers`` before anything is sent.
+
+    Raises:
+        SpecError: an unknown executor, ``workers`` < 1 or without Ray, Ray with ``[model] batch``,
+            or Ray missing.
+    """
+    if executor not in ("local", "ray"):
+        raise E.SpecError(f"unknown executor {executor!r}; use 'local' or 'ray'")
+    if workers is not None and executor != "ray":
+        raise E.SpecError("--workers applies to --executor ray only; add --executor ray or drop --workers")
+    if workers is not None and workers < 1:
+        raise E.SpecError(f"--workers must be at least 1, got {workers}")
+    if executor == "ray" and batch:
+        raise E.SpecError("[model] batch sends through the provider's batch API from this process; "
+                          "drop --executor ray, or set batch = false to send in real time from Ray workers")
+    if executor == "ray":
+        require_ray()
 
 
 def connect(address: str | None = "auto") -> None:

@@ -119,7 +119,7 @@ class BudgetService:
         if want <= 0:
             return view
         grant = Report(report.worker, report.lane, want=want, est_tokens=report.est_tokens,
-                       in_flight=report.in_flight)
+                       est_output=report.est_output, in_flight=report.in_flight)
         async with locks[report.lane]:
             while True:
                 version = self.budget.version(report.lane)

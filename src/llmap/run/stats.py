@@ -56,7 +56,8 @@ class DispatchStats:
     #: called with each warning (a condition worth saying once, e.g. a server without usage)
     on_warn: Callable[[str], None] | None = None
     #: request log entries not yet written to the ledger:
-    #: (t, model, outcome, latency_s, pt, ct, pack_size, cache_read, cache_write)
+    #: (t, model, outcome, latency_s, pt, ct, pack_size, cache_read, cache_write, cost_usd, path); path is
+    #: "batch" for a batch API request, None for a real-time one
     request_log: list[tuple] = field(default_factory=list)
     #: model -> {"requests", "prompt_tokens", "completion_tokens", "cost_usd", "cache_read_tokens",
     #: "cache_write_tokens"} (this run)
@@ -68,11 +69,13 @@ class DispatchStats:
 
     def log(self, model: str, error: BaseException | str | None, latency_s: float, prompt_tokens: int,
             completion_tokens: int, pack_size: int, cost_usd: float = 0.0, *, cache_read: int = 0,
-            cache_write: int = 0) -> None:
+            cache_write: int = 0, path: str | None = None) -> None:
         """Record one request's outcome: an answer when ``error`` is None, else the error or an outcome name.
 
         ``cache_read`` and ``cache_write`` are the prompt tokens it read from and wrote to the provider's
-        prompt cache (part of ``prompt_tokens``); they are summed into the run's totals here.
+        prompt cache (part of ``prompt_tokens``); they are summed into the run's totals here. ``path`` is
+        ``"batch"`` for a request that went through a batch API (its model's ``batch_requests`` and
+        ``batch_cost_usd`` count it too), None for a real-time one.
         """
         if error is None:
             outcome = "200"
@@ -82,7 +85,7 @@ class DispatchStats:
             status = getattr(error, "status", None)
             outcome = str(status) if status else type(error).__name__
         entry = (time.time(), model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size, cache_read,
-                 cache_write)
+                 cache_write, cost_usd, path)
         self.request_log.append(entry)
         self.outcomes[(model, outcome)] += 1
         self.cache_read_tokens += cache_read
@@ -95,6 +98,9 @@ class DispatchStats:
         m["cost_usd"] += cost_usd
         m["cache_read_tokens"] = m.get("cache_read_tokens", 0) + cache_read
         m["cache_write_tokens"] = m.get("cache_write_tokens", 0) + cache_write
+        if path == "batch":
+            m["batch_requests"] = m.get("batch_requests", 0) + 1
+            m["batch_cost_usd"] = m.get("batch_cost_usd", 0.0) + cost_usd
         if self.on_request is not None:
             self.on_request(entry)
 

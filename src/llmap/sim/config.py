@@ -85,6 +85,21 @@ class SimConfig:
             limit shared with other clients of the key).
         cache_min_tokens: the shortest prefix ``/v1/messages`` caches when it is
             marked with ``cache_control``, tokens (Anthropic: 1,024 to 4,096 by model).
+        batch_time: seconds a batch takes to run all its requests (both batch
+            APIs, :mod:`llmap.sim.batches`); its lines finish evenly over it.
+        batch_window: a batch's completion window, seconds (the providers'
+            24 h): one still running then *expires*, keeping the requests it
+            finished.
+        batch_fail_rate: fraction of batch requests that fail (OpenAI: 500 in
+            the error file; Anthropic: ``errored`` ``api_error``).
+        batch_max_requests: the most requests a batch may hold (the request
+            cap): OpenAI's batch fails validation, Anthropic's create gets 400.
+        batch_max_bytes: the largest batch file (OpenAI upload: 400 "File is
+            too large.") or Message Batches body (413), bytes.
+        batch_max_tokens: OpenAI's enqueued-token cap: prompt tokens a model
+            may have queued in unfinished batches; a batch that would pass it
+            fails validation with ``token_limit_exceeded``. None = no cap.
+        batch_cancel_time: seconds a cancel takes (``cancelling``).
         response_formats: the ``response_format`` types the server takes,
             comma-separated, from :data:`RESPONSE_FORMATS`; ``""`` takes none
             (only prompts). A ``json_object`` may carry a ``schema`` beside its
@@ -124,6 +139,13 @@ class SimConfig:
     overload_rate: float = 0.0
     limit_rate: float = 0.0
     cache_min_tokens: int = 1024
+    batch_time: float = 1.0
+    batch_window: float = 86_400.0
+    batch_fail_rate: float = 0.0
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200_000_000
+    batch_max_tokens: int | None = None
+    batch_cancel_time: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.outage, str):
@@ -135,13 +157,13 @@ class SimConfig:
             object.__setattr__(self, "outage", (start, end))
         for name in ("fail_rate", "hang_rate", "malformed_rate"):
             _check_rate(name, getattr(self, name))
-        for name in ("drop_item_rate", "corrupt_item_rate", "overload_rate", "limit_rate"):
+        for name in ("drop_item_rate", "corrupt_item_rate", "overload_rate", "limit_rate", "batch_fail_rate"):
             _check_rate(name, getattr(self, name))
         if self.fail_rate + self.hang_rate + self.malformed_rate > 1.0 + 1e-9:
             raise ValueError("fail_rate + hang_rate + malformed_rate must not exceed 1")
         if self.fail_rate + self.overload_rate + self.limit_rate + self.hang_rate + self.malformed_rate > 1.0 + 1e-9:
             raise ValueError("fail_rate + overload_rate + limit_rate + hang_rate + malformed_rate must not exceed 1")
-        for name in ("rpm", "tpm", "quota_tokens", "itpm", "otpm"):
+        for name in ("rpm", "tpm", "quota_tokens", "itpm", "otpm", "batch_max_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value!r}")
@@ -159,6 +181,12 @@ class SimConfig:
             raise ValueError(f"response_formats: unknown type {unknown[0]!r}; use some of {RESPONSE_FORMATS}")
         if self.format_error not in FORMAT_ERRORS:
             raise ValueError(f"format_error must be one of {FORMAT_ERRORS}, got {self.format_error!r}")
+        for name in ("batch_time", "batch_cancel_time"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("batch_window", "batch_max_requests", "batch_max_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.cache_min_tokens < 0:
             raise ValueError(f"cache_min_tokens must be >= 0, got {self.cache_min_tokens!r}")
         if self.context_chars <= 0:

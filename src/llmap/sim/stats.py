@@ -12,18 +12,53 @@ Shape of :meth:`SimStats.snapshot`::
       "cache_reads": 0,                # 200 answers that read a cached prefix (/v1/messages)
       "by_model": {"sim": 120},
       "admitted_per_second": [40, 40, 20],  # 200 answers per whole second
-      "started_at": 1714560000.0       # Unix time of start or last reset
+      "started_at": 1714560000.0,      # Unix time of start or last reset
+      "batches": {"created": 2, "refused": 1, "lines": 300, "refused_lines": 200,   # batch APIs
+                  "custom_ids": 300, "custom_ids_repeated": 0, "bodies_repeated": 0,
+                  "failed_lines": 9, "expired": 0, "cancelled": 0}
     }
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 from llmap.sim.limits import Clock
 
-__all__ = ["SimStats"]
+__all__ = ["BatchCounts", "SimStats"]
+
+
+class BatchCounts:
+    """What the simulated batch APIs saw (OpenAI Batch, Anthropic Message Batches).
+
+    ``lines`` counts the requests of batches accepted for processing (not
+    refused at validation); ``custom_ids_repeated`` and ``bodies_repeated``
+    count custom ids and request bodies seen in more than one accepted line:
+    a client that submits a row twice shows here.
+    """
+
+    def __init__(self) -> None:
+        self.created = self.refused = self.lines = self.refused_lines = 0
+        self.failed_lines = self.expired = self.cancelled = 0
+        self.ids: Counter[str] = Counter()
+        self.bodies: Counter[str] = Counter()
+
+    def accepted(self, lines: list[tuple[str, str]]) -> None:
+        """A batch accepted for processing: its ``(custom id, body digest)`` lines."""
+        self.created += 1
+        self.lines += len(lines)
+        for cid, digest in lines:
+            self.ids[cid] += 1
+            self.bodies[digest] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"created": self.created, "refused": self.refused, "lines": self.lines,
+                "refused_lines": self.refused_lines, "custom_ids": len(self.ids),
+                "custom_ids_repeated": sum(1 for n in self.ids.values() if n > 1),
+                "bodies_repeated": sum(1 for n in self.bodies.values() if n > 1),
+                "failed_lines": self.failed_lines, "expired": self.expired, "cancelled": self.cancelled}
 
 
 class SimStats:
@@ -51,6 +86,7 @@ class SimStats:
         self.cache_write_tokens = 0
         self.cache_reads = 0
         self.by_model: dict[str, int] = {}
+        self.batches = BatchCounts()
         self.admitted: list[int] = []
         self.started = self._clock()
         self.started_at = self._wall_clock()
@@ -90,4 +126,5 @@ class SimStats:
             "by_model": dict(self.by_model),
             "admitted_per_second": list(self.admitted),
             "started_at": self.started_at,
+            "batches": self.batches.snapshot(),
         }

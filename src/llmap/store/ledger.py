@@ -137,13 +137,19 @@ WHERE key = ?
 """
 _REQUEST = """
 INSERT INTO requests (run, t, model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size,
-    cache_read_tokens, cache_write_tokens)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    cache_read_tokens, cache_write_tokens, cost_usd, path)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _ATTEMPT = """
 INSERT INTO attempts (run, key, model, outcome, output, prompt_tokens, completion_tokens, created_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 """
+
+
+def _request_entry(r: Sequence[Any]) -> tuple:
+    """A request log entry padded to the table's 11 columns (older shapes lack cache tokens, cost, path)."""
+    r = tuple(r)
+    return r + (0,) * (9 - len(r)) + (None,) * (11 - max(9, len(r)))
 
 
 class Ledger:
@@ -262,7 +268,7 @@ class Ledger:
     # -- results --------------------------------------------------------------
     @guard_writes("ledger")
     def record(self, results: Sequence[RowResult], *, run_id: int = 0,
-               requests: Sequence[tuple] = ()) -> None:
+               requests: Sequence[tuple] = (), also: Sequence[tuple[str, tuple]] = ()) -> None:
         """Commit a batch of results, the model answers each went through, and the request log.
 
         Args:
@@ -273,7 +279,10 @@ class Ledger:
                 cache_write_tokens)``: ``t`` in POSIX seconds; ``outcome``
                 ``"200"``, another HTTP status, or an error class such as
                 ``RequestTimeout``; the last two are the prompt tokens read from
-                and written to the provider's prompt cache (may be left off: 0).
+                and written to the provider's prompt cache (may be left off: 0),
+                then its cost (USD) and path (``"batch"``, or None for real time).
+            also: more ``(sql, params)`` statements committed in the same
+                transaction (a batch marked collected with its results).
 
         Returns once durable.
         """
@@ -294,7 +303,9 @@ class Ledger:
             if tried:
                 self._db.executemany(_ATTEMPT, tried)
             if requests:
-                self._db.executemany(_REQUEST, [(run_id, *r, *(0,) * (9 - len(r))) for r in requests])
+                self._db.executemany(_REQUEST, [(run_id, *_request_entry(r)) for r in requests])
+            for sql, args in also:
+                self._db.execute(sql, args)
 
     # -- reading --------------------------------------------------------------
     def counts(self, plan: int) -> dict[str, int]:

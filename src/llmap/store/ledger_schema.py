@@ -133,4 +133,47 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE runs ADD COLUMN cache_write_tokens INTEGER;
         """,
     ),
+    (
+        # Batch APIs (llmap.run.batch): each batch's intent before it is created, the provider's id once known, its
+        # lines (custom id -> the rows it answers); each request's path ('batch' or real time) and cost.
+        "006_batches",
+        """
+        CREATE TABLE batches (
+            id INTEGER PRIMARY KEY,
+            run INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            tag TEXT NOT NULL UNIQUE,
+            file_hash TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            tokens INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('intent', 'open', 'collected', 'dropped')),
+            provider_id TEXT,
+            input_file_id TEXT,
+            status TEXT,
+            counts TEXT,
+            error TEXT,
+            cancel TEXT,
+            created_at REAL NOT NULL,
+            submitted_at REAL,
+            seen_at REAL,
+            ended_at REAL
+        );
+        CREATE INDEX batches_state ON batches (state);
+        CREATE TABLE batch_lines (
+            batch INTEGER NOT NULL,
+            custom_id TEXT NOT NULL,
+            item TEXT NOT NULL,
+            key TEXT NOT NULL,
+            ckey TEXT,
+            input_hash TEXT,
+            PRIMARY KEY (custom_id, key)
+        );
+        CREATE INDEX batch_lines_key ON batch_lines (key);
+        CREATE INDEX batch_lines_batch ON batch_lines (batch);
+        ALTER TABLE requests ADD COLUMN cost_usd REAL;
+        ALTER TABLE requests ADD COLUMN path TEXT;
+        """,
+    ),
 ]
