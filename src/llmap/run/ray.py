@@ -49,6 +49,8 @@ from llmap.store.ledger import RowResult
 
 __all__ = ["Launch", "RayExecutor", "check_executor", "connect", "require_ray"]
 
+log = logging.getLogger(__name__)
+
 #: Rows per lease.
 LEASE_ROWS = 256
 #: Leases each worker holds at once.
@@ -159,27 +161,39 @@ class Launch:
             name = f"llmap-worker-{spec.name}-{token}-{i}"
             self.handles[name] = remote.options(name=name, scheduling_strategy=_place(nodes, i), **options).remote(
                 spec, name, self.budget)
-        self._setup = asyncio.ensure_future(asyncio.gather(*(h.setup.remote() for h in self.handles.values())))
+        self._setup = asyncio.ensure_future(asyncio.gather(*(h.setup.remote() for h in self.handles.values()),
+                                                           return_exceptions=True))
 
     async def executor(self, dispatcher: Dispatcher, stats: DispatchStats, **kw: Any) -> RayExecutor:
         """Wait until every worker is set up; the executor over them.
 
+        A worker that could not be placed or started (its node went away) is dropped; the
+        others go on.
+
         Raises:
             SpecError: a worker cannot build the job's providers (a missing API key variable there).
+            ray.exceptions.RayError: no worker started; the first worker's error.
         """
         import ray
 
         try:
-            await self._setup
-        except ray.exceptions.RayTaskError as exc:
-            await self.abandon()
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), E.LlmapError) else None
-            if cause is not None:
-                raise E.SpecError(f"a Ray worker could not start the job: {cause}") from None
-            raise
+            results = await self._setup
         except BaseException:
             await self.abandon()
             raise
+        errors = {name: r for name, r in zip(self.handles, results, strict=True) if isinstance(r, BaseException)}
+        for exc in errors.values():
+            cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
+            if isinstance(cause, E.LlmapError):  # the job, not the cluster: every worker would fail alike
+                await self.abandon()
+                raise E.SpecError(f"a Ray worker could not start the job: {cause}") from None
+        if len(errors) == len(self.handles):
+            await self.abandon()
+            raise next(iter(errors.values()))
+        for name in errors:
+            log.warning("llmap: Ray worker %s did not start (%s); the others go on", name, errors[name])
+            with contextlib.suppress(Exception):
+                ray.kill(self.handles.pop(name))
         handles, self.handles = self.handles, {}
         return RayExecutor(handles, self.budget, dispatcher, stats, **kw)
 
@@ -398,13 +412,14 @@ def _nodes() -> list[str]:
 
 
 def _place(nodes: list[str], i: int) -> Any:
-    """Worker ``i``'s placement: round robin over ``nodes`` (soft: another node if that one is gone).
-    Ray's own SPREAD is best effort, and put every zero-CPU worker on one node at times."""
+    """Worker ``i``'s placement: round robin over ``nodes``. Ray's SPREAD and soft node affinity are
+    best effort and put several zero-CPU workers on one node at times; a hard affinity to a node
+    that went away fails that worker's start, and :meth:`Launch.executor` goes on without it."""
     if not nodes:
         return "SPREAD"
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True)
+    return NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False)
 
 
 def _nowait(todo: asyncio.Queue) -> Any:
