@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmap import errors as E
 from llmap.control.alerts import FailureRateAlert
@@ -31,7 +32,7 @@ from llmap.control.breaker import BreakerState
 from llmap.control.lanes import MAX_CONCURRENCY, Lane
 from llmap.io.sinks import check_writable, export, result_batches
 from llmap.io.sources import Source
-from llmap.observe.logs import JsonLog
+from llmap.observe.logs import JsonLog, LoggedProgress
 from llmap.observe.progress import NullProgress, Progress, Tally
 from llmap.plan import (
     Compiled,
@@ -161,6 +162,8 @@ class Job:
         self.spec = spec
         self._source = source
         self._log: JsonLog | None = None
+        self._executor = "local"
+        self._launch: Any = None  # Ray workers starting (llmap.run.ray.Launch), until dispatch takes them
         self._detach = False
         self._on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None
 
@@ -219,7 +222,8 @@ class Job:
     def run(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
             export_output: bool = True, log: JsonLog | None = None,
             on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
-            wait_lock: bool = False, detach: bool = False) -> RunResult:
+            wait_lock: bool = False, detach: bool = False, executor: str = "local",
+            workers: int | None = None, ray_address: str | None = "auto") -> RunResult:
         """Run the job to completion (sync wrapper over :meth:`arun`).
 
         The run holds the job's ledger lock (:mod:`llmap.store.lock`) for its
@@ -237,6 +241,13 @@ class Job:
                 (``--wait-lock``) instead of raising :class:`~llmap.errors.LedgerLocked`.
             detach: with ``[model] batch``, submit the batches and return
                 without waiting for them (``--detach``); the next run collects them.
+            executor: ``"local"`` (this process sends every request) or ``"ray"``: this
+                process keeps the ledger and the cache, and ``workers`` Ray actors send the
+                requests under one cluster-wide rate limit (:mod:`llmap.run.ray`; needs
+                ``llmap[ray]``).
+            workers: Ray workers (default: one per CPU of the cluster); ``executor="ray"`` only.
+            ray_address: the Ray cluster: ``"auto"`` (default) joins a running one, else
+                starts a local one; ``executor="ray"`` only.
 
         Raises:
             SpecError: bad spec or input; nothing was sent.
@@ -248,20 +259,34 @@ class Job:
         """
         require_no_running_loop("Job.run()", "await job.arun(...)")
         return asyncio.run(self.arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
-                                     log=log, on_start=on_start, wait_lock=wait_lock, detach=detach))
+                                     log=log, on_start=on_start, wait_lock=wait_lock, detach=detach,
+                                     executor=executor, workers=workers, ray_address=ray_address))
 
     async def arun(self, *, limit: int | None = None, fresh: bool = False, progress: Progress | None = None,
                    export_output: bool = True, log: JsonLog | None = None,
                    on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None,
-                   wait_lock: bool = False, detach: bool = False) -> RunResult:
+                   wait_lock: bool = False, detach: bool = False, executor: str = "local",
+                   workers: int | None = None, ray_address: str | None = "auto") -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
+        if executor != "local" or workers is not None:
+            from llmap.run.ray import check_executor
+
+            check_executor(executor, workers, batch=bool(self.spec.model.batch))
+        self._executor = executor
         self._detach = detach
         lock = LedgerLock(self.spec.ledger_path, job=self.spec.name)
         await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
         try:
+            if self._executor == "ray":  # the workers start while the job is checked and planned
+                from llmap.run.ray import Launch
+
+                self._launch = Launch(self.spec, workers=workers, address=ray_address)
             return await self._arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
                                     log=log, on_start=on_start)
         finally:
+            if self._launch is not None:  # not needed after all (no pending row, or the run failed first)
+                await self._launch.abandon()
+                self._launch = None
             lock.release()
 
     async def _arun(self, *, limit: int | None, fresh: bool, progress: Progress | None, export_output: bool,
@@ -269,7 +294,7 @@ class Job:
                     on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None) -> RunResult:
         progress = progress or NullProgress()
         if log is not None:
-            progress = _Logged(progress, log)
+            progress = LoggedProgress(progress, log)
         self._log, self._on_start = log, on_start
         started = time.monotonic()
         prep = await self.prepare(limit=limit, check_output=export_output)
@@ -394,7 +419,7 @@ class Job:
         stats.on_halt = lambda reason: progress.message(
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
         stats.on_warn = lambda text: progress.message(f"llmap: {text}")
-        cache = None
+        cache = remote = None
         if spec.cache.enabled:
             with guard(default_cache_dir() / CACHE_FILE, "response cache"):
                 cache = ResponseCache(ttl_s=spec.cache.ttl_s)
@@ -418,10 +443,16 @@ class Job:
                                   progress=progress, pack=packer.size() if packer is not None else 1,
                                   on_settled=self._settled_hook(stats, prep), detach=self._detach)
                 return
+            if self._launch is not None and tally.total > tally.done + tally.failed + tally.skipped + tally.fallback:
+                launch, self._launch = self._launch, None
+                remote = await launch.executor(dispatcher, stats)
+                progress.message(f"llmap: {len(remote.workers)} Ray workers send the requests")
             await run_pool(ledger, run_id, dispatcher, stats, tally, progress,
                            quota=(per_group.column, per_group.n) if per_group else None, packer=packer,
-                           on_settled=self._settled_hook(stats, prep))
+                           on_settled=self._settled_hook(stats, prep), remote=remote)
         finally:
+            if remote is not None:
+                await remote.aclose()
             if cache is not None:
                 cache.close()
 
@@ -448,25 +479,3 @@ def _record_shapes(providers: list[Provider], stats: DispatchStats) -> None:
                                                 "cost_usd": 0.0})
         m["structured"] = p.structured.split(" ", 1)[0]
         m["structured_how"] = p.structured
-
-
-class _Logged:
-    """A progress reporter that also writes its messages to the structured log."""
-
-    def __init__(self, inner: Progress, log: JsonLog) -> None:
-        self.inner, self.log = inner, log
-
-    def start(self, tally: Tally) -> None:
-        self.inner.start(tally)
-
-    def advance(self, tally: Tally) -> None:
-        self.inner.advance(tally)
-        self.log.flush()
-
-    def message(self, text: str) -> None:
-        self.inner.message(text)
-        self.log.message(text)
-
-    def finish(self, tally: Tally) -> None:
-        self.inner.finish(tally)
-        self.log.flush()

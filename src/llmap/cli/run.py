@@ -33,6 +33,16 @@ def run(
     metrics_port: Annotated[int | None, typer.Option(
         "--metrics-port", min=0, max=65535, show_default=False,
         help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics while the run lasts.")] = None,
+    executor: Annotated[str, typer.Option(
+        "--executor", help="local: this process sends every request. ray: this process keeps the ledger and the "
+        "cache, and Ray workers send the requests under one rate limit for the whole cluster "
+        "(pip install 'llmap[ray]').")] = "local",
+    ray_address: Annotated[str, typer.Option(
+        "--ray-address", help="With --executor ray: the Ray cluster to join; auto joins a running one, else "
+        "starts one on this machine.")] = "auto",
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, show_default=False,
+        help="With --executor ray: how many Ray workers send requests (default: one per CPU of the cluster).")] = None,
     wait_lock: Annotated[bool, typer.Option(
         "--wait-lock", help="If another run of this job holds its ledger, wait for it to finish, then run "
         "(default: refuse at once with exit code 75).")] = False,
@@ -77,7 +87,8 @@ def run(
         if log_json is not None:
             log = JsonLog(log_json, log_prompts=log_prompts)
         result = job.run(limit=limit, fresh=fresh, progress=progress, log=log, on_start=on_start,
-                         wait_lock=wait_lock, detach=detach)
+                         wait_lock=wait_lock, detach=detach, executor=executor, workers=workers,
+                         ray_address=ray_address)
     except SpecError as exc:
         raise fail(exc) from None
     except (LedgerLocked, DiskFull) as exc:

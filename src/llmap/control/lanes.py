@@ -14,18 +14,19 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from llmap.control.breaker import BreakerState, CircuitBreaker
 from llmap.control.concurrency import AIMDConcurrency
-from llmap.control.limits import Limiter, RateLimiter
+from llmap.control.limits import Limiter, Permit, RateLimiter
 from llmap.control.timeouts import AdaptiveTimeout
 from llmap.control.tokens import CountedShare, OutputTokenEstimator, PromptTokenEstimator
 from llmap.pricing import cost_usd
 from llmap.providers.base import Provider
 from llmap.spec import LimitsSpec, ModelSpec
 
-__all__ = ["Lane", "pick_lane"]
+__all__ = ["Lane", "LaneLimiter", "pick_lane"]
 
 #: Starting in-flight limit when the job sets no ``concurrency`` (AIMD grows it).
 INITIAL_CONCURRENCY = 16
@@ -34,6 +35,23 @@ MAX_CONCURRENCY = 256
 #: Longest wait between half-open probes of a down model, seconds: the cooldown doubles
 #: from 2 s while probes fail, up to this, so traffic returns within ~10 s of a recovery.
 BREAKER_COOLDOWN_MAX_S = 10.0
+
+
+class LaneLimiter(Protocol):
+    """What the dispatcher asks of a lane's rate limiter: the local
+    :class:`~llmap.control.limits.Limiter`, or a worker's link to a cluster-wide budget
+    (:class:`llmap.run.ray_budget.BudgetLink`)."""
+
+    @property
+    def limited(self) -> bool: ...
+
+    async def acquire(self, est_tokens: float = 0.0, *, est_output: float = 0.0) -> Permit: ...
+
+    def settle(self, permit: Permit, actual_tokens: float, *, actual_output: float | None = None) -> None: ...
+
+    def pause_for(self, seconds: float) -> None: ...
+
+    def update_from_headers(self, headers: Mapping[str, str], *, sent_at: float | None = None) -> Any: ...
 
 
 class Lane:
@@ -59,7 +77,7 @@ class Lane:
         tpm = model.tpm or limits.tpm
         itpm = model.itpm or limits.itpm
         otpm = model.otpm or limits.otpm
-        self.limiter = Limiter(RateLimiter(rpm, tpm, itpm=itpm, otpm=otpm, now=clock()), clock=clock)
+        self.limiter: LaneLimiter = Limiter(RateLimiter(rpm, tpm, itpm=itpm, otpm=otpm, now=clock()), clock=clock)
         cap = min(limits.concurrency or MAX_CONCURRENCY, provider.max_concurrency)
         self.aimd = AIMDConcurrency(initial=min(cap, limits.concurrency or INITIAL_CONCURRENCY), minimum=1,
                                     maximum=cap)
@@ -71,7 +89,7 @@ class Lane:
         #: Nothing is known of this model's limits (none configured), or its provider still learns what
         #: the server takes (``discovering``): one request goes first, and the rest wait for its answer,
         #: which may carry rate-limit headers (see :meth:`on_success`).
-        self.probing = not self.limiter.rate.limited or bool(getattr(provider, "discovering", False))
+        self.probing = not self.limiter.limited or bool(getattr(provider, "discovering", False))
         self._cap = cap
         self.timeout = AdaptiveTimeout(model.timeout_s)
         self.output_tokens = OutputTokenEstimator(model.max_tokens)
@@ -84,6 +102,15 @@ class Lane:
         self._waiters: deque[asyncio.Future] = deque()
         #: requests in flight: id -> (loop start time, asyncio.Timeout), for the timeout watchdog
         self.deadlines: dict[int, tuple[float, asyncio.Timeout]] = {}
+
+    def plug(self, limiter: LaneLimiter, aimd: Any, breaker: Any) -> None:
+        """Use a rate limiter, AIMD limit and circuit breaker shared with other processes
+        (the Ray executor's cluster-wide budget, :mod:`llmap.run.ray_budget`) instead of this
+        lane's own. ``aimd`` and ``breaker`` have the surfaces of
+        :class:`~llmap.control.concurrency.AIMDConcurrency` and
+        :class:`~llmap.control.breaker.CircuitBreaker` that the dispatcher uses."""
+        self.limiter, self.aimd, self.breaker = limiter, aimd, breaker
+        self.probing = not limiter.limited or bool(getattr(self.provider, "discovering", False))
 
     @property
     def max_in_flight(self) -> int:
@@ -134,7 +161,7 @@ class Lane:
         """
         if self.probing:
             self.probing = False
-            if not self.limiter.rate.limited:
+            if not self.limiter.limited and isinstance(self.aimd, AIMDConcurrency):  # a plugged one keeps its state
                 self.aimd = AIMDConcurrency(initial=min(2, self._cap), minimum=1, maximum=self._cap)
             self._wake()
         elif self.aimd.on_success():

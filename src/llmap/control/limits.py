@@ -461,6 +461,11 @@ class Limiter:
         self.rate = rate if rate is not None else RateLimiter(rpm, tpm, now=clock())
         self._lock = asyncio.Lock()
 
+    @property
+    def limited(self) -> bool:
+        """True when a request or token budget is in force (see :attr:`RateLimiter.limited`)."""
+        return self.rate.limited
+
     async def acquire(self, est_tokens: float = 0.0, *, est_output: float = 0.0) -> Permit:
         """Wait until a request of ``est_tokens`` tokens (``est_output`` of them output) is admitted and reserve it.
 

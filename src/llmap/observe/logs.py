@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from llmap.errors import SpecError
 from llmap.store.ledger import RowResult
 
-__all__ = ["JsonLog"]
+if TYPE_CHECKING:
+    from llmap.observe.progress import Progress, Tally
+
+__all__ = ["JsonLog", "LoggedProgress"]
 
 
 class JsonLog:
@@ -82,3 +85,25 @@ class JsonLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+class LoggedProgress:
+    """A progress reporter that also writes its messages to the structured log."""
+
+    def __init__(self, inner: Progress, log: JsonLog) -> None:
+        self.inner, self.log = inner, log
+
+    def start(self, tally: Tally) -> None:
+        self.inner.start(tally)
+
+    def advance(self, tally: Tally) -> None:
+        self.inner.advance(tally)
+        self.log.flush()
+
+    def message(self, text: str) -> None:
+        self.inner.message(text)
+        self.log.message(text)
+
+    def finish(self, tally: Tally) -> None:
+        self.inner.finish(tally)
+        self.log.flush()

@@ -33,7 +33,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from llmap.control.misconfig import mask_numbers
 from llmap.control.quota import GroupQuota, QuotaDecision
@@ -44,7 +44,7 @@ from llmap.run.packer import Packer
 from llmap.run.stats import DispatchStats, Stop
 from llmap.store.ledger import Ledger, RowResult
 
-__all__ = ["run_pool"]
+__all__ = ["RemoteRows", "run_pool", "solve_items"]
 
 #: Rows committed to the ledger per transaction (results are also flushed every ``FLUSH_S``).
 COMMIT_ROWS = 256
@@ -72,10 +72,35 @@ class _Row:
     single: bool = False
 
 
+class RemoteRows(Protocol):
+    """Settles the rows the pool hands out somewhere else (the Ray executor's workers,
+    :mod:`llmap.run.ray`) instead of in local workers. ``run`` reads packs of rows from
+    ``todo`` until ``None`` and calls ``settle(results, rows)`` once per row; ``queue_items``
+    bounds ``todo``."""
+
+    queue_items: int
+
+    async def run(self, todo: asyncio.Queue, settle: Callable[[list[RowResult], list[Any]], None]) -> None: ...
+
+
+async def solve_items(dispatcher: Dispatcher, packer: Packer | None, items: list[_Row]) -> list[RowResult]:
+    """Settle one pack of rows (or one row) through ``packer`` or ``dispatcher``; results in order.
+
+    Raises:
+        Stop: the run is stopping; the rows stay pending.
+    """
+    if packer is not None and not items[0].single:
+        return await packer.solve([(r.key, r.row, r.messages, r.ckey) for r in items])
+    row = items[0]
+    lead = None if row.single else row.ckey
+    return [await dispatcher.solve_messages(row.key, row.messages, lead=lead)]
+
+
 async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: DispatchStats, tally: Tally,
                    progress: Progress, *, quota: tuple[str, int] | None = None,
                    packer: Packer | None = None,
-                   on_settled: Callable[[list[RowResult], list[str]], None] | None = None) -> None:
+                   on_settled: Callable[[list[RowResult], list[str]], None] | None = None,
+                   remote: RemoteRows | None = None) -> None:
     """Settle every pending row of plan ``run_id``.
 
     Args:
@@ -89,6 +114,8 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         packer: settles packs of rows (``[prompt] pack``), or None for one row per request.
         on_settled: called with each batch of settled rows and their input data
             (JSON), before they are committed (alerts, structured logs).
+        remote: settle rows there instead of in local workers (the Ray executor); cache hits,
+            in-run duplicates, quotas and commits stay here.
 
     Raises:
         asyncio.CancelledError: on Ctrl-C / SIGTERM, after committing every finished row.
@@ -96,8 +123,9 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
             producer died; the run stops with that error after committing.
         DiskFull: a commit found the disk full; dispatch stopped, committed rows are kept.
     """
-    n_workers = min(1024, 2 * max(lane.max_in_flight for lane in dispatcher.lanes))
-    todo: asyncio.Queue[list[_Row] | None] = asyncio.Queue(maxsize=n_workers * 2)
+    n_workers = 1 if remote is not None else min(1024, 2 * max(lane.max_in_flight for lane in dispatcher.lanes))
+    todo: asyncio.Queue[list[_Row] | None] = asyncio.Queue(
+        maxsize=remote.queue_items if remote is not None else n_workers * 2)
     buffer: list[RowResult] = []
     outstanding = 0  # rows taken and not yet settled (quota passes wait for 0)
     settled = asyncio.Event()
@@ -323,12 +351,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
             if stats.stop.is_set():
                 continue  # keep draining so the producer never blocks; the rows stay pending
             try:
-                if packer is not None and not items[0].single:
-                    results = await packer.solve([(r.key, r.row, r.messages, r.ckey) for r in items])
-                else:
-                    row = items[0]
-                    lead = None if row.single else row.ckey
-                    results = [await dispatcher.solve_messages(row.key, row.messages, lead=lead)]
+                results = await solve_items(dispatcher, packer, items)
             except Stop:
                 continue
             except DiskFull as exc:  # a cache write on the row's path: stop as after a failed commit
@@ -344,7 +367,10 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
             flush()
 
     prod = asyncio.create_task(producer(), name="llmap-producer")
-    workers = [asyncio.create_task(worker(), name="llmap-worker") for _ in range(n_workers)]
+    if remote is not None:
+        workers = [asyncio.create_task(remote.run(todo, settle), name="llmap-remote-rows")]
+    else:
+        workers = [asyncio.create_task(worker(), name="llmap-worker") for _ in range(n_workers)]
     helpers = [asyncio.create_task(ticker(), name="llmap-commit-ticker"),
                asyncio.create_task(dispatcher.watchdog(), name="llmap-timeout-watchdog")]
     tasks = [prod, *workers, *helpers]
