@@ -6,6 +6,9 @@ response cache:
   2. immediate rerun: 0 requests (done rows with unchanged inputs are not asked again);
   3. after changing 1% of the rows: requests must equal that 1%.
 
+Tail hedging is off (``hedge_tail = false``): its second copies of stragglers are
+requests on purpose (B3 measures them), and would hide a duplicate paid twice here.
+
     python bench/b7_cache.py [--rows 10000]
 """
 
@@ -46,7 +49,7 @@ def main() -> int:
         os.environ["LLMAP_CACHE_DIR"] = str(tmp / "cache")  # a fresh cache, inherited by the llmap child
         csv = tmp / "rows.csv"
         unique = write_dupes(csv, n, 0.30)
-        job = write_job(tmp, name="b7", csv=csv, base_urls=[sim.base_url])
+        job = write_job(tmp, name="b7", csv=csv, base_urls=[sim.base_url], limits="hedge_tail = false")
         figures = []
         for label, expected in (("first run", unique), ("immediate rerun", 0)):
             sim.reset_stats()

@@ -62,6 +62,9 @@ class AnswerCache:
         self._inflight: dict[str, asyncio.Future[CacheEntry | None]] = {}
         self._unwritten: list[CacheEntry] = []
         self._prefetched: dict[str, CacheEntry] = {}  # stored answers looked up ahead, until claimed
+        # keys looked up ahead and not found, not peeked yet: an answer that arrives for one meanwhile
+        # stays in memory after it is written, since that lookup can no longer see it
+        self._awaited: set[str] = set()
         self._hit_keys: list[str] = []  # stored answers served since the last flush (hit counts)
         self._batch: dict[str, asyncio.Future[CacheEntry | None]] = {}  # stored lookups of this loop turn
         self.hits = 0
@@ -80,12 +83,15 @@ class AnswerCache:
         """Look up many keys in the persistent cache with one query; hits wait in memory for :meth:`peek`/:meth:`claim`."""
         if self.cache is None:
             return
-        wanted = [k for k in dict.fromkeys(keys) if k not in self._recent and k not in self._prefetched]
+        keys = list(dict.fromkeys(keys))
+        wanted = [k for k in keys if k not in self._recent and k not in self._prefetched]
         if wanted:
             self._prefetched.update(self.cache.get_many(wanted, count_hits=False))
+        self._awaited.update(k for k in keys if k not in self._prefetched)  # in memory only, or not found
 
     def peek(self, key: str) -> CacheEntry | None:
         """An answer for ``key`` already in memory (this run's, or prefetched), without waiting; counted as a hit."""
+        self._awaited.discard(key)
         entry = self._recent.get(key)
         if entry is None:
             entry = self._prefetched.pop(key, None)
@@ -203,8 +209,9 @@ class AnswerCache:
             return 0  # the file is busy: keep them for the next flush
         self._unwritten, self._hit_keys = [], []
         self.cache.record_hits(hits, wait=wait)
-        for e in entries:  # now in SQLite: the memory copy can go
-            self._recent.pop(e.key, None)
+        for e in entries:  # now in SQLite: the memory copy can go, unless a lookup ahead missed it
+            if e.key not in self._awaited:
+                self._recent.pop(e.key, None)
         return len(entries)
 
     def stale(self, keys: Sequence[str]) -> CacheEntry | None:

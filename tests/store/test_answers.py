@@ -1,0 +1,46 @@
+"""AnswerCache (the run's view of the response cache): a row looked up ahead never misses an answer
+that arrived and was written to SQLite between its lookup and its turn."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmap.store.answers import AnswerCache
+from llmap.store.cache import CacheEntry, ResponseCache
+
+
+@pytest.fixture()
+def answers(tmp_path):
+    cache = ResponseCache(tmp_path / "responses.sqlite")
+    yield AnswerCache(cache)
+    cache.close()
+
+
+def _entry(key: str) -> CacheEntry:
+    return CacheEntry(key=key, model="openai:m", output={"kind": "city"}, prompt_tokens=10, completion_tokens=3)
+
+
+async def test_an_answer_written_after_a_lookup_ahead_missed_is_still_found(answers):
+    answers.prefetch(["k"])  # a page of rows is looked up ahead: "k" is not stored yet
+    assert answers.lead("k")  # an identical row of an earlier page leads "k" ...
+    answers.resolve("k", _entry("k"))  # ... its answer arrives ...
+    assert answers.flush() == 1  # ... and is written to SQLite before the looked-up row's turn
+    hit = answers.peek("k")
+    assert hit is not None and hit.output == {"kind": "city"}  # one request for both rows, not two
+
+
+async def test_an_answer_in_memory_at_the_lookup_and_written_before_the_turn_is_still_found(answers):
+    assert answers.lead("k")
+    answers.resolve("k", _entry("k"))  # in memory, not written yet
+    answers.prefetch(["k"])  # the lookup ahead skips it: memory has it
+    answers.flush()  # written: the memory copy must stay for the row looked up ahead
+    assert answers.peek("k") is not None
+
+
+async def test_written_answers_nobody_waits_for_leave_memory(answers):
+    assert answers.lead("k")
+    answers.resolve("k", _entry("k"))
+    answers.flush()
+    assert "k" not in answers._recent  # memory stays bounded: SQLite has it
+    answers.prefetch(["k"])
+    assert answers.peek("k") is not None  # found by the next lookup ahead
