@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llmap import errors as E
 from llmap.control.alerts import FailureRateAlert
@@ -57,6 +57,9 @@ from llmap.store.diskfull import guard
 from llmap.store.fingerprint import completion_fingerprint
 from llmap.store.ledger import Ledger, PlannedRow, RowResult
 from llmap.store.lock import LedgerLock
+
+if TYPE_CHECKING:
+    from llmap.run.ray import Launch
 
 __all__ = ["Job", "RunResult", "make_provider", "require_no_running_loop"]
 
@@ -163,7 +166,7 @@ class Job:
         self._source = source
         self._log: JsonLog | None = None
         self._executor = "local"
-        self._launch: Any = None  # Ray workers starting (llmap.run.ray.Launch), until dispatch takes them
+        self._launch: Launch | None = None  # Ray workers starting, until dispatch takes them
         self._detach = False
         self._on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None
 
