@@ -49,3 +49,54 @@ def test_ray_with_the_batch_api_is_a_one_line_error_before_any_request(make_job,
     with pytest.raises(SpecError, match=r"\[model\] batch .* drop --executor ray"):
         job.run(executor="ray")
     assert sim.stats()["requests"] == 0
+
+
+def _launch_with(results, monkeypatch):
+    """A Launch whose workers' setup ended with ``results`` (one per worker), without a cluster."""
+    ray = pytest.importorskip("ray")
+    from llmap.run import ray as ray_run
+
+    launch = object.__new__(ray_run.Launch)
+    launch.handles = {f"w{i}": object() for i in range(len(results))}
+    launch.budget = None
+
+    async def ended():
+        return results
+
+    killed = []
+    monkeypatch.setattr(ray, "kill", killed.append)
+    monkeypatch.setattr(ray_run, "RayExecutor", lambda handles, *a, **kw: handles)
+    return launch, ended, killed
+
+
+def test_a_worker_that_cannot_start_is_dropped_and_the_others_go_on(monkeypatch):
+    import asyncio
+
+    import ray.exceptions
+
+    launch, ended, killed = _launch_with([None, ray.exceptions.RayActorError(), None], monkeypatch)
+    lost = launch.handles["w1"]
+
+    async def scenario():
+        launch._setup = asyncio.ensure_future(ended())
+        return await launch.executor(None, None)
+
+    workers = asyncio.run(scenario())
+    assert sorted(workers) == ["w0", "w2"] and killed == [lost]
+
+
+def test_when_no_worker_starts_the_run_says_why(monkeypatch):
+    import asyncio
+
+    import ray.exceptions
+
+    launch, ended, killed = _launch_with([ray.exceptions.RayActorError(), ray.exceptions.RayActorError()],
+                                         monkeypatch)
+
+    async def scenario():
+        launch._setup = asyncio.ensure_future(ended())
+        return await launch.executor(None, None)
+
+    with pytest.raises(ray.exceptions.RayActorError):
+        asyncio.run(scenario())
+    assert len(killed) == 2 and launch.handles == {}
