@@ -191,7 +191,7 @@ def test_a_retry_after_seen_by_one_worker_pauses_every_worker(cluster):
     waited = asyncio.run(scenario())
     limits = ray.get(actor.limits.remote(0))
     ray.kill(actor)
-    assert 1.2 <= waited <= 2.5
+    assert 1.2 <= waited <= 5.0  # the 2 s pause, heard by b; the upper bound leaves room for a loaded CI machine
     assert limits["rpm"] == 60000
 
 
