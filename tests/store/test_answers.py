@@ -44,3 +44,21 @@ async def test_written_answers_nobody_waits_for_leave_memory(answers):
     assert "k" not in answers._recent  # memory stays bounded: SQLite has it
     answers.prefetch(["k"])
     assert answers.peek("k") is not None  # found by the next lookup ahead
+
+
+async def test_identical_rows_of_one_page_are_all_answered_by_one_stored_answer(answers, tmp_path):
+    answers.cache.put_many([_entry("k")], wait=True)
+    answers.prefetch(["k", "k", "k"])  # three identical rows in one page, answered before
+    hits = [answers.peek("k") for _ in range(3)]
+    assert all(h is not None for h in hits)  # not only the first: the others would be sent again
+    assert answers.hits == 3
+
+
+async def test_a_row_that_waits_for_an_identical_request_releases_its_lookup(answers):
+    answers.prefetch(["k", "k"])
+    answers.peek("k")  # the first row leads "k"
+    answers.pass_over("k")  # the second waits for it
+    assert answers.lead("k")
+    answers.resolve("k", _entry("k"))
+    answers.flush()
+    assert "k" not in answers._recent  # nothing looked up ahead wants it: memory stays bounded

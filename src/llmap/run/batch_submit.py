@@ -135,6 +135,9 @@ class Submitter:
                 ctx.commit([r for r, _ in settled], [d for _, d in settled])
                 settled.clear()
             for row in rows:
+                if row.ckey is not None and answers is not None and (
+                        row.key in ctx.followup or row.ckey in held_items or row.ckey in batch.items):
+                    answers.pass_over(row.ckey)  # answered by a batch, not looked up (peek takes the others)
                 if row.ckey is not None and row.key not in ctx.followup:
                     if row.ckey in held_items:  # an identical request is in a held batch: wait for its answer
                         b, cid, item = held_items[row.ckey]

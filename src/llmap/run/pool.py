@@ -261,6 +261,7 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
         settled.clear()
         if row.ckey is not None:
             if row.ckey in waiting:  # an identical request is being answered: wait for it
+                answers.pass_over(row.ckey)
                 waiting[row.ckey].append(_Row(row.key, row.data, row.group, ckey=row.ckey))
                 n_waiting += 1
                 return

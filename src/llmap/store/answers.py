@@ -31,7 +31,7 @@ parameter spellings a server asked for (``max_completion_tokens``, no
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -62,9 +62,10 @@ class AnswerCache:
         self._inflight: dict[str, asyncio.Future[CacheEntry | None]] = {}
         self._unwritten: list[CacheEntry] = []
         self._prefetched: dict[str, CacheEntry] = {}  # stored answers looked up ahead, until claimed
-        # keys looked up ahead and not found, not peeked yet: an answer that arrives for one meanwhile
-        # stays in memory after it is written, since that lookup can no longer see it
-        self._awaited: set[str] = set()
+        # rows looked up ahead per key and not taken yet (:meth:`peek`, :meth:`pass_over`): while a key
+        # has any, its prefetched answer stays, and an answer written to SQLite meanwhile stays in memory
+        # (the lookup ahead can no longer see it)
+        self._looked_up: Counter[str] = Counter()
         self._hit_keys: list[str] = []  # stored answers served since the last flush (hit counts)
         self._batch: dict[str, asyncio.Future[CacheEntry | None]] = {}  # stored lookups of this loop turn
         self.hits = 0
@@ -83,18 +84,35 @@ class AnswerCache:
         """Look up many keys in the persistent cache with one query; hits wait in memory for :meth:`peek`/:meth:`claim`."""
         if self.cache is None:
             return
-        keys = list(dict.fromkeys(keys))
-        wanted = [k for k in keys if k not in self._recent and k not in self._prefetched]
+        keys = list(keys)
+        self._looked_up.update(keys)  # one per row: each row is taken once (peek or pass_over)
+        wanted = [k for k in dict.fromkeys(keys) if k not in self._recent and k not in self._prefetched]
         if wanted:
             self._prefetched.update(self.cache.get_many(wanted, count_hits=False))
-        self._awaited.update(k for k in keys if k not in self._prefetched)  # in memory only, or not found
 
     def peek(self, key: str) -> CacheEntry | None:
-        """An answer for ``key`` already in memory (this run's, or prefetched), without waiting; counted as a hit."""
-        self._awaited.discard(key)
+        """Take a row looked up ahead: the answer for ``key`` already in memory (this run's, or
+        prefetched), without waiting, or None; counted as a hit."""
+        self._take(key)
+        return self._memory(key)
+
+    def pass_over(self, key: str) -> None:
+        """Take a row looked up ahead without asking for its answer (it waits for an identical request)."""
+        self._take(key)
+        if key not in self._looked_up:
+            self._prefetched.pop(key, None)
+
+    def _take(self, key: str) -> None:
+        n = self._looked_up.get(key, 0)
+        if n > 1:
+            self._looked_up[key] = n - 1
+        else:
+            self._looked_up.pop(key, None)
+
+    def _memory(self, key: str) -> CacheEntry | None:
         entry = self._recent.get(key)
-        if entry is None:
-            entry = self._prefetched.pop(key, None)
+        if entry is None:  # a prefetched answer stays while other rows looked up ahead still want it
+            entry = self._prefetched.get(key) if key in self._looked_up else self._prefetched.pop(key, None)
             if entry is not None:
                 self._hit_keys.append(key)
         if entry is not None:
@@ -113,7 +131,7 @@ class AnswerCache:
         it gives up, which lets exactly one waiter take over).
         """
         while True:
-            entry = self.peek(key)
+            entry = self._memory(key)
             if entry is not None:
                 return entry
             fut = self._inflight.get(key)
@@ -210,7 +228,7 @@ class AnswerCache:
         self._unwritten, self._hit_keys = [], []
         self.cache.record_hits(hits, wait=wait)
         for e in entries:  # now in SQLite: the memory copy can go, unless a lookup ahead missed it
-            if e.key not in self._awaited:
+            if e.key not in self._looked_up:
                 self._recent.pop(e.key, None)
         return len(entries)
 
