@@ -35,8 +35,8 @@ def _rows(path):
 
 
 def test_429_retry_after_pauses_the_lane_and_every_row_finishes(make_job):
-    with Simulator(rpm=120) as sim:
-        _drain(sim, 120)  # the server's bucket is now empty: the job's first requests get 429
+    with Simulator(rpm=30) as sim:  # refills a request every 2 s: still empty when the job starts on a slow machine
+        _drain(sim, 30)  # the server's bucket is now empty: the job's first requests get 429
         before = sim.stats()["by_status"].get("429", 0)
         job = make_job(6, base_url=sim.base_url, concurrency=4)
         res = Job.from_toml(job).run()
