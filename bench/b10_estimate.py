@@ -1,4 +1,4 @@
-"""B10 estimate: how long `llmap.observe.estimate` takes (target: under 5 s for 100,000 rows), sending nothing.
+"""B10 estimate: how long `llmap.observe.estimate.rows` takes (target: under 5 s for 100,000 rows), sending nothing.
 
 Scenarios:
   1. 100,000 generated rows, no ledger, no response cache (every row rendered and keyed);
@@ -29,7 +29,7 @@ from _common import SHARED_DATA, run_cli, table, write_job, write_rows_csv
 from b0_districts import JOB as DISTRICTS_JOB
 
 from llmap import Job
-from llmap.observe.estimate import Estimate, estimate
+from llmap.observe.estimate.rows import Estimate, estimate
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema
 from llmap.store.answers import AnswerCache

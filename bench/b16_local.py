@@ -25,7 +25,7 @@ from _common import REPO, SHARED_DATA, table
 
 import llmap.engine
 from llmap import Job
-from llmap.providers.local import LocalProvider, cores
+from llmap.providers.local.provider import LocalProvider, cores
 
 
 def _job(tmp: Path) -> tuple[Path, str]:

@@ -19,10 +19,10 @@ from llmap.errors import SpecError
 from llmap.io.sinks import result_batches, stored_layout
 from llmap.io.sources import Source
 from llmap.plan import spec_from_dict
-from llmap.spec import ModelSpec
+from llmap.spec import JobSpec, ModelSpec
 from llmap.store.ledger import Ledger
 
-__all__ = ["amap", "map"]
+__all__ = ["amap", "call_spec", "map"]
 
 _builtin_map = map
 
@@ -80,6 +80,38 @@ def _model(model: str | Mapping[str, Any] | ModelSpec, base_url: str | None,
     return doc
 
 
+def call_spec(*, name: str, source: str, prompt: str, fields: Mapping[str, Any],
+              model: str | Mapping[str, Any] | ModelSpec, system: str | None = None,
+              examples: Sequence[Mapping[str, Any]] = (), base_url: str | None = None,
+              api_key_env: str | None = None, max_reask: int = 2, limits: Mapping[str, Any] | None = None,
+              output_path: str = "unused.parquet", ledger: str | None = None) -> JobSpec:
+    """The job spec of a one-call API (:func:`map`, :func:`llmap.ray.map_batches`) from its arguments.
+
+    The input is a placeholder (``SELECT 1``): the caller hands its rows over as a
+    :class:`~llmap.io.sources.Source` or settles them itself.
+
+    Args:
+        name: the job's name; ``source``: what the spec came from, for error messages.
+        prompt, fields, model, system, examples, base_url, api_key_env, max_reask: as for :func:`amap`.
+        limits: the ``[limits]`` table (``concurrency``, ``rpm``, ``tpm``, ...).
+        output_path: ``[output] path``; ``ledger``: the ledger file, or None for the default.
+
+    Raises:
+        SpecError: a bad argument, as one line naming it.
+    """
+    doc: dict[str, Any] = {
+        "name": name,
+        "input": {"sql": "SELECT 1"},
+        "prompt": {"user": prompt, **({"system": system} if system else {}), "examples": list(examples)},
+        "output": {"path": output_path, "fields": _fields(fields), "max_reask": max_reask},
+        "model": _model(model, base_url, api_key_env),
+        "limits": dict(limits or {}),
+    }
+    if ledger is not None:
+        doc["ledger"] = ledger
+    return spec_from_dict(doc, base_dir=Path.cwd(), name=name, source=source)
+
+
 async def amap(
     data: Any,
     *,
@@ -132,16 +164,10 @@ async def amap(
     if clash:
         raise SpecError(f"llmap.map: field {clash[0]!r} is already a column of data; rename the field")
     with tempfile.TemporaryDirectory(prefix="llmap-map-") as tmp:
-        doc = {
-            "name": "map",
-            "input": {"sql": "SELECT 1"},  # replaced by the Arrow source below
-            "prompt": {"user": prompt, **({"system": system} if system else {}), "examples": list(examples)},
-            "output": {"path": str(Path(tmp) / "out.parquet"), "fields": _fields(fields), "max_reask": max_reask},
-            "model": _model(model, base_url, api_key_env),
-            "limits": {"concurrency": concurrency},
-            "ledger": str(ledger) if ledger else str(Path(tmp) / "map.ledger.sqlite"),
-        }
-        spec = spec_from_dict(doc, base_dir=Path.cwd(), name="map", source="llmap.map")
+        spec = call_spec(name="map", source="llmap.map", prompt=prompt, fields=fields, model=model, system=system,
+                         examples=examples, base_url=base_url, api_key_env=api_key_env, max_reask=max_reask,
+                         limits={"concurrency": concurrency}, output_path=str(Path(tmp) / "out.parquet"),
+                         ledger=str(ledger) if ledger else str(Path(tmp) / "map.ledger.sqlite"))
         job = Job(spec, source=Source.from_arrow(table))
         await job.arun(export_output=False)
         with Ledger(spec.ledger_path, readonly=True) as led:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from llmap import errors as E
 from llmap.control.alerts import FailureRateAlert
 from llmap.control.breaker import BreakerState
-from llmap.control.lanes import MAX_CONCURRENCY, Lane
+from llmap.control.lanes import Lane
 from llmap.io.sinks import check_writable, export, result_batches
 from llmap.io.sources import Source
 from llmap.observe.logs import JsonLog, LoggedProgress
@@ -44,11 +44,12 @@ from llmap.plan import (
     load_spec,
 )
 from llmap.providers.base import Provider
+from llmap.providers.factory import make_provider
 from llmap.run.dispatch import Dispatcher
 from llmap.run.packer import Packer
 from llmap.run.pool import run_pool
 from llmap.run.stats import DispatchStats
-from llmap.spec import JobSpec, ModelSpec
+from llmap.spec import JobSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.batches import BatchBook
 from llmap.store.cache import FILE_NAME as CACHE_FILE
@@ -59,9 +60,9 @@ from llmap.store.ledger import Ledger, PlannedRow, RowResult
 from llmap.store.lock import LedgerLock
 
 if TYPE_CHECKING:
-    from llmap.run.ray import Launch
+    from llmap.run.ray.executor import Launch
 
-__all__ = ["Job", "RunResult", "make_provider", "require_no_running_loop"]
+__all__ = ["Job", "RunResult", "require_no_running_loop"]
 
 #: Rows planned into the ledger per transaction.
 PLAN_ROWS = 2048
@@ -80,30 +81,6 @@ def require_no_running_loop(call: str, instead: str) -> None:
     raise E.EventLoopRunning(
         f"{call} cannot run inside a running event loop (Jupyter, async code); use `{instead}` there"
     )
-
-
-def make_provider(spec: ModelSpec, *, concurrency: int | None) -> Provider:
-    """Build the provider for one ``[model]`` entry.
-
-    Args:
-        spec: the ``[model]`` table.
-        concurrency: ``[limits] concurrency``, or None when unset (adaptive for
-            HTTP providers; the default process count for ``local``).
-
-    Raises:
-        SpecError: a missing API key variable, missing local-model packages or model file.
-    """
-    if spec.provider == "openai":
-        from llmap.providers.openai import OpenAIProvider
-
-        return OpenAIProvider(spec, concurrency=concurrency or MAX_CONCURRENCY)
-    if spec.provider == "anthropic":
-        from llmap.providers.anthropic import AnthropicProvider
-
-        return AnthropicProvider(spec, concurrency=concurrency or MAX_CONCURRENCY)
-    from llmap.providers.local import LocalProvider
-
-    return LocalProvider(spec, processes=concurrency)
 
 
 @dataclass
@@ -246,7 +223,7 @@ class Job:
                 without waiting for them (``--detach``); the next run collects them.
             executor: ``"local"`` (this process sends every request) or ``"ray"``: this
                 process keeps the ledger and the cache, and ``workers`` Ray actors send the
-                requests under one cluster-wide rate limit (:mod:`llmap.run.ray`; needs
+                requests under one cluster-wide rate limit (:mod:`llmap.run.ray.executor`; needs
                 ``llmap[ray]``).
             workers: Ray workers (default: one per CPU of the cluster); ``executor="ray"`` only.
             ray_address: the Ray cluster: ``"auto"`` (default) joins a running one, else
@@ -272,7 +249,7 @@ class Job:
                    workers: int | None = None, ray_address: str | None = "auto") -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
         if executor != "local" or workers is not None:
-            from llmap.run.ray import check_executor
+            from llmap.run.ray.executor import check_executor
 
             check_executor(executor, workers, batch=bool(self.spec.model.batch))
         self._executor = executor
@@ -281,7 +258,7 @@ class Job:
         await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
         try:
             if self._executor == "ray":  # the workers start while the job is checked and planned
-                from llmap.run.ray import Launch
+                from llmap.run.ray.executor import Launch
 
                 self._launch = Launch(self.spec, workers=workers, address=ray_address)
             return await self._arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
@@ -439,7 +416,7 @@ class Job:
             if self._on_start is not None:
                 self._on_start(stats, tally, lanes)
             if spec.model.batch:  # the first model's requests go through its provider's batch API
-                from llmap.run.batch import run_batches
+                from llmap.run.batch.runner import run_batches
 
                 await run_batches(ledger=ledger, run_id=run_id, job=spec.name, spec=spec.batch,
                                   provider=prep.providers[0], dispatcher=dispatcher, stats=stats, tally=tally,

@@ -171,7 +171,7 @@ class ModelLeftOut(BadRequest):
 
 class BatchTooLarge(BadRequest):
     """A batch API refused a batch for its size (too many requests or bytes, at upload or at validation):
-    llmap submits it again as two halves (see :mod:`llmap.run.batch`)."""
+    llmap submits it again as two halves (see :mod:`llmap.run.batch.runner`)."""
 
 
 class FatalProviderError(TerminalError):
@@ -189,7 +189,7 @@ class QuotaExhausted(FatalProviderError):
 class LocalModelCrashed(FatalProviderError):
     """The embedded model's child process died (a native crash or a kill signal).
 
-    llama.cpp runs in a child process (:mod:`llmap.providers.local_worker`),
+    llama.cpp runs in a child process (:mod:`llmap.providers.local.worker`),
     so llmap itself survives: the row stays pending and the run stops with
     this one-line message, which names the fix (usually: reinstall
     llama-cpp-python with portable CPU flags).

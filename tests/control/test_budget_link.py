@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from llmap.control.cluster import LaneLimits
-from llmap.run.ray_budget import BudgetLink, BudgetService
+from llmap.run.ray.budget import BudgetLink, BudgetService
 
 
 async def _turns(n: int = 30) -> None:

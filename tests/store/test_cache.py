@@ -294,7 +294,7 @@ def test_default_path_follows_llmap_cache_dir(tmp_path: Path, monkeypatch: pytes
 def test_default_cache_dir_without_env_is_the_user_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     from platformdirs import user_cache_dir
 
-    from llmap.providers import local
+    from llmap.providers.local import provider as local
 
     monkeypatch.delenv("LLMAP_CACHE_DIR", raising=False)
     assert default_cache_dir() == Path(user_cache_dir("llmap"))

@@ -42,8 +42,8 @@ def cancel(job_file: JobFile) -> None:
 
 
 async def _cancel(spec) -> list[tuple[int, str, str]]:
-    from llmap.engine import make_provider
-    from llmap.run.batch import cancel_batches
+    from llmap.providers.factory import make_provider
+    from llmap.run.batch.runner import cancel_batches
     from llmap.store.ledger import Ledger
 
     if not spec.ledger_path.is_file():

@@ -168,8 +168,8 @@ def estimate(
 
     Calls no model. Rows already done, answered by the response cache, or duplicates of another row are left out. Completion tokens come from past runs when the ledger has them, else from max_tokens; the table says which.
     """
-    from llmap.observe.estimate import estimate as run_estimate
-    from llmap.observe.estimate_table import format_estimate
+    from llmap.observe.estimate.rows import estimate as run_estimate
+    from llmap.observe.estimate.table import format_estimate
 
     job = load_job(job_file)
     try:

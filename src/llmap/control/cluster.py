@@ -1,7 +1,7 @@
 """The cluster-wide budget: one rate limit, one AIMD limit and one circuit breaker per model,
 shared by every worker of a distributed run. Pure: every method takes ``now``.
 
-The Ray executor (:mod:`llmap.run.ray_budget`) keeps one :class:`ClusterBudget`
+The Ray executor (:mod:`llmap.run.ray.budget`) keeps one :class:`ClusterBudget`
 in a named actor. It is built from the same policy objects a local run uses,
 one of each per model: a :class:`~llmap.control.limits.RateLimiter` (RPM/TPM
 buckets, Retry-After pauses, limits learned from headers), an

@@ -40,7 +40,7 @@ BREAKER_COOLDOWN_MAX_S = 10.0
 class LaneLimiter(Protocol):
     """What the dispatcher asks of a lane's rate limiter: the local
     :class:`~llmap.control.limits.Limiter`, or a worker's link to a cluster-wide budget
-    (:class:`llmap.run.ray_budget.BudgetLink`)."""
+    (:class:`llmap.run.ray.budget.BudgetLink`)."""
 
     @property
     def limited(self) -> bool: ...
@@ -105,7 +105,7 @@ class Lane:
 
     def plug(self, limiter: LaneLimiter, aimd: Any, breaker: Any) -> None:
         """Use a rate limiter, AIMD limit and circuit breaker shared with other processes
-        (the Ray executor's cluster-wide budget, :mod:`llmap.run.ray_budget`) instead of this
+        (the Ray executor's cluster-wide budget, :mod:`llmap.run.ray.budget`) instead of this
         lane's own. ``aimd`` and ``breaker`` have the surfaces of
         :class:`~llmap.control.concurrency.AIMDConcurrency` and
         :class:`~llmap.control.breaker.CircuitBreaker` that the dispatcher uses."""

@@ -74,7 +74,7 @@ class _Row:
 
 class RemoteRows(Protocol):
     """Settles the rows the pool hands out somewhere else (the Ray executor's workers,
-    :mod:`llmap.run.ray`) instead of in local workers. ``run`` reads packs of rows from
+    :mod:`llmap.run.ray.executor`) instead of in local workers. ``run`` reads packs of rows from
     ``todo`` until ``None`` and calls ``settle(results, rows)`` once per row; ``queue_items``
     bounds ``todo``."""
 

@@ -72,7 +72,7 @@ class ModelSpec(StrictModel):
         batch: for the first ``openai`` or ``anthropic`` model: send its
             requests through the provider's batch API (OpenAI Batch, Anthropic
             Message Batches) at ``price_batch_factor`` of the price, within
-            24 hours; see ``[batch]`` and :mod:`llmap.run.batch`.
+            24 hours; see ``[batch]`` and :mod:`llmap.run.batch.runner`.
         price_batch_factor: batch requests cost this share of ``price_in`` /
             ``price_out`` (and the cache prices); default 0.5, both providers'
             batch discount.

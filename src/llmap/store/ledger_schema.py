@@ -134,7 +134,7 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
-        # Batch APIs (llmap.run.batch): each batch's intent before it is created, the provider's id once known, its
+        # Batch APIs (llmap.run.batch.runner): each batch's intent before it is created, the provider's id once known, its
         # lines (custom id -> the rows it answers); each request's path ('batch' or real time) and cost.
         "006_batches",
         """

@@ -1,4 +1,4 @@
-"""What :mod:`llmap.run.batch` needs from a provider's batch API, and the one place its answers are mapped.
+"""What :mod:`llmap.run.batch.runner` needs from a provider's batch API, and the one place its answers are mapped.
 
 Two implementations: :class:`~llmap.providers.batch.openai.OpenAIBatches`
 (the Files API and the Batch API) and

@@ -1,0 +1,198 @@
+"""What the batch path's steps share: the run's objects, the policies learned so far, and two ways to settle rows.
+
+:class:`BatchContext` is handed to the submitter (:mod:`llmap.run.batch.submit`)
+and the collector (:mod:`llmap.run.batch.collect`). It commits settled rows
+to the ledger (:meth:`BatchContext.commit`, durable before they count, as
+the worker pool does) and sends rows down the real-time path
+(:meth:`BatchContext.to_realtime`: the :class:`~llmap.run.dispatch.Dispatcher`,
+with the model's limits, retries, failover and cascade).
+
+Per-row retry state (batch tries, re-asks) lives in memory for the run: a
+crash loses only the count, never a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmap.control.batching import EnqueueGate, SizeLimit
+from llmap.control.lanes import Lane
+from llmap.errors import RenderError
+from llmap.observe.progress import Progress, Tally
+from llmap.providers.batch.base import BatchAPI
+from llmap.run.dispatch import Dispatcher
+from llmap.run.packer import Packer
+from llmap.run.stats import DispatchStats, Stop
+from llmap.spec import BatchSpec
+from llmap.store.batches import BatchBook
+from llmap.store.ledger import Ledger, RowResult
+
+__all__ = ["BatchContext"]
+
+#: Rows at most in real time at once (each waits for its lane's concurrency gate anyway).
+MAX_REALTIME = 1024
+
+
+@dataclass
+class BatchContext:
+    """The batch path's shared state for one run.
+
+    Attributes:
+        ledger, book: the job's ledger and its batch tables.
+        run_id: the run (and plan) being settled.
+        job: the job's name (tagged on OpenAI batches).
+        spec: ``[batch]``.
+        api: the first model's batch API.
+        dispatcher: the real-time path (lanes, cache, schema, renderer).
+        stats, tally, progress: the run's counters and reporter.
+        pack: rows per line (``[prompt] pack``; ``"auto"`` starts at its first size).
+        on_settled: the engine's hook on settled rows (alerts, logs).
+        clock: POSIX seconds (deadlines); injectable.
+        size, gate: what the provider refused so far (:mod:`llmap.control.batching`).
+        tries, reasks: per row, batch requests that failed transiently, and re-asks.
+        followup: per row, the re-ask its next batch request carries.
+        single: rows whose next batch request goes alone (they were damaged in a pack).
+        user_cancelled: ``llmap batch cancel`` cancelled a batch of the job: submit nothing more.
+    """
+
+    ledger: Ledger
+    book: BatchBook
+    run_id: int
+    job: str
+    spec: BatchSpec
+    api: BatchAPI
+    dispatcher: Dispatcher
+    stats: DispatchStats
+    tally: Tally
+    progress: Progress
+    pack: int = 1
+    on_settled: Callable[[list[RowResult], list[str]], None] | None = None
+    clock: Callable[[], float] = time.time
+    size: SizeLimit = field(default_factory=lambda: SizeLimit(1, 1))
+    gate: EnqueueGate = field(default_factory=EnqueueGate)
+    tries: dict[str, int] = field(default_factory=dict)
+    reasks: dict[str, int] = field(default_factory=dict)
+    followup: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    single: set[str] = field(default_factory=set)
+    user_cancelled: bool = False
+    _tasks: set[asyncio.Task] = field(default_factory=set)
+    _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_REALTIME))
+    _buffer: list[tuple[RowResult, str]] = field(default_factory=list)
+    _realtime: set[str] = field(default_factory=set)
+
+    @property
+    def lane(self) -> Lane:
+        """The batch model's lane (the first)."""
+        return self.dispatcher.lanes[0]
+
+    def render(self, data: str) -> list[dict[str, str]]:
+        """A row's rendered messages.
+
+        Raises:
+            RenderError: the template fails on this row's values.
+        """
+        return self.dispatcher.renderer.messages(json.loads(data))
+
+    def busy(self, key: str) -> bool:
+        """True while the row is in real time in this run (no batch takes it)."""
+        return key in self._realtime
+
+    # -- settling -------------------------------------------------------------
+    def commit(self, results: Sequence[RowResult], datas: Sequence[str],
+               also: Sequence[tuple[str, tuple]] = ()) -> None:
+        """Commit settled rows, the request log and ``also`` in one transaction; then count them."""
+        results, datas = list(results), list(datas)
+        if self.on_settled is not None and results:
+            self.on_settled(results, datas)
+        answers = self.dispatcher.answers
+        if answers is not None:
+            answers.flush()
+        self.ledger.record(results, run_id=self.run_id, requests=self.stats.take_request_log(), also=also)
+        t, st = self.tally, self.stats
+        for r in results:
+            setattr(t, r.status, getattr(t, r.status) + 1)
+        t.requests, t.prompt_tokens, t.completion_tokens = st.requests, st.prompt_tokens, st.completion_tokens
+        t.cache_read_tokens, t.cost_usd, t.rate_limited = st.cache_read_tokens, st.cost_usd, st.rate_limited
+        t.cache_hits = answers.hits if answers is not None else 0
+        self.progress.advance(t)
+
+    def flush(self) -> None:
+        """Commit the rows real time has settled since the last flush (they stay out of batches until then)."""
+        if self._buffer or self.stats.request_log:
+            done, self._buffer = self._buffer, []
+            self.commit([r for r, _ in done], [d for _, d in done])
+            self._realtime.difference_update(r.key for r, _ in done)
+
+    def to_realtime(self, key: str, data: str, *, start: int = 0, reask: list[dict[str, str]] | None = None,
+                    lead: str | None = None, tried: list | None = None) -> None:
+        """Settle a row through the real-time path in the background (committed by :meth:`flush`).
+
+        Args:
+            key, data: the row and its data (JSON).
+            start: the first lane: 0 for a retry, 1 to fail over or cascade past the batch model.
+            reask: the re-ask of an invalid batch answer (see :meth:`Dispatcher.solve_messages`).
+            lead: the row's cache key on lane ``start``, when nothing holds it (its answer is cached under it).
+            tried: answers met before (a cascade keeps the batch model's answer when every later model fails).
+        """
+        if key in self._realtime:
+            return
+        self._realtime.add(key)
+        task = asyncio.get_running_loop().create_task(self._solve(key, data, start, reask, lead, tried or []))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _solve(self, key: str, data: str, start: int, reask: list[dict[str, str]] | None, lead: str | None,
+                     tried: list) -> None:
+        res: RowResult | None = None
+        try:
+            async with self._slots:
+                try:
+                    messages = self.render(data)
+                except RenderError as exc:
+                    res = RowResult(key, "failed", error=str(exc))
+                    return
+                d = self.dispatcher
+                if tried and tried[-1][1] == "escalated":  # a cascade: the batch model's answer met escalate_if
+                    out: dict[str, RowResult] = {}
+                    await Packer(d, 1).escalates(key, messages, tried, out)
+                    res = out[key]
+                else:
+                    res = await d.solve_messages(key, messages, start=start, lead=lead, reask=reask)
+                    res.tried = tried + (res.tried or [])
+        except Stop:
+            pass  # the run is stopping: the row stays pending
+        except Exception as exc:  # one row's bad value or a bug: it fails, the run goes on
+            res = RowResult(key, "failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if res is None:
+                self._realtime.discard(key)  # unsettled (the run stops): free again
+            else:
+                self._buffer.append((res, data))  # held out of batches until flush() commits it
+
+    @property
+    def in_realtime(self) -> int:
+        """Rows in real time now (settled but not yet committed ones included)."""
+        return len(self._realtime)
+
+    async def drain(self) -> None:
+        """Wait for every row in real time, then commit them."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self.flush()
+
+    async def abandon(self) -> None:
+        """Cancel the rows in real time (Ctrl-C); what they settled so far is committed."""
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self.flush()
+
+    def settle_cached(self, key: str, data: str, entry: Any) -> RowResult:
+        """A row answered from the response cache (never submitted)."""
+        return RowResult(key, "done", output=entry.output, model=entry.model, source="cache",
+                         tried=[(entry.model, "cache", entry.output, 0, 0)])

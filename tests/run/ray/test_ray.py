@@ -1,0 +1,214 @@
+"""The Ray executor on a two-node Ray cluster on this machine (marker ``ray``; deselect with -m 'not ray').
+
+One cluster (``ray.cluster_utils.Cluster``: two nodes of one CPU each) serves the whole module,
+so the Ray start-up (about 15 s here) is paid once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from _support import LLMAP, job_toml, people, write_csv
+from llmap import Job
+from llmap.sim import Simulator
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    ray.init(address=c.address, log_to_driver=False)
+    c.wait_for_nodes()
+    from llmap.run.ray.executor import _nodes
+
+    deadline = time.monotonic() + 60  # registered is not yet schedulable: wait until both nodes offer their CPU
+    while (len(_nodes()) < 2 or ray.available_resources().get("CPU", 0) < 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def _job(tmp_path: Path, base_url: str, n: int, *, limits: str = "", **kw) -> Path:
+    write_csv(tmp_path / "people.csv", people(n))
+    job = tmp_path / "job.toml"
+    job.write_text(job_toml(base_url, **kw) + limits, encoding="utf-8")  # [limits] is the last table
+    return job
+
+
+def _ledger_rows(tmp_path: Path) -> list[tuple]:
+    (path,) = (tmp_path / ".llmap").glob("*.ledger.sqlite")
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT key, status, attempts FROM rows ORDER BY key").fetchall()
+
+
+def _workers() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("llmap-worker-")]
+
+
+def test_every_row_exactly_once_across_four_workers(cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr("llmap.run.ray.executor.LEASE_ROWS", 25)  # 300 rows: a dozen leases over four workers
+    from llmap.run.ray.executor import Launch
+
+    nodes = set()
+    real = Launch.executor
+
+    async def executor(self, *a, **kw):
+        ex = await real(self, *a, **kw)
+        nodes.update([await h.node.remote() for h in ex.workers.values()])
+        return ex
+
+    monkeypatch.setattr(Launch, "executor", executor)
+    with Simulator(latency_median=0.02) as sim:
+        job = _job(tmp_path, sim.base_url, 300, concurrency=16, limits="hedge_tail = false\n")  # no tail copies
+        result = Job.from_toml(job).run(executor="ray", workers=4)
+        sent = sim.stats()["requests"]
+    rows = _ledger_rows(tmp_path)
+    assert result.counts["done"] == 300 and result.exit_code == 0
+    assert sent == result.requests == 300
+    assert [r[1:] for r in rows] == [("done", 1)] * 300
+    assert len(nodes) == 2  # the workers are spread over both nodes
+
+
+def test_the_driver_answers_in_run_duplicates_itself(cluster, tmp_path):
+    with Simulator(latency_median=0.05) as sim:
+        job = _job(tmp_path, sim.base_url, 60, user="City: {{ city }}.", limits="hedge_tail = false\n")
+        result = Job.from_toml(job).run(executor="ray", workers=2)
+        sent = sim.stats()["requests"]
+    assert result.counts["done"] == 60
+    assert sent == 3  # three distinct requests: the other 57 rows wait for them on the driver
+
+
+def test_killing_a_worker_mid_run_hands_its_rows_to_the_others(cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr("llmap.run.ray.executor.LEASE_ROWS", 20)
+    with Simulator(latency_median=0.2) as sim:
+        job = Job.from_toml(_job(tmp_path, sim.base_url, 240, concurrency=16))
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.setdefault("r", job.run(executor="ray", workers=4)))
+        t.start()
+        deadline = time.monotonic() + 60
+        while (sim.stats()["requests"] < 30 or len(_workers()) < 4) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim = sorted(_workers())[0]
+        ray.kill(ray.get_actor(victim, namespace="llmap"))
+        t.join(120)
+    result = out["r"]
+    assert result.counts["done"] == 240 and result.counts["pending"] == 0
+    assert [r[1] for r in _ledger_rows(tmp_path)] == ["done"] * 240
+
+
+def test_sigkill_of_the_driver_then_a_rerun_finishes_the_job(cluster, tmp_path):
+    with Simulator(latency_median=0.1) as sim:
+        job = _job(tmp_path, sim.base_url, 300, concurrency=8)
+        cmd = [*LLMAP, "run", str(job), "-q", "--executor", "ray", "--workers", "2",
+               "--ray-address", cluster.address]
+        env = {**os.environ, "LLMAP_CACHE_DIR": str(tmp_path / "cache")}
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 90
+        done = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                done = sum(1 for r in _ledger_rows(tmp_path) if r[1] == "done")
+            except (ValueError, sqlite3.Error):
+                continue
+            if done >= 40:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rows = _ledger_rows(tmp_path)
+        pending = sum(1 for r in rows if r[1] == "pending")
+        assert 0 < pending < 300
+        before, quiet_since = sim.stats()["requests"], time.monotonic()
+        while time.monotonic() - quiet_since < 1.0 and time.monotonic() < deadline + 30:  # the killed run's
+            time.sleep(0.1)  # workers end with it; requests they had in flight land first
+            now = sim.stats()["requests"]
+            if now != before:
+                before, quiet_since = now, time.monotonic()
+        rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+        assert rerun.returncode == 0, rerun.stderr
+        sent = sim.stats()["requests"] - before
+    assert [r[1] for r in _ledger_rows(tmp_path)] == ["done"] * 300
+    assert sent == pending  # the rerun sent exactly the rows left pending
+
+
+def test_four_workers_hold_one_rpm_budget(cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr("llmap.run.ray.executor.LEASE_ROWS", 5)  # every worker gets rows
+    with Simulator(latency_median=0.01) as sim:
+        job = _job(tmp_path, sim.base_url, 40, concurrency=16, model_extra="rpm = 600")  # 10 requests/s
+        result = Job.from_toml(job).run(executor="ray", workers=4)
+    (path,) = (tmp_path / ".llmap").glob("*.ledger.sqlite")
+    with sqlite3.connect(path) as db:
+        times = [t for (t,) in db.execute("SELECT t FROM requests ORDER BY t")]
+    assert result.counts["done"] == 40 and len(times) == 40
+    # One budget: a second's worth (10) at once, then 10/s: 30 more take >= 3 s. Four budgets: 0.75 s.
+    assert times[-1] - times[0] >= 2.7
+
+
+def test_a_retry_after_seen_by_one_worker_pauses_every_worker(cluster):
+    from llmap.plan import spec_from_dict
+    from llmap.run.ray.budget import BudgetLink, budget_actor
+
+    spec = spec_from_dict({"input": {"sql": "SELECT 1 AS x"}, "prompt": {"user": "{{ x }}"},
+                           "output": {"path": "out.parquet", "fields": {"y": {"type": "string"}}},
+                           "model": {"provider": "openai", "name": "pause-test", "base_url": "http://127.0.0.1:9"},
+                           "limits": {"rpm": 60000}},
+                          base_dir=Path.cwd(), name="pause-test")
+    actor = budget_actor(spec, workers=2, name=f"pause-test-{os.getpid()}")
+
+    async def scenario() -> float:
+        a, b = (BudgetLink(w, 0, sync=actor.sync.remote, watch=actor.watch.remote) for w in ("a", "b"))
+        await a.start()
+        await b.start()
+        await b.acquire(10)  # b holds a grant of its own now
+        a.pause_for(2.0)  # a 429 with Retry-After: 2 on worker a
+        await asyncio.sleep(0.5)  # a's report reaches the actor; b's watch hears of it
+        t0 = time.monotonic()
+        await b.acquire(10)
+        waited = time.monotonic() - t0
+        await a.aclose()
+        await b.aclose()
+        return waited
+
+    waited = asyncio.run(scenario())
+    limits = ray.get(actor.limits.remote(0))
+    ray.kill(actor)
+    assert 1.2 <= waited <= 5.0  # the 2 s pause, heard by b; the upper bound leaves room for a loaded CI machine
+    assert limits["rpm"] == 60000
+
+
+def test_map_batches_returns_status_columns_and_never_crashes_a_task(cluster, tmp_path):
+    import llmap.ray as lray
+
+    rows = [{"id": i, "name": f"Person {i}", "city": "Cody"} for i in range(40)]
+    rows[3]["name"] = "x" * 100  # too long for the server: a 400 for this row alone
+    with Simulator(latency_median=0.01, context_chars=60) as sim:
+        ds = ray.data.from_items(rows)
+        out = lray.map_batches(ds, prompt="Name: {{ name }}; city: {{ city }}.",
+                               fields={"kind": {"type": "string", "enum": ["a", "b", "c"]}},
+                               model={"provider": "openai", "name": "sim", "base_url": sim.base_url,
+                                      "max_tokens": 32}, concurrency=2, batch_size=10)
+        got = sorted(out.take_all(), key=lambda r: r["id"])
+    assert len(got) == 40
+    assert {r["_status"] for r in got if r["id"] != 3} == {"done"}
+    assert got[3]["_status"] == "failed" and got[3]["_error"]
+    assert all(r["kind"] in ("a", "b", "c") for r in got if r["_status"] == "done")
+    assert json.dumps(got[0], default=str)
