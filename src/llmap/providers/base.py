@@ -57,6 +57,11 @@ class Request:
             none is (a system prompt that reads the row's columns). A provider
             with a prompt cache marks the end of them; the row's own text
             (and any re-ask) comes after.
+        logprobs: ask for the completion tokens' log-probabilities (per-row
+            confidence, :mod:`llmap.quality.confidence`): OpenAI-compatible
+            ``logprobs: true`` with ``top_logprobs``; the embedded model reads
+            them off its own sampling. A server that refuses the parameter is
+            remembered like a structured-output dialect.
     """
 
     messages: list[dict[str, str]]
@@ -65,6 +70,7 @@ class Request:
     max_tokens: int
     row_key: str | None = None
     shared_prefix: int = 0
+    logprobs: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +113,11 @@ class Completion:
         stop_reason: why the answer ended, when that matters: ``"max_tokens"``
             (cut at ``max_tokens``), ``"refusal"`` (the model declined), or
             None (a complete answer).
+        logprobs: the completion's tokens in order, each ``(token text, natural
+            log of its probability)``, when the provider returned them
+            (OpenAI-compatible ``choices[0].logprobs.content[].token/.logprob``;
+            the embedded model, after its grammar's mask); None when it gave none.
+            The tokens' texts concatenate to ``content``.
     """
 
     content: str
@@ -120,6 +131,7 @@ class Completion:
     cache_write_tokens: int = 0
     limit_prompt_tokens: int | None = None
     stop_reason: str | None = None
+    logprobs: tuple[tuple[str, float], ...] | None = None
 
     @property
     def counted_prompt_tokens(self) -> int:
