@@ -48,7 +48,7 @@ from llmap.providers.factory import make_provider
 from llmap.run.dispatch import Dispatcher
 from llmap.run.packer import Packer
 from llmap.run.pool import run_pool
-from llmap.run.stats import DispatchStats
+from llmap.run.stats import DispatchStats, model_stats
 from llmap.spec import JobSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.batches import BatchBook
@@ -62,7 +62,7 @@ from llmap.store.lock import LedgerLock
 if TYPE_CHECKING:
     from llmap.run.ray.executor import Launch
 
-__all__ = ["Job", "RunResult", "require_no_running_loop"]
+__all__ = ["Job", "Prepared", "RunResult", "require_no_running_loop"]
 
 #: Rows planned into the ledger per transaction.
 PLAN_ROWS = 2048
@@ -120,13 +120,31 @@ class RunResult:
 
 
 @dataclass
-class _Prepared:
-    """What preflight hands to the run: the compiled job, its input, the checked providers."""
+class Prepared:
+    """What preflight (:meth:`Job.prepare`) hands to the run. It holds open resources: the run
+    closes them, and a caller that only checks a job closes them with :meth:`aclose`.
+
+    Attributes:
+        source: the input, opened (DuckDB), projected to the columns the job reads.
+        compiled: the compiled job: renderer, output schema, bound ``escalate_if`` (:mod:`llmap.plan`).
+        input: the input's checked plan: data columns, key, output layout.
+        providers: one checked provider per ``[[model]]`` (endpoints reached, keys read, the local
+            model loaded).
+    """
 
     source: Source
     compiled: Compiled
     input: InputPlan
     providers: list[Provider]
+
+    async def aclose(self) -> None:
+        """Close the providers, the compiled job and the input (errors on the way are ignored)."""
+        for p in self.providers:
+            with contextlib.suppress(Exception):
+                await p.aclose()
+        self.compiled.close()
+        with contextlib.suppress(Exception):
+            self.source.close()
 
 
 class Job:
@@ -153,11 +171,20 @@ class Job:
         return cls(load_spec(path))
 
     # -- preflight ------------------------------------------------------------
-    async def prepare(self, *, limit: int | None = None, check_output: bool = True) -> _Prepared:
+    async def prepare(self, *, limit: int | None = None, check_output: bool = True) -> Prepared:
         """Run every check that needs no paid request (:mod:`llmap.plan`, the output path, the providers).
 
+        Args:
+            limit: at most this many rows (overrides ``[input] limit``).
+            check_output: also check that ``[output] path`` can be written.
+
+        Returns:
+            The checked job, with its resources open (close it with :meth:`Prepared.aclose` unless
+            the run takes it over).
+
         Raises:
-            SpecError: the first problem, as one line naming the fix.
+            SpecError: the first problem, as one line naming the fix (CLI exit 2); nothing was sent
+                and nothing is left open.
         """
         spec = self.spec
         compiled = compile_spec(spec)
@@ -176,10 +203,10 @@ class Job:
                     await p.aclose()
             compiled.close()
             raise
-        return _Prepared(source, compiled, inp, providers)
+        return Prepared(source, compiled, inp, providers)
 
     # -- plan -----------------------------------------------------------------
-    def _plan(self, ledger: Ledger, run_id: int, prep: _Prepared) -> None:
+    def _plan(self, ledger: Ledger, run_id: int, prep: Prepared) -> None:
         renderer = prep.compiled.renderer
         variables = renderer.variables
         planned: list[PlannedRow] = []
@@ -281,10 +308,7 @@ class Job:
         try:
             ledger = Ledger(self.spec.ledger_path)
         except BaseException:
-            for p in prep.providers:
-                with contextlib.suppress(Exception):
-                    await p.aclose()
-            prep.compiled.close()
+            await prep.aclose()
             raise
         stats = DispatchStats()
         disk_full = False
@@ -361,7 +385,7 @@ class Job:
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
                          stats.retries, stats.cache_read_tokens, running, self._detach and self.spec.model.batch)
 
-    def _settled_hook(self, stats: DispatchStats, prep: _Prepared) -> Callable[[list[RowResult], list[str]], None]:
+    def _settled_hook(self, stats: DispatchStats, prep: Prepared) -> Callable[[list[RowResult], list[str]], None]:
         """Alerts and structured row logs, run on every batch of settled rows."""
         alerts = self.spec.alerts
         alert = FailureRateAlert(alerts.max_failure_rate, alerts.window) if alerts.max_failure_rate is not None else None
@@ -383,7 +407,7 @@ class Job:
         at = time.strftime("%Y-%m-%d %H:%M:%S")
         ledger.set_meta("complete", json.dumps({"fingerprint": fingerprint, "at": at}))
 
-    async def _dispatch(self, ledger: Ledger, run_id: int, prep: _Prepared, stats: DispatchStats, tally: Tally,
+    async def _dispatch(self, ledger: Ledger, run_id: int, prep: Prepared, stats: DispatchStats, tally: Tally,
                         progress: Progress) -> None:
         spec = self.spec
 
@@ -455,7 +479,6 @@ def _record_shapes(providers: list[Provider], stats: DispatchStats) -> None:
     for p in providers:
         if p.structured is None:
             continue
-        m = stats.by_model.setdefault(p.label, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                                "cost_usd": 0.0})
+        m = stats.by_model.setdefault(p.label, model_stats())
         m["structured"] = p.structured.split(" ", 1)[0]
         m["structured_how"] = p.structured

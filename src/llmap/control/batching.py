@@ -128,7 +128,8 @@ class Outcome:
     """What a row's batch request came to, as :func:`route` reads it.
 
     Attributes:
-        kind: ``"invalid"`` (an answer that did not validate), ``"transient"``
+        kind: ``"reask"`` (the settle stage re-asks the answer: its re-asks are not spent),
+            ``"invalid"`` (an item damaged in a pack: it goes again alone), ``"transient"``
             (a 5xx, 429, timeout or malformed answer), ``"terminal"`` (a 4xx:
             the request itself is wrong), ``"unfinished"`` (expired or
             cancelled before it ran).
@@ -148,7 +149,8 @@ def route(outcome: Outcome, *, retry: str, max_reask: int, past_deadline: bool) 
     - past the deadline: real time, whatever ``retry`` says (the time is up);
     - ``retry = "realtime"``: real time (re-asks included: the real-time path re-asks);
     - ``retry = "batch"``: the next batch, while re-asks (``max_reask``) and
-      transient tries (:data:`MAX_BATCH_TRIES`) last; an unfinished request
+      transient tries (:data:`MAX_BATCH_TRIES`) last (a ``reask`` has re-asks
+      left: :mod:`llmap.run.settle` decided so); an unfinished request
       (expired, cancelled) always goes again: it never ran.
 
     Args:
@@ -161,6 +163,8 @@ def route(outcome: Outcome, *, retry: str, max_reask: int, past_deadline: bool) 
         return Next.FAIL
     if past_deadline or retry == "realtime":
         return Next.REALTIME
+    if outcome.kind == "reask":
+        return Next.BATCH
     if outcome.kind == "invalid":
         return Next.BATCH if outcome.reasks <= max_reask else Next.FAIL
     if outcome.kind == "transient":

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 from llmap.errors import SpecError
 from llmap.spec import JobSpec
 from llmap.store.diskfull import disk_full, guard, is_disk_full
-from llmap.store.ledger import Ledger, open_for_reading
+from llmap.store.ledger import Ledger, RowResult, open_for_reading
 
-__all__ = ["FIELD_ARROW", "ResultLayout", "check_writable", "export", "export_job", "result_batches", "stored_layout"]
+__all__ = ["FIELD_ARROW", "ResultLayout", "answer_columns", "check_writable", "export", "export_job", "result_batches", "stored_layout"]
 
 #: Arrow type of each output field type.
 FIELD_ARROW = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
@@ -94,6 +94,15 @@ class ResultLayout:
                 vals = [v if v is None or isinstance(v, str) else str(v) for v in vals]
             arrays.append(pa.array(vals, type=f.type))
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+
+def answer_columns(fields: dict[str, str], results: Sequence[RowResult]) -> list[tuple[str, pa.Array]]:
+    """Settled rows' answers as output columns, typed as an export types them: one array per field, then
+    ``_status``, ``_error``, ``_model``, ``_source`` (for rows that never reach a ledger: Ray Data)."""
+    layout = ResultLayout(pa.schema([]), fields)
+    batch = layout.batch([(r.key, "{}", r.status, json.dumps(r.output) if r.output else None, r.error, r.model,
+                           r.source) for r in results])
+    return [(f.name, batch.column(f.name)) for f in layout.schema]
 
 
 def result_batches(ledger: Ledger, plan: int, layout: ResultLayout, *, page: int = 5000) -> Iterator[pa.RecordBatch]:

@@ -7,11 +7,13 @@ For each row it renders the messages, then loops over attempts:
 2. **Admit**: the lane's concurrency gate (AIMD) and rate limiter (RPM/TPM
    reservations, Retry-After pauses) decide when the request may go.
 3. **Send** under an adaptive timeout, so a hung request is abandoned.
-4. **Settle**: usage corrects the token reservation, headers update budgets,
-   the answer is validated (re-asked with the error up to ``max_reask``).
-5. **On error** the retry policy decides: back off and retry (transient),
-   move to the next model (terminal, or retries spent), or stop the run
-   (errors every row would hit: auth, quota).
+4. **Bill**: usage corrects the token reservation and is billed
+   (:meth:`~llmap.run.stats.DispatchStats.bill`), headers update budgets.
+5. **Settle** (:class:`~llmap.run.settle.Settler`, the one judge of an
+   answer or an error): done, re-ask (an invalid or cut answer), escalate (a
+   cascade), retry after backoff (transient), fail over to the next model
+   (refused, re-asks or retries spent, a 4xx), or stop the run (errors every
+   row would hit: auth, quota).
 
 Before a request is sent, the response cache and the identical requests in
 flight in this run are asked (:mod:`llmap.store.answers`); a hit settles the
@@ -38,8 +40,10 @@ from llmap.control.lanes import Lane, pick_lane
 from llmap.control.misconfig import MisconfigDetector, verdict_message
 from llmap.control.retry import RetryPolicy
 from llmap.prompt.render import Renderer
-from llmap.prompt.schema import OutputSchema, cut_message, reask_message
+from llmap.prompt.schema import OutputSchema
 from llmap.providers.base import Completion, Refusal, Request
+from llmap.run.settle import Escalate, FailOver, Reask, Retry, Settler, Tries
+from llmap.run.settle import Stop as StopRun
 from llmap.run.stats import DispatchStats, Stop
 from llmap.spec import LimitsSpec
 from llmap.store.answers import AnswerCache
@@ -77,17 +81,24 @@ class Dispatcher:
         stats: counters to update.
         answers: the response cache and in-run dedup, or None to ask every time.
         escalate_if: per lane, its bound ``escalate_if`` (:mod:`llmap.control.cascade`), or None.
-        clock: monotonic seconds; ``sleep``: awaitable delay (both injectable).
+        clock: monotonic seconds (latency, deadlines, retry budgets); ``sleep``: awaitable delay
+            (backoff); both injectable.
+        retry: the retry policy; default one from ``limits`` (``max_attempts``, ``backoff_cap_s``,
+            ``retry_budget_s``).
+
+    Attributes:
+        settler: the judge of every answer and error (:mod:`llmap.run.settle`).
     """
 
     def __init__(self, lanes: Sequence[Lane], renderer: Renderer, schema: OutputSchema, limits: LimitsSpec, *,
                  max_reask: int, fallback: dict[str, Any] | None, stats: DispatchStats,
                  answers: AnswerCache | None = None, escalate_if: Sequence[EscalateIf | None] = (),
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+                 retry: RetryPolicy | None = None) -> None:
         self.lanes = list(lanes)
         self.answers = answers
-        self.escalate_if = list(escalate_if) + [None] * (len(self.lanes) - len(escalate_if))
+        self.settler = Settler(schema, max_reask=max_reask, escalate_if=escalate_if, models=len(self.lanes))
         self.renderer = renderer
         self.schema = schema
         self.limits = limits
@@ -96,8 +107,8 @@ class Dispatcher:
         self.stats = stats
         self.clock = clock
         self.sleep = sleep
-        self.retry = RetryPolicy(max_attempts=limits.max_attempts, cap_s=limits.backoff_cap_s,
-                                 budget_s=limits.retry_budget_s)
+        self.retry = retry or RetryPolicy(max_attempts=limits.max_attempts, cap_s=limits.backoff_cap_s,
+                                          budget_s=limits.retry_budget_s)
         self._in_tail: Callable[[], bool] = lambda: False
         self._no_usage: set[str] = set()  # lanes already warned that their server reports no usage
         #: One model refusing every request the same way is a configuration error, not an outage.
@@ -114,7 +125,12 @@ class Dispatcher:
         return self._in_tail()
 
     # -- caps -----------------------------------------------------------------
-    def _check_caps(self) -> None:
+    def check_caps(self) -> None:
+        """Stop the run when a budget cap (``[limits] max_cost_usd`` or ``max_tokens``) is reached.
+
+        Raises:
+            Stop: a cap is reached (said once, through :meth:`DispatchStats.halt`) or the run is stopping.
+        """
         st, lim = self.stats, self.limits
         if lim.max_cost_usd is not None and st.cost_usd >= lim.max_cost_usd:
             st.halt(f"budget cap reached: limits.max_cost_usd = {lim.max_cost_usd:g} USD "
@@ -157,15 +173,14 @@ class Dispatcher:
             est_tokens, est_output = lane.reservation(_chars(req.messages), pack_size)
             permit = await lane.limiter.acquire(est_tokens, est_output=est_output)
             try:
-                self._check_caps()
+                self.check_caps()
             except Stop:
                 lane.limiter.settle(permit, 0)  # never sent
                 raise
             self.stats.requests += 1
-            loop = asyncio.get_running_loop()
-            start = loop.time()
+            start = self.clock()
             try:
-                async with asyncio.timeout_at(start + lane.timeout.current()) as cm:  # a deadline, in loop time
+                async with asyncio.timeout(lane.timeout.current()) as cm:  # the watchdog may tighten it
                     lane.deadlines[id(cm)] = (start, cm)
                     try:
                         comp = await lane.provider.complete(req)
@@ -173,20 +188,20 @@ class Dispatcher:
                         lane.deadlines.pop(id(cm), None)
             except TimeoutError:  # the server may have processed it: the reservation stands
                 exc = E.RequestTimeout(
-                    f"no answer from {lane.label} within {loop.time() - start:.1f} s (adaptive timeout)",
+                    f"no answer from {lane.label} within {self.clock() - start:.1f} s (adaptive timeout)",
                     model=lane.label, row_key=req.row_key)
-                self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
+                self.stats.log(lane.label, exc, self.clock() - start, 0, 0, pack_size)
                 raise exc from None
             except E.ProviderError as exc:
                 self._count_refusals(lane, exc.refusals, pack_size)
                 if isinstance(exc, _UNPROCESSED):
                     lane.limiter.settle(permit, 0)
-                self.stats.log(lane.label, exc, loop.time() - start, 0, 0, pack_size)
+                self.stats.log(lane.label, exc, self.clock() - start, 0, 0, pack_size)
                 if self.misconfig.failure(lane.index, exc):
                     self._misconfigured(lane, exc)
                 raise
             except asyncio.CancelledError:  # a hedged copy that lost, or the run stopping
-                self.stats.log(lane.label, "cancelled", loop.time() - start, 0, 0, pack_size)
+                self.stats.log(lane.label, "cancelled", self.clock() - start, 0, 0, pack_size)
                 raise
         finally:
             lane.leave()
@@ -203,14 +218,7 @@ class Dispatcher:
                 self._no_usage.add(lane.label)
                 self.stats.warn(f"warning: {lane.label} reports no token usage; TPM limits, budget caps and costs use "
                                 "estimates from text length for it")
-        cost = lane.cost_usd(comp.prompt_tokens, comp.completion_tokens, comp.cache_read_tokens,
-                             comp.cache_write_tokens)
-        st = self.stats
-        st.prompt_tokens += comp.prompt_tokens
-        st.completion_tokens += comp.completion_tokens
-        st.cost_usd += cost
-        st.log(lane.label, None, comp.latency_s, comp.prompt_tokens, comp.completion_tokens, pack_size, cost,
-               cache_read=comp.cache_read_tokens, cache_write=comp.cache_write_tokens)
+        self.stats.bill(lane, comp, pack_size)
         # only the input the provider counts (Anthropic: not cache reads) against its input and token limits
         lane.limiter.settle(permit, comp.counted_prompt_tokens + comp.completion_tokens,
                             actual_output=comp.completion_tokens)
@@ -270,12 +278,14 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(_WATCHDOG_S)
+            now, at = self.clock(), loop.time()
             for lane in self.lanes:
                 limit = lane.timeout.current()
                 for start, cm in list(lane.deadlines.values()):
                     when = cm.when()
-                    if when is not None and start + limit < when:
-                        cm.reschedule(max(loop.time(), start + limit))
+                    due = at + (start + limit - now)  # the request's deadline now, in loop time
+                    if when is not None and due < when:
+                        cm.reschedule(max(at, due))
 
     # -- one row --------------------------------------------------------------
     async def solve(self, key: str, row: dict[str, Any]) -> RowResult:
@@ -287,7 +297,8 @@ class Dispatcher:
         return await self.solve_messages(key, self.renderer.messages(row))
 
     async def solve_messages(self, key: str, base_messages: list[dict[str, str]], *, start: int = 0,
-                             lead: str | None = None, reask: list[dict[str, str]] | None = None) -> RowResult:
+                             lead: str | None = None, extra: Sequence[dict[str, str]] = (),
+                             tries: Tries | None = None, tried: Sequence[tuple] = ()) -> RowResult:
         """Settle one row from its rendered messages, trying models from lane ``start`` on.
 
         Args:
@@ -298,20 +309,23 @@ class Dispatcher:
                 already looked it up and found nothing (the worker pool does,
                 for a whole page at once): the row leads that request without
                 a second lookup.
-            reask: an invalid answer from elsewhere (a batch) and its re-ask: the first request re-asks with them.
+            extra: messages the first request appends (a re-ask decided elsewhere: a batch's
+                invalid or cut answer, see :class:`~llmap.run.settle.Reask`).
+            tries: what the row went through on lane ``start`` before (the re-asks already spent).
+            tried: answers met before this call (a cascade from a pack or a batch): they lead the row's
+                ``tried`` log, and when every model from ``start`` fails, the last escalated one settles it.
 
         Raises:
             Stop: the run is stopping (fatal error, budget cap); the row stays pending.
         """
         st = self.stats
-        res = RowResult(key=key, status="failed", tried=[])
+        res = RowResult(key=key, status="failed", tried=list(tried))
         t0 = self.clock()
         last_error = "no model answered"
-        tries: dict[int, int] = {}  # lane index -> attempts there
-        reasks: dict[int, int] = {start: 1} if reask else {}
-        cuts: set[int] = set()  # lanes where the row's answer was cut at max_tokens once (and re-asked)
+        attempts: dict[int, int] = {}  # lane index -> attempts there
+        state: dict[int, Tries] = {start: tries} if tries is not None else {}  # lane index -> re-asks and cuts
         shared = self.renderer.shared_prefix(base_messages)
-        messages: dict[int, list[dict[str, str]]] = {start: [*base_messages, *reask]} if reask else {}
+        messages: dict[int, list[dict[str, str]]] = {start: [*base_messages, *extra]} if extra else {}
         keys: dict[int, str] = {}  # lane index -> cache key of the row's base request there
         leads: dict[int, str] = {}  # lane index -> the key this row leads there (others wait for it)
         answers = self.answers
@@ -333,7 +347,8 @@ class Dispatcher:
                 i = lane.index
                 for j in [j for j in leads if j < i]:  # lanes this row has moved past
                     answers.resolve(leads.pop(j), None)
-                if answers is not None and i not in leads and not reasks.get(i):
+                tried_here = state.setdefault(i, Tries())
+                if answers is not None and i not in leads and i not in messages:
                     ckey = keys.setdefault(i, answers.key(lane.model, base_messages, self.schema.json_schema))
                     lane.breaker.release()  # never hold a half-open probe slot while waiting for an answer
                     hit = await answers.claim(ckey)
@@ -341,15 +356,15 @@ class Dispatcher:
                         leads[i] = ckey
                         continue  # this row leads the request: route again (the slot was given back)
                     res.tried.append((hit.model, "cache", hit.output, 0, 0))
-                    if await self.escalates(lane, hit.output):
+                    if await self.settler.escalates(i, hit.output):
                         start = i + 1
                         continue
                     res.status, res.output, res.model, res.source = "done", hit.output, hit.model, "cache"
                     res.error = None
                     return res
-                tries[i] = tries.get(i, 0) + 1
+                attempts[i] = attempts.get(i, 0) + 1
                 res.attempts += 1
-                if tries[i] > 1:
+                if attempts[i] > 1:
                     st.retries += 1
                 model = lane.model
                 msgs = messages.get(i, base_messages)
@@ -358,19 +373,20 @@ class Dispatcher:
                 hedge = self.limits.hedge_tail and self.in_tail() and lane.in_flight * 2 < lane.limit
                 try:
                     if hedge:  # a row that failed before hedges at once; others once they are slower than p95
-                        comp = await self._hedged(lane, req, 0.0 if tries[i] > 1 else lane.timeout.quantile(0.95))
+                        comp = await self._hedged(lane, req,
+                                                  0.0 if attempts[i] > 1 else lane.timeout.quantile(0.95))
                     else:
                         comp = await self.send(lane, req)
                 except E.ProviderError as exc:
-                    exc.row_key, exc.attempt = key, tries[i]
-                    last_error = f"{type(exc).__name__}: {exc}"
+                    exc.row_key, exc.attempt = key, attempts[i]
                     self.record_failure(lane, exc)
-                    decision = self.retry.decide(exc, tries[i], self.clock() - t0)
-                    if decision.stop_run:
+                    decision = self.settler.error(exc, self.retry.decide(exc, attempts[i], self.clock() - t0))
+                    if isinstance(decision, StopRun):
                         st.fatal = st.fatal or exc  # type: ignore[assignment]
-                        st.halt(f"{exc}")
+                        st.halt(decision.reason)
                         raise Stop from exc
-                    if decision.retry:  # still the leader: rows with the same request keep waiting
+                    last_error = decision.error
+                    if isinstance(decision, Retry):  # still the leader: rows with the same request keep waiting
                         delay = decision.delay_s
                         if hedge and not isinstance(exc, E.RateLimited):
                             # In the tail with spare capacity there is no load to shed: retry soon.
@@ -385,33 +401,23 @@ class Dispatcher:
                 res.latency_s += comp.latency_s
                 res.prompt_tokens += comp.prompt_tokens
                 res.completion_tokens += comp.completion_tokens
-                if comp.stop_reason is not None:  # cut at max_tokens, or refused: no answer to validate
-                    res.tried.append((lane.label, comp.stop_reason, None, comp.prompt_tokens, comp.completion_tokens))
-                    if comp.stop_reason == "max_tokens" and i not in cuts:
-                        cuts.add(i)  # re-ask once, with a note
-                        messages[i] = [*msgs, cut_message(model.max_tokens)]
-                        continue
-                    last_error = (f"AnswerCut: the answer was cut at max_tokens = {model.max_tokens}, also after a "
-                                  f"re-ask; raise [model] max_tokens" if comp.stop_reason == "max_tokens" else
-                                  f"Refusal: {lane.label} declined to answer (stop_reason refusal)")
-                    start = i + 1
+                decision = await self.settler.answer(comp, lane, tried_here)
+                if isinstance(decision, Reask):
+                    res.tried.append((lane.label, decision.outcome, None, comp.prompt_tokens, comp.completion_tokens))
+                    tried_here.after(decision)
+                    messages[i] = [*msgs, *decision.extra]
                     continue
-                try:
-                    output = self.schema.validate(comp.content)
-                except E.AnswerInvalid as exc:
-                    res.tried.append((lane.label, "invalid", None, comp.prompt_tokens, comp.completion_tokens))
-                    if reasks.get(i, 0) < self.max_reask:
-                        reasks[i] = reasks.get(i, 0) + 1
-                        messages[i] = [*msgs, {"role": "assistant", "content": comp.content},
-                                       reask_message(exc.detail, self.schema.json_schema)]
-                        continue
-                    last_error = f"AnswerInvalid: {exc.detail} (after {reasks.get(i, 0)} re-asks)"
+                if isinstance(decision, FailOver):
+                    res.tried.append((lane.label, decision.outcome or "error", None, comp.prompt_tokens,
+                                      comp.completion_tokens))
+                    last_error = decision.error
                     start = i + 1  # a cascade: the next model gets the row
                     continue
+                output = decision.output
                 if i in leads:  # a validated answer to the row's request (re-asked or not) fans out
                     answers.resolve(leads.pop(i), CacheEntry(keys[i], lane.label, output, comp.prompt_tokens,
                                                              comp.completion_tokens))
-                if await self.escalates(lane, output):
+                if isinstance(decision, Escalate):
                     res.tried.append((lane.label, "escalated", output, comp.prompt_tokens, comp.completion_tokens))
                     start = i + 1
                     continue
@@ -436,7 +442,7 @@ class Dispatcher:
         if escalated:
             # Every later model failed: the last escalated answer is still an answer.
             res.status, res.model, res.output = "done", escalated[-1][0], escalated[-1][1]
-            res.source = "model"
+            res.source, res.error = "model", None
             return res
         if self.answers is not None and keys:
             stale = self.answers.stale(list(keys))
@@ -446,18 +452,6 @@ class Dispatcher:
         if self.fallback is not None:
             res.status, res.output = "fallback", dict(self.fallback)
         return res
-
-    async def escalates(self, lane: Lane, output: dict[str, Any]) -> bool:
-        """True when this lane's ``escalate_if`` holds for ``output`` and a later model exists."""
-        cond = self.escalate_if[lane.index]
-        return cond is not None and lane.index + 1 < len(self.lanes) and await cond.holds(output)
-
-    def escalates_many(self, lane: Lane, outputs: Sequence[dict[str, Any]]) -> list[bool]:
-        """:meth:`escalates` for several answers of one lane at once (a pack's), in one evaluation."""
-        cond = self.escalate_if[lane.index]
-        if cond is None or lane.index + 1 >= len(self.lanes):
-            return [False] * len(outputs)
-        return cond.evaluate_many(outputs)
 
     def _misconfigured(self, lane: Lane, exc: E.ProviderError) -> None:
         """``lane`` refuses every request the same way: leave it out; stop the run when no model is left.

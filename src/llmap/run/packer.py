@@ -24,9 +24,11 @@ from typing import Any
 from llmap import errors as E
 from llmap.control.lanes import pick_lane
 from llmap.control.packsize import AutoPackSize
-from llmap.prompt.pack import pack_messages, pack_schema, parse_pack
+from llmap.prompt.pack import pack_messages, pack_schema
 from llmap.providers.base import Request
 from llmap.run.dispatch import Dispatcher
+from llmap.run.settle import Escalate, Retry, Split
+from llmap.run.settle import Stop as StopRun
 from llmap.run.stats import Stop
 from llmap.store.cache import CacheEntry
 from llmap.store.ledger import RowResult
@@ -131,16 +133,16 @@ class Packer:
             except E.ProviderError as exc:
                 exc.attempt = attempt
                 d.record_failure(lane, exc)
-                decision = d.retry.decide(exc, attempt, d.clock() - t0)
-                if decision.stop_run:
+                decision = d.settler.error(exc, d.retry.decide(exc, attempt, d.clock() - t0), pack=True)
+                if isinstance(decision, StopRun):
                     d.stats.fatal = d.stats.fatal or exc  # type: ignore[assignment]
-                    d.stats.halt(f"{exc}")
+                    d.stats.halt(decision.reason)
                     raise Stop from exc
-                if isinstance(exc, E.ContextTooLong):  # the pack is too long: the same rows in smaller packs
+                if isinstance(decision, Split):  # the pack is too long: the same rows in smaller packs
                     await self._regroup(items, results, size=max(1, size // 2))
                     return
-                if not decision.retry:  # nothing to do with the pack: the rows' usual path (fail over or fail)
-                    await self._give_up(items, results, f"{type(exc).__name__}: {exc}", attempt)
+                if not isinstance(decision, Retry):  # nothing to do with the pack: the rows' usual path
+                    await self._give_up(items, results, decision.error, attempt)
                     return
                 await d.sleep(decision.delay_s)
                 lane, _ = pick_lane(d.lanes, 0, d.clock())
@@ -152,28 +154,29 @@ class Packer:
             except BaseException:
                 lane.breaker.release()
                 raise
-        outcome = parse_pack(comp.content, list(by_key), d.schema.validate)
+        decisions = d.settler.pack(comp, lane, list(by_key))
+        damaged = [k for k, dec in decisions.items() if isinstance(dec, Split)]
         if self.auto is not None:
-            self.auto.observe(len(by_key), len(outcome.problems))
+            self.auto.observe(len(by_key), len(damaged))
         n = len(by_key)
         share_p, share_c = comp.prompt_tokens // n, comp.completion_tokens // n
         escalate = []
-        verdicts = d.escalates_many(lane, list(outcome.answers.values()))
-        for (key, output), up in zip(outcome.answers.items(), verdicts, strict=True):
+        for key, decision in decisions.items():
+            if isinstance(decision, Split):
+                continue
+            output = decision.output
             _, _, base, ckey = by_key[key]
             if d.answers is not None and ckey is not None:
                 d.answers.resolve(ckey, CacheEntry(ckey, lane.label, output, share_p, share_c))
-            tried = [(lane.label, "done", output, share_p, share_c)]
-            if up:
-                tried[0] = (lane.label, "escalated", output, share_p, share_c)
-                escalate.append((key, base, tried))
+            if isinstance(decision, Escalate):
+                escalate.append((key, base, [(lane.label, "escalated", output, share_p, share_c)]))
                 continue
             results[key] = RowResult(key, "done", output=output, model=lane.label, source="model", attempts=attempt,
-                                     prompt_tokens=share_p, completion_tokens=share_c, tried=tried,
-                                     latency_s=comp.latency_s)
+                                     prompt_tokens=share_p, completion_tokens=share_c,
+                                     tried=[(lane.label, "done", output, share_p, share_c)], latency_s=comp.latency_s)
         work = [self.escalates(key, base, tried, results) for key, base, tried in escalate]
-        if outcome.problems:
-            work.append(self._regroup([by_key[k] for k in outcome.problems], results, size=max(1, size // 2)))
+        if damaged:
+            work.append(self._regroup([by_key[k] for k in damaged], results, size=max(1, size // 2)))
         await asyncio.gather(*work)
 
     async def _give_up(self, items: list[Item], results: dict[str, RowResult], error: str, attempts: int) -> None:
@@ -190,12 +193,8 @@ class Packer:
         results[key] = await self.d.solve_messages(key, base, start=start)
 
     async def escalates(self, key: str, base: list[dict[str, str]], tried: list, results: dict) -> None:
-        """Cascade one row to the models after the primary."""
-        res = await self.d.solve_messages(key, base, start=1)
-        res.tried = tried + (res.tried or [])
-        if res.status != "done":  # every stronger model failed: keep the primary's answer
-            res.status, res.output, res.model, res.source, res.error = "done", tried[0][2], tried[0][0], "model", None
-        results[key] = res
+        """Cascade one row to the models after the primary (it keeps the primary's answer if they all fail)."""
+        results[key] = await self.d.solve_messages(key, base, start=1, tried=tried)
 
     async def _singly(self, items: list[Item], results: dict[str, RowResult]) -> None:
         await asyncio.gather(*(self._round([it], results, size=1) for it in items))

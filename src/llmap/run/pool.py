@@ -31,20 +31,19 @@ import json
 import signal
 import threading
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from llmap.control.misconfig import mask_numbers
 from llmap.control.quota import GroupQuota, QuotaDecision
-from llmap.errors import DiskFull, RenderError
+from llmap.errors import DiskFull
 from llmap.observe.progress import Progress, Tally
 from llmap.run.dispatch import Dispatcher
 from llmap.run.packer import Packer
-from llmap.run.stats import DispatchStats, Stop
+from llmap.run.rows import PendingRow, RowSteps
+from llmap.run.stats import DispatchStats
 from llmap.store.ledger import Ledger, RowResult
 
-__all__ = ["RemoteRows", "run_pool", "solve_items"]
+__all__ = ["Pool", "RemoteRows", "install_sigterm", "run_pool"]
 
 #: Rows committed to the ledger per transaction (results are also flushed every ``FLUSH_S``).
 COMMIT_ROWS = 256
@@ -53,23 +52,6 @@ FLUSH_S = 0.25
 PAGE_ROWS = 512
 #: Rows that may wait for an identical row before the producer pauses (memory bound).
 MAX_WAITING = 100_000
-#: The first rows all failing to render with one identical error (no NULL involved) stop the run.
-TEMPLATE_ERRORS_TO_STOP = 3
-
-
-@dataclass(slots=True)
-class _Row:
-    """A pending row on its way: key, ledger data (JSON text), quota group, and once prepared
-    the row's values, rendered messages and its request's cache key on the primary model."""
-
-    key: str
-    data: str
-    group: Any = None
-    row: dict[str, Any] | None = None
-    messages: list[dict[str, str]] | None = None
-    ckey: str | None = None
-    #: a cached answer that escalates (a cascade): sent alone, through the dispatcher's own lookup
-    single: bool = False
 
 
 class RemoteRows(Protocol):
@@ -83,25 +65,14 @@ class RemoteRows(Protocol):
     async def run(self, todo: asyncio.Queue, settle: Callable[[list[RowResult], list[Any]], None]) -> None: ...
 
 
-async def solve_items(dispatcher: Dispatcher, packer: Packer | None, items: list[_Row]) -> list[RowResult]:
-    """Settle one pack of rows (or one row) through ``packer`` or ``dispatcher``; results in order.
+class Pool:
+    """The run loop over one plan's pending rows (see the module docstring).
 
-    Raises:
-        Stop: the run is stopping; the rows stay pending.
-    """
-    if packer is not None and not items[0].single:
-        return await packer.solve([(r.key, r.row, r.messages, r.ckey) for r in items])
-    row = items[0]
-    lead = None if row.single else row.ckey
-    return [await dispatcher.solve_messages(row.key, row.messages, lead=lead)]
-
-
-async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: DispatchStats, tally: Tally,
-                   progress: Progress, *, quota: tuple[str, int] | None = None,
-                   packer: Packer | None = None,
-                   on_settled: Callable[[list[RowResult], list[str]], None] | None = None,
-                   remote: RemoteRows | None = None) -> None:
-    """Settle every pending row of plan ``run_id``.
+    Its named steps: :meth:`prepare_page` (ledger rows to prepared rows, quotas applied),
+    :meth:`take` (settle from memory, wait for an identical row, or pack and hand out),
+    :meth:`settle` (results in, identical rows fanned out, counted), :meth:`flush` (commit).
+    The rendering, keying, cache answers and the contained solve are
+    :class:`~llmap.run.rows.RowSteps`, shared with the batch path and the Ray executors.
 
     Args:
         ledger: the job's ledger (rows planned, results recorded here).
@@ -116,298 +87,296 @@ async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: D
             (JSON), before they are committed (alerts, structured logs).
         remote: settle rows there instead of in local workers (the Ray executor); cache hits,
             in-run duplicates, quotas and commits stay here.
-
-    Raises:
-        asyncio.CancelledError: on Ctrl-C / SIGTERM, after committing every finished row.
-        Exception: a helper task (commit ticker, timeout watchdog) or the
-            producer died; the run stops with that error after committing.
-        DiskFull: a commit found the disk full; dispatch stopped, committed rows are kept.
     """
-    n_workers = 1 if remote is not None else min(1024, 2 * max(lane.max_in_flight for lane in dispatcher.lanes))
-    todo: asyncio.Queue[list[_Row] | None] = asyncio.Queue(
-        maxsize=remote.queue_items if remote is not None else n_workers * 2)
-    buffer: list[RowResult] = []
-    outstanding = 0  # rows taken and not yet settled (quota passes wait for 0)
-    settled = asyncio.Event()
-    answers = dispatcher.answers
-    primary = dispatcher.lanes[0]
-    schema = dispatcher.schema.json_schema
-    waiting: dict[str, list[_Row]] = {}  # cache key -> rows waiting for the row that leads that request
-    n_waiting = 0
-    promoted: deque[_Row] = deque()  # rows that lead again after their request's leader failed
-    struck: set[str] = set()  # requests whose first leader failed: a second failure fails every waiting row
-    wake = asyncio.Event()  # a row was promoted, or waiting rows settled
-    group_quota: GroupQuota | None = None
-    if quota is not None:
-        column, n = quota
-        done = {}
-        for g, status, count in ledger.grouped_counts(run_id, column):
-            if status == "done":
-                done[g] = count
-        group_quota = GroupQuota(n, done)
 
-    disk_full: list[DiskFull] = []  # a write found the disk full: stop dispatch, raise it when the pool is down
+    def __init__(self, ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: DispatchStats, tally: Tally,
+                 progress: Progress, *, quota: tuple[str, int] | None = None, packer: Packer | None = None,
+                 on_settled: Callable[[list[RowResult], list[str]], None] | None = None,
+                 remote: RemoteRows | None = None) -> None:
+        self.ledger, self.run_id = ledger, run_id
+        self.d, self.stats, self.tally, self.progress = dispatcher, stats, tally, progress
+        self.packer, self.on_settled, self.remote = packer, on_settled, remote
+        self.steps = RowSteps(dispatcher, packer)
+        self.answers = dispatcher.answers
+        self.n_workers = 1 if remote is not None else min(1024, 2 * max(lane.max_in_flight
+                                                                         for lane in dispatcher.lanes))
+        self.todo: asyncio.Queue[list[PendingRow] | None] = asyncio.Queue(
+            maxsize=remote.queue_items if remote is not None else self.n_workers * 2)
+        self.buffer: list[RowResult] = []
+        self.outstanding = 0  # rows taken and not yet settled (quota passes wait for 0)
+        self.settled = asyncio.Event()
+        self.waiting: dict[str, list[PendingRow]] = {}  # cache key -> rows waiting for the row leading it
+        self.n_waiting = 0
+        self.promoted: deque[PendingRow] = deque()  # rows that lead again after their request's leader failed
+        self.struck: set[str] = set()  # requests whose first leader failed: a second failure fails the rest
+        self.wake = asyncio.Event()  # a row was promoted, or waiting rows settled
+        self.pack: list[PendingRow] = []  # rows gathered into the next request
+        self.handed_out = asyncio.Event()
+        self.disk_full: list[DiskFull] = []  # a write found the disk full: stop dispatch, raise it at the end
+        self._taken = 0  # rows the current quota pass took
+        self.quota_column: str | None = None
+        self.group_quota: GroupQuota | None = None
+        if quota is not None:
+            self.quota_column, n = quota
+            done = {g: count for g, status, count in ledger.grouped_counts(run_id, self.quota_column)
+                    if status == "done"}
+            self.group_quota = GroupQuota(n, done)
 
-    def halt_on_disk_full(exc: DiskFull) -> None:
-        if not disk_full:
-            disk_full.append(exc)
-            stats.stop.set()  # said once, by whoever catches the DiskFull raised at the end
+    # -- running ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Settle every pending row of the plan.
 
-    def flush(*, last: bool = False) -> None:
+        Raises:
+            asyncio.CancelledError: on Ctrl-C / SIGTERM, after committing every finished row.
+            Exception: a helper task (commit ticker, timeout watchdog) or the
+                producer died; the run stops with that error after committing.
+            DiskFull: a commit found the disk full; dispatch stopped, committed rows are kept.
+        """
+        self.d.watch_tail(lambda: self.handed_out.is_set() and self.todo.qsize() <= self.n_workers)
+        prod = asyncio.create_task(self.producer(), name="llmap-producer")
+        if self.remote is not None:
+            workers = [asyncio.create_task(self.remote.run(self.todo, self.settle), name="llmap-remote-rows")]
+        else:
+            workers = [asyncio.create_task(self.worker(), name="llmap-worker") for _ in range(self.n_workers)]
+        helpers = [asyncio.create_task(self.ticker(), name="llmap-commit-ticker"),
+                   asyncio.create_task(self.d.watchdog(), name="llmap-timeout-watchdog")]
+        tasks = [prod, *workers, *helpers]
+        undo_sigterm = install_sigterm(asyncio.current_task())
+        try:
+            await _supervise(tasks, until_done=[prod, *workers])
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.packer is not None:
+                await self.packer.aclose()
+            if self.answers is not None:
+                self.answers.abandon()
+            undo_sigterm()
+            self.flush(last=True)
+        if self.disk_full:
+            raise self.disk_full[0]
+
+    def halt_on_disk_full(self, exc: DiskFull) -> None:
+        """A write found the disk full: no new requests; the error is raised when the pool is down."""
+        if not self.disk_full:
+            self.disk_full.append(exc)
+            self.stats.stop.set()  # said once, by whoever catches the DiskFull raised at the end
+
+    # -- flush -------------------------------------------------------------------------------
+    def flush(self, *, last: bool = False) -> None:
+        """Commit the settled rows and the request log, then count them (durable before it counts).
+
+        A full disk halts dispatch (no new requests) instead of raising here. Later flushes still
+        try: the ledger and the response cache may be on different disks, so the answers of the
+        requests still in flight reach whichever has room, and a rerun finds them there instead of
+        paying again. Rows whose results could not be committed stay ``pending``.
+        """
+        try:
+            self._flush(last)
+        except DiskFull as exc:
+            self.halt_on_disk_full(exc)
+
+    def _flush(self, last: bool) -> None:
+        answers, stats, tally = self.answers, self.stats, self.tally
         if answers is not None:
             try:
                 answers.flush(wait=last)
             except DiskFull as exc:  # the cache's disk is full: still commit to the ledger, which may have room
-                halt_on_disk_full(exc)
+                self.halt_on_disk_full(exc)
         log = stats.take_request_log()
-        if not buffer and not log:
+        if not self.buffer and not log:
             return
-        ledger.record(buffer, run_id=run_id, requests=log)  # durable before it counts
-        for r in buffer:
+        self.ledger.record(self.buffer, run_id=self.run_id, requests=log)  # durable before it counts
+        for r in self.buffer:
             setattr(tally, r.status, getattr(tally, r.status) + 1)
-        buffer.clear()
+        self.buffer.clear()
         tally.requests = stats.requests
         tally.prompt_tokens, tally.completion_tokens = stats.prompt_tokens, stats.completion_tokens
         tally.cache_read_tokens = stats.cache_read_tokens
         tally.cost_usd, tally.rate_limited = stats.cost_usd, stats.rate_limited
         tally.cache_hits = answers.hits if answers is not None else 0
-        tally.in_flight = sum(lane.in_flight for lane in dispatcher.lanes)
-        tally.concurrency = sum(lane.limit for lane in dispatcher.lanes)
-        progress.advance(tally)
+        tally.in_flight = sum(lane.in_flight for lane in self.d.lanes)
+        tally.concurrency = sum(lane.limit for lane in self.d.lanes)
+        self.progress.advance(tally)
 
-    flush = _halt_on_disk_full(flush, halt_on_disk_full)
-
-    def settle(results: list[RowResult], rows: list[_Row]) -> None:
-        nonlocal outstanding, n_waiting
+    # -- settle ------------------------------------------------------------------------------
+    def settle(self, results: Sequence[RowResult], rows: Sequence[PendingRow]) -> None:
+        """Take settled rows in: fan a leader's answer out to the identical rows waiting for it
+        (or promote one of them when it failed), then buffer them for the next commit."""
         results, rows = list(results), list(rows)
         for r, row in zip(list(results), list(rows), strict=True):
-            followers = waiting.pop(row.ckey, None) if row.ckey is not None else None
+            followers = self.waiting.pop(row.ckey, None) if row.ckey is not None else None
             if not followers:
                 continue
-            n_waiting -= len(followers)
-            wake.set()
+            self.n_waiting -= len(followers)
+            self.wake.set()
             if r.status == "done":  # the answer fans out to every identical row
-                if answers is not None:
-                    answers.hits += len(followers)
+                if self.answers is not None:
+                    self.answers.hits += len(followers)
                 for f in followers:
                     results.append(RowResult(f.key, "done", output=r.output, model=r.model, source="cache",
                                              tried=[(r.model or "", "cache", r.output, 0, 0)]))
                     rows.append(f)
-            elif row.ckey not in struck:  # exactly one waiting row takes over; the others wait for it
-                struck.add(row.ckey)
-                waiting[row.ckey] = followers[1:]
-                n_waiting += len(followers) - 1
-                promoted.append(followers[0])
+            elif row.ckey not in self.struck:  # exactly one waiting row takes over; the others wait for it
+                self.struck.add(row.ckey)
+                self.waiting[row.ckey] = followers[1:]
+                self.n_waiting += len(followers) - 1
+                self.promoted.append(followers[0])
             else:  # the same request failed for two rows: the rest fail with it, unsent (a rerun retries them)
                 for f in followers:
-                    results.append(RowResult(f.key, "failed", error=f"an identical row's request failed twice: "
-                                                                     f"{r.error}"))
+                    results.append(RowResult(f.key, "failed",
+                                             error=f"an identical row's request failed twice: {r.error}"))
                     rows.append(f)
-        if on_settled is not None:
-            on_settled(results, [row.data for row in rows])
-        buffer.extend(results)
-        if group_quota is not None:
+        if self.on_settled is not None:
+            self.on_settled(results, [row.data for row in rows])
+        self.buffer.extend(results)
+        if self.group_quota is not None:
             for r, row in zip(results, rows, strict=True):
-                group_quota.settle(row.group, done=r.status == "done")
-        outstanding -= len(results)
-        if outstanding == 0:
-            settled.set()
-        if len(buffer) >= COMMIT_ROWS:
-            flush()
+                self.group_quota.settle(row.group, done=r.status == "done")
+        self.outstanding -= len(results)
+        if self.outstanding == 0:
+            self.settled.set()
+        if len(self.buffer) >= COMMIT_ROWS:
+            self.flush()
 
-    rendered = [False]  # a row has rendered: template errors are the rows' own from now on
-    render_errors: list[str] = []
-
-    def template_failed(exc: RenderError) -> None:
-        """The same template error on the first rows, with no NULL to blame, is the template's: stop."""
-        if rendered[0] or exc.null_columns:
-            return
-        render_errors.append(mask_numbers(str(exc)))
-        if len(render_errors) >= TEMPLATE_ERRORS_TO_STOP and len(set(render_errors)) == 1:
-            stats.halt(f"the prompt template fails the same way on every row ({exc}); fix [prompt] and run again")
-
-    def prepare(rows: list[_Row]) -> list[_Row]:
-        """Render rows and key their requests; a row its template fails on is settled as failed."""
-        nonlocal outstanding
-        ready = []
-        for row in rows:
-            if stats.stop.is_set():
-                break  # the run is stopping: the rest stay pending
-            row.row = json.loads(row.data)
-            try:
-                row.messages = dispatcher.renderer.messages(row.row)
-            except RenderError as exc:
-                outstanding += 1
-                settle([RowResult(row.key, "failed", error=str(exc))], [row])
-                template_failed(exc)
+    # -- prepare a page ------------------------------------------------------------------------
+    def prepare_page(self, page: Sequence[tuple[int, str, str]]) -> list[PendingRow]:
+        """Ledger rows ``(seq, key, data)`` into prepared rows: quotas applied (a group already full is
+        skipped with the reason), rendered and keyed; a row its template fails on is settled failed."""
+        rows = []
+        for _, key, data in page:
+            if self.group_quota is None:
+                rows.append(PendingRow(key, data))
                 continue
-            rendered[0] = True
-            if answers is not None:
-                row.ckey = answers.key(primary.model, row.messages, schema)
-            ready.append(row)
-        if answers is not None:
-            answers.prefetch([row.ckey for row in ready])
+            g = json.loads(data).get(self.quota_column)
+            decision = self.group_quota.decide(g)
+            if decision is QuotaDecision.TAKE:
+                rows.append(PendingRow(key, data, g))
+            elif decision is QuotaDecision.SKIP:
+                self.buffer.append(RowResult(key=key, status="skipped",
+                                             error=self.group_quota.reason(g, self.quota_column)))
+        ready, failed = self.steps.prepare(rows)
+        for res, row in failed:
+            self.outstanding += 1
+            self.settle([res], [row])
+        self._taken += len(rows)
         return ready
 
-    handed_out = asyncio.Event()
-    dispatcher.watch_tail(lambda: handed_out.is_set() and todo.qsize() <= n_workers)
-
-    pack: list[_Row] = []  # rows gathered into the next request
-
-    async def take(row: _Row) -> None:
+    # -- take ----------------------------------------------------------------------------------
+    async def take(self, row: PendingRow) -> None:
         """Settle ``row`` from memory, make it wait for an identical row, or hand it to the workers."""
-        nonlocal outstanding, n_waiting
-        outstanding += 1
-        settled.clear()
+        self.outstanding += 1
+        self.settled.clear()
+        answers = self.answers
         if row.ckey is not None:
-            if row.ckey in waiting:  # an identical request is being answered: wait for it
+            if row.ckey in self.waiting:  # an identical request is being answered: wait for it
                 answers.pass_over(row.ckey)
-                waiting[row.ckey].append(_Row(row.key, row.data, row.group, ckey=row.ckey))
-                n_waiting += 1
+                self.waiting[row.ckey].append(PendingRow(row.key, row.data, row.group, ckey=row.ckey))
+                self.n_waiting += 1
                 return
             hit = answers.peek(row.ckey)
-            if hit is not None:
-                if not await dispatcher.escalates(primary, hit.output):
-                    settle([RowResult(row.key, "done", output=hit.output, model=hit.model, source="cache",
-                                      tried=[(hit.model, "cache", hit.output, 0, 0)])], [row])
-                    return
-                row.single = True  # a cascade: the dispatcher takes the cached answer on to the next model
-            waiting[row.ckey] = []  # this row leads its request; identical rows will wait for its result
-        await hand_out(row)
+            if hit is not None and (res := await self.steps.from_cache(row, hit)) is not None:
+                self.settle([res], [row])
+                return
+            self.waiting[row.ckey] = []  # this row leads its request; identical rows will wait for its result
+        await self.hand_out(row)
 
-    async def hand_out(row: _Row) -> None:
+    async def hand_out(self, row: PendingRow) -> None:
+        """Add ``row`` to the pack being gathered (a cascading row goes alone); a full pack goes out."""
         if row.single:
-            await end_pack()
-            await todo.put([row])
+            await self.end_pack()
+            await self.todo.put([row])
             return
-        pack.append(row)
-        if len(pack) >= (packer.size() if packer is not None else 1):
-            await end_pack()
+        self.pack.append(row)
+        if len(self.pack) >= (self.packer.size() if self.packer is not None else 1):
+            await self.end_pack()
 
-    async def end_pack() -> None:
-        nonlocal pack
-        if pack:
-            items, pack = pack, []
-            await todo.put(items)
+    async def end_pack(self) -> None:
+        """Hand out the pack gathered so far."""
+        if self.pack:
+            items, self.pack = self.pack, []
+            await self.todo.put(items)
 
-    async def drain_promoted() -> None:
-        while promoted:
-            row = promoted.popleft()
-            for ready in prepare([row]):
-                await hand_out(ready)
+    async def drain_promoted(self) -> None:
+        """Hand out the rows promoted to lead again."""
+        while self.promoted:
+            row = self.promoted.popleft()
+            for ready in self.steps.prepare([row])[0]:
+                await self.hand_out(ready)
 
-    async def one_pass() -> int:
+    # -- the producer, the workers, the ticker ------------------------------------------------------
+    async def one_pass(self) -> int:
         """Take every pending row the quota allows; returns how many were taken."""
-        taken, after = 0, -1
-        while not stats.stop.is_set():
-            page = ledger.pending(run_id, after_seq=after, limit=PAGE_ROWS)
+        self._taken, after = 0, -1
+        stop = self.stats.stop
+        while not stop.is_set():
+            page = self.ledger.pending(self.run_id, after_seq=after, limit=PAGE_ROWS)
             if not page:
                 break
             after = page[-1][0]
-            rows = []
-            for _, key, data in page:
-                if group_quota is None:
-                    rows.append(_Row(key, data))
-                    continue
-                g = json.loads(data).get(quota[0])
-                decision = group_quota.decide(g)
-                if decision is QuotaDecision.TAKE:
-                    rows.append(_Row(key, data, g))
-                elif decision is QuotaDecision.SKIP:
-                    buffer.append(RowResult(key=key, status="skipped", error=group_quota.reason(g, quota[0])))
-            taken += len(rows)
-            for row in prepare(rows):
-                await take(row)
-                if n_waiting > MAX_WAITING:
-                    await end_pack()
-                    while n_waiting > MAX_WAITING and not stats.stop.is_set():
-                        wake.clear()
-                        await _first_of(wake, stats.stop)
-                        await drain_promoted()
-            await drain_promoted()
-        await end_pack()
-        return taken
+            for row in self.prepare_page(page):
+                await self.take(row)
+                if self.n_waiting > MAX_WAITING:
+                    await self.end_pack()
+                    while self.n_waiting > MAX_WAITING and not stop.is_set():
+                        self.wake.clear()
+                        await _first_of(self.wake, stop)
+                        await self.drain_promoted()
+            await self.drain_promoted()
+        await self.end_pack()
+        return self._taken
 
-    async def producer() -> None:
-        if group_quota is None:
-            await one_pass()
+    async def producer(self) -> None:
+        """Page the pending rows out (in quota passes), wait for the rows waiting on identical ones,
+        then tell the workers there is no more."""
+        stop = self.stats.stop
+        if self.group_quota is None:
+            await self.one_pass()
         else:
-            while await one_pass() and not stats.stop.is_set():
-                await _first_of(settled, stats.stop)  # the next pass replaces rows that failed
-                flush()
-        while not stats.stop.is_set():  # rows still waiting for an identical row's answer
-            await drain_promoted()
-            await end_pack()
-            if not promoted and not n_waiting:
+            while await self.one_pass() and not stop.is_set():
+                await _first_of(self.settled, stop)  # the next pass replaces rows that failed
+                self.flush()
+        while not stop.is_set():  # rows still waiting for an identical row's answer
+            await self.drain_promoted()
+            await self.end_pack()
+            if not self.promoted and not self.n_waiting:
                 break
-            wake.clear()
-            if not promoted:
-                await _first_of(wake, stats.stop)
-        handed_out.set()
-        for _ in range(n_workers):
-            await todo.put(None)
+            self.wake.clear()
+            if not self.promoted:
+                await _first_of(self.wake, stop)
+        self.handed_out.set()
+        for _ in range(self.n_workers):
+            await self.todo.put(None)
 
-    async def worker() -> None:
-        while (items := await todo.get()) is not None:
-            if stats.stop.is_set():
+    async def worker(self) -> None:
+        """Settle packs from the queue until it ends."""
+        while (items := await self.todo.get()) is not None:
+            if self.stats.stop.is_set():
                 continue  # keep draining so the producer never blocks; the rows stay pending
             try:
-                results = await solve_items(dispatcher, packer, items)
-            except Stop:
-                continue
+                results = await self.steps.solve(items)
             except DiskFull as exc:  # a cache write on the row's path: stop as after a failed commit
-                halt_on_disk_full(exc)
+                self.halt_on_disk_full(exc)
                 continue
-            except Exception as exc:  # one row's bad value or a bug: those rows fail, the worker lives
-                results = [RowResult(r.key, "failed", error=f"{type(exc).__name__}: {exc}") for r in items]
-            settle(results, items)
+            if results is not None:
+                self.settle(results, items)
 
-    async def ticker() -> None:
+    async def ticker(self) -> None:
+        """Commit every :data:`FLUSH_S` seconds."""
         while True:
             await asyncio.sleep(FLUSH_S)
-            flush()
-
-    prod = asyncio.create_task(producer(), name="llmap-producer")
-    if remote is not None:
-        workers = [asyncio.create_task(remote.run(todo, settle), name="llmap-remote-rows")]
-    else:
-        workers = [asyncio.create_task(worker(), name="llmap-worker") for _ in range(n_workers)]
-    helpers = [asyncio.create_task(ticker(), name="llmap-commit-ticker"),
-               asyncio.create_task(dispatcher.watchdog(), name="llmap-timeout-watchdog")]
-    tasks = [prod, *workers, *helpers]
-    undo_sigterm = install_sigterm(asyncio.current_task())
-    try:
-        await _supervise(tasks, until_done=[prod, *workers])
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if packer is not None:
-            await packer.aclose()
-        if answers is not None:
-            answers.abandon()
-        undo_sigterm()
-        flush(last=True)
-    if disk_full:
-        raise disk_full[0]
+            self.flush()
 
 
-def _halt_on_disk_full(flush: Callable[..., None], halt: Callable[[DiskFull], None]) -> Callable[..., None]:
-    """``flush``, but a full disk halts dispatch (no new requests) instead of killing the caller.
-
-    Later flushes still try: the ledger and the response cache may be on
-    different disks, so the answers of the requests still in flight reach
-    whichever has room, and a rerun finds them there instead of paying again.
-    Rows whose results could not be committed stay ``pending`` in the ledger.
-    """
-
-    def guarded(**kwargs: Any) -> None:
-        try:
-            flush(**kwargs)
-        except DiskFull as exc:
-            halt(exc)
-
-    return guarded
+async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: DispatchStats, tally: Tally,
+                   progress: Progress, *, quota: tuple[str, int] | None = None,
+                   packer: Packer | None = None,
+                   on_settled: Callable[[list[RowResult], list[str]], None] | None = None,
+                   remote: RemoteRows | None = None) -> None:
+    """Settle every pending row of plan ``run_id``: ``await Pool(...).run()`` (see :class:`Pool`)."""
+    await Pool(ledger, run_id, dispatcher, stats, tally, progress, quota=quota, packer=packer,
+               on_settled=on_settled, remote=remote).run()
 
 
 async def _supervise(tasks: list[asyncio.Task], *, until_done: list[asyncio.Task]) -> None:

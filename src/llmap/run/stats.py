@@ -3,7 +3,10 @@
 :class:`DispatchStats` is the run's counters (requests, tokens, cost, 429s,
 retries, a per-request log for the ledger and the metrics) and its stop
 signal; :class:`Stop` is raised inside a worker when the run is stopping, so
-the row stays pending.
+the row stays pending. It is the one home of billing (:meth:`DispatchStats.bill`:
+an answer's tokens and cost, real time or batch) and of merging counters
+from elsewhere (:meth:`DispatchStats.take_delta` in a Ray worker,
+:meth:`DispatchStats.merge` in the driver).
 """
 
 from __future__ import annotations
@@ -13,10 +16,43 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llmap import errors as E
 
-__all__ = ["DispatchStats", "Stop"]
+if TYPE_CHECKING:
+    from llmap.control.lanes import Lane
+    from llmap.providers.base import Completion
+
+__all__ = ["COUNTERS", "DispatchStats", "Stop", "StatsDelta", "model_stats"]
+
+#: The run counters a remote worker reports as deltas (:meth:`DispatchStats.take_delta`).
+COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "cache_read_tokens", "cache_write_tokens", "cost_usd",
+            "rate_limited", "retries", "hedged")
+
+
+def model_stats() -> dict[str, float]:
+    """One model's usage in a run, all zero: the shape of :attr:`DispatchStats.by_model`'s values
+    (and of the ledger's ``runs.by_model``)."""
+    return {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "cache_read_tokens": 0,
+            "cache_write_tokens": 0}
+
+
+@dataclass
+class StatsDelta:
+    """What a run's counters gained since the last :meth:`DispatchStats.take_delta` (a Ray worker's report).
+
+    Attributes:
+        counters: :data:`COUNTERS` name -> increase.
+        request_log: request log entries since then.
+        by_model: per model, the increase of each usage figure.
+        outcomes: ``(model, outcome) -> requests`` since then.
+    """
+
+    counters: dict[str, float] = field(default_factory=dict)
+    request_log: list[tuple] = field(default_factory=list)
+    by_model: dict[str, dict[str, float]] = field(default_factory=dict)
+    outcomes: Counter = field(default_factory=Counter)
 
 
 class Stop(Exception):
@@ -66,6 +102,8 @@ class DispatchStats:
     outcomes: Counter = field(default_factory=Counter)
     #: called with every request log entry (structured logs)
     on_request: Callable[[tuple], None] | None = None
+    #: what :meth:`take_delta` reported last
+    _sent: StatsDelta = field(default_factory=StatsDelta, repr=False)
 
     def log(self, model: str, error: BaseException | str | None, latency_s: float, prompt_tokens: int,
             completion_tokens: int, pack_size: int, cost_usd: float = 0.0, *, cache_read: int = 0,
@@ -90,19 +128,77 @@ class DispatchStats:
         self.outcomes[(model, outcome)] += 1
         self.cache_read_tokens += cache_read
         self.cache_write_tokens += cache_write
-        m = self.by_model.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                             "cost_usd": 0.0})
+        m = self.by_model.get(model)
+        if m is None:
+            m = self.by_model[model] = model_stats()
         m["requests"] += 1
         m["prompt_tokens"] += prompt_tokens
         m["completion_tokens"] += completion_tokens
         m["cost_usd"] += cost_usd
-        m["cache_read_tokens"] = m.get("cache_read_tokens", 0) + cache_read
-        m["cache_write_tokens"] = m.get("cache_write_tokens", 0) + cache_write
+        m["cache_read_tokens"] += cache_read
+        m["cache_write_tokens"] += cache_write
         if path == "batch":
             m["batch_requests"] = m.get("batch_requests", 0) + 1
             m["batch_cost_usd"] = m.get("batch_cost_usd", 0.0) + cost_usd
         if self.on_request is not None:
             self.on_request(entry)
+
+    def bill(self, lane: Lane, comp: Completion, pack_size: int, *, path: str | None = None) -> float:
+        """Count one answer: its tokens, its cost at the model's prices, and its request log entry.
+
+        The one place an answer is billed, in real time or from a batch. A provider bills the tokens
+        it processed, so every answer counts here once, whether or not it validates.
+
+        Args:
+            lane: the model that answered (its prices).
+            comp: the answer (its usage; estimated by the caller when the server reported none).
+            pack_size: rows the request carried.
+            path: ``"batch"`` for a batch API answer (priced at ``[model] price_batch_factor``, no
+                latency), None for a real-time one.
+
+        Returns:
+            The answer's cost in USD.
+        """
+        cost = lane.cost_usd(comp.prompt_tokens, comp.completion_tokens, comp.cache_read_tokens,
+                             comp.cache_write_tokens)
+        if path == "batch":
+            cost *= lane.model.price_batch_factor
+        self.prompt_tokens += comp.prompt_tokens
+        self.completion_tokens += comp.completion_tokens
+        self.cost_usd += cost
+        self.log(lane.label, None, None if path == "batch" else comp.latency_s, comp.prompt_tokens,
+                 comp.completion_tokens, pack_size, cost, cache_read=comp.cache_read_tokens,
+                 cache_write=comp.cache_write_tokens, path=path)
+        return cost
+
+    def take_delta(self) -> StatsDelta:
+        """What the counters gained since the last call (the first call: since the start); for a remote
+        worker to report to the driver, which :meth:`merge` s it. Takes the request log too."""
+        sent = self._sent
+        now = {k: getattr(self, k) for k in COUNTERS}
+        counters = {k: now[k] - sent.counters.get(k, 0) for k in COUNTERS}
+        by_model: dict[str, dict[str, float]] = {}
+        for model, m in self.by_model.items():
+            before = sent.by_model.get(model, {})
+            d = {k: v - before.get(k, 0) for k, v in m.items() if isinstance(v, int | float)}
+            if any(d.values()):
+                by_model[model] = d
+        outcomes = self.outcomes - sent.outcomes
+        self._sent = StatsDelta(now, [], {m: dict(v) for m, v in self.by_model.items()}, Counter(self.outcomes))
+        return StatsDelta(counters, self.take_request_log(), by_model, outcomes)
+
+    def merge(self, delta: StatsDelta) -> None:
+        """Add a remote worker's :meth:`take_delta` to these counters (the Ray driver's run totals)."""
+        for k in COUNTERS:
+            setattr(self, k, getattr(self, k) + type(getattr(self, k))(delta.counters.get(k, 0)))
+        self.request_log.extend(delta.request_log)
+        for model, d in delta.by_model.items():
+            m = self.by_model.get(model)
+            if m is None:
+                m = self.by_model[model] = model_stats()
+            for k, v in d.items():
+                m[k] = m.get(k, 0) + v
+        self.outcomes.update(delta.outcomes)
 
     def take_request_log(self) -> list[tuple]:
         """The request log entries recorded since the last call (for the ledger); the log starts empty again."""

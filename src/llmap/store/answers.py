@@ -31,13 +31,15 @@ parameter spellings a server asked for (``max_completion_tokens``, no
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from llmap.providers.params import answer_params
 from llmap.spec import ModelSpec
-from llmap.store.cache import CacheEntry, ResponseCache, request_key
+from llmap.store.cache import CacheEntry, ResponseCache, canonical_json, request_key
 
 __all__ = ["AnswerCache"]
 
@@ -71,13 +73,37 @@ class AnswerCache:
         self.hits = 0
 
     @staticmethod
-    def key(model: ModelSpec, messages: Sequence[dict[str, str]], schema: dict[str, Any] | None) -> str:
-        """The cache key of a row's request to ``model`` (its identity, parameters, messages, schema)."""
+    def _parts(model: ModelSpec) -> dict[str, Any]:
+        """What of ``model`` is in a request's key: provider, identity and the parameters that change answers."""
         m = model
-        identity = m.name + "@" + (m.base_url or m.model_path or "")
         params = {"temperature": m.temperature, "max_tokens": m.max_tokens}
         params.update(answer_params(getattr(m, "params", None) or {}))
-        return request_key(provider=m.provider, model=identity, params=params, messages=messages, schema=schema)
+        return {"provider": m.provider, "model": m.name + "@" + (m.base_url or m.model_path or ""), "params": params}
+
+    @staticmethod
+    def key(model: ModelSpec, messages: Sequence[dict[str, str]], schema: dict[str, Any] | None) -> str:
+        """The cache key of a row's request to ``model`` (its identity, parameters, messages, schema)."""
+        return request_key(**AnswerCache._parts(model), messages=messages, schema=schema)
+
+    @staticmethod
+    def user_keyer(model: ModelSpec, head: Sequence[dict[str, str]],
+                   schema: dict[str, Any] | None) -> Callable[[str], str]:
+        """Keys of requests whose messages are ``head`` (the same for every row) plus one user message.
+
+        ``keyer(content)`` equals ``key(model, [*head, {"role": "user", "content": content}], schema)``;
+        the canonical JSON around the content is built once, so a key costs one JSON string
+        encoding and one SHA-256 (``llmap estimate`` keys millions of rows this way).
+        """
+        parts = AnswerCache._parts(model)
+        rest = canonical_json({**parts, "schema": schema})
+        prefix = '{"messages":[' + "".join(canonical_json(x) + "," for x in head) + '{"content":'
+        suffix = ',"role":"user"}],' + rest[1:]
+        encode = json.JSONEncoder(ensure_ascii=False).encode
+
+        def keyer(content: str) -> str:
+            return hashlib.sha256((prefix + encode(content) + suffix).encode("utf-8")).hexdigest()
+
+        return keyer
 
     # -- looking up -----------------------------------------------------------
     def prefetch(self, keys: Iterable[str]) -> None:

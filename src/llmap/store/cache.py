@@ -41,6 +41,7 @@ __all__ = [
     "CacheEntry",
     "CacheStats",
     "ResponseCache",
+    "canonical_json",
     "default_cache_dir",
     "request_key",
 ]
@@ -116,20 +117,19 @@ def request_key(
         TypeError: a value is not JSON-serialisable.
         ValueError: a float is NaN or infinite (not valid JSON).
     """
-    canonical = json.dumps(
-        {
-            "provider": provider,
-            "model": model,
-            "params": params,
-            "messages": messages,
-            "schema": schema,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    )
+    canonical = canonical_json({"provider": provider, "model": model, "params": params, "messages": messages,
+                                "schema": schema})
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """``value`` as canonical JSON: sorted keys, no spaces, UTF-8 text kept, NaN refused (:func:`request_key`).
+
+    Raises:
+        TypeError: a value is not JSON-serialisable.
+        ValueError: a float is NaN or infinite.
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,3 +212,27 @@ def test_map_batches_returns_status_columns_and_never_crashes_a_task(cluster, tm
     assert got[3]["_status"] == "failed" and got[3]["_error"]
     assert all(r["kind"] in ("a", "b", "c") for r in got if r["_status"] == "done")
     assert json.dumps(got[0], default=str)
+
+
+def test_real_time_batch_and_ray_write_identical_output_files(cluster, tmp_path, monkeypatch):
+    """The three ways of settling rows share the settle stage: one job, three executors, one output file."""
+    rows = people(30) + [{**r, "id": f"dup{i}"} for i, r in enumerate(people(30)[:6])]  # in-run duplicates
+    outputs = {}
+    with Simulator(batch_time=0.2) as sim:
+        for how in ("realtime", "batch", "ray"):
+            folder = tmp_path / how
+            folder.mkdir()
+            monkeypatch.setenv("LLMAP_CACHE_DIR", str(folder / "cache"))  # no answer carried over between them
+            write_csv(folder / "people.csv", rows)
+            toml = job_toml(sim.base_url, output="out/result.jsonl", keep='["name", "city"]',
+                            model_extra="batch = true\n" if how == "batch" else "")
+            batch = "[batch]\npoll_s = 0.05\n" if how == "batch" else ""
+            (folder / "job.toml").write_text(toml + "hedge_tail = false\n" + batch, encoding="utf-8")
+            res = Job.from_toml(folder / "job.toml").run(executor="ray" if how == "ray" else "local",
+                                                         workers=2 if how == "ray" else None)
+            assert res.exit_code == 0 and res.counts["done"] == 36, how
+            assert res.requests == 30, how  # each unique request once, whatever the executor
+            outputs[how] = (folder / "out" / "result.jsonl").read_bytes()
+    assert outputs["realtime"] == outputs["batch"] == outputs["ray"]
+    sources = [json.loads(line)["_source"] for line in outputs["realtime"].splitlines()]
+    assert sources.count("cache") == 6 and sources.count("model") == 30

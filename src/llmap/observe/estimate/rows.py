@@ -29,11 +29,10 @@ included for models with ``prompt_cache``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ __all__ = ["Estimate", "ModelCost", "estimate"]
 _CALIBRATION_ROWS = 2000
 #: Cache keys per lookup batch (the cache query itself goes 500 keys per ``IN`` list).
 _LOOKUP_BATCH = 2000
-#: Rows whose fast cache key is checked against :meth:`AnswerCache.key` before it is trusted.
+#: Rows whose fast rendering (user template only) is checked against the general path before it is trusted.
 _VERIFY_ROWS = 32
 
 
@@ -102,21 +101,18 @@ def _read_history(path: Path, primary: str) -> History | None:
 
 
 # -- requests, as the dispatcher would build them --------------------------------------
-def _dumps(v: Any) -> str:
-    return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 class _RequestKeys:
     """A row's cache key on the primary model and its prompt characters.
 
     The general path is :meth:`Renderer.messages` + :meth:`AnswerCache.key`.
     When the system prompt reads no column, the messages before the row's user
     prompt are the same for every row, so only the user template is rendered
-    and the canonical JSON of :func:`~llmap.store.cache.request_key` is built
-    around it, and the user template is rendered through Jinja2's public
-    ``new_context(shared=True)`` with its globals merged in once (Jinja2 merges
-    them per render otherwise): 5x faster. The first rows are checked against
-    the general path; any difference or error turns the fast path off.
+    and the key comes from :meth:`AnswerCache.user_keyer` (the same key, built
+    around the user message), and the user template is rendered through Jinja2's
+    public ``new_context(shared=True)`` with its globals merged in once (Jinja2
+    merges them per render otherwise): 5x faster. The first rows' rendering is
+    checked against the general path; any difference or error turns the fast
+    path off.
     """
 
     def __init__(self, renderer: Renderer, model: ModelSpec, schema: dict[str, Any], system_src: str | None) -> None:
@@ -127,22 +123,14 @@ class _RequestKeys:
             renderer.user.environment.parse(system_src))
         self.fast = static
         self._verify = _VERIFY_ROWS
-        self._prefix = self._suffix = ""
+        self._keyer: Callable[[str], str] | None = None
         self._head_chars = 0
-        self._ready = False
         self._globals = dict(renderer.user.globals)
-        self._content = json.JSONEncoder(ensure_ascii=False).encode
 
     def _prepare(self, row: Mapping[str, Any]) -> None:
         head = self.renderer.messages(row)[:-1]
-        m = self.model
-        rest = _dumps({"model": m.name + "@" + (m.base_url or m.model_path or ""),
-                       "params": {"temperature": m.temperature, "max_tokens": m.max_tokens},
-                       "provider": m.provider, "schema": self.schema})
-        self._prefix = '{"messages":[' + "".join(_dumps(x) + "," for x in head) + '{"content":'
-        self._suffix = ',"role":"user"}],' + rest[1:]
+        self._keyer = AnswerCache.user_keyer(self.model, head, self.schema)
         self._head_chars = sum(len(x["content"]) for x in head)
-        self._ready = True
 
     def slow(self, row: Mapping[str, Any]) -> tuple[str, int]:
         msgs = self.renderer.messages(row)
@@ -153,13 +141,12 @@ class _RequestKeys:
         u = r.user
         ctx = u.new_context({**self._globals, **(r.cut(row) if r.max_chars else row)}, shared=True)
         content = u.environment.concat(u.root_render_func(ctx))
-        canonical = self._prefix + self._content(content) + self._suffix
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest(), self._head_chars + len(content)
+        return self._keyer(content), self._head_chars + len(content)
 
     def __call__(self, row: Mapping[str, Any]) -> tuple[str, int]:
         if not self.fast:
             return self.slow(row)
-        if not self._ready:
+        if self._keyer is None:
             self._prepare(row)
         if not self._verify:
             return self._fast(row)

@@ -3,17 +3,18 @@
 Every line of an ended batch (completed, expired, cancelled) is read,
 answered or not:
 
-- an answer is read by the real-time provider's own parser and validated
-  like a real-time one (:meth:`OutputSchema.validate
-  <llmap.prompt.schema.OutputSchema.validate>`, or :func:`~llmap.prompt.pack.parse_pack`
-  for a pack); a valid answer settles its rows (and the identical rows
-  attached to its line), goes into the response cache, and goes on to the
-  next model when it meets ``escalate_if``;
-- an invalid answer, a failed request (its error file line or ``errored``
-  result, mapped at :func:`~llmap.providers.batch.base.line_error`), and a
-  request that never ran (expired, cancelled) go where
+- an answer is read by the real-time provider's own parser, billed
+  (:meth:`~llmap.run.stats.DispatchStats.bill`) and judged by the same
+  settle stage as a real-time answer (:class:`~llmap.run.settle.Settler`):
+  a valid answer settles its rows (and the identical rows attached to its
+  line), goes into the response cache, and goes on to the next model when it
+  meets ``escalate_if``;
+- a re-ask (an invalid or cut answer), a damaged pack item, a failed request
+  (its error file line or ``errored`` result, mapped at
+  :func:`~llmap.providers.batch.base.line_error`, judged by the settle stage
+  too), and a request that never ran (expired, cancelled) go where
   :func:`~llmap.control.batching.route` says: real time, the next batch, or
-  failed with the provider's message (a 4xx);
+  failed with the same error a real-time row would get;
 - an expired or cancelled batch's finished requests are answers like any
   other: they were billed.
 
@@ -32,11 +33,21 @@ from dataclasses import dataclass
 
 from llmap import errors as E
 from llmap.control.batching import Next, Outcome, Wait, route
-from llmap.prompt.pack import parse_pack
-from llmap.prompt.schema import cut_message, reask_message
-from llmap.providers.base import Completion, Request
+from llmap.providers.base import Request
 from llmap.providers.batch.base import BatchState, LineResult, line_error, too_large
 from llmap.run.batch.context import BatchContext
+from llmap.run.settle import (
+    Decision,
+    Done,
+    Escalate,
+    FailOver,
+    Reask,
+    Retry,
+    Split,
+    Tries,
+    error_text,
+)
+from llmap.run.settle import Stop as StopRun
 from llmap.store.batches import BatchRecord, Line
 from llmap.store.cache import CacheEntry
 from llmap.store.ledger import RowResult
@@ -46,12 +57,13 @@ __all__ = ["Collector"]
 
 @dataclass
 class _Route:
-    """A row sent on after collection: to real time (``start``, ``reask``, ``lead``, ``tried``)."""
+    """A row sent on after collection: to real time (``start``, ``extra``/``tries``, ``lead``, ``tried``)."""
 
     key: str
     data: str
     start: int = 0
-    reask: list[dict[str, str]] | None = None
+    extra: tuple[dict[str, str], ...] = ()
+    tries: Tries | None = None
     lead: str | None = None
     tried: list | None = None
 
@@ -122,97 +134,72 @@ class Collector:
             if group is None or res.custom_id in seen:
                 continue  # not a line of this batch (an Anthropic batch found by its time and size)
             seen.add(res.custom_id)
-            self._apply(res, group, rows, settled, send, user=user, past_deadline=past_deadline)
+            await self._apply(res, group, rows, settled, send, user=user, past_deadline=past_deadline)
         gone = "cancelled" if "cancel" in state.status else "expired"
         for cid, group in lines.items():
             if cid not in seen:  # no line at all: it never ran
-                self._apply(LineResult(cid, unfinished=gone), group, rows, settled, send, user=user,
-                            past_deadline=past_deadline)
+                await self._apply(LineResult(cid, unfinished=gone), group, rows, settled, send, user=user,
+                                  past_deadline=past_deadline)
         done = sum(1 for r, _ in settled if r.status == "done")
         ctx.commit([r for r, _ in settled], [d for _, d in settled],
                    [ctx.book.collected_sql(rec.id, state.status, state.counts, now=ctx.clock())])
         ctx.progress.message(f"llmap: batch {rec.id} ({rec.provider_id}) {state.status}: {done:,} rows done"
                              + (f", {len(send):,} to real time" if send else ""))
         for r in send:
-            ctx.to_realtime(r.key, r.data, start=r.start, reask=r.reask, lead=r.lead, tried=r.tried)
+            ctx.to_realtime(r.key, r.data, start=r.start, extra=r.extra, tries=r.tries, lead=r.lead, tried=r.tried)
 
-    def _apply(self, res: LineResult, group: Sequence[Line], rows: dict[str, tuple[str, str]],
-               settled: list[tuple[RowResult, str]], send: list[_Route], *, user: bool, past_deadline: bool) -> None:
+    async def _apply(self, res: LineResult, group: Sequence[Line], rows: dict[str, tuple[str, str]],
+                     settled: list[tuple[RowResult, str]], send: list[_Route], *, user: bool,
+                     past_deadline: bool) -> None:
         """One line's result onto its rows: billed and cached always, settling only rows still pending with the
         inputs they were submitted with."""
         ctx = self.ctx
         items = list(dict.fromkeys(ln.item for ln in group))
         label = ctx.api.label
+        settler = ctx.dispatcher.settler
+        pack = len(items) > 1
+        on = {"group": group, "rows": rows, "settled": settled, "send": send, "user": user,
+              "past_deadline": past_deadline}
+        share_p = share_c = 0
         if res.body is None:
             exc = None if res.unfinished else line_error(res, model=label)
             outcome = res.unfinished or (str(res.status) if res.status else type(exc).__name__)
             ctx.stats.requests += 1
             ctx.stats.log(label, outcome, None, 0, 0, len(items), path="batch")
-            if isinstance(exc, E.FatalProviderError):  # every row would meet it: stop; these stay pending
-                ctx.stats.fatal = ctx.stats.fatal or exc
-                ctx.stats.halt(f"{exc}")
-                return
             if res.unfinished:
-                kind, why = "unfinished", f"the batch request {res.unfinished} before it ran"
-            elif isinstance(exc, E.ContextTooLong) and len(items) > 1:
-                kind, why = "invalid", f"{type(exc).__name__}: {exc}"  # the pack is too long: its rows go alone
-            else:
-                kind, why = ("terminal" if isinstance(exc, E.TerminalError) else "transient"), f"{type(exc).__name__}: {exc}"
-            for item in items:
-                self._fail(item, kind, why, group, rows, settled, send, user=user, past_deadline=past_deadline,
-                           alone=len(items) > 1)
-            return
-        req = Request([], None, 0.0, 0, row_key=items[0])
-        try:
-            comp = ctx.api.completion(res.body, req)
-        except E.MalformedResponse as exc:
-            for item in items:
-                self._fail(item, "transient", f"MalformedResponse: {exc}", group, rows, settled, send, user=user,
-                           past_deadline=past_deadline)
-            return
-        self._bill(comp, len(items))
-        if comp.stop_reason == "refusal":
-            for item in items:
-                self._fail(item, "terminal", f"Refusal: {label} declined to answer (stop_reason refusal)", group,
-                           rows, settled, send, user=user, past_deadline=past_deadline)
-            return
-        schema = ctx.dispatcher.schema
-        reask: list[dict[str, str]] | None = None
-        if len(items) == 1:
-            try:
-                if comp.stop_reason == "max_tokens":
-                    raise E.AnswerInvalid(f"cut at max_tokens = {ctx.lane.model.max_tokens}")
-                answers = {items[0]: schema.validate(comp.content)}
-                problems: dict[str, str] = {}
-            except E.AnswerInvalid as exc:
-                answers = {}
-                problems = {items[0]: f"AnswerInvalid: {exc.detail}"}
-                reask = [cut_message(ctx.lane.model.max_tokens)] if comp.stop_reason == "max_tokens" else \
-                    [{"role": "assistant", "content": comp.content}, reask_message(exc.detail, schema.json_schema)]
+                for item in items:
+                    self._fail(item, "unfinished", f"the batch request {res.unfinished} before it ran", **on)
+                return
+            decisions: dict[str, Decision] = dict.fromkeys(items, settler.error(exc, pack=pack))
         else:
-            parsed = parse_pack(comp.content, items, schema.validate)
-            answers, problems = parsed.answers, {k: f"AnswerInvalid: {v}" for k, v in parsed.problems.items()}
-        share_p, share_c = comp.prompt_tokens // len(items), comp.completion_tokens // len(items)
-        outputs = list(answers.values())
-        verdicts = ctx.dispatcher.escalates_many(ctx.lane, outputs) if outputs else []
-        for (item, output), up in zip(answers.items(), verdicts, strict=True):
-            self._done(item, output, up, share_p, share_c, group, rows, settled, send)
-        for item, why in problems.items():
-            self._fail(item, "invalid", why, group, rows, settled, send, user=user, past_deadline=past_deadline,
-                       reask=reask, alone=len(items) > 1)
-
-    def _bill(self, comp: Completion, pack_size: int) -> None:
-        """Count one answered line: its tokens, and its cost at ``price_batch_factor``."""
-        ctx, st = self.ctx, self.ctx.stats
-        lane = ctx.lane
-        cost = lane.cost_usd(comp.prompt_tokens, comp.completion_tokens, comp.cache_read_tokens,
-                             comp.cache_write_tokens) * lane.model.price_batch_factor
-        st.requests += 1
-        st.prompt_tokens += comp.prompt_tokens
-        st.completion_tokens += comp.completion_tokens
-        st.cost_usd += cost
-        st.log(lane.label, None, None, comp.prompt_tokens, comp.completion_tokens, pack_size, cost,
-               cache_read=comp.cache_read_tokens, cache_write=comp.cache_write_tokens, path="batch")
+            try:
+                comp = ctx.api.completion(res.body, Request([], None, 0.0, 0, row_key=items[0]))
+            except E.MalformedResponse as exc:
+                comp, decisions = None, dict.fromkeys(items, Retry(0.0, error_text(exc)))
+            if comp is not None:
+                ctx.stats.requests += 1
+                ctx.stats.bill(ctx.lane, comp, len(items), path="batch")
+                share_p, share_c = comp.prompt_tokens // len(items), comp.completion_tokens // len(items)
+                if pack:
+                    decisions = settler.pack(comp, ctx.lane, items)
+                else:
+                    decisions = {items[0]: await settler.answer(comp, ctx.lane, ctx.reasks.get(items[0], Tries()))}
+        for item, decision in decisions.items():
+            if isinstance(decision, StopRun):  # every row would meet it: stop; these stay pending
+                ctx.stats.fatal = ctx.stats.fatal or decision.error  # type: ignore[assignment]
+                ctx.stats.halt(decision.reason)
+                return
+            if isinstance(decision, Done | Escalate):
+                self._done(item, decision.output, isinstance(decision, Escalate), share_p, share_c, group, rows,
+                           settled, send)
+            elif isinstance(decision, Reask):
+                self._fail(item, "reask", decision.error, reask=decision, **on)
+            elif isinstance(decision, Split):  # a damaged pack item, or a pack too long: its rows go alone
+                self._fail(item, "invalid", decision.error, alone=True, **on)
+            elif isinstance(decision, Retry):
+                self._fail(item, "transient", decision.error, **on)
+            elif isinstance(decision, FailOver):
+                self._fail(item, "terminal", decision.error, **on)
 
     def _done(self, item: str, output: dict, escalates: bool, pt: int, ct: int, group: Sequence[Line],
               rows: dict[str, tuple[str, str]], settled: list[tuple[RowResult, str]], send: list[_Route]) -> None:
@@ -242,8 +229,12 @@ class Collector:
 
     def _fail(self, item: str, kind: str, why: str, group: Sequence[Line], rows: dict[str, tuple[str, str]],
               settled: list[tuple[RowResult, str]], send: list[_Route], *, user: bool, past_deadline: bool,
-              reask: list[dict[str, str]] | None = None, alone: bool = False) -> None:
-        """Rows of an item whose request did not settle them: real time, the next batch, or failed."""
+              reask: Reask | None = None, alone: bool = False) -> None:
+        """Rows of an item whose request did not settle them: real time, the next batch, or failed.
+
+        ``kind`` is :class:`~llmap.control.batching.Outcome`'s; ``reask`` the settle stage's re-ask of
+        the item's answer; ``alone``: the item was damaged in a pack (its rows go on alone, not re-asked).
+        """
         ctx = self.ctx
         if user and kind != "terminal":
             return  # the user cancelled the batch: its rows wait for the next `llmap run`
@@ -253,22 +244,25 @@ class Collector:
                 continue
             key = ln.key
             tries = ctx.tries.get(key, 0) + (kind == "transient")
-            reasks = ctx.reasks.get(key, 0) + (kind == "invalid")
-            ctx.tries[key], ctx.reasks[key] = tries, reasks
-            nxt = route(Outcome(kind, tries, reasks), retry=ctx.spec.retry,
-                        max_reask=ctx.dispatcher.max_reask, past_deadline=past_deadline)
+            ctx.tries[key] = tries
+            state = ctx.reasks.setdefault(key, Tries())
             lead = key == item and ln.ckey is not None
+            if reask is not None and key == item:
+                state.after(reask)
+            nxt = route(Outcome(kind, tries, state.reasks), retry=ctx.spec.retry, max_reask=ctx.dispatcher.max_reask,
+                        past_deadline=past_deadline)
             if nxt is Next.REALTIME:
-                send.append(_Route(key, data, reask=reask if lead and not alone else None,
-                                   lead=ln.ckey if lead and reask and not alone else None))
+                if reask is not None and key == item and not alone:  # the re-ask goes with it
+                    send.append(_Route(key, data, extra=reask.extra, tries=Tries(state.reasks, state.cut),
+                                       lead=ln.ckey if lead else None))
+                else:
+                    send.append(_Route(key, data))
             elif nxt is Next.BATCH:
                 if alone:
                     ctx.single.add(key)
-                if reask and not alone and key == item:
-                    ctx.followup[key] = reask
+                if reask is not None and not alone and key == item:
+                    ctx.followup[key] = list(reask.extra)
             elif len(ctx.dispatcher.lanes) > 1:  # failed on the batch model: the next model gets it (failover)
                 send.append(_Route(key, data, start=1))
             else:
-                extra = f" (after {reasks - 1} re-asks)" if kind == "invalid" else ""
-                settled.append((RowResult(key, "failed", error=f"{why}{extra}", model=ctx.api.label, attempts=1),
-                                data))
+                settled.append((RowResult(key, "failed", error=why, model=ctx.api.label, attempts=1), data))

@@ -4,8 +4,10 @@
 and the collector (:mod:`llmap.run.batch.collect`). It commits settled rows
 to the ledger (:meth:`BatchContext.commit`, durable before they count, as
 the worker pool does) and sends rows down the real-time path
-(:meth:`BatchContext.to_realtime`: the :class:`~llmap.run.dispatch.Dispatcher`,
-with the model's limits, retries, failover and cascade).
+(:meth:`BatchContext.to_realtime`: the steps the worker pool runs,
+:class:`~llmap.run.rows.RowSteps`, over the
+:class:`~llmap.run.dispatch.Dispatcher`, with the model's limits, retries,
+failover and cascade).
 
 Per-row retry state (batch tries, re-asks) lives in memory for the run: a
 crash loses only the count, never a row.
@@ -14,20 +16,18 @@ crash loses only the count, never a row.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from llmap.control.batching import EnqueueGate, SizeLimit
 from llmap.control.lanes import Lane
-from llmap.errors import RenderError
 from llmap.observe.progress import Progress, Tally
 from llmap.providers.batch.base import BatchAPI
 from llmap.run.dispatch import Dispatcher
-from llmap.run.packer import Packer
-from llmap.run.stats import DispatchStats, Stop
+from llmap.run.rows import PendingRow, RowSteps
+from llmap.run.settle import Tries
+from llmap.run.stats import DispatchStats
 from llmap.spec import BatchSpec
 from llmap.store.batches import BatchBook
 from llmap.store.ledger import Ledger, RowResult
@@ -54,7 +54,8 @@ class BatchContext:
         on_settled: the engine's hook on settled rows (alerts, logs).
         clock: POSIX seconds (deadlines); injectable.
         size, gate: what the provider refused so far (:mod:`llmap.control.batching`).
-        tries, reasks: per row, batch requests that failed transiently, and re-asks.
+        tries: per row, batch requests that failed transiently.
+        reasks: per row, what its answers went through on the batch model (re-asks, a cut).
         followup: per row, the re-ask its next batch request carries.
         single: rows whose next batch request goes alone (they were damaged in a pack).
         user_cancelled: ``llmap batch cancel`` cancelled a batch of the job: submit nothing more.
@@ -76,7 +77,7 @@ class BatchContext:
     size: SizeLimit = field(default_factory=lambda: SizeLimit(1, 1))
     gate: EnqueueGate = field(default_factory=EnqueueGate)
     tries: dict[str, int] = field(default_factory=dict)
-    reasks: dict[str, int] = field(default_factory=dict)
+    reasks: dict[str, Tries] = field(default_factory=dict)
     followup: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     single: set[str] = field(default_factory=set)
     user_cancelled: bool = False
@@ -84,19 +85,19 @@ class BatchContext:
     _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_REALTIME))
     _buffer: list[tuple[RowResult, str]] = field(default_factory=list)
     _realtime: set[str] = field(default_factory=set)
+    _steps: RowSteps | None = None
 
     @property
     def lane(self) -> Lane:
         """The batch model's lane (the first)."""
         return self.dispatcher.lanes[0]
 
-    def render(self, data: str) -> list[dict[str, str]]:
-        """A row's rendered messages.
-
-        Raises:
-            RenderError: the template fails on this row's values.
-        """
-        return self.dispatcher.renderer.messages(json.loads(data))
+    @property
+    def steps(self) -> RowSteps:
+        """The steps the worker pool runs (render and key, solve), over this run's dispatcher."""
+        if self._steps is None:
+            self._steps = RowSteps(self.dispatcher)
+        return self._steps
 
     def busy(self, key: str) -> bool:
         """True while the row is in real time in this run (no batch takes it)."""
@@ -128,46 +129,36 @@ class BatchContext:
             self.commit([r for r, _ in done], [d for _, d in done])
             self._realtime.difference_update(r.key for r, _ in done)
 
-    def to_realtime(self, key: str, data: str, *, start: int = 0, reask: list[dict[str, str]] | None = None,
-                    lead: str | None = None, tried: list | None = None) -> None:
+    def to_realtime(self, key: str, data: str, *, start: int = 0, extra: Sequence[dict[str, str]] = (),
+                    tries: Tries | None = None, lead: str | None = None, tried: list | None = None) -> None:
         """Settle a row through the real-time path in the background (committed by :meth:`flush`).
 
         Args:
             key, data: the row and its data (JSON).
             start: the first lane: 0 for a retry, 1 to fail over or cascade past the batch model.
-            reask: the re-ask of an invalid batch answer (see :meth:`Dispatcher.solve_messages`).
+            extra, tries: a re-ask of a batch answer and what the row went through on the batch
+                model (see :meth:`Dispatcher.solve_messages`).
             lead: the row's cache key on lane ``start``, when nothing holds it (its answer is cached under it).
             tried: answers met before (a cascade keeps the batch model's answer when every later model fails).
         """
         if key in self._realtime:
             return
         self._realtime.add(key)
-        task = asyncio.get_running_loop().create_task(self._solve(key, data, start, reask, lead, tried or []))
+        task = asyncio.get_running_loop().create_task(self._solve(key, data, start, extra, tries, lead, tried))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _solve(self, key: str, data: str, start: int, reask: list[dict[str, str]] | None, lead: str | None,
-                     tried: list) -> None:
+    async def _solve(self, key: str, data: str, start: int, extra: Sequence[dict[str, str]], tries: Tries | None,
+                     lead: str | None, tried: list | None) -> None:
         res: RowResult | None = None
         try:
             async with self._slots:
-                try:
-                    messages = self.render(data)
-                except RenderError as exc:
-                    res = RowResult(key, "failed", error=str(exc))
-                    return
-                d = self.dispatcher
-                if tried and tried[-1][1] == "escalated":  # a cascade: the batch model's answer met escalate_if
-                    out: dict[str, RowResult] = {}
-                    await Packer(d, 1).escalates(key, messages, tried, out)
-                    res = out[key]
-                else:
-                    res = await d.solve_messages(key, messages, start=start, lead=lead, reask=reask)
-                    res.tried = tried + (res.tried or [])
-        except Stop:
-            pass  # the run is stopping: the row stays pending
-        except Exception as exc:  # one row's bad value or a bug: it fails, the run goes on
-            res = RowResult(key, "failed", error=f"{type(exc).__name__}: {exc}")
+                ready, failed = self.steps.prepare([PendingRow(key, data)], look_ahead=False)
+                if failed:
+                    res = failed[0][0]
+                elif ready:
+                    res = await self.steps.solve_row(ready[0], start=start, lead=lead, extra=extra, tries=tries,
+                                                     tried=tried)
         finally:
             if res is None:
                 self._realtime.discard(key)  # unsettled (the run stops): free again
@@ -191,8 +182,3 @@ class BatchContext:
             t.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self.flush()
-
-    def settle_cached(self, key: str, data: str, entry: Any) -> RowResult:
-        """A row answered from the response cache (never submitted)."""
-        return RowResult(key, "done", output=entry.output, model=entry.model, source="cache",
-                         tried=[(entry.model, "cache", entry.output, 0, 0)])

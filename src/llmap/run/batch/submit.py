@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmap import errors as E
-from llmap.errors import RenderError
 from llmap.prompt.pack import pack_messages, pack_schema
 from llmap.providers.base import Request
 from llmap.run.batch.context import BatchContext
+from llmap.run.rows import PendingRow
 from llmap.store.batches import Line
 from llmap.store.ledger import RowResult
 
@@ -42,15 +42,6 @@ __all__ = ["Submitter"]
 PAGE_ROWS = 512
 #: Passes one :meth:`Submitter.submit` makes at most (each after a batch refused for its size).
 MAX_PASSES = 32
-
-
-@dataclass
-class _Row:
-    key: str
-    data: str
-    messages: list[dict[str, str]]
-    ckey: str | None
-    input_hash: str | None = None
 
 
 @dataclass
@@ -84,7 +75,7 @@ class Submitter:
     def __init__(self, ctx: BatchContext) -> None:
         self.ctx = ctx
         self.open_tokens = 0.0
-        self.pending: list[_Row] = []  # rows waiting to fill a pack
+        self.pending: list[PendingRow] = []  # rows waiting to fill a pack
         self._worst: dict[int, float] = {}  # batch -> its cost at max_tokens (the budget cap's reservation)
 
     async def submit(self) -> int:
@@ -111,26 +102,14 @@ class Submitter:
         batch = self._new()
         created, after = 0, -1
         answers = ctx.dispatcher.answers
-        model = ctx.lane.model
-        schema = ctx.dispatcher.schema.json_schema
         while not ctx.stats.stop.is_set():
             page = book.free_pending(ctx.run_id, after_seq=after, limit=PAGE_ROWS)
             if not page:
                 break
             after = page[-1][0]
-            rows: list[_Row] = []
-            for _, key, data, input_hash in page:
-                if ctx.busy(key):
-                    continue
-                try:
-                    messages = ctx.render(data)
-                except RenderError as exc:
-                    settled.append((RowResult(key, "failed", error=str(exc)), data))
-                    continue
-                ckey = answers.key(model, messages, schema) if answers is not None else None
-                rows.append(_Row(key, data, messages, ckey, input_hash))
-            if answers is not None:
-                answers.prefetch([r.ckey for r in rows])
+            rows, failed = ctx.steps.prepare([PendingRow(key, data, input_hash=input_hash)
+                                              for _, key, data, input_hash in page if not ctx.busy(key)])
+            settled.extend((res, row.data) for res, row in failed)
             if len(settled) >= PAGE_ROWS:  # rows the cache answered: committed as they come (memory stays flat)
                 ctx.commit([r for r, _ in settled], [d for _, d in settled])
                 settled.clear()
@@ -153,10 +132,11 @@ class Submitter:
                         continue
                     hit = answers.peek(row.ckey) if answers is not None else None
                     if hit is not None:
-                        if await ctx.dispatcher.escalates(ctx.lane, hit.output):
-                            ctx.to_realtime(row.key, row.data)  # its own lookup finds the answer and cascades
+                        res = await ctx.steps.from_cache(row, hit)
+                        if res is None:  # it escalates: its own lookup in real time finds the answer and cascades
+                            ctx.to_realtime(row.key, row.data)
                         else:
-                            settled.append((ctx.settle_cached(row.key, row.data, hit), row.data))
+                            settled.append((res, row.data))
                         continue
                 outcome = await self._add(batch, row)
                 if outcome is None:
@@ -184,7 +164,7 @@ class Submitter:
         return _Batch(tag=f"lm{secrets.token_hex(5)}")
 
     # -- lines ----------------------------------------------------------------
-    async def _add(self, batch: _Batch, row: _Row) -> str | None:
+    async def _add(self, batch: _Batch, row: PendingRow) -> str | None:
         """Add a row; when its batch is full, create it and return the outcome (else None)."""
         ctx = self.ctx
         alone = ctx.pack <= 1 or row.key in ctx.followup or row.key in ctx.single
@@ -201,7 +181,7 @@ class Submitter:
             return await self._create(batch)
         return None
 
-    def _line(self, batch: _Batch, rows: list[_Row]) -> None:
+    def _line(self, batch: _Batch, rows: list[PendingRow]) -> None:
         ctx = self.ctx
         d = ctx.dispatcher
         model = ctx.lane.model

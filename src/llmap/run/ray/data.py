@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmap.errors import RenderError
+from llmap.io.sinks import answer_columns
+from llmap.run.rows import PendingRow
 from llmap.spec import JobSpec
 from llmap.store.cache import CacheEntry, ResponseCache
 from llmap.store.ledger import RowResult
@@ -55,8 +56,12 @@ class CacheService:
 class LlmapMapper:
     """A callable class for ``ds.map_batches``: a batch of rows in, the rows plus the answers out.
 
+    It runs the steps every executor shares (:class:`~llmap.run.rows.RowSteps`: render and key,
+    answer from the cache, solve), with the shared response cache actor as its cache: one lookup
+    per batch, and the answers it validated written back in one call.
+
     Args:
-        spec: the job (made by :func:`map_batches` from its arguments).
+        spec: the job (made by :func:`llmap.ray.map_batches` from its arguments).
         workers: how many mappers run (the budget's share count).
         cache: use the shared response cache actor.
     """
@@ -76,62 +81,40 @@ class LlmapMapper:
 
         self.worker = RowWorker(self.spec, self.name, budget_actor(self.spec, workers=workers))
         await self.worker.setup()
-        self.worker.dispatcher.answers = None  # the shared cache actor answers (one query per batch)
 
     def __call__(self, batch: Any) -> Any:
         """Answer one batch (a ``pyarrow.Table``); returns it with the output columns added."""
         import pyarrow as pa
 
-        from llmap.io.sinks import FIELD_ARROW
-
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(batch)
-        rows = table.to_pylist()
-        results = self._loop.run_until_complete(self._solve(rows))
+        results = self._loop.run_until_complete(self._solve(table.to_pylist()))
         fields = {k: f.type for k, f in self.spec.output.fields.items()}
-        for name, t in fields.items():
-            vals = [(r.output or {}).get(name) if r.status == "done" else None for r in results]
-            table = table.append_column(name, pa.array(vals, type=FIELD_ARROW[t]))
-        for name in ("_status", "_error", "_model", "_source"):
-            attr = name[1:]
-            table = table.append_column(name, pa.array([getattr(r, attr) for r in results], type=pa.string()))
+        for name, column in answer_columns(fields, results):
+            table = table.append_column(name, column)
         return table
 
     async def _solve(self, rows: list[dict[str, Any]]) -> list[RowResult]:
-        d = self.worker.dispatcher
-        from llmap.store.answers import AnswerCache
-
-        results: list[RowResult | None] = [None] * len(rows)
-        keys: dict[int, str] = {}
-        messages: dict[int, list[dict[str, str]]] = {}
-        for i, row in enumerate(rows):
-            try:
-                messages[i] = d.renderer.messages(row)
-            except RenderError as exc:
-                results[i] = RowResult(str(i), "failed", error=str(exc))
-                continue
-            keys[i] = AnswerCache.key(d.lanes[0].model, messages[i], d.schema.json_schema)
+        w = self.worker
+        steps = w.steps
+        results: dict[str, RowResult] = {}
+        ready, failed = steps.prepare([PendingRow(str(i), "", row=row) for i, row in enumerate(rows)])
+        results.update((res.key, res) for res, _ in failed)
         hits: dict[str, CacheEntry] = {}
-        if self._cache is not None and keys:
-            hits = await self._cache.get_many.remote(list(set(keys.values())))
+        if self._cache is not None and ready:
+            hits = await self._cache.get_many.remote(list({r.ckey for r in ready}))
         todo = []
-        for i, k in keys.items():
-            hit = hits.get(k)
-            if hit is not None and not await d.escalates(d.lanes[0], hit.output):
-                results[i] = RowResult(str(i), "done", output=hit.output, model=hit.model, source="cache")
+        for r in ready:
+            hit = hits.get(r.ckey)
+            res = await steps.from_cache(r, hit) if hit is not None else None
+            if res is not None:
+                results[r.key] = res
             else:
-                todo.append(i)
-
-        async def one(i: int) -> None:
-            try:
-                results[i] = await d.solve_messages(str(i), messages[i])
-            except Exception as exc:  # Stop (an error every row hits) or a bug: the row fails, the task lives
-                why = d.stats.stop_reason if d.stats.stop_reason else f"{type(exc).__name__}: {exc}"
-                results[i] = RowResult(str(i), "failed", error=why)
-
-        await asyncio.gather(*(one(i) for i in todo))
-        fresh = [CacheEntry(keys[i], r.model or "", r.output, r.prompt_tokens, r.completion_tokens)
-                 for i in todo if (r := results[i]) is not None and r.status == "done" and r.source == "model"
-                 and r.output is not None and r.model == d.lanes[0].label]
+                todo.append(r)
+        solved = await asyncio.gather(*(steps.solve([r]) for r in todo))
+        for r, res in zip(todo, solved, strict=True):
+            why = w.stats.stop_reason or "the run stopped before this row was sent"
+            results[r.key] = res[0] if res else RowResult(r.key, "failed", error=why)
+        fresh = w.take_entries()
         if self._cache is not None and fresh:
             await self._cache.put_many.remote(fresh)
-        return [r if r is not None else RowResult(str(i), "failed", error="not settled") for i, r in enumerate(results)]
+        return [results[str(i)] for i in range(len(rows))]

@@ -42,7 +42,8 @@ from llmap import errors as E
 from llmap.run.dispatch import Dispatcher
 from llmap.run.ray.budget import budget_actor
 from llmap.run.ray.leases import LeaseBook
-from llmap.run.ray.worker import COUNTERS, Batch, RowWorker
+from llmap.run.ray.worker import Batch, RowWorker
+from llmap.run.rows import PendingRow
 from llmap.run.stats import DispatchStats, Stop
 from llmap.spec import JobSpec
 from llmap.store.ledger import RowResult
@@ -352,15 +353,7 @@ class RayExecutor:
     def _apply(self, batch: Batch) -> None:
         """Merge a worker's batch: results to the pool (first answer per row only), usage to the stats."""
         st = self.stats
-        for k in COUNTERS:
-            setattr(st, k, getattr(st, k) + type(getattr(st, k))(batch.counters.get(k, 0)))
-        st.request_log.extend(batch.request_log)
-        for model, d in batch.by_model.items():
-            m = st.by_model.setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                                               "cost_usd": 0.0})
-            for k, v in d.items():
-                m[k] = m.get(k, 0) + v
-        st.outcomes.update(batch.outcomes)
+        st.merge(batch.stats)
         for w in batch.warnings:
             if w not in self._said:
                 self._said.add(w)
@@ -376,7 +369,7 @@ class RayExecutor:
         if batch.halt is not None:
             st.halt(batch.halt)
         with contextlib.suppress(Stop):  # the dispatcher's own cap rule, on the usage merged from the workers
-            self.dispatcher._check_caps()
+            self.dispatcher.check_caps()
         self._wake()
 
     def _lost(self, name: str, exc: BaseException) -> None:
@@ -429,6 +422,6 @@ def _nowait(todo: asyncio.Queue) -> Any:
         return _EMPTY
 
 
-def _slim(row: Any) -> Any:
+def _slim(row: PendingRow) -> PendingRow:
     """The pool's row as a worker needs it (no ledger data: the rendered messages and values suffice)."""
-    return type(row)(row.key, "", None, row.row, row.messages, row.ckey, row.single)
+    return PendingRow(row.key, "", None, row.row, row.messages, row.ckey, row.single)

@@ -4,8 +4,8 @@ A :class:`RowWorker` is a Ray async actor (made by :mod:`llmap.run.ray.executor`
 builds the job's providers, lanes and :class:`~llmap.run.dispatch.Dispatcher`
 (and :class:`~llmap.run.packer.Packer`) exactly as a local run does, plugs
 each lane into the cluster-wide budget (:mod:`llmap.run.ray.budget`), and
-settles the rows of each lease with the pool's own
-:func:`~llmap.run.pool.solve_items`: render, send, validate, re-ask, pack,
+settles the rows of each lease with the steps every executor shares
+(:meth:`~llmap.run.rows.RowSteps.solve`): send, validate, re-ask, pack,
 cascade. Results wait in an outbox until the driver takes them
 (:meth:`RowWorker.take`), with the answers to write to the response cache and
 the run's counters since the last take. The worker writes nothing: the
@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmap.control.lanes import Lane
+from llmap.providers.factory import make_provider
 from llmap.run.dispatch import Dispatcher
 from llmap.run.packer import Packer
-from llmap.run.pool import solve_items
 from llmap.run.ray.budget import BudgetLink
-from llmap.run.stats import DispatchStats, Stop
+from llmap.run.rows import RowSteps
+from llmap.run.stats import DispatchStats, StatsDelta
 from llmap.spec import JobSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import CacheEntry
@@ -42,10 +42,7 @@ class Batch:
     Attributes:
         results: ``(lease id, results)`` of the packs settled since the last take.
         entries: validated answers to write to the response cache.
-        counters: the run's counters since the last take (requests, tokens, cost, ...).
-        request_log: request log entries since the last take.
-        by_model: per model, the usage since the last take.
-        outcomes: ``(model, outcome) -> requests`` since the last take.
+        stats: the run's counters since the last take (:meth:`DispatchStats.take_delta`).
         warnings: warnings said since the last take.
         halt: why the worker stopped sending (an error every row would hit), or None.
         busy: rows still being settled by this worker.
@@ -53,17 +50,10 @@ class Batch:
 
     results: list[tuple[int, list[RowResult]]] = field(default_factory=list)
     entries: list[CacheEntry] = field(default_factory=list)
-    counters: dict[str, float] = field(default_factory=dict)
-    request_log: list[tuple] = field(default_factory=list)
-    by_model: dict[str, dict[str, float]] = field(default_factory=dict)
-    outcomes: Counter = field(default_factory=Counter)
+    stats: StatsDelta = field(default_factory=StatsDelta)
     warnings: list[str] = field(default_factory=list)
     halt: str | None = None
     busy: int = 0
-
-
-#: The run counters a worker reports as deltas.
-COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "cost_usd", "rate_limited", "retries", "hedged")
 
 
 class _Outbox:
@@ -107,9 +97,6 @@ class RowWorker:
         self._tasks: set[asyncio.Task] = set()
         self._warnings: list[str] = []
         self._halt: str | None = None
-        self._sent: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
-        self._sent_by_model: dict[str, dict[str, float]] = {}
-        self._sent_outcomes: Counter = Counter()
         self._tail = False
 
     async def setup(self) -> str:
@@ -120,7 +107,6 @@ class RowWorker:
                 API key variable on this node).
         """
         from llmap.plan import compile_spec
-        from llmap.providers.factory import make_provider
 
         spec = self.spec
         self.compiled = compile_spec(spec)
@@ -145,6 +131,7 @@ class RowWorker:
                                      answers=AnswerCache(self.outbox), escalate_if=self.compiled.escalate_if)
         self.dispatcher.watch_tail(lambda: self._tail)
         self.packer = Packer(self.dispatcher, spec.prompt.pack) if spec.prompt.pack != 1 else None
+        self.steps = RowSteps(self.dispatcher, self.packer)
         self._watchdog = asyncio.create_task(self.dispatcher.watchdog(), name="llmap-timeout-watchdog")
         import ray
 
@@ -171,11 +158,7 @@ class RowWorker:
 
     async def _solve(self, lease_id: int, items: list[Any]) -> None:
         try:
-            results = await solve_items(self.dispatcher, self.packer, items)
-        except Stop:
-            results = []  # the run is stopping: the rows stay pending
-        except Exception as exc:  # one row's bad value or a bug: those rows fail, the worker lives
-            results = [RowResult(r.key, "failed", error=f"{type(exc).__name__}: {exc}") for r in items]
+            results = await self.steps.solve(items) or []  # None: the run is stopping, the rows stay pending
         finally:
             self._busy -= len(items)
         self._out.append((lease_id, results))
@@ -188,10 +171,15 @@ class RowWorker:
                 await asyncio.wait_for(self._ready.wait(), wait_s)
         self._ready.clear()
         out, self._out = self._out, []
+        entries = self.take_entries()
+        warnings, self._warnings = self._warnings, []
+        return Batch(out, entries, self.stats.take_delta(), warnings, self._halt, self._busy)
+
+    def take_entries(self) -> list[CacheEntry]:
+        """The answers validated since the last call, to write to the response cache (the driver does)."""
         self.dispatcher.answers.flush()  # validated answers move into the outbox
         entries, self.outbox.entries = self.outbox.entries, []
-        return Batch(out, entries, self._counters(), self.stats.take_request_log(), self._by_model(),
-                     self._outcomes(), self._take_warnings(), self._halt, self._busy)
+        return entries
 
     async def tail(self) -> None:
         """Every row has been leased: stragglers may be hedged (``[limits] hedge_tail``)."""
@@ -214,29 +202,3 @@ class RowWorker:
             with contextlib.suppress(Exception):
                 await p.aclose()
         self.compiled.close()
-
-    # -- deltas ------------------------------------------------------------------------
-    def _counters(self) -> dict[str, float]:
-        now = {k: getattr(self.stats, k) for k in COUNTERS}
-        delta = {k: now[k] - self._sent[k] for k in COUNTERS}
-        self._sent = now
-        return delta
-
-    def _by_model(self) -> dict[str, dict[str, float]]:
-        delta: dict[str, dict[str, float]] = {}
-        for model, m in self.stats.by_model.items():
-            sent = self._sent_by_model.setdefault(model, dict.fromkeys(m, 0))
-            d = {k: m[k] - sent.get(k, 0) for k in m}
-            if any(d.values()):
-                delta[model] = d
-            self._sent_by_model[model] = dict(m)
-        return delta
-
-    def _outcomes(self) -> Counter:
-        delta = self.stats.outcomes - self._sent_outcomes
-        self._sent_outcomes = Counter(self.stats.outcomes)
-        return delta
-
-    def _take_warnings(self) -> list[str]:
-        w, self._warnings = self._warnings, []
-        return w

@@ -1,0 +1,200 @@
+"""The steps every way of settling pending rows shares: prepare, answer from memory, solve.
+
+The worker pool (:mod:`llmap.run.pool`), the batch path's real-time side
+(:mod:`llmap.run.batch.context`), the Ray workers (:mod:`llmap.run.ray.worker`)
+and Ray Data's mappers (:mod:`llmap.run.ray.data`) all run these steps; none
+keeps a copy:
+
+1. :meth:`RowSteps.prepare`: render each row's messages and key its request on
+   the primary model (the response cache's key). A row whose template fails
+   on its own values fails alone, with the error naming the column; the same
+   template error on the first rows, with no NULL to blame, is the
+   template's: the run stops and says so.
+2. :meth:`RowSteps.from_cache`: a stored answer settles the row, unless it
+   meets the primary model's ``escalate_if`` (then the row goes on alone).
+3. :meth:`RowSteps.solve`: settle a pack of rows (or one row) through the
+   :class:`~llmap.run.packer.Packer` or the
+   :class:`~llmap.run.dispatch.Dispatcher`, containing its exception: a row's
+   bad value or a bug fails those rows and the caller goes on; a stopping run
+   leaves them pending.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from llmap.control.misconfig import mask_numbers
+from llmap.errors import DiskFull, RenderError
+from llmap.run.dispatch import Dispatcher
+from llmap.run.packer import Packer
+from llmap.run.settle import Tries, error_text
+from llmap.run.stats import Stop
+from llmap.store.cache import CacheEntry
+from llmap.store.ledger import RowResult
+
+__all__ = ["TEMPLATE_ERRORS_TO_STOP", "PendingRow", "RowSteps"]
+
+#: The first rows all failing to render with one identical error (no NULL involved) stop the run.
+TEMPLATE_ERRORS_TO_STOP = 3
+
+
+@dataclass(slots=True)
+class PendingRow:
+    """A pending row on its way to a request.
+
+    Attributes:
+        key: the row's key.
+        data: its ledger data (JSON text of column -> value); empty where the caller holds ``row``.
+        group: its ``per_group`` quota group, or None.
+        row: column -> value, once prepared.
+        messages: the rendered chat messages, once prepared.
+        ckey: the response cache key of its request on the primary model, once prepared
+            (None without a cache).
+        single: a cached answer that escalates (a cascade): it is sent alone, and the
+            dispatcher takes the cached answer on to the next model.
+        input_hash: the row's input hash in the ledger, where the caller needs it (a batch line
+            records it, so a row whose inputs changed while its batch ran is not settled by it).
+    """
+
+    key: str
+    data: str
+    group: Any = None
+    row: dict[str, Any] | None = None
+    messages: list[dict[str, str]] | None = None
+    ckey: str | None = None
+    single: bool = False
+    input_hash: str | None = None
+
+
+class RowSteps:
+    """The shared steps over one dispatcher (see the module docstring).
+
+    Args:
+        dispatcher: renders (its renderer), keys (its answer cache), sends and settles.
+        packer: packs of rows (``[prompt] pack``), or None for one row per request.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, packer: Packer | None = None) -> None:
+        self.d = dispatcher
+        self.packer = packer
+        self._rendered = False  # a row has rendered: template errors are the rows' own from now on
+        self._render_errors: list[str] = []
+
+    # -- 1. prepare ------------------------------------------------------------------------
+    def prepare(self, rows: Iterable[PendingRow], *, look_ahead: bool = True
+                ) -> tuple[list[PendingRow], list[tuple[RowResult, PendingRow]]]:
+        """Render rows and key their requests on the primary model.
+
+        Rows with ``row`` set are rendered from it; the others from ``data``. With ``look_ahead``,
+        the rows that rendered are keyed and their keys looked up in the response cache ahead, in
+        one query (:meth:`~llmap.store.answers.AnswerCache.prefetch`; each row is then taken with
+        :meth:`~llmap.store.answers.AnswerCache.peek` or ``pass_over``); without it (a row the
+        dispatcher looks up itself), ``ckey`` stays None. Stops early (the rest stay pending) once
+        the run is stopping.
+
+        Returns:
+            ``(ready, failed)``: the rows that rendered, and a failed result for each row whose
+            template failed on its values (paired with the row).
+        """
+        d = self.d
+        answers = d.answers if look_ahead else None
+        primary = d.lanes[0]
+        schema = d.schema.json_schema
+        ready: list[PendingRow] = []
+        failed: list[tuple[RowResult, PendingRow]] = []
+        for r in rows:
+            if d.stats.stop.is_set():
+                break
+            if r.row is None:
+                r.row = json.loads(r.data)
+            try:
+                r.messages = d.renderer.messages(r.row)
+            except RenderError as exc:
+                failed.append((RowResult(r.key, "failed", error=str(exc)), r))
+                self._template_failed(exc)
+                continue
+            self._rendered = True
+            if answers is not None:
+                r.ckey = answers.key(primary.model, r.messages, schema)
+            ready.append(r)
+        if answers is not None:
+            answers.prefetch([r.ckey for r in ready])
+        return ready, failed
+
+    def _template_failed(self, exc: RenderError) -> None:
+        """The same template error on the first rows, with no NULL to blame, is the template's: stop."""
+        if self._rendered or exc.null_columns:
+            return
+        self._render_errors.append(mask_numbers(str(exc)))
+        if len(self._render_errors) >= TEMPLATE_ERRORS_TO_STOP and len(set(self._render_errors)) == 1:
+            self.d.stats.halt(f"the prompt template fails the same way on every row ({exc}); fix [prompt] and "
+                              "run again")
+
+    # -- 2. answer from memory --------------------------------------------------------------------
+    async def from_cache(self, row: PendingRow, entry: CacheEntry) -> RowResult | None:
+        """The row settled by a stored answer, or None when the answer meets the primary model's
+        ``escalate_if`` (then ``row.single`` is set: it goes on alone, as a cascade)."""
+        if await self.d.settler.escalates(0, entry.output):
+            row.single = True
+            return None
+        return cached(row.key, entry)
+
+    # -- 3. solve ------------------------------------------------------------------------------
+    async def solve(self, items: Sequence[PendingRow]) -> list[RowResult] | None:
+        """Settle one pack of rows (or one row); results in the order of ``items``.
+
+        Returns:
+            The results, or None when the run is stopping (the rows stay pending). Any exception
+            but a full disk fails these rows with it (one row's bad value, or a bug): the caller
+            goes on.
+
+        Raises:
+            DiskFull: a cache write on the rows' path found the disk full.
+        """
+        try:
+            if self.packer is not None and not items[0].single:
+                return await self.packer.solve([(r.key, r.row, r.messages, r.ckey) for r in items])
+            row = items[0]
+            return [await self.d.solve_messages(row.key, row.messages, lead=None if row.single else row.ckey)]
+        except Stop:
+            return None
+        except DiskFull:
+            raise
+        except Exception as exc:
+            return [RowResult(r.key, "failed", error=error_text(exc)) for r in items]
+
+    async def solve_row(self, row: PendingRow, *, start: int = 0, lead: str | None = None,
+                        extra: Sequence[dict[str, str]] = (), tries: Tries | None = None,
+                        tried: list | None = None) -> RowResult | None:
+        """Settle one row from model ``start`` on, after what happened to it elsewhere (a batch).
+
+        Args:
+            row: a prepared row.
+            start: the first model: 0 to retry, 1 to fail over or cascade past the first.
+            lead: the row's cache key on model ``start``, when nothing holds it.
+            extra, tries: a re-ask decided elsewhere (:meth:`Dispatcher.solve_messages`).
+            tried: answers met before; when one ``escalated``, the row cascades and keeps that
+                answer should every later model fail.
+
+        Returns:
+            The result, or None when the run is stopping (the row stays pending). Any exception but
+            a full disk fails the row with it.
+        """
+        try:
+            return await self.d.solve_messages(row.key, row.messages, start=start, lead=lead, extra=extra,
+                                               tries=tries, tried=tried or ())
+        except Stop:
+            return None
+        except DiskFull:
+            raise
+        except Exception as exc:
+            return RowResult(row.key, "failed", error=error_text(exc))
+
+
+def cached(key: str, entry: CacheEntry) -> RowResult:
+    """A row settled by a stored answer (the response cache, or an identical request of this run)."""
+    return RowResult(key, "done", output=entry.output, model=entry.model, source="cache",
+                     tried=[(entry.model, "cache", entry.output, 0, 0)])
