@@ -62,3 +62,21 @@ async def test_a_row_that_waits_for_an_identical_request_releases_its_lookup(ans
     answers.resolve("k", _entry("k"))
     answers.flush()
     assert "k" not in answers._recent  # nothing looked up ahead wants it: memory stays bounded
+
+
+@pytest.mark.parametrize("params", [None, {"reasoning_effort": "low", "seed": 7}, {"user": "me"}])
+def test_the_user_keyer_gives_the_key_of_the_whole_request(params):
+    from llmap.spec import ModelSpec
+
+    model = ModelSpec(provider="openai", name="gpt-x", base_url="http://h/v1", temperature=0.2, max_tokens=99,
+                      **({"params": params} if params else {}))
+    head = [{"role": "system", "content": "Sort «people»."}, {"role": "user", "content": "ex"},
+            {"role": "assistant", "content": '{"k": 1}'}]
+    schema = {"type": "object", "properties": {"k": {"type": "integer"}}}
+    keyer = AnswerCache.user_keyer(model, head, schema)
+    for content in ["Name: Ann", 'quote " and \\ and \n newline', "ünïcode ✓", ""]:
+        assert keyer(content) == AnswerCache.key(model, [*head, {"role": "user", "content": content}], schema)
+    # an answer parameter changes the key; a neutral one does not
+    plain = AnswerCache.user_keyer(ModelSpec(provider="openai", name="gpt-x", base_url="http://h/v1",
+                                             temperature=0.2, max_tokens=99), head, schema)
+    assert (keyer("x") == plain("x")) == (params in (None, {"user": "me"}))
