@@ -7,8 +7,12 @@ request is identical to one already being answered in this run waits for
 that answer instead of being sent (if that row fails, exactly one waiting
 row takes over). The rest go into a bounded queue, one row or one pack at a
 time, and workers settle them through the :class:`~llmap.run.dispatch.Dispatcher`
-(or the :class:`~llmap.run.packer.Packer`). Results are committed in batches
-(every 256 rows or 0.25 s) and only then counted.
+(or the :class:`~llmap.run.packer.Packer`). An answer received is an answer
+kept: settled rows are committed to the ledger at the end of the event-loop
+turn in which they settled (one small SQLite WAL transaction, no fsync), so a
+SIGKILL can lose only the requests still in flight and the answers of that
+one turn; a row counts only once committed. The response cache (which other
+jobs and reruns read) and the progress reporter follow every 0.25 s.
 
 A row whose own values break it (a template error on a NULL, a bug) fails
 alone with the error; the worker and the run go on. The pool's helper tasks
@@ -45,7 +49,8 @@ from llmap.store.ledger import Ledger, RowResult
 
 __all__ = ["Pool", "RemoteRows", "install_sigterm", "run_pool"]
 
-#: Rows committed to the ledger per transaction (results are also flushed every ``FLUSH_S``).
+#: Rows committed to the ledger at once at most (results are committed at the end of the loop turn they
+#: settle in, and the request log and progress every ``FLUSH_S`` seconds).
 COMMIT_ROWS = 256
 FLUSH_S = 0.25
 #: Pending rows read from the ledger (and looked up in the response cache) per query.
@@ -113,6 +118,8 @@ class Pool:
         self.pack: list[PendingRow] = []  # rows gathered into the next request
         self.handed_out = asyncio.Event()
         self.disk_full: list[DiskFull] = []  # a write found the disk full: stop dispatch, raise it at the end
+        self._commit_due = False  # a commit is scheduled for the end of this loop turn
+        self._unreported = False  # rows committed since the progress reporter last heard
         self._taken = 0  # rows the current quota pass took
         self.quota_column: str | None = None
         self.group_quota: GroupQuota | None = None
@@ -164,8 +171,9 @@ class Pool:
             self.stats.stop.set()  # said once, by whoever catches the DiskFull raised at the end
 
     # -- flush -------------------------------------------------------------------------------
-    def flush(self, *, last: bool = False) -> None:
-        """Commit the settled rows and the request log, then count them (durable before it counts).
+    def flush(self, *, last: bool = False, advance: bool = True) -> None:
+        """Commit the settled rows and the request log, then count them (durable before it counts);
+        with ``advance``, tell the progress reporter.
 
         A full disk halts dispatch (no new requests) instead of raising here. Later flushes still
         try: the ledger and the response cache may be on different disks, so the answers of the
@@ -173,24 +181,39 @@ class Pool:
         paying again. Rows whose results could not be committed stay ``pending``.
         """
         try:
-            self._flush(last)
+            self._flush(last, advance)
         except DiskFull as exc:
             self.halt_on_disk_full(exc)
 
-    def _flush(self, last: bool) -> None:
+    def commit_soon(self) -> None:
+        """Commit the settled rows at the end of this event-loop turn: every answer that settles in the turn
+        shares one transaction (SQLite WAL with ``synchronous = NORMAL``: durable against a process kill, no
+        fsync). Measured: +0.3% CPU per row against commits every 256 rows or 0.25 s (bench/b18_durability.py)."""
+        if not self._commit_due:
+            self._commit_due = True
+            asyncio.get_running_loop().call_soon(self._commit)
+
+    def _commit(self) -> None:
+        self._commit_due = False
+        self.flush(advance=False)
+
+    def _flush(self, last: bool, advance: bool) -> None:
         answers, stats, tally = self.answers, self.stats, self.tally
-        if answers is not None:
+        if answers is not None and advance:  # the ledger holds every settled row: the cache may wait for the tick
             try:
                 answers.flush(wait=last)
             except DiskFull as exc:  # the cache's disk is full: still commit to the ledger, which may have room
                 self.halt_on_disk_full(exc)
         log = stats.take_request_log()
-        if not self.buffer and not log:
+        if self.buffer or log:
+            self.ledger.record(self.buffer, run_id=self.run_id, requests=log)  # durable before it counts
+            for r in self.buffer:
+                setattr(tally, r.status, getattr(tally, r.status) + 1)
+            self.buffer.clear()
+            self._unreported = True
+        if not (advance and self._unreported):
             return
-        self.ledger.record(self.buffer, run_id=self.run_id, requests=log)  # durable before it counts
-        for r in self.buffer:
-            setattr(tally, r.status, getattr(tally, r.status) + 1)
-        self.buffer.clear()
+        self._unreported = False
         tally.requests = stats.requests
         tally.prompt_tokens, tally.completion_tokens = stats.prompt_tokens, stats.completion_tokens
         tally.cache_read_tokens = stats.cache_read_tokens
@@ -238,7 +261,9 @@ class Pool:
         if self.outstanding == 0:
             self.settled.set()
         if len(self.buffer) >= COMMIT_ROWS:
-            self.flush()
+            self.flush(advance=False)
+        elif self.buffer:
+            self.commit_soon()
 
     # -- prepare a page ------------------------------------------------------------------------
     def prepare_page(self, page: Sequence[tuple[int, str, str]]) -> list[PendingRow]:

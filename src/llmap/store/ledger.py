@@ -152,6 +152,10 @@ def _request_entry(r: Sequence[Any]) -> tuple:
     return r + (0,) * (9 - len(r)) + (None,) * (11 - max(9, len(r)))
 
 
+#: WAL pages between automatic checkpoints (about 2 MB at SQLite's 4 KB pages).
+WAL_CHECKPOINT_PAGES = 512
+
+
 class Ledger:
     """A job's SQLite ledger.
 
@@ -178,6 +182,11 @@ class Ledger:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.execute("PRAGMA busy_timeout = 5000")
+            # A run commits every event-loop turn in which answers arrive (small transactions): checkpoint
+            # the WAL every WAL_CHECKPOINT_PAGES pages (SQLite's default, 1,000 pages, is a 4 MB WAL file)
+            # and cut the file back to that size, so the WAL stays small beside the ledger.
+            self._db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+            self._db.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_PAGES * 4096}")
             self._migrate()
 
     def _migrate(self) -> None:

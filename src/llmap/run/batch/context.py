@@ -86,6 +86,7 @@ class BatchContext:
     _buffer: list[tuple[RowResult, str]] = field(default_factory=list)
     _realtime: set[str] = field(default_factory=set)
     _steps: RowSteps | None = None
+    _commit_due: bool = False
 
     @property
     def lane(self) -> Lane:
@@ -164,6 +165,13 @@ class BatchContext:
                 self._realtime.discard(key)  # unsettled (the run stops): free again
             else:
                 self._buffer.append((res, data))  # held out of batches until flush() commits it
+                if not self._commit_due:  # committed at the end of this loop turn: an answer received is kept
+                    self._commit_due = True
+                    asyncio.get_running_loop().call_soon(self._commit)
+
+    def _commit(self) -> None:
+        self._commit_due = False
+        self.flush()
 
     @property
     def in_realtime(self) -> int:
