@@ -14,6 +14,11 @@ DISTRICTS = SHARED_DATA / "districts_2023_24_nces.csv"
 
 #: The CLI, run with the same interpreter as the tests.
 LLMAP = [sys.executable, "-m", "llmap"]
+#: ``[limits]`` lines for tests whose rows retry: every backoff at most 10 ms (the policy is tested in tests/control).
+FAST_BACKOFF = "backoff_base_s = 0.01\nbackoff_cap_s = 0.01"
+#: ``[limits]`` line for tests that retry at once (a Retry-After still applies).
+NO_BACKOFF = "backoff_base_s = 0"
+
 def write_csv(path: Path, rows: list[dict]) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -29,7 +34,7 @@ def people(n: int) -> list[dict]:
 
 def job_toml(base_url: str, *, input_path: str = "people.csv", extra_input: str = "", user: str | None = None,
              keep: str = '["name"]', fields: str | None = None, model_extra: str = "", concurrency: int = 4,
-             output: str = "out/result.parquet", top: str = "", prompt_extra: str = "") -> str:
+             output: str = "out/result.parquet", top: str = "", prompt_extra: str = "", limits_extra: str = "") -> str:
     user = user or "Name: {{ name }}; city: {{ city }}."
     fields = fields or textwrap.dedent('''\
         kind = { type = "string", enum = ["a", "b", "c"] }
@@ -41,7 +46,7 @@ def job_toml(base_url: str, *, input_path: str = "people.csv", extra_input: str 
         f"[prompt]\nsystem = \"You sort people.\"\nuser = \"{user}\"\n{prompt_extra}\n"
         f"[output]\npath = \"{output}\"\nkeep = {keep}\n[output.fields]\n{fields}\n"
         f"[model]\nprovider = \"openai\"\nname = \"sim\"\nbase_url = \"{base_url}\"\n{model_extra}\n"
-        f"[limits]\nconcurrency = {concurrency}\n"
+        f"[limits]\nconcurrency = {concurrency}\n{limits_extra}\n"
     )
 
 

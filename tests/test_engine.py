@@ -8,7 +8,7 @@ import sqlite3
 import pyarrow.parquet as pq
 import pytest
 
-from _support import ScriptedProvider, chat_requests, people, with_providers, write_csv
+from _support import NO_BACKOFF, ScriptedProvider, chat_requests, people, with_providers, write_csv
 from llmap import Job
 from llmap.errors import AnswerInvalid
 from llmap.io.sinks import export_job
@@ -240,10 +240,9 @@ def test_failover_to_second_model_and_recorded(make_job, monkeypatch):
 def test_transient_errors_are_retried(make_job, monkeypatch):
     from llmap.errors import Overloaded
 
-    job_path = make_job(2)
+    job_path = make_job(2, limits_extra=NO_BACKOFF)
     flaky = ScriptedProvider("openai:sim", lambda n, r: Overloaded("HTTP 503") if n <= 2
                              else '{"kind": "c", "score": 0.1}')
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.0)
     with_providers(monkeypatch, [flaky])
     res = Job.from_toml(job_path).run()
     assert res.counts["done"] == 2 and len(flaky.requests) == 4

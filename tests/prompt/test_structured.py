@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
-from _support import ScriptedProvider, chat_requests, with_providers
+from _support import NO_BACKOFF, ScriptedProvider, chat_requests, with_providers
 from llmap import Job
 from llmap.cli import app
 from llmap.errors import Overloaded
@@ -159,11 +159,10 @@ def test_a_misconfigured_model_is_left_out_and_the_next_one_serves(make_job, sim
 
 
 def test_transient_errors_never_look_like_a_configuration_error(make_job, monkeypatch):
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.0)
     p = ScriptedProvider("openai:sim", lambda n, r: Overloaded("HTTP 503: overloaded", status=503) if n <= 6
                          else '{"kind": "a", "score": 0.5}')
     with_providers(monkeypatch, [p])
-    res = Job.from_toml(make_job(10, concurrency=1)).run()
+    res = Job.from_toml(make_job(10, concurrency=1, limits_extra=NO_BACKOFF)).run()
     assert res.exit_code == 0 and res.counts["done"] == 10 and res.stop_reason is None
 
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from _support import ScriptedProvider, chat_requests, people, with_providers, write_csv
+from _support import NO_BACKOFF, ScriptedProvider, chat_requests, people, with_providers, write_csv
 from llmap import Job
 from llmap.cli import app
 from llmap.observe.report import model_report
@@ -56,8 +56,7 @@ def test_cache_is_shared_across_jobs_and_keyed_on_the_request(make_job, sim, tmp
 
 
 def test_expired_entry_is_served_when_every_model_fails(make_job, sim, tmp_path, monkeypatch):
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.0)
-    job = make_job(4)
+    job = make_job(4, limits_extra=NO_BACKOFF)
     job.write_text(job.read_text() + '\n[cache]\nttl = "1h"\n')
     Job.from_toml(job).run()
     cache_db = tmp_path / "llmap-cache" / "responses.sqlite"

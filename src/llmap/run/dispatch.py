@@ -96,8 +96,8 @@ class Dispatcher:
         self.stats = stats
         self.clock = clock
         self.sleep = sleep
-        self.retry = RetryPolicy(max_attempts=limits.max_attempts, cap_s=limits.backoff_cap_s,
-                                 budget_s=limits.retry_budget_s)
+        self.retry = RetryPolicy(max_attempts=limits.max_attempts, base_s=limits.backoff_base_s,
+                                 cap_s=limits.backoff_cap_s, budget_s=limits.retry_budget_s)
         self._in_tail: Callable[[], bool] = lambda: False
         self._no_usage: set[str] = set()  # lanes already warned that their server reports no usage
         #: One model refusing every request the same way is a configuration error, not an outage.
