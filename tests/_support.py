@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import sys
 import textwrap
@@ -85,3 +86,25 @@ def with_providers(monkeypatch, providers):
     """Make the engine use these providers, in [[model]] order, instead of building real ones."""
     it = iter(providers)
     monkeypatch.setattr("llmap.engine.make_provider", lambda spec, concurrency: next(it))
+
+
+class FakeTime:
+    """A fake monotonic clock and an async sleep that advances it instead of waiting.
+
+    Pass ``clock`` and ``sleep`` where llmap (or the simulator) takes them; ``sleeps`` records every wait asked for.
+    """
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)  # let other tasks run, as a real sleep would
