@@ -12,9 +12,10 @@ import pytest
 from llmap.control.breaker import BreakerState, CircuitBreaker
 from llmap.control.cluster import Report, View
 from llmap.control.concurrency import AIMDConcurrency
-from llmap.control.lanes import LaneAIMD, LaneBreaker, LaneLimiter
+from llmap.control.lanes import Lane, LaneAIMD, LaneBreaker, LaneLimiter
 from llmap.control.limits import Limiter, RateLimiter
 from llmap.run.ray.budget import BudgetLink
+from llmap.spec import LimitsSpec, ModelSpec
 
 
 def _members(protocol: type) -> dict[str, object]:
@@ -116,3 +117,20 @@ async def test_a_budget_links_views_are_the_lanes_seams_and_report_through_it():
         assert (sent[-1].breaker_failures, sent[-1].breaker_successes) == (1, 0)
     finally:
         await link.aclose()
+
+
+class _Provider:
+    label, max_concurrency = "openai:m", 8
+
+
+async def test_a_lane_paces_and_breaks_on_the_injected_clock_and_sleep(fake_time):
+    lane = Lane(0, _Provider(), ModelSpec(provider="openai", name="m"), LimitsSpec(rpm=60),
+                clock=fake_time.clock, sleep=fake_time.sleep)
+    permits = [await lane.limiter.acquire(10) for _ in range(3)]  # one request a second, on the fake clock
+    assert [p.sent_at for p in permits] == pytest.approx([0.0, 1.0, 2.0])
+    assert sum(fake_time.sleeps) == pytest.approx(2.0)
+    for _ in range(10):
+        lane.breaker.record_failure()  # the breaker reads the same clock
+    assert lane.breaker.peek() is BreakerState.OPEN
+    fake_time.advance(lane.breaker.time_until_probe())
+    assert lane.breaker.allow()

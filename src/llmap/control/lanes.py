@@ -14,7 +14,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from llmap.control.breaker import BreakerState, CircuitBreaker
@@ -120,12 +120,14 @@ class Lane:
         provider: the provider (see :class:`llmap.providers.base.Provider`).
         model: the ``[model]`` spec (prices, max_tokens, timeout, rpm/tpm overrides).
         limits: the ``[limits]`` spec (rpm, tpm, concurrency).
-        clock: monotonic seconds; injected in tests.
+        clock: monotonic seconds (the rate limiter, the breaker); ``sleep``: awaits seconds while the
+            rate limiter paces requests (default ``asyncio.sleep``). Tests pass fakes that move time.
         on_breaker: called ``(lane, old_state, new_state)`` when the breaker changes.
     """
 
     def __init__(self, index: int, provider: Provider, model: ModelSpec, limits: LimitsSpec, *,
                  clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
                  on_breaker: Callable[[Lane, BreakerState, BreakerState], None] | None = None) -> None:
         self.index = index
         self.provider = provider
@@ -135,7 +137,8 @@ class Lane:
         tpm = model.tpm or limits.tpm
         itpm = model.itpm or limits.itpm
         otpm = model.otpm or limits.otpm
-        self.limiter: LaneLimiter = Limiter(RateLimiter(rpm, tpm, itpm=itpm, otpm=otpm, now=clock()), clock=clock)
+        self.limiter: LaneLimiter = Limiter(RateLimiter(rpm, tpm, itpm=itpm, otpm=otpm, now=clock()), clock=clock,
+                                            sleep=sleep)
         cap = min(limits.concurrency or MAX_CONCURRENCY, provider.max_concurrency)
         self.aimd: LaneAIMD = AIMDConcurrency(initial=min(cap, limits.concurrency or INITIAL_CONCURRENCY),
                                               minimum=1, maximum=cap)
