@@ -6,6 +6,8 @@ import asyncio
 import csv
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from llmap.providers.base import Completion
@@ -108,3 +110,30 @@ class FakeTime:
         self.sleeps.append(seconds)
         self.now += seconds
         await asyncio.sleep(0)  # let other tasks run, as a real sleep would
+
+
+def wait_until(done: Callable[[], object], what: str, timeout: float = 30.0, every: float = 0.02) -> None:
+    """Poll ``done()`` every ``every`` seconds until it is truthy; fail naming ``what`` after ``timeout`` seconds.
+
+    What tests use instead of a fixed sleep: they wait for the state they need, and no longer than that.
+    """
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
+        time.sleep(every)
+
+
+async def await_until(done: Callable[[], object], what: str, timeout: float = 30.0, every: float = 0.01) -> None:
+    """:func:`wait_until` inside an event loop: the loop runs while the test waits."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting until {what}")
+        await asyncio.sleep(every)
+
+
+async def loop_turns(n: int = 50) -> None:
+    """Let every ready task of the running event loop run ``n`` steps (no time passes)."""
+    for _ in range(n):
+        await asyncio.sleep(0)

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from _support import loop_turns
 from llmap import errors as E
 from llmap.control.lanes import Lane, pick_lane
 from llmap.prompt.render import Renderer
@@ -238,12 +239,16 @@ async def test_every_failed_attempt_settles_its_reservation():
 
 async def test_unknown_limits_send_one_request_first():
     in_flight = peak = 0
+    probe_sent, answer_probe = asyncio.Event(), asyncio.Event()
 
     async def behave(n):
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
-        await asyncio.sleep(0.02)
+        if n == 1:
+            probe_sent.set()
+            await answer_probe.wait()
+        await asyncio.sleep(0.02)  # the answers' latency
         in_flight -= 1
         return Completion(ANSWER, 5, 3, 0.02)
 
@@ -251,8 +256,10 @@ async def test_unknown_limits_send_one_request_first():
     d = _dispatcher([p], concurrency=8)
     lane = d.lanes[0]
     first = [asyncio.create_task(d.solve(f"k{i}", {"t": f"x{i}"})) for i in range(8)]
-    await asyncio.sleep(0.01)
-    assert lane.in_flight == 1  # the probe alone
+    await asyncio.wait_for(probe_sent.wait(), 5)
+    await loop_turns()  # every other row has had its chance to send
+    assert lane.in_flight == 1 and p.calls == 1  # the probe alone
+    answer_probe.set()
     await asyncio.gather(*first)
     assert not lane.probing and peak < 8  # no headers: slow start, not the full wave
 
@@ -351,7 +358,8 @@ async def test_a_request_that_waited_for_the_first_answer_reserves_what_it_taugh
 
     lane.limiter.acquire = spy
     rows = [asyncio.create_task(d.solve(k, {"t": k})) for k in ("a", "b", "c")]
-    await asyncio.sleep(0.05)
+    await loop_turns()  # b and c queue behind a, which waits for the gate
+    assert p.calls == 1 and reserved == [256]
     gate.set()
     assert all(r.status == "done" for r in await asyncio.gather(*rows))
     assert reserved == [256, 7, 7]  # max_tokens' default before any answer, then what the answer used
