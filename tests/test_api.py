@@ -145,7 +145,8 @@ def test_map_pandas_polars_arrow_keep_kind_and_order(sim):
                        (pa.Table.from_pylist(ROWS), pa.Table)]:
         out = _call(data, sim)
         assert isinstance(out, kind)
-        as_rows = out.to_dict("records") if kind is pd.DataFrame else out.to_pylist() if kind is pa.Table else out.to_dicts()
+        as_rows = (out.to_dict("records") if kind is pd.DataFrame else out.to_pylist() if kind is pa.Table
+                   else out.to_dicts())
         assert [r["kind"] for r in as_rows] == [r["kind"] for r in base]  # same request, same answer
         assert list(as_rows[0])[:2] == ["name", "city"]
 

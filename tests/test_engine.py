@@ -176,7 +176,8 @@ def test_export_again_to_another_format(make_job, tmp_path):
     job = Job.from_toml(job_path)
     job.run()
     path, n = export_job(job.spec, tmp_path / "again.jsonl")
-    assert n == 4 and [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["p0000", "p0001", "p0002", "p0003"]
+    assert n == 4
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["p0000", "p0001", "p0002", "p0003"]
 
 
 def test_invalid_answer_is_reasked_with_the_error(make_job, monkeypatch):
@@ -216,8 +217,8 @@ def test_schema_sent_and_answers_validated():
         "additionalProperties": False,
     }
     assert s.validate('{"kind": "x", "n": 3, "ok": true}') == {"kind": "x", "n": 3, "ok": True}
-    for bad in ['{"kind": "y", "n": 3, "ok": true}', '{"kind": "x", "n": 3}', '{"kind": "x", "n": 3, "ok": true, "z": 1}',
-                '{"kind": "x", "n": "three", "ok": true}', "[]"]:
+    for bad in ['{"kind": "y", "n": 3, "ok": true}', '{"kind": "x", "n": 3}',
+                '{"kind": "x", "n": 3, "ok": true, "z": 1}', '{"kind": "x", "n": "three", "ok": true}', "[]"]:
         with pytest.raises(AnswerInvalid):
             s.validate(bad)
 

@@ -56,7 +56,8 @@ def test_auto_steps_to_json_object_at_once_and_remembers_it(make_job, llama_like
     assert llama_like.stats()["by_status"] == {"200": 20, "500": 1}
     assert any("refused structured output json_schema; using json_object (HTTP 500)" in m for m in progress.messages)
     assert job_status(Job.from_toml(job).spec).structured == {"openai:sim": "json_object (auto, refused json_schema)"}
-    assert [ln.structured for ln in model_report(Job.from_toml(job).spec)[0]] == ["json_object (auto, refused json_schema)"]
+    lines, _ = model_report(Job.from_toml(job).spec)
+    assert [ln.structured for ln in lines] == ["json_object (auto, refused json_schema)"]
     assert _memory()[f"{llama_like.base_url} sim"]["structured"] == "json_object"
     # the next run starts right: no refused request
     _set(job, "You sort people.", "You sort people into groups.")

@@ -34,11 +34,15 @@ class Provider:
         return await self.behave(self.calls)
 
 
+def _prompt() -> tuple[Renderer, OutputSchema]:
+    """The prompt every test here sends: ``{{ t }}``, answered by ``{"x": <string>}``."""
+    return Renderer.from_spec(PromptSpec(user="{{ t }}")), OutputSchema({"x": FieldSpec(type="string")})
+
+
 def _dispatcher(providers, **limits):
     spec = LimitsSpec(**limits)
     lanes = [Lane(i, p, ModelSpec(provider="openai", name=p.label), spec) for i, p in enumerate(providers)]
-    return Dispatcher(lanes, Renderer.from_spec(PromptSpec(user="{{ t }}")), OutputSchema({"x": FieldSpec(type="string")}),
-                      spec, max_reask=0, fallback=None, stats=DispatchStats())
+    return Dispatcher(lanes, *_prompt(), spec, max_reask=0, fallback=None, stats=DispatchStats())
 
 
 async def test_tail_hedge_beats_a_hung_first_copy():
@@ -142,8 +146,7 @@ async def test_the_request_timeout_is_a_delay_not_an_absolute_time():
     p = Provider("p", behave)
     spec = LimitsSpec(max_attempts=1)
     lane = Lane(0, p, ModelSpec(provider="openai", name="p", timeout_s=0.2), spec)
-    d = Dispatcher([lane], Renderer.from_spec(PromptSpec(user="{{ t }}")), OutputSchema({"x": FieldSpec(type="string")}),
-                   spec, max_reask=0, fallback=None, stats=DispatchStats())
+    d = Dispatcher([lane], *_prompt(), spec, max_reask=0, fallback=None, stats=DispatchStats())
     res = await asyncio.wait_for(d.solve("k", {"t": "x"}), timeout=5)
     assert res.status == "failed" and "RequestTimeout" in res.error
 
@@ -379,8 +382,7 @@ async def test_backoff_comes_from_the_limits_spec():
 
     spec = LimitsSpec(backoff_base_s=0.25, backoff_cap_s=0.5)
     lane = Lane(0, Provider("p", behave), ModelSpec(provider="openai", name="p"), spec)
-    d = Dispatcher([lane], Renderer.from_spec(PromptSpec(user="{{ t }}")), OutputSchema({"x": FieldSpec(type="string")}),
-                   spec, max_reask=0, fallback=None, stats=DispatchStats(), sleep=sleep)
+    d = Dispatcher([lane], *_prompt(), spec, max_reask=0, fallback=None, stats=DispatchStats(), sleep=sleep)
     assert (d.retry.base_s, d.retry.cap_s) == (0.25, 0.5)
     d.retry.rng.uniform = lambda low, high: high  # the ceiling itself: 0.25, then 0.5 (capped)
     res = await d.solve("k", {"t": "x"})

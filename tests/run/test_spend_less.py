@@ -50,7 +50,8 @@ def test_cache_is_shared_across_jobs_and_keyed_on_the_request(make_job, sim, tmp
     res = Job.from_toml(other).run()  # another job, another ledger: the cache answers
     assert chat_requests(sim) == 8 and {r["_source"] for r in _rows(res.output_path)} == {"cache"}
     third = tmp_path / "third.toml"
-    third.write_text(other.read_text().replace("You sort people.", "You sort people!").replace("other.parquet", "t.parquet"))
+    third.write_text(other.read_text().replace("You sort people.", "You sort people!")
+                     .replace("other.parquet", "t.parquet"))
     Job.from_toml(third).run()  # a different prompt is a different request
     assert chat_requests(sim) == 16
 

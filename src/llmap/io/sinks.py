@@ -62,7 +62,8 @@ class ResultLayout:
                 "or drop the column from [output] keep"
             )
         self.schema = pa.schema(
-            self.data_fields + [pa.field(n, FIELD_ARROW[t]) for n, t in fields.items()] + [pa.field(n, t) for n, t in _META]
+            self.data_fields + [pa.field(n, FIELD_ARROW[t]) for n, t in fields.items()]
+            + [pa.field(n, t) for n, t in _META]
         )
 
     @classmethod

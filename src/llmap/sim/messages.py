@@ -278,7 +278,8 @@ class MessagesMixin:
             if draw >= cfg.fail_rate + cfg.overload_rate:
                 msg = ("This request would exceed your organization's rate limit. For details, refer to: "
                        "https://docs.claude.com/en/api/rate-limits. Please try again later.")
-                return answer(429, error_response(429, "rate_limit_error", msg, {**(headers or {}), "retry-after": "1"}))
+                limited = {**(headers or {}), "retry-after": "1"}
+                return answer(429, error_response(429, "rate_limit_error", msg, limited))
             await self._sleep(self._latency(0))  # type: ignore[attr-defined]
             if draw < cfg.fail_rate:
                 return answer(500, error_response(500, "api_error", "Internal server error", headers))
@@ -327,5 +328,5 @@ class MessagesMixin:
             block = {"type": "tool_use", "id": f"toolu_sim{next(self._message_ids):x}", "name": forced["name"],
                      "input": {} if cut else json.loads(text)}
             return [block], "max_tokens" if cut else "tool_use", min(output, max_tokens)
-        return ([{"type": "text", "text": text[: max_tokens * 4] if cut else text}], "max_tokens" if cut else "end_turn",
-                min(output, max_tokens))
+        block = {"type": "text", "text": text[: max_tokens * 4] if cut else text}
+        return [block], "max_tokens" if cut else "end_turn", min(output, max_tokens)
