@@ -107,10 +107,8 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
             one that moves its fake clock instead).
     """
 
-    def __init__(
-        self, config: SimConfig, *, clock: Clock = time.monotonic, wall_clock: Clock = time.time,
-        sleep: Sleep = asyncio.sleep,
-    ) -> None:
+    def __init__(self, config: SimConfig, *, clock: Clock = time.monotonic, wall_clock: Clock = time.time,
+                 sleep: Sleep = asyncio.sleep) -> None:
         self._clock = clock
         self._wall_clock = wall_clock
         self._sleeper = sleep
@@ -462,12 +460,8 @@ async def start_site(
     Raises:
         OSError: the address cannot be bound.
     """
-    runner = web.AppRunner(
-        server.make_app(),
-        access_log=None,
-        handler_cancellation=True,
-        shutdown_timeout=shutdown_timeout,
-    )
+    runner = web.AppRunner(server.make_app(), access_log=None, handler_cancellation=True,
+                           shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     try:
