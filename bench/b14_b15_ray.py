@@ -91,7 +91,8 @@ def b15(rows: int, tmp: Path) -> list[tuple[str, str]]:
         base = base or rate
         out.append((f"B15 {executor}" + (f" {w} worker{'s' if w > 1 else ''}" if w else ""),
                     f"{rate:,.0f} rows/s over the run ({r['wall_s']:.1f} s, {rate / base:.2f}x local); "
-                    f"{rate_span:,.0f} rows/s first to last answer; this process's CPU {r['driver_cpu_us']:,.0f} µs/row"))
+                    f"{rate_span:,.0f} rows/s first to last answer; "
+                    f"this process's CPU {r['driver_cpu_us']:,.0f} µs/row"))
     return out
 
 

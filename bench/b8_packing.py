@@ -99,7 +99,8 @@ def main() -> int:
     }
     print(table([
         ("rows / ideal requests at pack = 10", f"{n:,} / {ideal:,}"),
-        ("packed: requests, wall", f"{packed['requests']:,} (target <= {int(1.05 * ideal):,}), {packed['wall_s']:.1f} s"),
+        ("packed: requests, wall",
+         f"{packed['requests']:,} (target <= {int(1.05 * ideal):,}), {packed['wall_s']:.1f} s"),
         ("unpacked: requests, wall", f"{single['requests']:,}, {single['wall_s']:.1f} s"),
         ("rows whose packed answer equals the unpacked one", f"{same:,} of {n:,} (target: all)"),
         ("5% items corrupted: rows done", f"{corrupt['done']:,} of {n:,} (target: all)"),

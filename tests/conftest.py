@@ -1,4 +1,4 @@
-"""Shared fixtures: a simulator on 127.0.0.1, job files written into tmp_path.
+"""Shared fixtures: a simulator on 127.0.0.1, job files written into tmp_path, a fake clock.
 
 With ``LLMAP_REQUIRE_LOCAL_MODEL=1`` (set by ``.ci/run``), a test marked
 ``local_model``, ``real_server`` or ``ray`` that skips (say, because
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _support import job_toml, people, write_csv
+from _support import FakeTime, job_toml, people, write_csv
 from llmap.sim import Simulator
 
 
@@ -34,6 +34,12 @@ def make_job(tmp_path: Path, sim: Simulator):
         return job
 
     return _make
+
+
+@pytest.fixture
+def fake_time() -> FakeTime:
+    """A clock that only moves when told to, and a sleep that moves it (see :class:`_support.FakeTime`)."""
+    return FakeTime()
 
 
 @pytest.fixture(autouse=True)

@@ -1,10 +1,13 @@
-""".ci/run runs README's test command; .ci/check_no_amx.py finds AMX instructions in shared libraries."""
+""".ci/run runs README's test command; .ci/check_no_amx.py finds AMX instructions in shared libraries; ruff
+finds nothing."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,19 @@ def test_no_library_fails_the_check(tmp_path):
     r = _check(tmp_path)
     assert r.returncode == 1
     assert "no shared library found" in r.stderr
+
+
+def test_ruff_finds_nothing_in_the_repository():
+    # CI enforces the lint rules and line length that pyproject.toml declares; ruff comes with the test extra
+    if importlib.util.find_spec("ruff") is None:
+        pytest.fail("ruff is not installed; install the test extra: pip install -e '.[test]'")
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_ruff_is_told_the_line_length_it_enforces():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert config["tool"]["ruff"]["line-length"] == 120
+    assert "E501" not in config["tool"]["ruff"]["lint"].get("ignore", [])
+    assert any(dep.startswith("ruff") for dep in config["project"]["optional-dependencies"]["test"])

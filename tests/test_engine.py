@@ -8,7 +8,7 @@ import sqlite3
 import pyarrow.parquet as pq
 import pytest
 
-from _support import ScriptedProvider, chat_requests, people, with_providers, write_csv
+from _support import NO_BACKOFF, ScriptedProvider, chat_requests, people, with_providers, write_csv
 from llmap import Job
 from llmap.errors import AnswerInvalid
 from llmap.io.sinks import export_job
@@ -176,7 +176,8 @@ def test_export_again_to_another_format(make_job, tmp_path):
     job = Job.from_toml(job_path)
     job.run()
     path, n = export_job(job.spec, tmp_path / "again.jsonl")
-    assert n == 4 and [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["p0000", "p0001", "p0002", "p0003"]
+    assert n == 4
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["p0000", "p0001", "p0002", "p0003"]
 
 
 def test_invalid_answer_is_reasked_with_the_error(make_job, monkeypatch):
@@ -216,8 +217,8 @@ def test_schema_sent_and_answers_validated():
         "additionalProperties": False,
     }
     assert s.validate('{"kind": "x", "n": 3, "ok": true}') == {"kind": "x", "n": 3, "ok": True}
-    for bad in ['{"kind": "y", "n": 3, "ok": true}', '{"kind": "x", "n": 3}', '{"kind": "x", "n": 3, "ok": true, "z": 1}',
-                '{"kind": "x", "n": "three", "ok": true}', "[]"]:
+    for bad in ['{"kind": "y", "n": 3, "ok": true}', '{"kind": "x", "n": 3}',
+                '{"kind": "x", "n": 3, "ok": true, "z": 1}', '{"kind": "x", "n": "three", "ok": true}', "[]"]:
         with pytest.raises(AnswerInvalid):
             s.validate(bad)
 
@@ -240,10 +241,9 @@ def test_failover_to_second_model_and_recorded(make_job, monkeypatch):
 def test_transient_errors_are_retried(make_job, monkeypatch):
     from llmap.errors import Overloaded
 
-    job_path = make_job(2)
+    job_path = make_job(2, limits_extra=NO_BACKOFF)
     flaky = ScriptedProvider("openai:sim", lambda n, r: Overloaded("HTTP 503") if n <= 2
                              else '{"kind": "c", "score": 0.1}')
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.0)
     with_providers(monkeypatch, [flaky])
     res = Job.from_toml(job_path).run()
     assert res.counts["done"] == 2 and len(flaky.requests) == 4

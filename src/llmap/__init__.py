@@ -6,46 +6,84 @@ Public API::
     llmap.Job.from_toml("job.toml").run()
     llmap.map(rows, prompt="Classify: {{ text }}", fields={"label": "string"})
     await llmap.amap(rows, ...)   # in Jupyter or async code
+
+Every error llmap raises on purpose is exported here, under :class:`LlmapError` (the tree is drawn in
+:mod:`llmap.errors`); :class:`Progress` is what a custom ``Job.run(progress=...)`` reporter implements.
 """
 
+from importlib import metadata as _metadata
+
 from llmap.api import amap, map
-from llmap.engine import Job, RunResult
+from llmap.engine import Job, Prepared, RunResult
 from llmap.errors import (
+    AnswerCut,
     AnswerInvalid,
     AuthError,
     BadRequest,
+    BatchTooLarge,
+    ConnectionFailed,
+    ContextTooLong,
+    DiskFull,
+    EventLoopRunning,
     FatalProviderError,
     InputError,
     LedgerLocked,
     LlmapError,
+    LocalModelCrashed,
+    MalformedResponse,
+    ModelLeftOut,
+    Overloaded,
     ProviderError,
+    QuotaExhausted,
     RateLimited,
+    RenderError,
+    RequestTimeout,
     RunInterrupted,
     SpecError,
     TerminalError,
     TransientError,
 )
+from llmap.observe.progress import Progress, Tally
 from llmap.plan import load_spec
 from llmap.spec import JobSpec, ModelSpec
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("llmap")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
+    "AnswerCut",
     "AnswerInvalid",
     "AuthError",
     "BadRequest",
+    "BatchTooLarge",
+    "ConnectionFailed",
+    "ContextTooLong",
+    "DiskFull",
+    "EventLoopRunning",
     "FatalProviderError",
     "InputError",
     "Job",
     "JobSpec",
     "LedgerLocked",
     "LlmapError",
+    "LocalModelCrashed",
+    "MalformedResponse",
+    "ModelLeftOut",
     "ModelSpec",
+    "Overloaded",
+    "Prepared",
+    "Progress",
     "ProviderError",
+    "QuotaExhausted",
     "RateLimited",
+    "RenderError",
+    "RequestTimeout",
     "RunInterrupted",
     "RunResult",
     "SpecError",
+    "Tally",
     "TerminalError",
     "TransientError",
     "__version__",

@@ -388,7 +388,9 @@ class Job:
     def _settled_hook(self, stats: DispatchStats, prep: Prepared) -> Callable[[list[RowResult], list[str]], None]:
         """Alerts and structured row logs, run on every batch of settled rows."""
         alerts = self.spec.alerts
-        alert = FailureRateAlert(alerts.max_failure_rate, alerts.window) if alerts.max_failure_rate is not None else None
+        alert = None
+        if alerts.max_failure_rate is not None:
+            alert = FailureRateAlert(alerts.max_failure_rate, alerts.window)
         log = self._log
 
         def hook(results: list[RowResult], datas: list[str]) -> None:

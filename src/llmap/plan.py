@@ -34,8 +34,8 @@ from llmap.prompt.schema import OutputSchema, check_examples, check_fallback, ch
 from llmap.spec import JobSpec, parse_spec, read_spec
 from llmap.store.fingerprint import input_hash, key_text
 
-__all__ = ["Compiled", "InputPlan", "KeyedRow", "build_source", "check_input", "compile_spec", "keyed_rows", "load_spec",
-           "spec_from_dict"]
+__all__ = ["Compiled", "InputPlan", "KeyedRow", "build_source", "check_input", "compile_spec", "keyed_rows",
+           "load_spec", "spec_from_dict"]
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,19 @@ def test_on_change_reports_transitions():
     ]
 
 
+def test_peek_reads_the_state_without_moving_it():
+    changes = []
+    b = breaker(consecutive_failures=1, cooldown_s=2.0, on_change=lambda old, new: changes.append((old, new)))
+    assert b.peek(0.0) is CLOSED
+    b.record_failure(0.0)
+    assert b.peek(1.9) is OPEN
+    assert b.peek(2.0) is HALF_OPEN  # what the next call would see ...
+    assert changes == [(CLOSED, OPEN)]  # ... yet nothing moved: no transition, no on_change
+    assert b.time_until_probe(1.0) == 1.0  # still open by its own state
+    assert b.state_at(2.0) is HALF_OPEN and changes[-1] == (OPEN, HALF_OPEN)  # state_at does move it
+    assert b.allow(2.0) and b.peek(2.0) is HALF_OPEN
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

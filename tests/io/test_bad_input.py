@@ -27,7 +27,8 @@ CASES = {
     "where column missing": (dict(extra_input="where = \"cty = 'Cody'\""), "[input] where"),
     "keep column missing": (dict(keep='["nam"]'), "[output] keep names column 'nam'"),
     "example column missing": (
-        dict(prompt_extra='examples = [{ input = { name = "x", city = "y", zzz = 1 }, output = { kind = "a", score = 0.5 } }]'),
+        dict(prompt_extra='examples = [{ input = { name = "x", city = "y", zzz = 1 }, '
+                          'output = { kind = "a", score = 0.5 } }]'),
         "[prompt] examples #1 names column 'zzz'"),
     "example output invalid": (
         dict(prompt_extra='examples = [{ input = { name = "x", city = "y" }, output = { kind = "q", score = 0.5 } }]'),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -12,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from _support import wait_until
 from llmap import Job
 from llmap.control.breaker import BreakerState
 from llmap.control.lanes import Lane
@@ -185,17 +185,19 @@ def test_scraping_during_a_simulator_run_sees_the_counters_move(make_job, monkey
     def done(s):
         return _value(s, "llmap_rows", job="people", status="done") or 0
 
+    def scrape_until(cond, what: str):
+        scrapes = []
+        wait_until(lambda: scrapes.append(_scrape(port)) or cond(scrapes[-1]), what, timeout=10, every=0.05)
+        return scrapes[-1]
+
     with Simulator(latency_median=0.05) as sim:
         job_path = make_job(200, base_url=sim.base_url, concurrency=4)
         result: dict = {}
         worker = threading.Thread(target=lambda: result.update(res=Job.from_toml(job_path).run()))
         try:
             worker.start()
-            deadline = time.monotonic() + 10
-            while done(first := _scrape(port)) < 8 and worker.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.4)
-            second = _scrape(port)
+            first = scrape_until(lambda s: done(s) >= 8, "8 rows are done")
+            second = scrape_until(lambda s: done(s) > done(first) and ok(s) > ok(first), "the counters move on")
             mid_run = worker.is_alive()
             worker.join(timeout=20)
             after = _scrape(port)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from aiohttp import web
 from typer.testing import CliRunner
 
-from _support import ScriptedProvider, chat_requests, with_providers
+from _support import FAST_BACKOFF, ScriptedProvider, chat_requests, with_providers
 from llmap import Job
 from llmap.cli import app
 from llmap.errors import BadRequest
@@ -103,8 +103,8 @@ def _leaks(paths) -> list[str]:
 def test_api_key_never_in_logs_ledger_cache_output_or_errors(make_job, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMAP_TEST_SECRET_KEY", SECRET)
     with Simulator(require_key=SECRET, fail_rate=0.2, malformed_rate=0.1, seed=3) as sim:
-        monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.01)
-        job = make_job(20, base_url=sim.base_url, model_extra='api_key_env = "LLMAP_TEST_SECRET_KEY"')
+        job = make_job(20, base_url=sim.base_url, model_extra='api_key_env = "LLMAP_TEST_SECRET_KEY"',
+                       limits_extra=FAST_BACKOFF)
         out = runner.invoke(app, ["run", str(job), "--log-json", str(tmp_path / "log.jsonl"), "--log-prompts"])
         assert out.exit_code == 0, out.stderr
         assert SECRET not in out.stderr + out.stdout

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
-from _support import ScriptedProvider, chat_requests, with_providers
+from _support import NO_BACKOFF, ScriptedProvider, chat_requests, with_providers
 from llmap import Job
 from llmap.cli import app
 from llmap.errors import Overloaded
@@ -56,7 +56,8 @@ def test_auto_steps_to_json_object_at_once_and_remembers_it(make_job, llama_like
     assert llama_like.stats()["by_status"] == {"200": 20, "500": 1}
     assert any("refused structured output json_schema; using json_object (HTTP 500)" in m for m in progress.messages)
     assert job_status(Job.from_toml(job).spec).structured == {"openai:sim": "json_object (auto, refused json_schema)"}
-    assert [ln.structured for ln in model_report(Job.from_toml(job).spec)[0]] == ["json_object (auto, refused json_schema)"]
+    lines, _ = model_report(Job.from_toml(job).spec)
+    assert [ln.structured for ln in lines] == ["json_object (auto, refused json_schema)"]
     assert _memory()[f"{llama_like.base_url} sim"]["structured"] == "json_object"
     # the next run starts right: no refused request
     _set(job, "You sort people.", "You sort people into groups.")
@@ -159,11 +160,10 @@ def test_a_misconfigured_model_is_left_out_and_the_next_one_serves(make_job, sim
 
 
 def test_transient_errors_never_look_like_a_configuration_error(make_job, monkeypatch):
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.0)
     p = ScriptedProvider("openai:sim", lambda n, r: Overloaded("HTTP 503: overloaded", status=503) if n <= 6
                          else '{"kind": "a", "score": 0.5}')
     with_providers(monkeypatch, [p])
-    res = Job.from_toml(make_job(10, concurrency=1)).run()
+    res = Job.from_toml(make_job(10, concurrency=1, limits_extra=NO_BACKOFF)).run()
     assert res.exit_code == 0 and res.counts["done"] == 10 and res.stop_reason is None
 
 

@@ -41,7 +41,8 @@ def claude():
 
 
 def model_table(url: str, name: str = "claude-haiku-4-5", extra: str = "", table: str = "[model]") -> str:
-    return f'{table}\nprovider = "anthropic"\nname = "{name}"\nbase_url = "{url}"\nprice_in = 1.0\nprice_out = 5.0\n{extra}\n'
+    return (f'{table}\nprovider = "anthropic"\nname = "{name}"\nbase_url = "{url}"\n'
+            f"price_in = 1.0\nprice_out = 5.0\n{extra}\n")
 
 
 def write_job(tmp_path: Path, models: str, *, n: int = 12, fields: str = FIELDS, limits: str = "concurrency = 4",
@@ -192,8 +193,8 @@ def test_cache_tokens_are_recorded_priced_and_shown(tmp_path, claude):
     res = Job.from_toml(job).run(progress=progress, on_start=lambda stats, tally, lanes: metrics.append(
         RunMetrics(job="job", stats_fn=lambda: stats, tally_fn=lambda: tally, lanes_fn=lambda: lanes)))
     assert res.counts["done"] == 12 and progress.finished.cache_read_tokens == res.cache_read_tokens > 0
-    scraped = {s.labels.get("kind"): s.value for m in metrics[0].collect() if m.name == "llmap_tokens" for s in m.samples
-               if s.name == "llmap_tokens_total"}
+    scraped = {s.labels.get("kind"): s.value for m in metrics[0].collect() if m.name == "llmap_tokens"
+               for s in m.samples if s.name == "llmap_tokens_total"}
     assert scraped["cache_read"] == res.cache_read_tokens and scraped["cache_write"] > 0
     with ledger(tmp_path) as db:
         reqs = db.execute("SELECT prompt_tokens, completion_tokens, cache_read_tokens, cache_write_tokens "
@@ -228,7 +229,8 @@ def test_prompt_cache_false_writes_and_reads_nothing(tmp_path, claude):
 
 def test_claude_fails_over_to_openai_when_it_refuses_every_request(tmp_path, claude):
     with Simulator() as gpt:
-        openai = f'[[model]]\nprovider = "openai"\nname = "sim"\nbase_url = "{gpt.base_url}"\nprice_in = 0.15\nprice_out = 0.6\n'
+        openai = (f'[[model]]\nprovider = "openai"\nname = "sim"\nbase_url = "{gpt.base_url}"\n'
+                  "price_in = 0.15\nprice_out = 0.6\n")
         job = write_job(tmp_path, model_table(claude.url, name="bad-request-claude", table="[[model]]") + openai, n=10)
         res = Job.from_toml(job).run()
     assert res.counts["done"] == 10 and {r["_model"] for r in rows_of(res.output_path)} == {"openai:sim"}

@@ -161,7 +161,8 @@ def test_a_500_request_validation_error_is_a_bad_request(body):
 
 
 def test_other_500s_stay_transient():
-    assert classify_status(500, openai_body(None, "The server had an error while processing your request.")) is Overloaded
+    sorry = openai_body(None, "The server had an error while processing your request.")
+    assert classify_status(500, sorry) is Overloaded
     assert classify_status(503, LLAMA_CPP_VALIDATION) is Overloaded  # only a 500 is read this way
 
 

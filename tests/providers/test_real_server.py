@@ -138,7 +138,8 @@ def test_auto_settles_on_json_object_and_every_row_is_done(llama_server, tmp_pat
     assert res.counts["done"] == len(ROWS) and res.exit_code == 0, res.stop_reason
     # rows + the one refused json_schema request (+ re-asks, should the model need any)
     assert res.requests <= len(ROWS) + 2, res.requests
-    assert job_status(Job.from_toml(job).spec).structured == {"openai:gemma-3-270m": "json_object (auto, refused json_schema)"}
+    structured = job_status(Job.from_toml(job).spec).structured
+    assert structured == {"openai:gemma-3-270m": "json_object (auto, refused json_schema)"}
 
 
 def test_forced_json_schema_stops_at_once_quoting_the_server(llama_server, tmp_path):

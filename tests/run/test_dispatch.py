@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from _support import loop_turns
 from llmap import errors as E
 from llmap.control.lanes import Lane, pick_lane
 from llmap.prompt.render import Renderer
@@ -16,6 +17,8 @@ from llmap.run.stats import DispatchStats
 from llmap.spec import FieldSpec, LimitsSpec, ModelSpec, PromptSpec
 
 ANSWER = '{"x": "ok"}'
+#: ``[limits]`` settings for tests whose rows retry: every backoff at most 10 ms.
+FAST_BACKOFF = {"backoff_base_s": 0.01, "backoff_cap_s": 0.01}
 
 
 class Provider:
@@ -31,11 +34,15 @@ class Provider:
         return await self.behave(self.calls)
 
 
+def _prompt() -> tuple[Renderer, OutputSchema]:
+    """The prompt every test here sends: ``{{ t }}``, answered by ``{"x": <string>}``."""
+    return Renderer.from_spec(PromptSpec(user="{{ t }}")), OutputSchema({"x": FieldSpec(type="string")})
+
+
 def _dispatcher(providers, **limits):
     spec = LimitsSpec(**limits)
     lanes = [Lane(i, p, ModelSpec(provider="openai", name=p.label), spec) for i, p in enumerate(providers)]
-    return Dispatcher(lanes, Renderer.from_spec(PromptSpec(user="{{ t }}")), OutputSchema({"x": FieldSpec(type="string")}),
-                      spec, max_reask=0, fallback=None, stats=DispatchStats())
+    return Dispatcher(lanes, *_prompt(), spec, max_reask=0, fallback=None, stats=DispatchStats())
 
 
 async def test_tail_hedge_beats_a_hung_first_copy():
@@ -68,8 +75,7 @@ async def test_no_hedge_outside_the_tail():
     assert res.status == "done" and p.calls == 1 and d.stats.hedged == 0
 
 
-async def test_retry_after_pauses_the_lane_for_every_row(monkeypatch):
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.0)
+async def test_retry_after_pauses_the_lane_for_every_row():
 
     async def behave(n):
         if n == 1:
@@ -77,7 +83,7 @@ async def test_retry_after_pauses_the_lane_for_every_row(monkeypatch):
         return Completion(ANSWER, 5, 3, 0.0)
 
     p = Provider("p", behave)
-    d = _dispatcher([p])
+    d = _dispatcher([p], backoff_base_s=0)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     first = await d.solve("a", {"t": "x"})
@@ -115,9 +121,8 @@ def _answers(d, cache=None):
     return d.answers
 
 
-async def test_rows_wait_for_a_half_open_probe_instead_of_failing(monkeypatch):
+async def test_rows_wait_for_a_half_open_probe_instead_of_failing():
     """One model, 10 x 503, then healthy: every row waits for the probe's verdict; none fails."""
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.01)
 
     async def behave(n):
         if n <= 10:
@@ -126,7 +131,7 @@ async def test_rows_wait_for_a_half_open_probe_instead_of_failing(monkeypatch):
         return Completion(ANSWER, 5, 3, 0.05)
 
     p = Provider("p", behave)
-    d = _dispatcher([p], retry_budget_s=30)
+    d = _dispatcher([p], retry_budget_s=30, **FAST_BACKOFF)
     d.lanes[0].breaker.base_cooldown_s = d.lanes[0].breaker.cooldown_s = 0.2
     results = await asyncio.wait_for(asyncio.gather(*(d.solve(f"k{i}", {"t": f"x{i}"}) for i in range(30))), 20)
     assert [r.status for r in results] == ["done"] * 30, {r.error for r in results}
@@ -141,15 +146,13 @@ async def test_the_request_timeout_is_a_delay_not_an_absolute_time():
     p = Provider("p", behave)
     spec = LimitsSpec(max_attempts=1)
     lane = Lane(0, p, ModelSpec(provider="openai", name="p", timeout_s=0.2), spec)
-    d = Dispatcher([lane], Renderer.from_spec(PromptSpec(user="{{ t }}")), OutputSchema({"x": FieldSpec(type="string")}),
-                   spec, max_reask=0, fallback=None, stats=DispatchStats())
+    d = Dispatcher([lane], *_prompt(), spec, max_reask=0, fallback=None, stats=DispatchStats())
     res = await asyncio.wait_for(d.solve("k", {"t": "x"}), timeout=5)
     assert res.status == "failed" and "RequestTimeout" in res.error
 
 
-async def test_a_failed_dedup_leader_hands_over_to_exactly_one_waiter(monkeypatch):
+async def test_a_failed_dedup_leader_hands_over_to_exactly_one_waiter():
     """50 identical rows whose first call gets a 503: 2 requests, not 51."""
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.01)
 
     async def behave(n):
         await asyncio.sleep(0.01)
@@ -158,7 +161,7 @@ async def test_a_failed_dedup_leader_hands_over_to_exactly_one_waiter(monkeypatc
         return Completion(ANSWER, 5, 3, 0.01)
 
     p = Provider("p", behave)
-    d = _dispatcher([p])
+    d = _dispatcher([p], **FAST_BACKOFF)
     _answers(d)
     results = await asyncio.gather(*(d.solve(f"k{i}", {"t": "same"}) for i in range(50)))
     assert all(r.status == "done" for r in results)
@@ -166,8 +169,7 @@ async def test_a_failed_dedup_leader_hands_over_to_exactly_one_waiter(monkeypatc
     assert sum(r.source == "cache" for r in results) == 49
 
 
-async def test_after_a_leader_gives_up_one_waiter_takes_over_and_the_rest_keep_waiting(monkeypatch):
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.0)
+async def test_after_a_leader_gives_up_one_waiter_takes_over_and_the_rest_keep_waiting():
     calls = []
 
     async def behave(n):
@@ -178,7 +180,7 @@ async def test_after_a_leader_gives_up_one_waiter_takes_over_and_the_rest_keep_w
         return Completion(ANSWER, 5, 3, 0.01)
 
     p = Provider("p", behave)
-    d = _dispatcher([p])
+    d = _dispatcher([p], backoff_base_s=0)
     _answers(d)
     results = await asyncio.gather(*(d.solve(f"k{i}", {"t": "same"}) for i in range(10)))
     assert sorted(r.status for r in results) == ["done"] * 9 + ["failed"]
@@ -240,12 +242,16 @@ async def test_every_failed_attempt_settles_its_reservation():
 
 async def test_unknown_limits_send_one_request_first():
     in_flight = peak = 0
+    probe_sent, answer_probe = asyncio.Event(), asyncio.Event()
 
     async def behave(n):
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
-        await asyncio.sleep(0.02)
+        if n == 1:
+            probe_sent.set()
+            await answer_probe.wait()
+        await asyncio.sleep(0.02)  # the answers' latency
         in_flight -= 1
         return Completion(ANSWER, 5, 3, 0.02)
 
@@ -253,8 +259,10 @@ async def test_unknown_limits_send_one_request_first():
     d = _dispatcher([p], concurrency=8)
     lane = d.lanes[0]
     first = [asyncio.create_task(d.solve(f"k{i}", {"t": f"x{i}"})) for i in range(8)]
-    await asyncio.sleep(0.01)
-    assert lane.in_flight == 1  # the probe alone
+    await asyncio.wait_for(probe_sent.wait(), 5)
+    await loop_turns()  # every other row has had its chance to send
+    assert lane.in_flight == 1 and p.calls == 1  # the probe alone
+    answer_probe.set()
     await asyncio.gather(*first)
     assert not lane.probing and peak < 8  # no headers: slow start, not the full wave
 
@@ -353,7 +361,30 @@ async def test_a_request_that_waited_for_the_first_answer_reserves_what_it_taugh
 
     lane.limiter.acquire = spy
     rows = [asyncio.create_task(d.solve(k, {"t": k})) for k in ("a", "b", "c")]
-    await asyncio.sleep(0.05)
+    await loop_turns()  # b and c queue behind a, which waits for the gate
+    assert p.calls == 1 and reserved == [256]
     gate.set()
     assert all(r.status == "done" for r in await asyncio.gather(*rows))
     assert reserved == [256, 7, 7]  # max_tokens' default before any answer, then what the answer used
+
+
+async def test_backoff_comes_from_the_limits_spec():
+    """``[limits] backoff_base_s`` / ``backoff_cap_s`` set the retry waits (full jitter under each ceiling)."""
+    async def behave(n):
+        if n <= 4:
+            raise E.Overloaded("HTTP 503", status=503)
+        return Completion(ANSWER, 5, 3, 0.0)
+
+    waits: list[float] = []
+
+    async def sleep(seconds):
+        waits.append(seconds)
+
+    spec = LimitsSpec(backoff_base_s=0.25, backoff_cap_s=0.5)
+    lane = Lane(0, Provider("p", behave), ModelSpec(provider="openai", name="p"), spec)
+    d = Dispatcher([lane], *_prompt(), spec, max_reask=0, fallback=None, stats=DispatchStats(), sleep=sleep)
+    assert (d.retry.base_s, d.retry.cap_s) == (0.25, 0.5)
+    d.retry.rng.uniform = lambda low, high: high  # the ceiling itself: 0.25, then 0.5 (capped)
+    res = await d.solve("k", {"t": "x"})
+    assert res.status == "done" and waits == [0.25, 0.5, 0.5, 0.5]
+    assert _dispatcher([Provider("q", behave)]).retry.base_s == 0.5  # the default

@@ -9,7 +9,7 @@ import sqlite3
 import pyarrow.parquet as pq
 import pytest
 
-from _support import chat_requests, people, write_csv
+from _support import await_until, chat_requests, people, write_csv
 from llmap import Job
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import CacheEntry, ResponseCache
@@ -48,7 +48,7 @@ def test_a_dead_helper_task_stops_the_run_with_its_error(make_job, sim, monkeypa
     sim.reconfigure(latency_median=0.05)
 
     async def broken_watchdog(self):
-        await asyncio.sleep(0.05)
+        await await_until(lambda: self.stats.requests > 0, "the run has sent a request")  # dies mid-run
         raise RuntimeError("simulated: the timeout watchdog died")
 
     monkeypatch.setattr("llmap.run.dispatch.Dispatcher.watchdog", broken_watchdog)
@@ -116,7 +116,8 @@ def test_nothing_of_the_run_is_left_running_when_arun_returns(make_job, sim):
 
     async def main():
         run = asyncio.create_task(Job.from_toml(job).arun())
-        await asyncio.sleep(0.4)  # mid-run, while damaged rows wait to be regrouped
+        # mid-run: packs are in flight, and those that came back damaged leave rows waiting to be regrouped
+        await await_until(lambda: chat_requests(sim) >= 4, "four packs are sent")
         run.cancel()
         with pytest.raises(BaseException):  # noqa: B017 - RunInterrupted or CancelledError
             await run

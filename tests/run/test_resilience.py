@@ -1,4 +1,7 @@
-"""Rate limits, retries, breaker, failover and budget caps, end to end against the simulator."""
+"""Rate limits, retries, breaker, failover and budget caps, end to end against the simulator.
+
+Every job here sets a backoff of at most 10 ms (`FAST_BACKOFF`): rows retry without waiting; the policy itself
+is unit-tested in tests/control."""
 
 from __future__ import annotations
 
@@ -9,16 +12,10 @@ import urllib.request
 import pyarrow.parquet as pq
 import pytest
 
-from _support import ScriptedProvider, chat_requests, with_providers
+from _support import FAST_BACKOFF, ScriptedProvider, chat_requests, with_providers
 from llmap import Job
 from llmap.errors import AuthError
 from llmap.sim import Simulator
-
-
-@pytest.fixture(autouse=True)
-def _fast_backoff(monkeypatch):
-    # Keep backoff tiny so tests do not sleep; the policy itself is unit-tested in tests/control.
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.01)
 
 
 def _drain(sim: Simulator, n: int) -> None:
@@ -38,7 +35,7 @@ def test_429_retry_after_pauses_the_lane_and_every_row_finishes(make_job):
     with Simulator(rpm=30) as sim:  # refills a request every 2 s: still empty when the job starts on a slow machine
         _drain(sim, 30)  # the server's bucket is now empty: the job's first requests get 429
         before = sim.stats()["by_status"].get("429", 0)
-        job = make_job(6, base_url=sim.base_url, concurrency=4)
+        job = make_job(6, base_url=sim.base_url, concurrency=4, limits_extra=FAST_BACKOFF)
         res = Job.from_toml(job).run()
         assert res.counts["done"] == 6 and res.exit_code == 0
         got_429 = sim.stats()["by_status"].get("429", 0) - before
@@ -49,7 +46,8 @@ def test_429_retry_after_pauses_the_lane_and_every_row_finishes(make_job):
 
 def test_hung_requests_are_abandoned_and_retried(make_job):
     with Simulator(hang_rate=0.25, seed=7) as sim:
-        job = make_job(24, base_url=sim.base_url, model_extra="timeout_s = 1.0", concurrency=8)
+        job = make_job(24, base_url=sim.base_url, model_extra="timeout_s = 1.0", concurrency=8,
+                       limits_extra=FAST_BACKOFF)
         res = Job.from_toml(job).run()
         assert res.counts["done"] == 24
         assert sim.stats()["hung"] >= 1 and chat_requests(sim) > 24
@@ -59,7 +57,7 @@ def test_hung_requests_are_abandoned_and_retried(make_job):
 
 def test_malformed_and_5xx_answers_are_retried(make_job):
     with Simulator(malformed_rate=0.2, fail_rate=0.2, seed=3) as sim:
-        job = make_job(40, base_url=sim.base_url)
+        job = make_job(40, base_url=sim.base_url, limits_extra=FAST_BACKOFF)
         res = Job.from_toml(job).run()
         assert res.counts["done"] == 40 and res.retries > 0
         by = sim.stats()["by_status"]
@@ -69,7 +67,7 @@ def test_malformed_and_5xx_answers_are_retried(make_job):
 def test_terminal_error_fails_the_row_at_once(make_job):
     # 2 rows: below the 3 identical refusals that make a configuration error (tests/test_structured.py)
     with Simulator() as sim:
-        job = make_job(2, base_url=sim.base_url)
+        job = make_job(2, base_url=sim.base_url, limits_extra=FAST_BACKOFF)
         job.write_text(job.read_text().replace('name = "sim"', 'name = "bad-request-model"'))
         res = Job.from_toml(job).run()
         assert res.counts["failed"] == 2 and res.exit_code == 1
@@ -79,7 +77,7 @@ def test_terminal_error_fails_the_row_at_once(make_job):
 
 def test_quota_exhausted_stops_the_run_and_keeps_progress(make_job):
     with Simulator(quota_tokens=400) as sim:
-        job = make_job(60, base_url=sim.base_url, concurrency=1)
+        job = make_job(60, base_url=sim.base_url, concurrency=1, limits_extra=FAST_BACKOFF)
         res = Job.from_toml(job).run()
         assert res.exit_code == 1 and "quota" in res.stop_reason.lower()
         assert res.counts["done"] > 0 and res.counts["pending"] > 0 and res.counts["failed"] == 0
@@ -88,7 +86,7 @@ def test_quota_exhausted_stops_the_run_and_keeps_progress(make_job):
 
 
 def test_auth_error_mid_run_stops_with_one_message(make_job, monkeypatch):
-    job = make_job(20, concurrency=1)
+    job = make_job(20, concurrency=1, limits_extra=FAST_BACKOFF)
     p = ScriptedProvider("openai:sim", lambda n, r: AuthError("HTTP 401: key revoked") if n > 3
                          else '{"kind": "a", "score": 0.5}')
     with_providers(monkeypatch, [p])
@@ -99,7 +97,7 @@ def test_auth_error_mid_run_stops_with_one_message(make_job, monkeypatch):
 
 def test_budget_cap_stops_dispatch_and_rerun_continues(make_job):
     with Simulator() as sim:
-        job = make_job(40, base_url=sim.base_url, concurrency=1)
+        job = make_job(40, base_url=sim.base_url, concurrency=1, limits_extra=FAST_BACKOFF)
         job.write_text(job.read_text().replace("concurrency = 1", "concurrency = 1\nmax_tokens = 600"))
         res = Job.from_toml(job).run()
         assert res.exit_code == 1 and "limits.max_tokens" in res.stop_reason
@@ -114,7 +112,7 @@ def test_budget_cap_stops_dispatch_and_rerun_continues(make_job):
 def test_cost_cap_uses_model_prices(make_job):
     with Simulator() as sim:
         job = make_job(40, base_url=sim.base_url, concurrency=1,
-                       model_extra="price_in = 1000.0\nprice_out = 1000.0")
+                       model_extra="price_in = 1000.0\nprice_out = 1000.0", limits_extra=FAST_BACKOFF)
         job.write_text(job.read_text().replace("concurrency = 1", "concurrency = 1\nmax_cost_usd = 0.5"))
         res = Job.from_toml(job).run()
         assert "max_cost_usd" in res.stop_reason and res.cost_usd >= 0.5
@@ -130,7 +128,7 @@ def _two_models(job, backup_url: str) -> None:
 
 def test_failover_when_primary_is_down(make_job):
     with Simulator(fail_rate=1.0) as primary, Simulator() as backup:
-        job = make_job(30, base_url=primary.base_url, concurrency=4)
+        job = make_job(30, base_url=primary.base_url, concurrency=4, limits_extra=FAST_BACKOFF)
         _two_models(job, backup.base_url)
         res = Job.from_toml(job).run()
         assert res.counts["done"] == 30
@@ -143,7 +141,7 @@ def test_failover_when_primary_is_down(make_job):
 def test_fallback_answer_for_rows_no_model_answers(make_job):
     # 2 rows: 3 identical refusals would be a configuration error that stops the run instead
     with Simulator() as sim:
-        job = make_job(2, base_url=sim.base_url)
+        job = make_job(2, base_url=sim.base_url, limits_extra=FAST_BACKOFF)
         text = job.read_text().replace('name = "sim"', 'name = "missing-model-x"')
         job.write_text(text.replace('keep = ["name"]', 'keep = ["name"]\nfallback = { kind = "c", score = 0.0 }'))
         res = Job.from_toml(job).run()
@@ -164,6 +162,6 @@ def test_invalid_fallback_is_a_spec_error(make_job):
 
 def test_rate_limits_learned_from_headers_pace_the_run(make_job):
     with Simulator(rpm=600, tpm=1_000_000) as sim:  # the job sets no limits
-        job = make_job(30, base_url=sim.base_url, concurrency=8)
+        job = make_job(30, base_url=sim.base_url, concurrency=8, limits_extra=FAST_BACKOFF)
         res = Job.from_toml(job).run()
         assert res.counts["done"] == 30 and sim.stats()["by_status"].get("429", 0) == 0

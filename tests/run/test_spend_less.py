@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from _support import ScriptedProvider, chat_requests, people, with_providers, write_csv
+from _support import NO_BACKOFF, ScriptedProvider, chat_requests, people, with_providers, write_csv
 from llmap import Job
 from llmap.cli import app
 from llmap.observe.report import model_report
@@ -50,14 +50,14 @@ def test_cache_is_shared_across_jobs_and_keyed_on_the_request(make_job, sim, tmp
     res = Job.from_toml(other).run()  # another job, another ledger: the cache answers
     assert chat_requests(sim) == 8 and {r["_source"] for r in _rows(res.output_path)} == {"cache"}
     third = tmp_path / "third.toml"
-    third.write_text(other.read_text().replace("You sort people.", "You sort people!").replace("other.parquet", "t.parquet"))
+    third.write_text(other.read_text().replace("You sort people.", "You sort people!")
+                     .replace("other.parquet", "t.parquet"))
     Job.from_toml(third).run()  # a different prompt is a different request
     assert chat_requests(sim) == 16
 
 
 def test_expired_entry_is_served_when_every_model_fails(make_job, sim, tmp_path, monkeypatch):
-    monkeypatch.setattr("llmap.control.retry.RetryPolicy.backoff", lambda self, attempt: 0.0)
-    job = make_job(4)
+    job = make_job(4, limits_extra=NO_BACKOFF)
     job.write_text(job.read_text() + '\n[cache]\nttl = "1h"\n')
     Job.from_toml(job).run()
     cache_db = tmp_path / "llmap-cache" / "responses.sqlite"

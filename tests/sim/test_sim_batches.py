@@ -1,23 +1,29 @@
-"""The simulator's batch APIs over HTTP: OpenAI Files + Batch, Anthropic Message Batches."""
+"""The simulator's batch APIs over HTTP: OpenAI Files + Batch, Anthropic Message Batches.
+
+The simulator runs on a fake clock (:data:`TIME`): a batch moves on only when a test moves the clock, so nothing
+here waits for real time.
+"""
 
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import pytest
 
+from _support import FakeTime
 from llmap.sim import Simulator
 
 SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": ["yes", "no"]}},
           "required": ["label"], "additionalProperties": False}
 ANT = {"anthropic-version": "2023-06-01", "x-api-key": "k"}
+#: The shared simulator's clock (seconds); its batch timelines follow it.
+TIME = FakeTime()
 
 
 @pytest.fixture(scope="module")
 def shared():
-    with Simulator(batch_time=0.2, seed=7) as s:
+    with Simulator(batch_time=0.2, seed=7, clock=TIME.clock, sleep=TIME.sleep) as s:
         yield s
 
 
@@ -55,13 +61,13 @@ def create(http, sim, lines: list[dict], **extra):
 
 
 def wait(http, sim, bid: str, until=("completed", "expired", "cancelled", "failed"), timeout: float = 5.0) -> dict:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
+    """Move the simulator's clock in 50 ms steps until the batch reaches ``until`` (at most ``timeout`` seconds)."""
+    for _ in range(round(timeout / 0.05) + 1):
         doc = http(sim.base_url + f"/batches/{bid}").json()
         if doc["status"] in until:
             return doc
-        time.sleep(0.05)
-    raise AssertionError(f"batch {bid} still {doc['status']}")
+        TIME.advance(0.05)
+    raise AssertionError(f"batch {bid} still {doc['status']} after {timeout} s")
 
 
 def content(http, sim, file_id: str) -> list[dict]:
@@ -165,7 +171,7 @@ def test_message_batches_end_with_results_in_any_order_and_errored_requests(http
     assert doc["type"] == "message_batch" and doc["processing_status"] == "in_progress"
     assert doc["request_counts"]["processing"] == 5 and doc["results_url"] is None
     assert http(sim.url + f"/v1/messages/batches/{doc['id']}/results", headers=ANT).status == 404  # not ended
-    time.sleep(0.3)
+    TIME.advance(0.25)  # past batch_time (0.2 s): every request has run
     ended = http(sim.url + f"/v1/messages/batches/{doc['id']}", headers=ANT).json()
     assert ended["processing_status"] == "ended" and ended["request_counts"]["succeeded"] == 4
     assert ended["request_counts"]["errored"] == 1 and ended["ended_at"]
@@ -196,7 +202,7 @@ def test_message_batch_cancel_ends_with_canceled_results(http, sim):
     doc = http(sim.url + "/v1/messages/batches", {"requests": [ant_request(i) for i in range(3)]}, headers=ANT).json()
     r = http(sim.url + f"/v1/messages/batches/{doc['id']}/cancel", {}, headers=ANT)
     assert r.json()["processing_status"] == "canceling" and r.json()["cancel_initiated_at"]
-    time.sleep(0.2)
+    TIME.advance(0.15)  # past batch_cancel_time (0.1 s)
     ended = http(sim.url + f"/v1/messages/batches/{doc['id']}", headers=ANT).json()
     assert ended["processing_status"] == "ended" and ended["request_counts"]["canceled"] == 3
     listed = http(sim.url + "/v1/messages/batches?limit=1", headers=ANT).json()

@@ -202,11 +202,24 @@ def test_hang_is_never_answered(post_chat, chat_body):
     assert time.monotonic() - started < 3
 
 
-def test_latency_is_applied(post_chat, chat_body):
-    with Simulator(latency_median=0.15) as sim:
-        started = time.monotonic()
+def test_latency_is_awaited_through_the_injected_sleep(post_chat, chat_body, fake_time):
+    with Simulator(latency_median=30.0, per_token_ms=1000.0, clock=fake_time.clock, sleep=fake_time.sleep) as sim:
+        answer = post_chat(sim, chat_body(max_tokens=5))  # answered now, not in 30 s: the fake sleep moves the clock
+        assert answer.status == 200
+    completion = answer.json()["usage"]["completion_tokens"]
+    assert fake_time.sleeps == [30.0 + completion] and fake_time.now == 30.0 + completion
+
+
+def test_rate_limits_follow_the_injected_clock(post_chat, chat_body, fake_time):
+    with Simulator(rpm=1, clock=fake_time.clock, sleep=fake_time.sleep) as sim:
         assert post_chat(sim, chat_body()).status == 200
-        assert time.monotonic() - started >= 0.15
+        refused = post_chat(sim, chat_body())
+        assert refused.status == 429 and refused.headers["retry-after"] == "60"  # exactly: no time passed
+        fake_time.advance(59.9)
+        assert post_chat(sim, chat_body()).status == 429
+        fake_time.advance(0.1)  # one request refilled at 1 rpm
+        assert post_chat(sim, chat_body()).status == 200
+        assert sim.stats()["by_status"] == {"200": 2, "429": 2}
 
 
 def test_quota_exhaustion(post_chat, chat_body):

@@ -99,7 +99,8 @@ def disk(monkeypatch) -> _Disk:
 def test_full_disk_at_each_write_says_one_line_and_the_rerun_pays_nothing_twice(where, when, file, make_job,
                                                                                  tmp_path, disk, monkeypatch):
     monkeypatch.setattr("llmap.run.pool.COMMIT_ROWS", 8)  # several commits in a small run
-    with Simulator(latency_median=0.01) as sim:
+    # rows commit as they settle, the response cache every 0.25 s: the run lasts about 1 s, several cache writes
+    with Simulator(latency_median=0.03) as sim:
         job = make_job(N, base_url=sim.base_url, concurrency=2)
         disk.fill("job.ledger.sqlite" if file == "ledger" else "responses.sqlite", when)
         code, text = _run("run", job, "-q")

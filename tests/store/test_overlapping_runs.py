@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from _support import LLMAP, chat_requests, job_toml
+from _support import LLMAP, await_until, chat_requests, job_toml
 from llmap import Job
 from llmap.cli import app
 from llmap.errors import LedgerLocked
@@ -107,8 +107,7 @@ async def test_python_api_takes_the_same_lock(make_job, tmp_path):
     with Simulator(latency_median=0.05) as sim:
         job_file = make_job(40, base_url=sim.base_url, concurrency=2)
         first = asyncio.create_task(Job.from_toml(job_file).arun())
-        while not (tmp_path / ".llmap" / "job.ledger.sqlite").exists():
-            await asyncio.sleep(0.01)
+        await await_until((tmp_path / ".llmap" / "job.ledger.sqlite").exists, "the first run has made its ledger")
         with pytest.raises(LedgerLocked, match="holds its ledger"):
             await Job.from_toml(job_file).arun()
         waited = await Job.from_toml(job_file).arun(wait_lock=True)

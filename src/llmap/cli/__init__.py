@@ -1,4 +1,5 @@
-"""The ``llmap`` command line: ``run``, ``status``, ``export``, ``report``, ``estimate``, ``cache``, ``batch``, ``simulate``.
+"""The ``llmap`` command line: ``run``, ``status``, ``export``, ``report``, ``estimate``, ``cache``, ``batch``,
+``simulate``.
 
 Exit codes: 0 every row done or skipped; 1 some rows failed or the run
 stopped on a provider error; 2 bad job or input (nothing sent); 75 another

@@ -8,7 +8,7 @@ import contextlib
 import typer
 from rich.markup import escape
 
-from llmap.cli.common import JobFile, err, fail, load_job, out
+from llmap.cli.common import JobFile, err, fail, load_job, out, paragraphs
 from llmap.errors import ProviderError, SpecError
 
 __all__ = ["batch_app"]
@@ -20,10 +20,13 @@ batch_app = typer.Typer(
 
 
 @batch_app.command("cancel")
+@paragraphs
 def cancel(job_file: JobFile) -> None:
     """Cancel the job's open batches at the provider.
 
-    What they finished is kept (and billed): the next llmap run collects it and submits the job's other rows again. A run in progress stops once the cancelled batches have ended. Exit 0 when every open batch was asked to cancel, 1 when the provider refused one.
+    What they finished is kept (and billed): the next llmap run collects it and submits the job's other rows
+    again. A run in progress stops once the cancelled batches have ended. Exit 0 when every open batch was
+    asked to cancel, 1 when the provider refused one.
     """
     job = load_job(job_file)
     if not job.spec.model.batch:

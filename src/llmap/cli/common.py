@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -12,11 +14,24 @@ from rich.markup import escape
 from llmap.engine import Job
 from llmap.errors import SpecError
 
-__all__ = ["JobFile", "err", "fail", "load_job", "out"]
+__all__ = ["JobFile", "err", "fail", "load_job", "out", "paragraphs"]
 
 #: Progress, warnings and errors (standard error); results (standard output).
 err = Console(stderr=True)
 out = Console()
+
+F = TypeVar("F", bound=Callable)
+
+
+def paragraphs(command: F) -> F:
+    """Make each paragraph of a command's docstring one line, so ``--help`` reflows it to the terminal.
+
+    Typer's rich help keeps a docstring's line breaks; with this the source can wrap at its line length.
+    """
+    doc = inspect.cleandoc(command.__doc__ or "")
+    command.__doc__ = "\n\n".join(" ".join(line.strip() for line in para.splitlines()) for para in doc.split("\n\n"))
+    return command
+
 
 JobFile = Annotated[Path, typer.Argument(help="The job spec, a TOML file (see README.md: 'The job spec').",
                                          show_default=False)]

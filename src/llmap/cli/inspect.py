@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llmap.cli.common import JobFile, err, fail, load_job, out
+from llmap.cli.common import JobFile, err, fail, load_job, out, paragraphs
 from llmap.errors import DiskFull, SpecError
 from llmap.io.sinks import export_job
 from llmap.observe.report import build_run_summary, model_report, path_split
@@ -23,12 +23,15 @@ from llmap.store.ledger import STATUSES
 __all__ = ["estimate", "export", "report", "status"]
 
 
+@paragraphs
 def status(
     job_file: JobFile,
-    by: Annotated[str | None, typer.Option("--by", help="Also count per value of this input column, e.g. state.")] = None,
+    by: Annotated[str | None, typer.Option(
+        "--by", help="Also count per value of this input column, e.g. state.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show how many rows are pending, done, failed and skipped, read from the job's ledger, and the structured-output dialect each model used."""
+    """Show how many rows are pending, done, failed and skipped, read from the job's ledger, and the
+    structured-output dialect each model used."""
     job = load_job(job_file)
     try:
         rep = job_status(job.spec, by)
@@ -83,7 +86,8 @@ def _batch_table(batches: list[dict]) -> Table:
 
 def export(
     job_file: JobFile,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of \\[output] path (.parquet, .jsonl or .csv).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write here instead of \\[output] path (.parquet, .jsonl or .csv).")] = None,
 ) -> None:
     """Write the output file again from the ledger (no model calls)."""
     job = load_job(job_file)
@@ -97,6 +101,7 @@ def export(
     out.print(f"output: {path} ({n:,} rows)", highlight=False, soft_wrap=True)
 
 
+@paragraphs
 def report(
     job_file: JobFile,
     html: Annotated[Path | None, typer.Option(
@@ -108,9 +113,11 @@ def report(
     by: Annotated[str | None, typer.Option("--by", show_default=False,
                                            help="Group the HTML's row-status plot by this input column.")] = None,
 ) -> None:
-    """Show how many rows each model settled (a cascade's split), from the cache or not, what it cost, and the structured-output dialect each model used.
+    """Show how many rows each model settled (a cascade's split), from the cache or not, what it cost, and the
+    structured-output dialect each model used.
 
-    Then a summary of one run (the latest, or --run N): rows, requests, 429s, retries, tokens, cost, wall time. With --html, the same as a file with plots.
+    Then a summary of one run (the latest, or --run N): rows, requests, 429s, retries, tokens, cost, wall time.
+    With --html, the same as a file with plots.
     """
     job = load_job(job_file)
     try:
@@ -159,6 +166,7 @@ def _run_table(sm) -> Table:
     return t
 
 
+@paragraphs
 def estimate(
     job_file: JobFile,
     limit: Annotated[int | None, typer.Option("--limit", min=1, show_default=False,
@@ -166,7 +174,9 @@ def estimate(
 ) -> None:
     """Estimate a run before paying for it: rows to request, tokens, cost per model, time.
 
-    Calls no model. Rows already done, answered by the response cache, or duplicates of another row are left out. Completion tokens come from past runs when the ledger has them, else from max_tokens; the table says which.
+    Calls no model. Rows already done, answered by the response cache, or duplicates of another row are left
+    out. Completion tokens come from past runs when the ledger has them, else from max_tokens; the table says
+    which.
     """
     from llmap.observe.estimate.rows import estimate as run_estimate
     from llmap.observe.estimate.table import format_estimate

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from llmap.cli.common import JobFile, err, fail, load_job, out
+from llmap.cli.common import JobFile, err, fail, load_job, out, paragraphs
 from llmap.errors import DiskFull, LedgerLocked, RunInterrupted, SpecError
 from llmap.observe.logs import JsonLog
 from llmap.observe.progress import MessagesOnly, RichProgress
@@ -17,10 +17,13 @@ from llmap.store.fingerprint import unchanged_since_complete
 __all__ = ["run"]
 
 
+@paragraphs
 def run(
     job_file: JobFile,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N rows (overrides \\[input] limit).")] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier results in the ledger and start over.")] = False,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", min=1, help="Process at most N rows (overrides \\[input] limit).")] = None,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Forget earlier results in the ledger and start over.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (warnings still print).")] = False,
     if_changed: Annotated[bool, typer.Option(
         "--if-changed", help="Exit 0 at once, touching nothing, when the input files, the spec and the done rows "
@@ -52,13 +55,19 @@ def run(
 ) -> None:
     """Run a job: read the input, ask the model once per row, write the output.
 
-    Every result is committed to the job's ledger before it counts, so Ctrl-C or a crash loses nothing: run the same command again and it continues where it stopped, sending requests only for rows not yet done.
+    Every result is committed to the job's ledger before it counts, so Ctrl-C or a crash loses nothing: run the
+    same command again and it continues where it stopped, sending requests only for rows not yet done.
 
-    One run of a job at a time: a run holds the job's ledger lock for its whole life, and a second run of the same job is refused (or waits, with --wait-lock). status, export, report and estimate work during a run.
+    One run of a job at a time: a run holds the job's ledger lock for its whole life, and a second run of the
+    same job is refused (or waits, with --wait-lock). status, export, report and estimate work during a run.
 
-    With \\[model] batch = true the first model's requests go through its provider's batch API (half price, within 24 hours): the run submits, then polls every \\[batch] poll_s seconds. Ctrl-C or a crash leaves the batches running and recorded in the ledger: the next run collects them and submits none of their rows again.
+    With \\[model] batch = true the first model's requests go through its provider's batch API (half price,
+    within 24 hours): the run submits, then polls every \\[batch] poll_s seconds. Ctrl-C or a crash leaves the
+    batches running and recorded in the ledger: the next run collects them and submits none of their rows again.
 
-    Exit codes: 0 all rows done, skipped or given the fallback, 1 some rows failed or a budget cap or an error every row would hit stopped the run, 2 bad job or input (nothing sent), 75 another run of the job holds its ledger (nothing sent), 130 interrupted.
+    Exit codes: 0 all rows done, skipped or given the fallback, 1 some rows failed or a budget cap or an error
+    every row would hit stopped the run, 2 bad job or input (nothing sent), 75 another run of the job holds its
+    ledger (nothing sent), 130 interrupted.
     """
     job = load_job(job_file)
     if if_changed and not fresh:

@@ -137,6 +137,18 @@ class CircuitBreaker:
         """The state now, by the breaker's clock."""
         return self.state_at()
 
+    def peek(self, now: float | None = None) -> BreakerState:
+        """Return the state a call at ``now`` would see, without moving the breaker.
+
+        Unlike :meth:`state_at` it changes nothing: an OPEN breaker whose cooldown
+        is over reads HALF_OPEN, but stays OPEN and ``on_change`` is not called. For
+        readers on another thread (a metrics scrape) that must not touch the run.
+        """
+        state = self._state
+        if state is BreakerState.OPEN and self._now(now) >= self._probe_at():
+            return BreakerState.HALF_OPEN
+        return state
+
     def _open(self, now: float) -> None:
         self.opened_at = now
         self._calls.clear()

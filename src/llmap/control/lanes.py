@@ -14,8 +14,8 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from llmap.control.breaker import BreakerState, CircuitBreaker
 from llmap.control.concurrency import AIMDConcurrency
@@ -26,7 +26,7 @@ from llmap.pricing import cost_usd
 from llmap.providers.base import Provider
 from llmap.spec import LimitsSpec, ModelSpec
 
-__all__ = ["Lane", "LaneLimiter", "pick_lane"]
+__all__ = ["Lane", "LaneAIMD", "LaneBreaker", "LaneLimiter", "pick_lane"]
 
 #: Starting in-flight limit when the job sets no ``concurrency`` (AIMD grows it).
 INITIAL_CONCURRENCY = 16
@@ -37,6 +37,7 @@ MAX_CONCURRENCY = 256
 BREAKER_COOLDOWN_MAX_S = 10.0
 
 
+@runtime_checkable
 class LaneLimiter(Protocol):
     """What the dispatcher asks of a lane's rate limiter: the local
     :class:`~llmap.control.limits.Limiter`, or a worker's link to a cluster-wide budget
@@ -54,6 +55,63 @@ class LaneLimiter(Protocol):
     def update_from_headers(self, headers: Mapping[str, str], *, sent_at: float | None = None) -> Any: ...
 
 
+@runtime_checkable
+class LaneAIMD(Protocol):
+    """What the dispatcher asks of a lane's adaptive concurrency limit: the local
+    :class:`~llmap.control.concurrency.AIMDConcurrency`, or a worker's share of the cluster's
+    (:class:`llmap.run.ray.budget.SharedAIMD`)."""
+
+    @property
+    def limit(self) -> int:
+        """Requests allowed in flight now."""
+        ...
+
+    @property
+    def maximum(self) -> int:
+        """The highest :attr:`limit` can go."""
+        ...
+
+    def on_success(self) -> bool:
+        """Count an answer; True when the limit grew (waiters may go)."""
+        ...
+
+    def on_congestion(self, in_flight: int | None = None) -> bool:
+        """Count a 429 or an overload, with ``in_flight`` requests out; True when the limit was cut."""
+        ...
+
+
+@runtime_checkable
+class LaneBreaker(Protocol):
+    """What the dispatcher, failover (:func:`pick_lane`) and the metrics ask of a lane's circuit
+    breaker: the local :class:`~llmap.control.breaker.CircuitBreaker`, or a worker's view of the
+    cluster's (:class:`llmap.run.ray.budget.SharedBreaker`). ``now`` is clock seconds (None: the
+    breaker's clock)."""
+
+    def allow(self, now: float | None = None) -> bool:
+        """True when a call may go now (a half-open probe slot is taken)."""
+        ...
+
+    def release(self, now: float | None = None) -> None:
+        """Give back a probe slot taken by :meth:`allow` whose outcome will not be recorded."""
+        ...
+
+    def record_success(self, now: float | None = None) -> None:
+        """A call reached a healthy provider."""
+        ...
+
+    def record_failure(self, now: float | None = None) -> None:
+        """An outage-type failure (timeout, refused connection, 5xx, overload)."""
+        ...
+
+    def time_until_probe(self, now: float | None = None) -> float:
+        """Seconds until :meth:`allow` may let a call through (``inf``: wait for a probe's outcome)."""
+        ...
+
+    def peek(self, now: float | None = None) -> BreakerState:
+        """The state a call at ``now`` would see, changing nothing (safe from another thread)."""
+        ...
+
+
 class Lane:
     """Everything the dispatcher tracks for one model.
 
@@ -62,12 +120,14 @@ class Lane:
         provider: the provider (see :class:`llmap.providers.base.Provider`).
         model: the ``[model]`` spec (prices, max_tokens, timeout, rpm/tpm overrides).
         limits: the ``[limits]`` spec (rpm, tpm, concurrency).
-        clock: monotonic seconds; injected in tests.
+        clock: monotonic seconds (the rate limiter, the breaker); ``sleep``: awaits seconds while the
+            rate limiter paces requests (default ``asyncio.sleep``). Tests pass fakes that move time.
         on_breaker: called ``(lane, old_state, new_state)`` when the breaker changes.
     """
 
     def __init__(self, index: int, provider: Provider, model: ModelSpec, limits: LimitsSpec, *,
                  clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
                  on_breaker: Callable[[Lane, BreakerState, BreakerState], None] | None = None) -> None:
         self.index = index
         self.provider = provider
@@ -77,11 +137,12 @@ class Lane:
         tpm = model.tpm or limits.tpm
         itpm = model.itpm or limits.itpm
         otpm = model.otpm or limits.otpm
-        self.limiter: LaneLimiter = Limiter(RateLimiter(rpm, tpm, itpm=itpm, otpm=otpm, now=clock()), clock=clock)
+        self.limiter: LaneLimiter = Limiter(RateLimiter(rpm, tpm, itpm=itpm, otpm=otpm, now=clock()), clock=clock,
+                                            sleep=sleep)
         cap = min(limits.concurrency or MAX_CONCURRENCY, provider.max_concurrency)
-        self.aimd = AIMDConcurrency(initial=min(cap, limits.concurrency or INITIAL_CONCURRENCY), minimum=1,
-                                    maximum=cap)
-        self.breaker = CircuitBreaker(
+        self.aimd: LaneAIMD = AIMDConcurrency(initial=min(cap, limits.concurrency or INITIAL_CONCURRENCY),
+                                              minimum=1, maximum=cap)
+        self.breaker: LaneBreaker = CircuitBreaker(
             cooldown_max_s=BREAKER_COOLDOWN_MAX_S,
             clock=clock,
             on_change=(lambda old, new: on_breaker(self, old, new)) if on_breaker else None,
@@ -103,12 +164,11 @@ class Lane:
         #: requests in flight: id -> (loop start time, asyncio.Timeout), for the timeout watchdog
         self.deadlines: dict[int, tuple[float, asyncio.Timeout]] = {}
 
-    def plug(self, limiter: LaneLimiter, aimd: Any, breaker: Any) -> None:
+    def plug(self, limiter: LaneLimiter, aimd: LaneAIMD, breaker: LaneBreaker) -> None:
         """Use a rate limiter, AIMD limit and circuit breaker shared with other processes
-        (the Ray executor's cluster-wide budget, :mod:`llmap.run.ray.budget`) instead of this
-        lane's own. ``aimd`` and ``breaker`` have the surfaces of
-        :class:`~llmap.control.concurrency.AIMDConcurrency` and
-        :class:`~llmap.control.breaker.CircuitBreaker` that the dispatcher uses."""
+        (the Ray executor's cluster-wide budget, :mod:`llmap.run.ray.budget`: a
+        :class:`~llmap.run.ray.budget.BudgetLink` and its ``aimd`` and ``breaker`` views)
+        instead of this lane's own."""
         self.limiter, self.aimd, self.breaker = limiter, aimd, breaker
         self.probing = not limiter.limited or bool(getattr(self.provider, "discovering", False))
 

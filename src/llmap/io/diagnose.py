@@ -91,7 +91,8 @@ def explain(text: str, *, fmt: str, label: str, read_path: Path | None = None) -
         bad = _first_bad_json_line(read_path) if read_path is not None and fmt == "jsonl" else None
         if bad is not None:
             n, why = bad
-            return f"input {label} line {n} is not valid JSON ({why}); fix or remove that line (one JSON object per line)"
+            return (f"input {label} line {n} is not valid JSON ({why}); "
+                    "fix or remove that line (one JSON object per line)")
         m = _JSON_AT.search(text)
         if m:
             return (f"input {label} is not valid JSON lines near line {m.group(1)} ({m.group(2)}); fix that line "

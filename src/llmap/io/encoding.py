@@ -91,7 +91,8 @@ def transcode_to_utf8(path: Path, encoding: str, *, label: str) -> Path:
                     seen = (pending + chunk)[: exc.start].decode(encoding, errors="replace")
                     line = lines + seen.count("\n") + 1
                     raise InputError(
-                        f"input {label} is not valid {encoding}: line {line} holds bytes {exc.object[exc.start:exc.end]!r} "
+                        f"input {label} is not valid {encoding}: "
+                        f"line {line} holds bytes {exc.object[exc.start:exc.end]!r} "
                         f"that {encoding} cannot decode; set [input] encoding to the file's real encoding "
                         "(e.g. \"utf-8\", \"latin-1\") or convert the file to UTF-8"
                     ) from None

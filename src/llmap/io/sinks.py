@@ -26,7 +26,8 @@ from llmap.spec import JobSpec
 from llmap.store.diskfull import disk_full, guard, is_disk_full
 from llmap.store.ledger import Ledger, RowResult, open_for_reading
 
-__all__ = ["FIELD_ARROW", "ResultLayout", "answer_columns", "check_writable", "export", "export_job", "result_batches", "stored_layout"]
+__all__ = ["FIELD_ARROW", "ResultLayout", "answer_columns", "check_writable", "export", "export_job", "result_batches",
+           "stored_layout"]
 
 #: Arrow type of each output field type.
 FIELD_ARROW = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
@@ -62,7 +63,8 @@ class ResultLayout:
                 "or drop the column from [output] keep"
             )
         self.schema = pa.schema(
-            self.data_fields + [pa.field(n, FIELD_ARROW[t]) for n, t in fields.items()] + [pa.field(n, t) for n, t in _META]
+            self.data_fields + [pa.field(n, FIELD_ARROW[t]) for n, t in fields.items()]
+            + [pa.field(n, t) for n, t in _META]
         )
 
     @classmethod

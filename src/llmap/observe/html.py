@@ -41,9 +41,12 @@ def _plot_throughput(s: RunSummary) -> str:
             d.append(f"V{svg.num(p.y(v, top))}")
         d.append(f"H{svg.num(x(min((i + 1) * w, span)))}")
     line = "".join(d)
-    p.parts.append(f'<path{svg.attributes(class_="mark area", d=f"{line}V{svg.num(p.y1)}H{svg.num(x(0))}Z", fill="#1f77b4", fill_opacity="0.15")}/>')
+    area = svg.attributes(class_="mark area", d=f"{line}V{svg.num(p.y1)}H{svg.num(x(0))}Z", fill="#1f77b4",
+                          fill_opacity="0.15")
+    p.parts.append(f"<path{area}/>")
+    mean = f"mean {sum(s.throughput) / len(s.throughput):.3g} rows/s over {len(s.throughput)} buckets of {w:g} s"
     p.parts.append(f'<path{svg.attributes(class_="mark line", d=line, fill="none", stroke="#1f77b4", stroke_width=2)}>'
-                   f"<title>{svg.esc(f'mean {sum(s.throughput) / len(s.throughput):.3g} rows/s over {len(s.throughput)} buckets of {w:g} s')}</title></path>")
+                   f"<title>{svg.esc(mean)}</title></path>")
     return p.svg()
 
 
@@ -60,7 +63,8 @@ def _plot_latency(s: RunSummary) -> str:
     for i, (lo, hi, c) in enumerate(s.latency_bins):
         if c:
             y = p.y(c, top)
-            p.parts.append(svg.rect(p.x0 + i * bw + 1, y, bw - 2, p.y1 - y, "#1f77b4", f"{svg.latency(lo)} – {svg.latency(hi)}: {c} requests"))
+            p.parts.append(svg.rect(p.x0 + i * bw + 1, y, bw - 2, p.y1 - y, "#1f77b4",
+                                    f"{svg.latency(lo)} – {svg.latency(hi)}: {c} requests"))
     step = max(1, n // 5)
     edges = [(i, s.latency_bins[i][0]) for i in range(0, n, step)] + [(n, s.latency_bins[-1][1])]
     p.x_axis([(p.x0 + i * bw, svg.latency(v)) for i, v in edges], "latency (log scale)")
@@ -68,7 +72,8 @@ def _plot_latency(s: RunSummary) -> str:
 
 
 def _plot_errors(s: RunSummary) -> str:
-    p = svg.Plot("errors", f"Errors by class over time ({svg.count(s.errors_total)} of {svg.count(s.logged_requests)} requests)")
+    p = svg.Plot("errors", f"Errors by class over time ({svg.count(s.errors_total)} of "
+                           f"{svg.count(s.logged_requests)} requests)")
     if not s.errors_total:
         return p.no_data("no data: no errors")
     series = list(s.errors.items())
@@ -107,7 +112,8 @@ def _plot_models(s: RunSummary) -> str:
         for j, (v, color, what) in enumerate(((m.prompt_tokens, "#1f77b4", "prompt"),
                                               (m.completion_tokens, "#ff7f0e", "completion"))):
             y = p.y(v, top)
-            p.parts.append(svg.rect(cx - bw + j * bw, y, bw - 2, p.y1 - y, color, f"{m.model}: {svg.count(v)} {what} tokens"))
+            p.parts.append(svg.rect(cx - bw + j * bw, y, bw - 2, p.y1 - y, color,
+                                    f"{m.model}: {svg.count(v)} {what} tokens"))
         p.parts.append(svg.text(cx, p.y(max(m.prompt_tokens, m.completion_tokens), top) - 6, svg.usd(m.cost_usd),
                              text_anchor="middle", class_="value"))
         name = m.model if len(m.model) <= gw / 6.5 else m.model[: max(4, int(gw / 6.5) - 1)] + "…"
@@ -187,7 +193,8 @@ def _summary_table(s: RunSummary) -> str:
         ("Errors (non-200)", f"{svg.count(s.errors_total)} ({s.error_rate:.1%})"), ("429s", svg.count(s.rate_limited)),
         ("Retries", svg.count(s.retries)), ("Cost", svg.usd(s.cost_usd)),
         ("Prompt tokens", svg.count(s.prompt_tokens)), ("Completion tokens", svg.count(s.completion_tokens)),
-        ("Prompt-cache reads", svg.count(s.cache_read_tokens)), ("Prompt-cache writes", svg.count(s.cache_write_tokens)),
+        ("Prompt-cache reads", svg.count(s.cache_read_tokens)),
+        ("Prompt-cache writes", svg.count(s.cache_write_tokens)),
     ]
     if s.by_path:  # batch API requests (at price_batch_factor) beside real-time ones
         items.append(("Requests (cost) by path", path_split(s)))
@@ -204,7 +211,8 @@ def _models_table(s: RunSummary) -> str:
     head = ("<tr><th>Model</th><th>Requests</th><th>Prompt tokens</th><th>of them cache reads</th>"
             "<th>Completion tokens</th><th>Cost</th></tr>")
     body = "".join(f"<tr><td>{svg.esc(m.model)}</td><td class=\"n\">{svg.count(m.requests)}</td>"
-                   f"<td class=\"n\">{svg.count(m.prompt_tokens)}</td><td class=\"n\">{svg.count(m.cache_read_tokens)}</td>"
+                   f"<td class=\"n\">{svg.count(m.prompt_tokens)}</td>"
+                   f"<td class=\"n\">{svg.count(m.cache_read_tokens)}</td>"
                    f"<td class=\"n\">{svg.count(m.completion_tokens)}</td>"
                    f"<td class=\"n\">{svg.esc(svg.usd(m.cost_usd))}</td></tr>" for m in s.models)
     return f'<table class="models">{head}{body}</table>'
@@ -228,7 +236,8 @@ def render_html(summary: RunSummary, *, title: str) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{svg.esc(title)}</title><style>{_CSS}</style></head><body><main>",
         f"<h1>{svg.esc(title)}</h1>",
-        f'<p class="meta">Ledger {svg.esc(s.ledger_path)} · run {s.run} · generated {svg.esc(svg.when(time.time()))}</p>',
+        f'<p class="meta">Ledger {svg.esc(s.ledger_path)} · run {s.run} · '
+        f"generated {svg.esc(svg.when(time.time()))}</p>",
         _summary_table(s),
         f'<ul class="notes">{notes}</ul>' if notes else "",
         "<h2>Throughput</h2>", _plot_throughput(s),

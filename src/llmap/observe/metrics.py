@@ -64,19 +64,6 @@ def _items(mapping: Any) -> list[tuple[Any, Any]]:
     return []
 
 
-def _breaker_state(breaker: Any) -> BreakerState:
-    """The breaker's state as its next call would see it, without moving it.
-
-    ``CircuitBreaker.state`` advances OPEN to HALF_OPEN (and fires ``on_change``);
-    a scrape runs on the server's thread and must not change the engine's objects.
-    """
-    state = breaker._state  # read-only peek; the public property has side effects
-    if state is BreakerState.OPEN and breaker.opened_at is not None \
-            and breaker.clock() >= breaker.opened_at + breaker.cooldown_s:
-        return BreakerState.HALF_OPEN
-    return state
-
-
 class RunMetrics(Collector):
     """A Prometheus collector that reads a run's live counters at scrape time.
 
@@ -166,7 +153,7 @@ class RunMetrics(Collector):
                 itpm.add_metric(labels, rate.input_tokens.capacity)
             if rate.output_tokens is not None:
                 otpm.add_metric(labels, rate.output_tokens.capacity)
-            current = _breaker_state(lane.breaker)
+            current = lane.breaker.peek()  # a scrape must not move the breaker
             for state in BreakerState:
                 breaker.add_metric([*labels, state.value], 1 if state is current else 0)
         yield from (in_flight, limit, rpm, tpm, itpm, otpm, breaker)

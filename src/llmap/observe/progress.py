@@ -43,6 +43,7 @@ class Tally:
         cache_hits: rows answered from the cache or an identical request in this run.
         in_flight, concurrency: requests in flight now, and the current limit (AIMD).
         batches: the batch path's state in words (batches by status, rows submitted), or "".
+        started: ``time.monotonic()`` when the tally was made (for rates: rows/s since the start).
     """
 
     total: int = 0
@@ -64,14 +65,46 @@ class Tally:
 
     @property
     def settled(self) -> int:
+        """Rows settled: done + failed + skipped + fallback."""
         return self.done + self.failed + self.skipped + self.fallback
 
 
 class Progress(Protocol):
-    def start(self, tally: Tally) -> None: ...
-    def advance(self, tally: Tally) -> None: ...
-    def message(self, text: str) -> None: ...
-    def finish(self, tally: Tally) -> None: ...
+    """What a progress reporter implements; pass one as ``Job.run(progress=...)`` or ``Job.arun(progress=...)``.
+
+    llmap ships :class:`NullProgress` (the library's default: silent), :class:`MessagesOnly`
+    (warnings to stderr, no bar; ``llmap run --quiet``) and :class:`RichProgress` (the CLI's bar).
+    A reporter of your own (a notebook widget, a log line every 1,000 rows, a metric) needs only
+    these four methods; it does not subclass anything (a structural :class:`typing.Protocol`).
+
+    The engine calls them from the thread that runs the job, inside its event loop:
+
+    - :meth:`start` once, after the plan, with the totals so far (rows done in earlier runs count);
+    - :meth:`advance` after each batch of results is committed to the ledger (a row counts once it
+      is durable, never before);
+    - :meth:`message` at any time, even before :meth:`start`: a one-line notice for a person (a
+      circuit breaker opened, a budget cap stopped the run, waiting for another run's lock);
+    - :meth:`finish` once at the end, also when the run stops early (Ctrl-C, a fatal error, a cap).
+
+    Every call gets the same live :class:`Tally`, updated in place: read it during the call and copy
+    what you keep. Return quickly; a slow reporter slows the run, and an exception raised here ends it.
+    """
+
+    def start(self, tally: Tally) -> None:
+        """The run begins: ``tally.total`` rows planned, ``tally.settled`` of them already settled."""
+        ...
+
+    def advance(self, tally: Tally) -> None:
+        """More rows settled and committed; ``tally`` holds the new totals and this run's usage so far."""
+        ...
+
+    def message(self, text: str) -> None:
+        """A one-line notice for a person, e.g. ``llmap: circuit breaker for openai:gpt-4o-mini opened; ...``."""
+        ...
+
+    def finish(self, tally: Tally) -> None:
+        """The run is over (complete, stopped or interrupted); ``tally`` holds the final totals."""
+        ...
 
 
 class NullProgress:

@@ -98,7 +98,8 @@ def text(x: float, y: float, s: str, **attrs: Any) -> str:
 
 def rect(x: float, y: float, w: float, h: float, fill: str, tip: str | None = None, cls: str = "mark") -> str:
     inner = f"<title>{esc(tip)}</title>" if tip else ""
-    return f'<rect{attributes(class_=cls, x=num(x), y=num(y), width=num(max(w, 0.5)), height=num(max(h, 0)), fill=fill)}>{inner}</rect>'
+    box = attributes(class_=cls, x=num(x), y=num(y), width=num(max(w, 0.5)), height=num(max(h, 0)), fill=fill)
+    return f"<rect{box}>{inner}</rect>"
 
 
 class Plot:
@@ -111,8 +112,9 @@ class Plot:
         self.parts: list[str] = [text(12, 22, title, class_="title")]
 
     def svg(self) -> str:
-        return (f'<svg{attributes(class_="plot", data_plot=self.kind, viewBox=f"0 0 {W} {self.height}", width=W, height=self.height, role="img", aria_label=self.title)}>'
-                f"<title>{esc(self.title)}</title>{''.join(self.parts)}</svg>")
+        head = attributes(class_="plot", data_plot=self.kind, viewBox=f"0 0 {W} {self.height}", width=W,
+                          height=self.height, role="img", aria_label=self.title)
+        return f"<svg{head}><title>{esc(self.title)}</title>{''.join(self.parts)}</svg>"
 
     def no_data(self, why: str = "no data") -> str:
         mx, my = (self.x0 + self.x1) / 2, (self.y0 + self.y1) / 2

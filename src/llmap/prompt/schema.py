@@ -187,7 +187,8 @@ def check_examples(fields: Mapping[str, FieldSpec], examples: Sequence[Example],
             schema.validate(json.dumps(ex.output))
         except AnswerInvalid as exc:
             raise SpecError(
-                f"{source}: [prompt] examples #{i}: output does not match [output.fields] ({exc.detail}); fix the example"
+                f"{source}: [prompt] examples #{i}: output does not match [output.fields] ({exc.detail}); "
+                "fix the example"
             ) from None
 
 

@@ -83,8 +83,8 @@ class Dispatcher:
         escalate_if: per lane, its bound ``escalate_if`` (:mod:`llmap.control.cascade`), or None.
         clock: monotonic seconds (latency, deadlines, retry budgets); ``sleep``: awaitable delay
             (backoff); both injectable.
-        retry: the retry policy; default one from ``limits`` (``max_attempts``, ``backoff_cap_s``,
-            ``retry_budget_s``).
+        retry: the retry policy; default one from ``limits`` (``max_attempts``, ``backoff_base_s``,
+            ``backoff_cap_s``, ``retry_budget_s``).
 
     Attributes:
         settler: the judge of every answer and error (:mod:`llmap.run.settle`).
@@ -107,8 +107,8 @@ class Dispatcher:
         self.stats = stats
         self.clock = clock
         self.sleep = sleep
-        self.retry = retry or RetryPolicy(max_attempts=limits.max_attempts, cap_s=limits.backoff_cap_s,
-                                          budget_s=limits.retry_budget_s)
+        self.retry = retry or RetryPolicy(max_attempts=limits.max_attempts, base_s=limits.backoff_base_s,
+                                          cap_s=limits.backoff_cap_s, budget_s=limits.retry_budget_s)
         self._in_tail: Callable[[], bool] = lambda: False
         self._no_usage: set[str] = set()  # lanes already warned that their server reports no usage
         #: One model refusing every request the same way is a configuration error, not an outage.

@@ -218,7 +218,8 @@ class BatchesMixin:
         bid = self._new_id("batch_sim")
         lines, failed = _read_lines(found[1])
         model = next((str(ln["body"].get("model")) for ln in lines if isinstance(ln.get("body"), dict)), "")
-        tokens = sum(prompt_tokens(ln["body"].get("messages") or []) for ln in lines if isinstance(ln.get("body"), dict))
+        tokens = sum(prompt_tokens(ln["body"].get("messages") or []) for ln in lines
+                     if isinstance(ln.get("body"), dict))
         if not failed and len(lines) > cfg.batch_max_requests:
             failed = [{"code": "too_many_requests_in_batch", "line": None, "param": None,
                        "message": f"The batch has {len(lines):,} requests; the limit is at most "

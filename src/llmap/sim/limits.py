@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -36,6 +36,7 @@ __all__ = [
     "MessagesAdmission",
     "MessagesLimiter",
     "RateLimiter",
+    "Sleep",
     "TokenBucket",
     "format_duration",
     "format_rfc3339",
@@ -43,6 +44,8 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
+#: An awaitable delay in seconds (``asyncio.sleep``; a test passes one that moves a fake clock).
+Sleep = Callable[[float], Awaitable[object]]
 """Returns the current time in seconds (monotonic)."""
 
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from llmap.sim.batches import BatchesMixin, Timeline, digest
-from llmap.sim.messages import _error, segments
+from llmap.sim.messages import error_response, segments
 
 if TYPE_CHECKING:
     import random
@@ -100,7 +100,7 @@ class MessageBatchesMixin:
         if refused is not None:
             return refused
         if not request.headers.get("anthropic-version"):
-            return _error(400, "invalid_request_error", "anthropic-version: header is required")
+            return error_response(400, "invalid_request_error", "anthropic-version: header is required")
         return None
 
     async def create_message_batch(self, request: web.Request) -> web.Response:
@@ -111,32 +111,34 @@ class MessageBatchesMixin:
         raw = await request.read()
         cfg = self._config
         if len(raw) > cfg.batch_max_bytes:
-            return _error(413, "request_too_large", f"Request exceeds the maximum size of {cfg.batch_max_bytes:,} bytes")
+            return error_response(413, "request_too_large",
+                                  f"Request exceeds the maximum size of {cfg.batch_max_bytes:,} bytes")
         try:
             body = json.loads(raw)
         except ValueError:
-            return _error(400, "invalid_request_error", "There was an error parsing the body")
+            return error_response(400, "invalid_request_error", "There was an error parsing the body")
         reqs = body.get("requests") if isinstance(body, dict) else None
         if not isinstance(reqs, list) or not reqs:
-            return _error(400, "invalid_request_error", "requests: List should have at least 1 item after validation")
+            return error_response(400, "invalid_request_error",
+                                  "requests: List should have at least 1 item after validation")
         cap = min(cfg.batch_max_requests, MAX_REQUESTS)
         if len(reqs) > cap:
-            return _error(400, "invalid_request_error", f"requests: List should have at most {cap} items after "
-                                                        f"validation, not {len(reqs)}")
+            return error_response(400, "invalid_request_error",
+                                  f"requests: List should have at most {cap} items after validation, not {len(reqs)}")
         seen: set[str] = set()
         for i, r in enumerate(reqs):
             cid = r.get("custom_id") if isinstance(r, dict) else None
             params = r.get("params") if isinstance(r, dict) else None
             if not isinstance(cid, str) or not CUSTOM_ID.match(cid):
-                return _error(400, "invalid_request_error", f"requests.{i}.custom_id: String should match pattern "
-                                                            "'^[a-zA-Z0-9_-]{1,64}$'")
+                return error_response(400, "invalid_request_error",
+                                      f"requests.{i}.custom_id: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'")
             if cid in seen:
-                return _error(400, "invalid_request_error", f"requests.{i}.custom_id: Duplicate custom_id {cid!r}; "
-                                                            "each request's custom_id must be unique")
+                return error_response(400, "invalid_request_error", f"requests.{i}.custom_id: Duplicate custom_id "
+                                      f"{cid!r}; each request's custom_id must be unique")
             seen.add(cid)
             if not isinstance(params, dict) or not all(k in params for k in ("model", "messages", "max_tokens")):
-                return _error(400, "invalid_request_error", f"requests.{i}.params: model, messages and max_tokens: "
-                                                            "Field required")
+                return error_response(400, "invalid_request_error",
+                                      f"requests.{i}.params: model, messages and max_tokens: Field required")
         wall = self._wall_clock()
         bid = f"msgbatch_sim{len(self.message_batches) + 1:06x}{self._rng.getrandbits(32):08x}"
         doc = {"id": bid, "type": "message_batch", "processing_status": "in_progress",
@@ -189,7 +191,7 @@ class MessageBatchesMixin:
         segs = segments(params)
         refusal = self._refuse_message(model, segs)  # type: ignore[attr-defined]
         if refusal is None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            refusal = _error(400, "invalid_request_error", "max_tokens: Field required")
+            refusal = error_response(400, "invalid_request_error", "max_tokens: Field required")
         if refusal is not None:
             return "errored", {"type": "errored", "error": json.loads(refusal.text)}
         prompt = sum(t for _, t, _ in segs)
@@ -213,7 +215,7 @@ class MessageBatchesMixin:
             return refused
         b = self.message_batches.get(request.match_info["batch_id"])
         if b is None:
-            return _error(404, "not_found_error", f"No message batch with id {request.match_info['batch_id']}")
+            return error_response(404, "not_found_error", f"No message batch with id {request.match_info['batch_id']}")
         return b
 
     async def get_message_batch(self, request: web.Request) -> web.Response:
@@ -238,8 +240,8 @@ class MessageBatchesMixin:
         if isinstance(b, web.Response):
             return b
         if self._refresh_message_batch(b)["processing_status"] != "ended":
-            return _error(404, "not_found_error", f"No results found for Message Batch {b.doc['id']}: it has not "
-                                                  "ended yet")
+            return error_response(404, "not_found_error",
+                                  f"No results found for Message Batch {b.doc['id']}: it has not ended yet")
         text = "".join(json.dumps(r) + "\n" for r in b.results)
         return web.Response(text=text, content_type="application/x-jsonl")
 

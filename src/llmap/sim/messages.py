@@ -72,8 +72,9 @@ _MAX_BREAKPOINTS = 4
 _SPEND = "This request would exceed your account's monthly spend limit. Please try again later."
 
 
-def _error(status: int, type_: str, message: str, headers: dict[str, str] | None = None,
-           request_id: str = "req_sim") -> web.Response:
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None,
+                   request_id: str = "req_sim") -> web.Response:
+    """An Anthropic error response: ``{"type": "error", "error": {"type", "message"}, "request_id"}``."""
     body = {"type": "error", "error": {"type": type_, "message": message}, "request_id": request_id}
     return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
 
@@ -168,9 +169,9 @@ class MessagesMixin:
         if given is None and request.headers.get("Authorization") == f"Bearer {key}":
             return None  # GET /v1/models/{id} may come from an OpenAI client
         if given is None:
-            return _error(401, "authentication_error", "x-api-key header is required")
+            return error_response(401, "authentication_error", "x-api-key header is required")
         if given != key:
-            return _error(401, "authentication_error", "invalid x-api-key")
+            return error_response(401, "authentication_error", "invalid x-api-key")
         return None
 
     async def model_info(self, request: web.Request) -> web.Response:
@@ -180,7 +181,7 @@ class MessagesMixin:
             return refused
         model = request.match_info["model_id"]
         if model.startswith("missing-model"):
-            return _error(404, "not_found_error", f"model: {model}")
+            return error_response(404, "not_found_error", f"model: {model}")
         return web.json_response({"type": "model", "id": model, "display_name": model,
                                   "created_at": "2025-01-01T00:00:00Z",
                                   "capabilities": {"structured_outputs": {"supported": True}}})
@@ -194,30 +195,30 @@ class MessagesMixin:
         try:
             body = json.loads(await request.read())
         except ValueError:
-            return answer(400, _error(400, "invalid_request_error", "There was an error parsing the body"))
+            return answer(400, error_response(400, "invalid_request_error", "There was an error parsing the body"))
         model = body.get("model") if isinstance(body, dict) else None
         msgs = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(model, str) or not isinstance(msgs, list) or not msgs:
-            return answer(400, _error(400, "invalid_request_error", "model and messages: Field required"))
+            return answer(400, error_response(400, "invalid_request_error", "model and messages: Field required"))
         stats.record_model(model)
         refused = self._key_ok(request)
         if refused is not None:
             return answer(401, refused)
         if not request.headers.get("anthropic-version"):
-            return answer(400, _error(400, "invalid_request_error", "anthropic-version: header is required"))
+            return answer(400, error_response(400, "invalid_request_error", "anthropic-version: header is required"))
         max_tokens = body.get("max_tokens")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            return answer(400, _error(400, "invalid_request_error", "max_tokens: Field required"))
+            return answer(400, error_response(400, "invalid_request_error", "max_tokens: Field required"))
         segs = segments(body)
         marks = sum(1 for _, _, marked in segs if marked)
         if marks > _MAX_BREAKPOINTS:
-            return answer(400, _error(400, "invalid_request_error",
+            return answer(400, error_response(400, "invalid_request_error",
                                       f"A maximum of {_MAX_BREAKPOINTS} blocks with cache_control may be provided. "
                                       f"Found {marks}."))
         if cfg.outage is not None and cfg.outage[0] <= self._clock() - self._started < cfg.outage[1]:  # type: ignore[attr-defined]
-            return answer(529, _error(529, "overloaded_error", "Overloaded"))
+            return answer(529, error_response(529, "overloaded_error", "Overloaded"))
         if cfg.quota_tokens is not None and self._tokens_served >= cfg.quota_tokens:
-            return answer(429, _error(429, "rate_limit_error", _SPEND))
+            return answer(429, error_response(429, "rate_limit_error", _SPEND))
         refusal = self._refuse_message(model, segs)
         if refusal is not None:
             return refusal
@@ -237,21 +238,21 @@ class MessagesMixin:
                        f"minute (org: sim, model: {model}). For details, refer to: "
                        "https://docs.claude.com/en/api/rate-limits. You can see the response headers for current "
                        "usage. Please reduce the prompt length or the maximum tokens requested, or try again later.")
-                return answer(429, _error(429, "rate_limit_error", msg, headers))
+                return answer(429, error_response(429, "rate_limit_error", msg, headers))
         return await self._serve_message(body, model, max_tokens, (prompt, read, write), key, headers)
 
     def _refuse_message(self, model: str, segs: list[tuple[str, int, bool]]) -> web.Response | None:
         answer = self._answer  # type: ignore[attr-defined]
         if model.startswith("bad-request"):
-            return answer(400, _error(400, "invalid_request_error",
+            return answer(400, error_response(400, "invalid_request_error",
                                       f"Invalid request for model '{model}' (simulated bad request)."))
         if model.startswith("missing-model"):
-            return answer(404, _error(404, "not_found_error", f"model: {model}"))
+            return answer(404, error_response(404, "not_found_error", f"model: {model}"))
         longest = max((len(text) for text, _, _ in segs), default=0)
         if longest > self._config.context_chars:
             tokens = sum(t for _, t, _ in segs)
             limit = math.ceil(self._config.context_chars / 4)
-            return answer(400, _error(400, "invalid_request_error",
+            return answer(400, error_response(400, "invalid_request_error",
                                       f"prompt is too long: {tokens} tokens > {limit} maximum"))
         return None
 
@@ -277,11 +278,12 @@ class MessagesMixin:
             if draw >= cfg.fail_rate + cfg.overload_rate:
                 msg = ("This request would exceed your organization's rate limit. For details, refer to: "
                        "https://docs.claude.com/en/api/rate-limits. Please try again later.")
-                return answer(429, _error(429, "rate_limit_error", msg, {**(headers or {}), "retry-after": "1"}))
+                limited = {**(headers or {}), "retry-after": "1"}
+                return answer(429, error_response(429, "rate_limit_error", msg, limited))
             await self._sleep(self._latency(0))  # type: ignore[attr-defined]
             if draw < cfg.fail_rate:
-                return answer(500, _error(500, "api_error", "Internal server error", headers))
-            return answer(529, _error(529, "overloaded_error", "Overloaded", headers))
+                return answer(500, error_response(500, "api_error", "Internal server error", headers))
+            return answer(529, error_response(529, "overloaded_error", "Overloaded", headers))
         if draw < faults + cfg.hang_rate:
             self.stats.hung += 1
             await asyncio.Event().wait()  # cancelled when the client goes away
@@ -326,5 +328,5 @@ class MessagesMixin:
             block = {"type": "tool_use", "id": f"toolu_sim{next(self._message_ids):x}", "name": forced["name"],
                      "input": {} if cut else json.loads(text)}
             return [block], "max_tokens" if cut else "tool_use", min(output, max_tokens)
-        return ([{"type": "text", "text": text[: max_tokens * 4] if cut else text}], "max_tokens" if cut else "end_turn",
-                min(output, max_tokens))
+        block = {"type": "text", "text": text[: max_tokens * 4] if cut else text}
+        return [block], "max_tokens" if cut else "end_turn", min(output, max_tokens)

@@ -57,7 +57,7 @@ from aiohttp import web
 
 from llmap.sim.answers import completion_tokens, make_answer, message_text, prompt_tokens
 from llmap.sim.config import SimConfig
-from llmap.sim.limits import Admission, Clock, RateLimiter, ratelimit_headers
+from llmap.sim.limits import Admission, Clock, RateLimiter, Sleep, ratelimit_headers
 from llmap.sim.message_batches import BatchAPIsMixin
 from llmap.sim.messages import MessagesMixin
 from llmap.sim.stats import SimStats
@@ -101,15 +101,17 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
 
     Args:
         config: the behaviour.
-        clock: monotonic seconds (rate limits, outage window, stats).
+        clock: monotonic seconds (rate limits, outage window, batch timelines, stats).
         wall_clock: Unix seconds (``created``, Anthropic reset timestamps).
+        sleep: awaits the answer latency, seconds (default ``asyncio.sleep``; a test passes
+            one that moves its fake clock instead).
     """
 
-    def __init__(
-        self, config: SimConfig, *, clock: Clock = time.monotonic, wall_clock: Clock = time.time
-    ) -> None:
+    def __init__(self, config: SimConfig, *, clock: Clock = time.monotonic, wall_clock: Clock = time.time,
+                 sleep: Sleep = asyncio.sleep) -> None:
         self._clock = clock
         self._wall_clock = wall_clock
+        self._sleeper = sleep
         self._config = config
         self._limiter = RateLimiter(config.rpm, config.tpm, clock)
         self._rng = random.Random(config.seed)
@@ -427,10 +429,9 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
             delay *= math.exp(cfg.latency_sigma * self._rng.gauss(0.0, 1.0))
         return delay + cfg.per_token_ms * completion_tokens / 1000
 
-    @staticmethod
-    async def _sleep(seconds: float) -> None:
+    async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
-            await asyncio.sleep(seconds)
+            await self._sleeper(seconds)
 
 
 # ---------------------------------------------------------------------- serving
@@ -459,12 +460,8 @@ async def start_site(
     Raises:
         OSError: the address cannot be bound.
     """
-    runner = web.AppRunner(
-        server.make_app(),
-        access_log=None,
-        handler_cancellation=True,
-        shutdown_timeout=shutdown_timeout,
-    )
+    runner = web.AppRunner(server.make_app(), access_log=None, handler_cancellation=True,
+                           shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     try:

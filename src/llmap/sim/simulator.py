@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from llmap.sim.config import SimConfig
+from llmap.sim.limits import Clock, Sleep
 from llmap.sim.server import SimServer, start_site
 
 __all__ = ["Simulator"]
@@ -36,6 +38,11 @@ class Simulator:
     Args:
         config: the behaviour; its ``port`` is ignored in favour of ``port``.
         port: TCP port to bind; 0 (the default) picks a free one.
+        clock: monotonic seconds for the rate limits, outage window and batch
+            timelines (default ``time.monotonic``); ``wall_clock``: Unix seconds
+            for timestamps (default ``time.time``); ``sleep``: awaits the answer
+            latency on the server's event loop (default ``asyncio.sleep``). Tests
+            pass fakes to move time instead of waiting for it.
         **changes: field overrides applied to ``config`` (or to the defaults),
             e.g. ``Simulator(rpm=60, fail_rate=0.1)``.
 
@@ -44,9 +51,11 @@ class Simulator:
         ValueError: a config value out of range.
     """
 
-    def __init__(self, config: SimConfig | None = None, *, port: int = 0, **changes: Any) -> None:
+    def __init__(self, config: SimConfig | None = None, *, port: int = 0, clock: Clock = time.monotonic,
+                 wall_clock: Clock = time.time, sleep: Sleep = asyncio.sleep, **changes: Any) -> None:
         base = config if config is not None else SimConfig()
         self._config = base.replace(port=port, **changes)
+        self._times: dict[str, Any] = {"clock": clock, "wall_clock": wall_clock, "sleep": sleep}
         self._server: SimServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -102,7 +111,7 @@ class Simulator:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            server = SimServer(self._config)
+            server = SimServer(self._config, **self._times)
             self._runner, port = loop.run_until_complete(
                 start_site(server, self._config.host, self._config.port)
             )

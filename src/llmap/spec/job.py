@@ -95,7 +95,8 @@ def _one_line(exc: ValidationError, source: str) -> str:
     if kind == "extra_forbidden":
         loc = [str(p) for p in err["loc"]]
         table = ".".join(p for p in loc[:-1] if not p.isdigit()).replace("models", "model") or "top level"
-        return f"{source}: unknown key {loc[-1]!r} in [{table}]; check its spelling against README.md's job spec, or remove it"
+        return (f"{source}: unknown key {loc[-1]!r} in [{table}]; "
+                "check its spelling against README.md's job spec, or remove it")
     if kind == "missing":
         return f"{source}: {where} is required; add it to the job file"
     msg = err.get("msg", "invalid value")

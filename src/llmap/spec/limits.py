@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmap.durations import parse_duration
 from llmap.spec.base import StrictModel
@@ -28,9 +28,13 @@ class LimitsSpec(StrictModel):
         retry_budget_s: seconds a row may spend on retries before it fails
             over or fails (default 300).
         max_attempts: attempts per row and model, the first included (default 10).
-        backoff_cap_s: the longest backoff between attempts, seconds (default 8;
-            exponential from 0.5 s with full jitter). A Retry-After is always
-            honoured in full, and outages are handled by the circuit breaker.
+        backoff_base_s: the backoff ceiling after a row's first failed attempt,
+            seconds (default 0.5); it doubles with each further attempt up to
+            ``backoff_cap_s``, and the wait is drawn from [0, ceiling] (full
+            jitter). 0 retries at once (a Retry-After still applies).
+        backoff_cap_s: the longest backoff between attempts, seconds (default 8).
+            A Retry-After is always honoured in full, and outages are handled by
+            the circuit breaker.
         hedge_tail: in the run's tail (every row handed out, spare capacity),
             a request slower than the p95 latency, or the retry of a row that
             already failed, gets a second copy and the first answer wins, so
@@ -50,10 +54,18 @@ class LimitsSpec(StrictModel):
     otpm: float | None = Field(default=None, gt=0)
     retry_budget_s: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=10, ge=1)
+    backoff_base_s: float = Field(default=0.5, ge=0)
     backoff_cap_s: float = Field(default=8.0, gt=0)
     hedge_tail: bool = True
     max_cost_usd: float | None = Field(default=None, gt=0)
     max_tokens: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> LimitsSpec:
+        if self.backoff_base_s > self.backoff_cap_s:
+            raise ValueError(f"backoff_base_s = {self.backoff_base_s:g} is over backoff_cap_s = "
+                             f"{self.backoff_cap_s:g}; lower backoff_base_s or raise backoff_cap_s")
+        return self
 
 
 class CacheSpec(StrictModel):

@@ -107,7 +107,8 @@ class AnswerCache:
 
     # -- looking up -----------------------------------------------------------
     def prefetch(self, keys: Iterable[str]) -> None:
-        """Look up many keys in the persistent cache with one query; hits wait in memory for :meth:`peek`/:meth:`claim`."""
+        """Look up many keys in the persistent cache with one query; hits wait in memory for
+        :meth:`peek`/:meth:`claim`."""
         if self.cache is None:
             return
         keys = list(keys)

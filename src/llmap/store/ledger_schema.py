@@ -134,8 +134,8 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
-        # Batch APIs (llmap.run.batch.runner): each batch's intent before it is created, the provider's id once known, its
-        # lines (custom id -> the rows it answers); each request's path ('batch' or real time) and cost.
+        # Batch APIs (llmap.run.batch.runner): each batch's intent before it is created, the provider's id once
+        # known, its lines (custom id -> the rows it answers); each request's path ('batch' or real time) and cost.
         "006_batches",
         """
         CREATE TABLE batches (

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.local_model
 @pytest.fixture(autouse=True)
 def _real_model_cache(monkeypatch):
     # Reuse the assembled 250 MB GGUF across test sessions (the jobs below keep the response cache off).
-    monkeypatch.setenv("LLMAP_CACHE_DIR", os.environ.get("LLMAP_TEST_MODEL_CACHE", str(Path.home() / ".cache" / "llmap")))
+    cache = os.environ.get("LLMAP_TEST_MODEL_CACHE", str(Path.home() / ".cache" / "llmap"))
+    monkeypatch.setenv("LLMAP_CACHE_DIR", cache)
 
 
 def test_local_model_answers_follow_the_schema(tmp_path):
@@ -33,7 +34,9 @@ key = "id"
 [prompt]
 system = "You classify US public school districts. Answer with JSON only."
 user = "District: {{ district_name }} ({{ state }}), {{ enrollment | int }} students."
-examples = [{ input = { district_name = "Natrona County School District #1", state = "WY", enrollment = 12500 }, output = { kind = "county", confidence = 0.9 } }]
+[[prompt.examples]]
+input = { district_name = "Natrona County School District #1", state = "WY", enrollment = 12500 }
+output = { kind = "county", confidence = 0.9 }
 [output]
 path = "out.jsonl"
 [output.fields]
@@ -145,8 +148,8 @@ def test_prefix_reuse_changes_speed_not_answers():
         system += [{"role": "user", "content": f"District: {name} (WY)."},
                    {"role": "assistant", "content": json.dumps({"kind": kind})}]
     rows = ["Laramie County School District #2", "Casper City Schools", "Cody Charter Academy", "Big Horn BOCES"]
-    schema = {"type": "object", "properties": {"kind": {"type": "string", "enum": ["city", "county", "charter", "other"]}},
-              "required": ["kind"]}
+    kinds = ["city", "county", "charter", "other"]
+    schema = {"type": "object", "properties": {"kind": {"type": "string", "enum": kinds}}, "required": ["kind"]}
     answers = {}
     for reuse in (True, False):
         llm = FastLlama(model_path=str(default_model_path()), n_ctx=1024, n_threads=2, verbose=False,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from _support import await_until
 from llmap import errors as E
 from llmap.providers.base import Request
 from llmap.providers.local.provider import LocalProvider, crash_message, reinstall_command
@@ -38,6 +39,12 @@ def provider_factory(tmp_path, monkeypatch):
 
 def _req(text: str, key: str = "r1") -> Request:
     return Request([{"role": "user", "content": text}], {"type": "object"}, 0.0, 16, row_key=key)
+
+
+def _received(log: Path, text: str) -> bool:
+    """The fake worker has read a request whose last message is ``text`` (it logs each one as it arrives)."""
+    return log.exists() and any(m["op"] == "complete" and m["messages"][-1]["content"] == text
+                                for m in map(json.loads, log.read_text().splitlines()))
 
 
 def _alive(pid: int) -> bool:
@@ -103,7 +110,7 @@ async def test_a_cancelled_request_never_answers_the_next_one(provider_factory):
     await p.check()
     try:
         slow = asyncio.create_task(p.complete(_req("slow", key="a")))
-        await asyncio.sleep(0.3)
+        await await_until(lambda: _received(provider_factory.log, "slow"), "the worker has the request", 10)
         slow.cancel()
         with pytest.raises(asyncio.CancelledError):
             await slow
@@ -164,10 +171,7 @@ async def test_a_process_that_dies_while_idle_fails_the_next_request(provider_fa
     try:
         (pid,) = p.pids
         os.kill(pid, signal.SIGSEGV)
-        for _ in range(100):
-            if not p.pids:
-                break
-            await asyncio.sleep(0.02)
+        await await_until(lambda: not p.pids, "the provider has seen its process die", 10)
         with pytest.raises(E.LocalModelCrashed, match="crashed with SIGSEGV"):
             await p.complete(_req("hello"))
     finally:
@@ -182,7 +186,7 @@ async def test_a_cancelled_request_that_never_answers_is_killed_and_the_process_
     try:
         (first,) = p.pids
         hung = asyncio.create_task(p.complete(_req("hang")))
-        await asyncio.sleep(0.3)
+        await await_until(lambda: _received(provider_factory.log, "hang"), "the worker has the request", 10)
         hung.cancel()
         with pytest.raises(asyncio.CancelledError):
             await hung

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from _support import job_toml, people, write_csv
+from _support import FakeTime, job_toml, people, write_csv
 from llmap.engine import Job
 from llmap.observe.estimate.rows import estimate
 from llmap.observe.html import write_html_report
@@ -105,11 +105,12 @@ def test_find_by_time_and_size_waits_while_several_batches_could_be_it(tmp_path)
             one = await api.find("lmmine", created_at=t0, requests=3, known={other.provider_id})
             assert one.state is not None and one.state.provider_id == mine.provider_id  # one left: taken
             assert (await api.find("lmmine", created_at=t0, requests=4, known=set())).state is None  # size differs
-            await asyncio.sleep(0.5)  # both ended: the custom ids' tag decides
+            clock.advance(0.35)  # past batch_time (0.3 s): both ended, the custom ids' tag decides
             ended = await api.find("lmmine", created_at=t0, requests=3, known=set())
             assert ended.state is not None and ended.state.provider_id == mine.provider_id and not ended.maybe
         finally:
             await api.provider.aclose()
 
-    with Simulator(batch_time=0.3) as sim:
+    clock = FakeTime()  # the simulator's batches move on only when the test moves this clock
+    with Simulator(batch_time=0.3, clock=clock.clock, sleep=clock.sleep) as sim:
         asyncio.run(go(sim))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from _support import LLMAP, job_toml, people, write_csv
+from _support import LLMAP, await_until, job_toml, people, write_csv
 from llmap import Job
 from llmap.sim import Simulator
 
@@ -180,8 +180,8 @@ def test_a_retry_after_seen_by_one_worker_pauses_every_worker(cluster):
         await b.start()
         await b.acquire(10)  # b holds a grant of its own now
         a.pause_for(2.0)  # a 429 with Retry-After: 2 on worker a
-        await asyncio.sleep(0.5)  # a's report reaches the actor; b's watch hears of it
         t0 = time.monotonic()
+        await await_until(lambda: b.view.paused_s > 0, "b's watch hears of a's pause", 5)
         await b.acquire(10)
         waited = time.monotonic() - t0
         await a.aclose()

@@ -45,8 +45,8 @@ def _rows(est: Estimate) -> Iterable[tuple[str, str, str]]:
         yield f"cost {m.label}", f"${m.cost_usd:,.4f}", what
     if est.batch_cost_usd is not None and primary is not None:
         yield (f"cost {primary.label}, by batch", f"${est.batch_cost_usd:,.4f}",
-               f"[model] batch = true: {est.batch_factor:g} x the real-time ${primary.cost_usd:,.4f} above; rows retried "
-               "in real time cost full price")
+               f"[model] batch = true: {est.batch_factor:g} x the real-time ${primary.cost_usd:,.4f} above; "
+               "rows retried in real time cost full price")
     if len(est.models) > 1:
         yield "cost, upper bound", f"${est.cost_upper_usd:,.4f}", "primary + every escalation"
     if est.time_bound == "rpm":

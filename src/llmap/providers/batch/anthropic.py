@@ -97,7 +97,8 @@ class AnthropicBatches:
         after = None
         running: list[BatchState] = []
         while True:
-            ans = await self.http.send("GET", BATCHES, params={"limit": "100", **({"after_id": after} if after else {})})
+            page = {"limit": "100", **({"after_id": after} if after else {})}
+            ans = await self.http.send("GET", BATCHES, params=page)
             if ans.status >= 400:
                 self._raise(ans, "listing message batches")
             page = json.loads(ans.body)

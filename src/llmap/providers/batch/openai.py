@@ -100,7 +100,8 @@ class OpenAIBatches:
         the intent (by :data:`~.base.FIND_WINDOW_S`)."""
         after = None
         while True:
-            ans = await self.http.send("GET", "/batches", params={"limit": "100", **({"after": after} if after else {})})
+            page = {"limit": "100", **({"after": after} if after else {})}
+            ans = await self.http.send("GET", "/batches", params=page)
             if ans.status >= 400:
                 self._raise(ans, "listing batches")
             page = json.loads(ans.body)

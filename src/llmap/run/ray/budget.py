@@ -261,6 +261,44 @@ class BudgetLink:
             self._headers_at = None
         return r
 
+    # -- what the lane's AIMD and breaker views report (sent with the next report) ----
+    @property
+    def probe_due_at(self) -> float:
+        """Clock time the shared breaker's cooldown ends (``-inf`` until it has opened), seconds."""
+        return self._probe_at
+
+    def report_success(self) -> None:
+        """An answer came back: counts toward the shared AIMD limit's growth."""
+        self._report.successes += 1
+
+    def report_congestion(self) -> None:
+        """A 429 or an overload: sent at once, so the budget cuts the cluster's limit (once per burst)."""
+        self._report.congestions += 1
+        self._kick.set()
+
+    def report_call(self, failed: bool) -> None:
+        """A call's outcome for the shared breaker's window (not a probe); a failure is sent at once."""
+        if failed:
+            self._report.breaker_failures += 1
+            self._kick.set()
+        else:
+            self._report.breaker_successes += 1
+
+    def ask_probe(self) -> None:
+        """Ask the budget for the half-open probe (sent at once)."""
+        self._report.want_probe = True
+        self._kick.set()
+
+    def report_probe(self, succeeded: bool) -> None:
+        """The outcome of the half-open probe this worker was given (sent at once)."""
+        self._report.probe_outcome = succeeded
+        self._kick.set()
+
+    def release_probe(self) -> None:
+        """Give back the half-open probe unused (sent at once), so another worker may take it."""
+        self._report.breaker_releases += 1
+        self._kick.set()
+
     # -- the limiter (llmap.control.lanes.LaneLimiter) ----------------------------------
     @property
     def limited(self) -> bool:
@@ -336,8 +374,9 @@ class BudgetLink:
 class SharedAIMD:
     """A worker's view of the cluster's AIMD limit: its share of the requests in flight.
 
-    It has :class:`~llmap.control.concurrency.AIMDConcurrency`'s surface
-    (``limit``, ``maximum``, ``on_success``, ``on_congestion``); the outcomes go to the budget.
+    It is a :class:`~llmap.control.lanes.LaneAIMD` (``limit``, ``maximum``, ``on_success``,
+    ``on_congestion``), as :class:`~llmap.control.concurrency.AIMDConcurrency` is; the outcomes go to
+    the budget.
     """
 
     def __init__(self, link: BudgetLink) -> None:
@@ -346,30 +385,31 @@ class SharedAIMD:
 
     @property
     def limit(self) -> int:
+        """Requests this worker may keep in flight: its share of the cluster's limit, within its own cap."""
         return max(1, min(self.link.view.share, self.link.cap))
 
     @property
     def maximum(self) -> int:
+        """This worker's own ceiling of requests in flight (its provider's)."""
         return self.link.cap
 
     def on_success(self) -> bool:
         """Count an answer; True when this worker's share grew since last asked."""
-        self.link._report.successes += 1
+        self.link.report_success()
         grew, self._seen = self.limit > self._seen, self.limit
         return grew
 
     def on_congestion(self, in_flight: int | None = None) -> bool:
         """Count a 429 or an overload; the budget cuts the cluster's limit (once per burst)."""
-        self.link._report.congestions += 1
-        self.link._kick.set()
+        self.link.report_congestion()
         return False
 
 
 class SharedBreaker:
     """A worker's view of the cluster's circuit breaker for one model.
 
-    It has :class:`~llmap.control.breaker.CircuitBreaker`'s surface as the
-    dispatcher uses it. The budget's breaker decides; while it is open,
+    It is a :class:`~llmap.control.lanes.LaneBreaker`, as
+    :class:`~llmap.control.breaker.CircuitBreaker` is. The budget's breaker decides; while it is open,
     nobody sends, and once its cooldown is over the first worker to ask gets
     the one half-open probe.
     """
@@ -379,15 +419,17 @@ class SharedBreaker:
         self._probing = False
 
     def state_at(self, now: float | None = None) -> BreakerState:
+        """The shared breaker's state as the budget last reported it (``now`` is not used)."""
         return BreakerState(self.link.view.breaker)
+
+    def peek(self, now: float | None = None) -> BreakerState:
+        """The same as :meth:`state_at`: reading the view changes nothing."""
+        return self.state_at(now)
 
     @property
     def state(self) -> BreakerState:
+        """The shared breaker's state as the budget last reported it."""
         return self.state_at()
-
-    def _ask_probe(self) -> None:
-        self.link._report.want_probe = True
-        self.link._kick.set()
 
     def allow(self, now: float | None = None) -> bool:
         """True when a call may go: closed, or the half-open probe is this worker's."""
@@ -397,37 +439,38 @@ class SharedBreaker:
         if v.breaker == BreakerState.HALF_OPEN.value and v.probe_owner == self.link.worker and not self._probing:
             self._probing = True
             return True
-        if (v.breaker == BreakerState.OPEN.value and now >= self.link._probe_at) or \
+        if (v.breaker == BreakerState.OPEN.value and now >= self.link.probe_due_at) or \
                 (v.breaker == BreakerState.HALF_OPEN.value and v.probe_owner is None):
-            self._ask_probe()
+            self.link.ask_probe()
         return False
 
     def release(self, now: float | None = None) -> None:
+        """Give back the half-open probe this worker holds, unused."""
         if self._probing:
             self._probing = False
-            self.link._report.breaker_releases += 1
-            self.link._kick.set()
+            self.link.release_probe()
 
     def record_success(self, now: float | None = None) -> None:
+        """A call reached a healthy provider: the probe's outcome when this worker holds it."""
         if self._probing:
             self._probing = False
-            self.link._report.probe_outcome = True
-            self.link._kick.set()
+            self.link.report_probe(True)
         else:
-            self.link._report.breaker_successes += 1
+            self.link.report_call(failed=False)
 
     def record_failure(self, now: float | None = None) -> None:
+        """An outage-type failure: the probe's outcome when this worker holds it (sent at once)."""
         if self._probing:
             self._probing = False
-            self.link._report.probe_outcome = False
+            self.link.report_probe(False)
         else:
-            self.link._report.breaker_failures += 1
-        self.link._kick.set()
+            self.link.report_call(failed=True)
 
     def time_until_probe(self, now: float | None = None) -> float:
+        """Seconds until :meth:`allow` may let a call through (``inf``: wait for another worker's probe)."""
         v, now = self.link.view, self.link.clock() if now is None else now
         if v.breaker == BreakerState.CLOSED.value:
             return 0.0
         if v.breaker == BreakerState.OPEN.value:  # once due, the probe is asked for: look again soon
-            return max(0.05, self.link._probe_at - now)
+            return max(0.05, self.link.probe_due_at - now)
         return 0.0 if v.probe_owner == self.link.worker and not self._probing else math.inf

@@ -1,0 +1,136 @@
+"""The seams behind ``Lane.plug``: every limiter, AIMD gate and breaker a lane may hold has the surface the
+dispatcher uses (the Protocols in ``control/lanes.py``), local and cluster-wide alike."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Protocol
+
+import pytest
+
+from llmap.control.breaker import BreakerState, CircuitBreaker
+from llmap.control.cluster import Report, View
+from llmap.control.concurrency import AIMDConcurrency
+from llmap.control.lanes import Lane, LaneAIMD, LaneBreaker, LaneLimiter
+from llmap.control.limits import Limiter, RateLimiter
+from llmap.run.ray.budget import BudgetLink
+from llmap.spec import LimitsSpec, ModelSpec
+
+
+def _members(protocol: type) -> dict[str, object]:
+    own = {}
+    for klass in reversed(protocol.__mro__):
+        if klass in (Protocol, object) or not issubclass(klass, Protocol):
+            continue
+        own.update({k: v for k, v in vars(klass).items() if not k.startswith("_")})
+    return own
+
+
+def mismatches(obj: object, protocol: type) -> list[str]:
+    """How ``obj`` differs from ``protocol``: a member missing, a method where the protocol reads a value (a
+    property, which a plain attribute also satisfies) or the other way, or a method whose parameters (names,
+    kinds, defaults) differ."""
+    out = []
+    for name, want in _members(protocol).items():
+        have = inspect.getattr_static(type(obj), name, None)
+        if isinstance(want, property):
+            if not hasattr(obj, name):
+                out.append(f"{name}: missing")
+            elif inspect.isfunction(have):
+                out.append(f"{name}: a method, the protocol reads a value")
+        elif not inspect.isfunction(have):
+            out.append(f"{name}: {'missing' if have is None else 'not a method'}")
+        else:
+            params = [(p.name, p.kind, p.default) for p in inspect.signature(want).parameters.values()]
+            got = [(p.name, p.kind, p.default) for p in inspect.signature(have).parameters.values()]
+            if params != got:
+                out.append(f"{name}: parameters {[p[0] for p in got]} differ from {[p[0] for p in params]}")
+    return out
+
+
+async def _never(*args: object) -> View:
+    await asyncio.Event().wait()
+    raise AssertionError
+
+
+def _link() -> BudgetLink:
+    return BudgetLink("w0", 0, sync=_never, watch=_never)
+
+
+@pytest.mark.parametrize(("make", "protocol"), [
+    (lambda: Limiter(RateLimiter(60, None, now=0.0)), LaneLimiter), (_link, LaneLimiter),
+    (AIMDConcurrency, LaneAIMD), (lambda: _link().aimd, LaneAIMD),
+    (CircuitBreaker, LaneBreaker), (lambda: _link().breaker, LaneBreaker),
+])
+def test_what_a_lane_may_hold_has_the_protocols_surface(make, protocol):
+    obj = make()
+    assert _members(protocol)
+    assert mismatches(obj, protocol) == []
+    assert isinstance(obj, protocol)
+
+
+def test_the_surface_check_sees_a_difference():
+    class Gate:
+        limit = 1  # a plain attribute satisfies a read-only property
+
+        def maximum(self) -> int:
+            return 1
+
+        def on_success(self, weight: int = 1) -> bool:
+            return True
+
+    assert mismatches(Gate(), LaneAIMD) == [
+        "maximum: a method, the protocol reads a value",
+        "on_success: parameters ['self', 'weight'] differ from ['self']", "on_congestion: missing"]
+
+
+async def test_a_budget_links_views_are_the_lanes_seams_and_report_through_it():
+    sent: list[Report] = []
+    got = asyncio.Event()
+
+    async def sync(report: Report) -> View:
+        sent.append(report)
+        got.set()
+        return View(version=len(sent), breaker=BreakerState.CLOSED.value)
+
+    async def watch(lane: int, worker: str, version: int) -> View:
+        await asyncio.Event().wait()  # never changes
+        raise AssertionError
+
+    link = BudgetLink("w0", 0, sync=sync, watch=watch, cap=8)
+    limiter = Limiter(RateLimiter(60, None, now=0.0))
+    assert isinstance(link, LaneLimiter) and isinstance(limiter, LaneLimiter)
+    assert isinstance(link.aimd, LaneAIMD) and isinstance(link.breaker, LaneBreaker)
+    await link.start()
+    try:
+        got.clear()
+        link.breaker.record_success()  # counted, sent with the next report
+        link.aimd.on_success()
+        link.aimd.on_congestion(3)  # sent at once
+        await asyncio.wait_for(got.wait(), 5)
+        last = sent[-1]
+        assert (last.breaker_successes, last.successes, last.congestions) == (1, 1, 1)
+        got.clear()
+        link.breaker.record_failure()  # sent at once
+        await asyncio.wait_for(got.wait(), 5)
+        assert (sent[-1].breaker_failures, sent[-1].breaker_successes) == (1, 0)
+    finally:
+        await link.aclose()
+
+
+class _Provider:
+    label, max_concurrency = "openai:m", 8
+
+
+async def test_a_lane_paces_and_breaks_on_the_injected_clock_and_sleep(fake_time):
+    lane = Lane(0, _Provider(), ModelSpec(provider="openai", name="m"), LimitsSpec(rpm=60),
+                clock=fake_time.clock, sleep=fake_time.sleep)
+    permits = [await lane.limiter.acquire(10) for _ in range(3)]  # one request a second, on the fake clock
+    assert [p.sent_at for p in permits] == pytest.approx([0.0, 1.0, 2.0])
+    assert sum(fake_time.sleeps) == pytest.approx(2.0)
+    for _ in range(10):
+        lane.breaker.record_failure()  # the breaker reads the same clock
+    assert lane.breaker.peek() is BreakerState.OPEN
+    fake_time.advance(lane.breaker.time_until_probe())
+    assert lane.breaker.allow()
