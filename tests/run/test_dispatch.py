@@ -52,7 +52,7 @@ async def test_tail_hedge_beats_a_hung_first_copy():
         return Completion(ANSWER, 5, 3, 0.01)
 
     p = Provider("p", behave)
-    d = _dispatcher([p])
+    d = _dispatcher([p], hedge_budget=1.0)  # one row: the default 2% budget would allow no copy
     lane = d.lanes[0]
     for _ in range(30):
         lane.timeout.observe(0.01)  # p95 latency: 10 ms
@@ -60,6 +60,89 @@ async def test_tail_hedge_beats_a_hung_first_copy():
     d.watch_tail(lambda: True)
     res = await asyncio.wait_for(d.solve("k", {"t": "x"}), timeout=5)
     assert res.status == "done" and p.calls == 2 and d.stats.hedged == 1
+
+
+def _tail_lane(d: Dispatcher, p95_s: float = 0.01) -> Lane:
+    lane = d.lanes[0]
+    for _ in range(30):
+        lane.timeout.observe(p95_s)
+    lane.probing = False
+    d.watch_tail(lambda: True)
+    return lane
+
+
+async def test_the_copy_that_loses_is_billed_its_estimated_cost():
+    async def behave(n):
+        if n == 1:
+            await asyncio.sleep(30)  # a hang: the copy wins, the first is cancelled
+        return Completion(ANSWER, 5, 3, 0.01)
+
+    p = Provider("p", behave)
+    spec = LimitsSpec(hedge_budget=1.0)
+    lane = Lane(0, p, ModelSpec(provider="openai", name="p", price_in=1.0, price_out=2.0), spec)
+    d = Dispatcher([lane], *_prompt(), spec, max_reask=0, fallback=None, stats=DispatchStats())
+    _tail_lane(d)
+    res = await asyncio.wait_for(d.solve("k", {"t": "x"}), timeout=5)
+    assert res.status == "done" and d.stats.hedged == 1
+    outcomes = [e[2] for e in d.stats.request_log]
+    assert outcomes.count("hedged") == 1 and outcomes.count("200") == 1
+    billed = d.stats.cost_usd - lane.cost_usd(5, 3)
+    assert d.stats.hedge_cost_usd > 0 and billed == pytest.approx(d.stats.hedge_cost_usd)
+
+
+async def test_hedged_copies_stay_within_the_budget():
+    async def behave(n):
+        await asyncio.sleep(0.05)  # every request slower than the p95 of 10 ms
+        return Completion(ANSWER, 5, 3, 0.05)
+
+    p = Provider("p", behave)
+    p.max_concurrency = 64
+    d = _dispatcher([p], concurrency=64, hedge_budget=0.1)  # spare capacity: every row could get a copy
+    _tail_lane(d)
+    results = await asyncio.gather(*(d.solve(f"k{i}", {"t": f"x{i}"}) for i in range(20)))
+    assert all(r.status == "done" for r in results)
+    assert 1 <= d.stats.hedged <= 0.1 * d.stats.requests
+
+
+async def test_no_copy_before_the_p95_latency_even_for_a_retry():
+    async def behave(n):
+        if n == 1:
+            raise E.Overloaded("HTTP 503", status=503)
+        await asyncio.sleep(0.02)  # the retry answers before the p95 latency (0.5 s)
+        return Completion(ANSWER, 5, 3, 0.02)
+
+    p = Provider("p", behave)
+    d = _dispatcher([p], hedge_budget=1.0, backoff_base_s=0)
+    _tail_lane(d, p95_s=0.5)
+    res = await asyncio.wait_for(d.solve("k", {"t": "x"}), timeout=5)
+    assert res.status == "done" and p.calls == 2 and d.stats.hedged == 0
+
+
+async def test_no_copy_for_a_row_that_got_a_429():
+    async def behave(n):
+        if n == 1:
+            raise E.RateLimited("HTTP 429", status=429)
+        await asyncio.sleep(0.1)  # slower than the p95 of 10 ms: a copy would be due, but the row saw a 429
+        return Completion(ANSWER, 5, 3, 0.1)
+
+    p = Provider("p", behave)
+    d = _dispatcher([p], hedge_budget=1.0, backoff_base_s=0)
+    _tail_lane(d)
+    res = await asyncio.wait_for(d.solve("k", {"t": "x"}), timeout=5)
+    assert res.status == "done" and p.calls == 2 and d.stats.hedged == 0
+
+
+async def test_the_default_budget_sends_no_copy_for_a_single_request():
+    async def behave(n):
+        if n == 1:
+            await asyncio.sleep(0.2)
+        return Completion(ANSWER, 5, 3, 0.01)
+
+    p = Provider("p", behave)
+    d = _dispatcher([p])
+    _tail_lane(d)
+    res = await asyncio.wait_for(d.solve("k", {"t": "x"}), timeout=5)
+    assert res.status == "done" and p.calls == 1 and d.stats.hedged == 0  # 2% of 1 request is no copy
 
 
 async def test_no_hedge_outside_the_tail():

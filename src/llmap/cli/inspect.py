@@ -42,7 +42,9 @@ def status(
         groups = [{"group": g, **c, **({"quota_met": c["done"] >= quota.n} if quota and by == quota.column else {})}
                   for g, c in rep.groups.items()]
         sys.stdout.write(json.dumps({"job": job.spec.name, "total": rep.total, "by": by, "groups": groups,
-                                     "structured": rep.structured, "batches": rep.batches}, default=str) + "\n")
+                                     "structured": rep.structured, "batches": rep.batches,
+                                     "hedged": {"copies": rep.hedged[0], "cost_usd": rep.hedged[1]}},
+                                    default=str) + "\n")
         return
     quota = job.spec.input.per_group
     show_quota = quota is not None and by == quota.column
@@ -66,6 +68,9 @@ def status(
     console.print(table)
     for model, how in rep.structured.items():
         console.print(f"structured output: {model}: {how}", highlight=False, markup=False)
+    if rep.hedged[0]:
+        console.print(f"hedged copies in the latest run: {rep.hedged[0]:,} whose answer was dropped "
+                      f"(est. ${rep.hedged[1]:,.4f}, in its cost)", highlight=False, markup=False)
     if rep.batches:
         console.print(_batch_table(rep.batches))
 
@@ -155,6 +160,7 @@ def _run_table(sm) -> Table:
     rows = [("rows done / failed / skipped", f"{sm.done:,} / {sm.failed:,} / {sm.skipped:,}"),
             ("answered from cache", f"{sm.cached:,}"),
             ("requests (429s, retries)", f"{sm.requests:,} ({sm.rate_limited:,}, {sm.retries:,})"),
+            ("hedged copies (est. cost, in cost)", f"{sm.hedged:,} (${sm.hedge_cost_usd:,.4f})"),
             ("tokens (prompt + completion)", f"{sm.prompt_tokens:,} + {sm.completion_tokens:,}"),
             ("prompt-cache reads / writes", f"{sm.cache_read_tokens:,} / {sm.cache_write_tokens:,}"),
             ("cost", f"${sm.cost_usd:,.4f}" if sm.cost_usd is not None else "-"),

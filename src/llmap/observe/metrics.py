@@ -18,6 +18,8 @@ Families (every one has a ``job`` label; counters are exposed with ``_total``)::
     llmap_cache_hits_total            rows answered from the cache or an identical request
     llmap_rate_limited_total          429 answers
     llmap_retries_total               attempts after the first
+    llmap_hedged_total                hedged copies sent in the run's tail (``[limits] hedge_budget`` bounds them)
+    llmap_hedge_cost_usd_total        the estimated cost of hedged copies whose answer was dropped (in cost_usd)
     llmap_in_flight{model}            requests in flight (gauge)
     llmap_concurrency_limit{model}    current adaptive (AIMD) concurrency limit (gauge)
     llmap_rpm_limit{model}            requests per minute in force, when known (gauge)
@@ -114,6 +116,8 @@ class RunMetrics(Collector):
         cost = self._counter("llmap_cost_usd", "USD spent at the models' prices.")
         rate_limited = self._counter("llmap_rate_limited", "429 answers.")
         retries = self._counter("llmap_retries", "Attempts after the first, per row and model.")
+        hedged = self._counter("llmap_hedged", "Hedged copies sent in the run's tail.")
+        hedge_cost = self._counter("llmap_hedge_cost_usd", "Estimated USD of hedged copies that lost the race.")
         cache_hits = self._counter("llmap_cache_hits", "Rows answered from the cache or an identical request.")
         if stats is not None:
             for (model, outcome), n in sorted(_items(stats.outcomes)):
@@ -125,9 +129,11 @@ class RunMetrics(Collector):
             cost.add_metric([self.job], stats.cost_usd)
             rate_limited.add_metric([self.job], stats.rate_limited)
             retries.add_metric([self.job], stats.retries)
+            hedged.add_metric([self.job], stats.hedged)
+            hedge_cost.add_metric([self.job], stats.hedge_cost_usd)
         if tally is not None:
             cache_hits.add_metric([self.job], tally.cache_hits)
-        yield from (requests, tokens, cost, cache_hits, rate_limited, retries)
+        yield from (requests, tokens, cost, cache_hits, rate_limited, retries, hedged, hedge_cost)
 
     def _lanes(self, lanes: list[Lane]) -> Iterator[Metric]:
         in_flight = self._gauge("llmap_in_flight", "Requests in flight.", ["model"])

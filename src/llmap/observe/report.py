@@ -76,6 +76,8 @@ class RunSummary:
             run's plan per status, as recorded at its end.
         cached: rows answered from the cache or an identical request.
         requests, rate_limited, retries: requests sent, 429 answers, retried attempts.
+        hedged, hedge_cost_usd: hedged copies whose answer was dropped (they lost the race to the first
+            copy, ``[limits] hedge_tail``) and their estimated cost, included in ``cost_usd``.
         prompt_tokens, completion_tokens, cost_usd: usage (tokens, USD).
         cache_read_tokens, cache_write_tokens: of the prompt tokens, those read
             from / written to the providers' prompt caches.
@@ -122,6 +124,8 @@ class RunSummary:
     requests: int = 0
     rate_limited: int = 0
     retries: int = 0
+    hedged: int = 0
+    hedge_cost_usd: float = 0.0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -258,6 +262,9 @@ def _read_request_log(db: sqlite3.Connection, s: RunSummary) -> None:
     start = s.started_at
     n, last = db.execute("SELECT count(*), max(t) FROM requests WHERE run = ?", (s.run,)).fetchone()
     s.logged_requests = int(n)
+    hedged, hedge_cost = db.execute("SELECT count(*), coalesce(sum(cost_usd), 0) FROM requests WHERE run = ? "
+                                    "AND outcome = 'hedged'", (s.run,)).fetchone()
+    s.hedged, s.hedge_cost_usd = int(hedged), float(hedge_cost)
     if s.ended_at is None and last is not None:
         s.wall_s = max(0.0, float(last) - start)
     span = max(float(s.ended_at) - start if s.ended_at is not None else 0.0,
@@ -278,7 +285,7 @@ def _read_request_log(db: sqlite3.Connection, s: RunSummary) -> None:
         s.throughput[i] /= covered if i == last_b and covered > 0 else tw
     errors: dict[str, list[int]] = {}
     for b, outcome, count, _rows in db.execute(per_bucket, (start, ew, s.run)):
-        if outcome != "200":
+        if outcome not in ("200", "hedged"):  # a hedged copy that lost is no error
             errors.setdefault(str(outcome), [0] * n_err)[min(int(b), n_err - 1)] += count
     s.errors = dict(sorted(errors.items(), key=lambda kv: (-sum(kv[1]), kv[0])))
     s.errors_total = sum(sum(v) for v in errors.values())

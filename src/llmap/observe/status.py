@@ -44,6 +44,8 @@ class StatusReport:
     #: the job's latest provider batches, newest first (:meth:`~llmap.store.batches.BatchBook.summary`): ids,
     #: state, the provider's status as last polled, requests, rows submitted and done
     batches: list[dict[str, Any]] = field(default_factory=list)
+    #: the latest run's hedged copies whose answer was dropped, and their estimated cost in USD (in its cost)
+    hedged: tuple[int, float] = (0, 0.0)
 
 
 def job_status(spec: JobSpec, by: str | None = None) -> StatusReport:
@@ -60,6 +62,9 @@ def job_status(spec: JobSpec, by: str | None = None) -> StatusReport:
         total = ledger.counts(plan)
         structured = structured_by_model(ledger.connection)
         batches = BatchBook(ledger).summary(plan)
+        hedged = ledger.connection.execute(
+            "SELECT count(*), coalesce(sum(cost_usd), 0) FROM requests WHERE outcome = 'hedged' "
+            "AND run = (SELECT max(id) FROM runs)").fetchone()
         groups: dict[Any, dict[str, int]] = {}
         if by:
             stored = json.loads(ledger.get_meta("data_columns") or "[]")
@@ -71,7 +76,7 @@ def job_status(spec: JobSpec, by: str | None = None) -> StatusReport:
     finally:
         ledger.close()
     ordered = dict(sorted(groups.items(), key=lambda kv: (kv[0] is None, str(kv[0]))))
-    return StatusReport(total, by, ordered, spec.ledger_path, structured, batches)
+    return StatusReport(total, by, ordered, spec.ledger_path, structured, batches, (int(hedged[0]), float(hedged[1])))
 
 
 def structured_by_model(db: sqlite3.Connection, *, runs: int = 50) -> dict[str, str]:

@@ -57,6 +57,8 @@ _OUTAGE = (E.Overloaded, E.RequestTimeout, E.ConnectionFailed, E.MalformedRespon
 #: Errors after which the provider did not process the request: its token reservation is refunded
 #: (the request itself still counts against RPM, as providers count it).
 _UNPROCESSED = (E.RateLimited, E.ConnectionFailed, E.TerminalError)
+#: The cancel message of the copy that lost a hedge race (its estimated cost is billed).
+HEDGE_LOST = "llmap: hedged copy lost the race"
 #: While a half-open breaker's probe is out, rows look again this often, seconds.
 _VERDICT_POLL_S = 0.1
 
@@ -200,8 +202,14 @@ class Dispatcher:
                 if self.misconfig.failure(lane.index, exc):
                     self._misconfigured(lane, exc)
                 raise
-            except asyncio.CancelledError:  # a hedged copy that lost, or the run stopping
-                self.stats.log(lane.label, "cancelled", self.clock() - start, 0, 0, pack_size)
+            except asyncio.CancelledError as exc:  # a hedged copy that lost, or the run stopping
+                if exc.args and exc.args[0] == HEDGE_LOST:  # the provider processed it: bill its estimate
+                    cost = lane.cost_usd(lane.prompt_tokens.estimate(_chars(req.messages)), int(est_output))
+                    self.stats.cost_usd += cost
+                    self.stats.hedge_cost_usd += cost
+                    self.stats.log(lane.label, "hedged", self.clock() - start, 0, 0, pack_size, cost)
+                else:
+                    self.stats.log(lane.label, "cancelled", self.clock() - start, 0, 0, pack_size)
                 raise
         finally:
             lane.leave()
@@ -244,24 +252,32 @@ class Dispatcher:
             if r.note:
                 self.stats.warn(f"{lane.label}: {r.note} (HTTP {r.status})")
 
+    def hedge_allowed(self) -> bool:
+        """True while the run's hedged copies are under ``[limits] hedge_budget`` of its requests."""
+        return self.stats.hedged + 1 <= self.limits.hedge_budget * self.stats.requests
+
     async def _hedged(self, lane: Lane, req: Request, delay_s: float) -> Completion:
         """A hedged request ("The Tail at Scale"): a second copy after ``delay_s`` if the first is late.
 
-        Used only in the run's tail while the lane has spare capacity, so that
-        a straggler row waits for the faster of two tries instead of a hang's
-        timeout. The first answer wins; the other copy is cancelled.
+        Used only in the run's tail while the lane has spare capacity and the
+        run's hedge budget allows (:meth:`hedge_allowed`), so that a straggler
+        row waits for the faster of two tries instead of a hang's timeout. The
+        first answer wins; the other copy is cancelled, and its estimated cost
+        is billed (:data:`HEDGE_LOST`).
         """
         first = asyncio.create_task(self.send(lane, req))
         tasks = [first]
+        settled = False
         try:
             done, _ = await asyncio.wait(tasks, timeout=delay_s)
-            if not done and lane.in_flight * 2 < lane.limit:
+            if not done and lane.in_flight * 2 < lane.limit and self.hedge_allowed():
                 self.stats.hedged += 1
                 tasks.append(asyncio.create_task(self.send(lane, req)))
             # An answer wins. After an error, the other copy gets at most the p95 latency more
             # (it may be a hang); then the error goes to the retry policy, whose retry hedges again.
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             first = done.pop()
+            settled = True
             if first.exception() is None or not pending:
                 return first.result()
             done, _ = await asyncio.wait(pending, timeout=lane.timeout.quantile(0.95))
@@ -270,7 +286,8 @@ class Dispatcher:
             return first.result()  # raises the first error
         finally:
             for t in tasks:
-                t.cancel()
+                if not t.done():
+                    t.cancel(HEDGE_LOST if settled else None)
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def watchdog(self) -> None:
@@ -327,6 +344,7 @@ class Dispatcher:
         shared = self.renderer.shared_prefix(base_messages)
         messages: dict[int, list[dict[str, str]]] = {start: [*base_messages, *extra]} if extra else {}
         keys: dict[int, str] = {}  # lane index -> cache key of the row's base request there
+        rate_limited = False  # a 429 on this row: never hedge it (a copy only adds load)
         leads: dict[int, str] = {}  # lane index -> the key this row leads there (others wait for it)
         answers = self.answers
         if lead is not None and answers is not None and answers.lead(lead):
@@ -370,15 +388,16 @@ class Dispatcher:
                 msgs = messages.get(i, base_messages)
                 req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key,
                               shared_prefix=shared)
-                hedge = self.limits.hedge_tail and self.in_tail() and lane.in_flight * 2 < lane.limit
+                hedge = (self.limits.hedge_tail and not rate_limited and self.in_tail()
+                         and lane.in_flight * 2 < lane.limit)
                 try:
-                    if hedge:  # a row that failed before hedges at once; others once they are slower than p95
-                        comp = await self._hedged(lane, req,
-                                                  0.0 if attempts[i] > 1 else lane.timeout.quantile(0.95))
+                    if hedge:  # a copy only once the request is slower than the p95 latency
+                        comp = await self._hedged(lane, req, lane.timeout.quantile(0.95))
                     else:
                         comp = await self.send(lane, req)
                 except E.ProviderError as exc:
                     exc.row_key, exc.attempt = key, attempts[i]
+                    rate_limited = rate_limited or isinstance(exc, E.RateLimited)
                     self.record_failure(lane, exc)
                     decision = self.settler.error(exc, self.retry.decide(exc, attempts[i], self.clock() - t0))
                     if isinstance(decision, StopRun):

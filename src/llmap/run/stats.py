@@ -28,7 +28,7 @@ __all__ = ["COUNTERS", "DispatchStats", "Stop", "StatsDelta", "model_stats"]
 
 #: The run counters a remote worker reports as deltas (:meth:`DispatchStats.take_delta`).
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "cache_read_tokens", "cache_write_tokens", "cost_usd",
-            "rate_limited", "retries", "hedged")
+            "rate_limited", "retries", "hedged", "hedge_cost_usd")
 
 
 def model_stats() -> dict[str, float]:
@@ -71,7 +71,9 @@ class DispatchStats:
         cost_usd: spend at the models' prices.
         rate_limited: 429 answers.
         retries: attempts after the first, per row and model.
-        hedged: attempts that sent a second copy in the run's tail (see ``limits.hedge_tail``).
+        hedged: second copies sent in the run's tail (``[limits] hedge_tail``, within ``hedge_budget``).
+        hedge_cost_usd: of ``cost_usd``, the estimated cost of the copies that lost a hedge race
+            (their tokens at the model's prices: the provider bills them, the answer was dropped).
         stop_reason: why dispatch stopped early (a fatal error or a budget cap), or None.
         fatal: the error every row would hit, when that stopped the run.
     """
@@ -85,6 +87,7 @@ class DispatchStats:
     rate_limited: int = 0
     retries: int = 0
     hedged: int = 0
+    hedge_cost_usd: float = 0.0
     stop_reason: str | None = None
     fatal: E.FatalProviderError | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)

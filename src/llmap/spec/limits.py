@@ -36,10 +36,15 @@ class LimitsSpec(StrictModel):
             A Retry-After is always honoured in full, and outages are handled by
             the circuit breaker.
         hedge_tail: in the run's tail (every row handed out, spare capacity),
-            a request slower than the p95 latency, or the retry of a row that
-            already failed, gets a second copy and the first answer wins, so
-            stragglers do not set the run's end (default true; costs a few
-            extra requests per run, counted in ``requests``).
+            a request still unanswered after the p95 latency gets a second copy
+            and the first answer wins, so stragglers do not set the run's end
+            (default true). Never for a row that got a 429 (a copy would only
+            add load), and within ``hedge_budget``.
+        hedge_budget: the most hedged copies a run may send, as a fraction of
+            its requests (default 0.02: 2 per 100). A provider bills the tokens a
+            copy processed though its answer is dropped: each copy that loses
+            the race is priced at the request's estimated tokens and counted in
+            ``cost_usd`` (``llmap status``, ``report``, ``/metrics`` show them).
         max_cost_usd: stop sending new requests once this much is spent (USD,
             from ``[model] price_in`` / ``price_out``); in-flight requests finish.
             Every ``openai`` and ``anthropic`` model must then set both prices (0 for a free
@@ -57,6 +62,7 @@ class LimitsSpec(StrictModel):
     backoff_base_s: float = Field(default=0.5, ge=0)
     backoff_cap_s: float = Field(default=8.0, gt=0)
     hedge_tail: bool = True
+    hedge_budget: float = Field(default=0.02, ge=0, le=1)
     max_cost_usd: float | None = Field(default=None, gt=0)
     max_tokens: int | None = Field(default=None, gt=0)
 

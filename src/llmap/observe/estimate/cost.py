@@ -231,7 +231,13 @@ def cost_and_time(est: Estimate, spec: Any, hist: History) -> None:
 
 
 def _notes(est: Estimate, spec: Any) -> list[str]:
-    notes = ["re-asks, retries and hedged requests are not counted"]
+    notes = ["re-asks and retries are not counted"]
+    budget = spec.limits.hedge_budget if spec.limits.hedge_tail else 0.0
+    if budget and est.requests:
+        most = int(budget * est.requests)
+        per = est.cost_usd / est.requests if est.requests else 0.0
+        notes.append(f"hedged copies in the run's tail: at most {most:,} ([limits] hedge_budget = {budget:g} of "
+                     f"the requests), at most ${most * per:,.4f}")
     if est.cache_read_tokens:
         notes.append(f"prompt cache: the {est.prefix_chars:,}-character prefix every request shares is assumed "
                      "written once and read by every later request (the best case: a model may need a longer "
