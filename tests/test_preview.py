@@ -91,3 +91,11 @@ def test_preview_refuses_options_that_need_a_ledger(make_job, sim):
     for extra in (["--fresh"], ["--detach"], ["--executor", "ray"]):
         res = runner.invoke(app, ["run", str(job), "--preview", "2", *extra])
         assert res.exit_code == 2 and "--preview" in res.stderr
+
+
+def test_a_batch_job_previews_in_real_time(make_job, sim):
+    job = make_job(6, model_extra="batch = true", top="")
+    job.write_text(job.read_text() + "\n[batch]\npoll_s = 1\n")
+    res = runner.invoke(app, ["run", str(job), "--preview", "3"])
+    assert res.exit_code == 0, res.output
+    assert "asked in real time" in res.stderr and chat_requests(sim) == 3

@@ -97,11 +97,13 @@ def _in_template_order(variables: tuple[str, ...], source: str) -> list[str]:
 
 def _sample_spec(spec: JobSpec, tmp: Path) -> JobSpec:
     """``spec`` with its ledger and output in ``tmp``, real-time models, and no filters (the sample is filtered)."""
-    inp = spec.input.model_copy(update={"where": None, "order_by": None, "limit": None, "per_group": None})
-    out = spec.output.model_copy(update={"path": str(tmp / "preview.parquet")})
-    models = [m.model_copy(update={"batch": False}) for m in spec.models]
-    return spec.model_copy(update={"input": inp, "output": out, "models": models,
-                                   "ledger": str(tmp / "preview.ledger.sqlite")})
+    doc = spec.model_dump(exclude_unset=True, exclude={"batch"})  # no [batch]: the sample answers in real time
+    doc["input"] = {**doc["input"], "where": None, "order_by": None, "limit": None, "per_group": None}
+    doc["output"] = {**doc["output"], "path": str(tmp / "preview.parquet")}
+    doc["models"] = [{**m, "batch": False} for m in doc["models"]]
+    doc["ledger"] = str(tmp / "preview.ledger.sqlite")
+    doc["base_dir"] = spec.base_dir
+    return JobSpec.model_validate(doc)
 
 
 async def apreview(spec: JobSpec, n: int, *, seed: int = DEFAULT_SEED, progress: Progress | None = None,

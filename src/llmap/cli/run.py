@@ -23,7 +23,8 @@ __all__ = ["run"]
 _LINE = "One-line run (a data file instead of a job file)"
 _PREVIEW = "Preview"
 _RAY = "Ray"
-_JOB_SUFFIXES = (".toml",)
+#: What a data file ends in (what llmap.io.sources reads); any other path is a job file, as before one-line runs.
+_DATA_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson", ".json")
 
 
 def _one_line_given(**opts: object) -> list[str]:
@@ -36,7 +37,7 @@ def _load(target: Path, *, prompt: str | None, fields: list[str], system: str | 
     """The job to run: a job file, or the one-line job over a data file; and its job file, if any."""
     given = _one_line_given(prompt=prompt, field=fields, system=system, model=model, base_url=base_url,
                             api_key_env=api_key_env, key=key, where=where, save=save)
-    if target.suffix.lower() in _JOB_SUFFIXES:
+    if target.suffix.lower() not in _DATA_SUFFIXES:
         if given:
             raise fail(f"{given[0]} applies to a data file (llmap run DATA --prompt ... --field ...); {target.name} "
                        "is a job file: set it there")
@@ -46,8 +47,8 @@ def _load(target: Path, *, prompt: str | None, fields: list[str], system: str | 
                 update={"path": os.path.abspath(output)})}))
         return job, str(target)
     if prompt is None:
-        raise fail(f"{target.name} is not a job file (.toml): to run a prompt over it, add --prompt TEMPLATE and "
-                   f"--field NAME=TYPE, or write a job file with: llmap init {target}")
+        raise fail(f"{target.name} is a data file, not a job file: to run a prompt over it, add --prompt TEMPLATE "
+                   f"and --field NAME=TYPE, or write a job file with: llmap init {target}")
     from llmap.cli.oneline import oneline_job, saved_toml
     from llmap.plan import spec_from_dict
 
