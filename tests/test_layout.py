@@ -16,7 +16,7 @@ import llmap
 
 SRC = Path(llmap.__file__).parent
 
-#: Modules over ~500 lines, each with the reason README's architecture section gives.
+#: Modules over ~500 lines, each with the reason docs/architecture.md gives.
 LONG_MODULES: set[str] = set()
 
 
@@ -313,15 +313,16 @@ def test_no_module_is_over_500_lines_without_a_reason():
     long = {name for name in _modules()
             if (path := SRC.joinpath(*name.split(".")[1:]).with_suffix(".py")).is_file()
             and len(path.read_text(encoding="utf-8").splitlines()) > 500}
-    assert long <= LONG_MODULES, f"over 500 lines: {sorted(long - LONG_MODULES)}; split them or say why in README"
+    assert long <= LONG_MODULES, (f"over 500 lines: {sorted(long - LONG_MODULES)}; split them or say why in "
+                                  "docs/architecture.md")
 
 
-def test_readme_architecture_table_lists_exactly_the_modules():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Architecture", 1)[1]
+def test_the_architecture_page_lists_exactly_the_modules():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
     listed = set()
-    for line in section.splitlines():
+    for line in page.splitlines():
         if line.startswith("| `"):
             listed |= set(re.findall(r"`([\w/]+\.py)`", line.split("|")[1]))
     tree = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
-    assert listed == tree, f"missing from README: {sorted(tree - listed)}; not in the tree: {sorted(listed - tree)}"
+    assert listed == tree, (f"missing from docs/architecture.md: {sorted(tree - listed)}; "
+                            f"not in the tree: {sorted(listed - tree)}")

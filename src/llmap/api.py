@@ -19,10 +19,12 @@ from llmap.errors import SpecError
 from llmap.io.sinks import result_batches, stored_layout
 from llmap.io.sources import Source
 from llmap.plan import spec_from_dict
+from llmap.prompt.render import Renderer
 from llmap.spec import JobSpec, ModelSpec
+from llmap.spec.base import DEFAULT_LOCAL_MODEL
 from llmap.store.ledger import Ledger
 
-__all__ = ["amap", "call_spec", "map"]
+__all__ = ["amap", "call_spec", "map", "model_table"]
 
 _builtin_map = map
 
@@ -62,16 +64,32 @@ def _fields(fields: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: ({"type": v} if isinstance(v, str) else dict(v)) for k, v in fields.items()}
 
 
-def _model(model: str | Mapping[str, Any] | ModelSpec, base_url: str | None,
-           api_key_env: str | None) -> dict[str, Any]:
+def model_table(model: str | Mapping[str, Any] | ModelSpec, base_url: str | None = None,
+                api_key_env: str | None = None) -> dict[str, Any]:
+    """The ``[model]`` table a model argument stands for (``llmap.map``'s ``model=``, the CLI's ``--model``).
+
+    Args:
+        model: ``"local"`` or ``"gemma-3-270m"`` (the embedded model), a
+            name starting with ``claude`` (``provider = "anthropic"``), a label
+            ``openai:NAME`` / ``anthropic:NAME``, any other name
+            (``provider = "openai"``), or a ``[model]`` table as a dict or
+            :class:`~llmap.spec.ModelSpec`, returned as it is.
+        base_url, api_key_env: added to a named model's table when given.
+
+    Returns:
+        The table as a dict, for :func:`llmap.plan.spec_from_dict`.
+    """
     if isinstance(model, ModelSpec):
         return model.model_dump(exclude_defaults=True)
     if isinstance(model, Mapping):
         return dict(model)
-    if model == "local":
+    if model in ("local", DEFAULT_LOCAL_MODEL, f"local:{DEFAULT_LOCAL_MODEL}"):
         return {"provider": "local"}
-    # Claude models speak Anthropic's Messages API (for an OpenAI-compatible shim, pass a [model] dict)
-    provider = "anthropic" if model.startswith("claude") else "openai"
+    prefix, _, rest = model.partition(":")
+    if rest and prefix in ("openai", "anthropic"):  # a label, as the output's _model column writes it
+        provider, model = prefix, rest
+    else:  # Claude models speak Anthropic's Messages API (for an OpenAI-compatible shim, pass a [model] dict)
+        provider = "anthropic" if model.startswith("claude") else "openai"
     doc: dict[str, Any] = {"provider": provider, "name": model}
     if base_url:
         doc["base_url"] = base_url
@@ -104,12 +122,14 @@ def call_spec(*, name: str, source: str, prompt: str, fields: Mapping[str, Any],
         "input": {"sql": "SELECT 1"},
         "prompt": {"user": prompt, **({"system": system} if system else {}), "examples": list(examples)},
         "output": {"path": output_path, "fields": _fields(fields), "max_reask": max_reask},
-        "model": _model(model, base_url, api_key_env),
+        "model": model_table(model, base_url, api_key_env),
         "limits": dict(limits or {}),
     }
     if ledger is not None:
         doc["ledger"] = ledger
-    return spec_from_dict(doc, base_dir=Path.cwd(), name=name, source=source)
+    spec = spec_from_dict(doc, base_dir=Path.cwd(), name=name, source=source)
+    Renderer.from_spec(spec.prompt, source=source).check_examples(source=source)  # rows have every column
+    return spec
 
 
 async def amap(

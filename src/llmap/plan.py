@@ -18,6 +18,7 @@ more than one key to check lives here, in one place, so a bad job is one
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from llmap.spec import JobSpec, parse_spec, read_spec
 from llmap.store.fingerprint import input_hash, key_text
 
 __all__ = ["Compiled", "InputPlan", "KeyedRow", "build_source", "check_input", "compile_spec", "keyed_rows",
-           "load_spec", "spec_from_dict"]
+           "load_spec", "row_key", "spec_from_dict"]
 
 
 @dataclass(frozen=True)
@@ -141,17 +142,23 @@ def build_source(spec: JobSpec, *, limit: int | None = None, given: Source | Non
                             encoding=inp.encoding)
 
 
-def check_input(spec: JobSpec, compiled: Compiled, source: Source) -> InputPlan:
-    """Check the input against the job: columns, ``where``, keys; and lay out the output.
+def check_input(spec: JobSpec, compiled: Compiled, source: Source, *, source_name: str = "job") -> InputPlan:
+    """Check the input against the job: columns, examples, ``where``, keys; and lay out the output.
+
+    Args:
+        spec, compiled: the job and its compiled form (:func:`compile_spec`).
+        source: the job's input.
+        source_name: how to name the job in error messages.
 
     Raises:
-        InputError: a column the job names is missing, ``where`` fails, or a
-            key is empty or repeated (the message names the first such key).
+        InputError: a column the job names is missing (the message lists the
+            input's columns and the closest name), ``where`` fails, or a key
+            is empty or repeated (the message names the first such key).
+        SpecError: a few-shot example lacks a column the templates read.
     """
     renderer = compiled.renderer
-    needed: list[tuple[str, str]] = []
-    if spec.input.key:
-        needed.append((spec.input.key, "[input] key"))
+    keys = spec.input.key_columns
+    needed: list[tuple[str, str]] = [(k, "[input] key") for k in keys]
     needed += [(v, "[prompt] template") for v in renderer.variables]
     needed += [(c, "[output] keep") for c in spec.output.keep]
     for i, ex in enumerate(spec.prompt.examples, 1):
@@ -160,13 +167,13 @@ def check_input(spec: JobSpec, compiled: Compiled, source: Source) -> InputPlan:
     needed += [(c, "[input] per_group") for c in group]
     needed += [(c, "[input] max_chars") for c in spec.input.max_chars]
     source.require_columns(needed)
+    renderer.check_examples(source=source_name)  # after the template's columns: a typo there names the template
     source.check_where()
     _check_keys(spec, source)
-    key = [spec.input.key] if spec.input.key else []
-    columns = list(dict.fromkeys(key + list(renderer.variables) + list(spec.output.keep) + group))
-    shown = list(dict.fromkeys(key + list(spec.output.keep)))
+    columns = list(dict.fromkeys(keys + list(renderer.variables) + list(spec.output.keep) + group))
+    shown = list(dict.fromkeys(keys + list(spec.output.keep)))
     key_schema = source.arrow_schema(shown)
-    if not spec.input.key:
+    if not keys:
         key_schema = pa.schema([pa.field("_row", pa.int64())] + list(key_schema))
     return InputPlan(columns, ResultLayout(key_schema, {n: f.type for n, f in spec.output.fields.items()}))
 
@@ -192,17 +199,26 @@ class KeyedRow:
     batch_schema: pa.Schema
 
 
+def row_key(row: dict[str, Any], columns: list[str]) -> str:
+    """A row's key as the ledger stores it: the key column's value as text
+    (:func:`~llmap.store.fingerprint.key_text`), or for a composite key the
+    JSON list of its columns' values as text (``["634920","elementary"]``)."""
+    if len(columns) == 1:
+        return key_text(row[columns[0]])
+    return json.dumps([key_text(row[c]) for c in columns], ensure_ascii=False, separators=(",", ":"))
+
+
 def keyed_rows(spec: JobSpec, compiled: Compiled, source: Source, columns: list[str]) -> Iterator[KeyedRow]:
     """Every input row with its key and input hash, in input order (the planner and ``estimate``)."""
-    key_col = spec.input.key
+    keys = spec.input.key_columns
     variables = compiled.renderer.variables
     fp = compiled.fingerprint.encode()
     seq = -1
     for batch in source.batches(columns):
         for row in batch.to_pylist():
             seq += 1
-            if key_col:
-                key = key_text(row[key_col])
+            if keys:
+                key = row_key(row, keys)
             else:
                 key = str(seq)
                 row["_row"] = seq
@@ -211,20 +227,25 @@ def keyed_rows(spec: JobSpec, compiled: Compiled, source: Source, columns: list[
 
 
 def _check_keys(spec: JobSpec, source: Source) -> None:
-    key = spec.input.key
-    if not key:
+    keys = spec.input.key_columns
+    if not keys:
         return
-    nulls = source.null_keys(key)
+    what = f"key column {keys[0]!r}" if len(keys) == 1 else f"a column of key {keys!r}"
+    nulls = source.null_keys(keys)
     if nulls:
         raise E.InputError(
-            f"key column {key!r} is empty in {nulls} row(s) of {source.label}; fill it, filter those rows "
+            f"{what} is empty in {nulls} row(s) of {source.label}; fill it, filter those rows "
             "with [input] where, or choose another [input] key"
         )
-    dup = source.first_duplicate(key)
+    dup = source.first_duplicate(keys)
     if dup is not None:
+        value = key_text(dup[0][0]) if len(keys) == 1 else "(" + ", ".join(key_text(v) for v in dup[0]) + ")"
+        name = keys[0] if len(keys) == 1 else keys
+        fix = ("add a column to the key (key = [...] lists several)" if len(keys) == 1
+               else "add another column to the key")
         raise E.InputError(
-            f"key {key!r} is not unique: {key_text(dup[0])!r} appears {dup[1]} times in {source.label}; "
-            "choose a unique [input] key, or drop it to key rows by row number"
+            f"key {name!r} is not unique: {value!r} appears {dup[1]} times in {source.label}; "
+            f"choose a unique [input] key, {fix}, or drop it to key rows by row number"
         )
 
 

@@ -23,5 +23,6 @@ def test_paragraphs_makes_each_paragraph_one_line():
 
 def test_help_reflows_a_wrapped_docstring_to_the_terminal():
     out = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"}).output
-    assert ("Every result is committed to the job's ledger before it counts, so Ctrl-C or a crash loses nothing: "
-            "run the same command again and it continues where it stopped") in out
+    assert ("Every answer is committed to the job's ledger as it arrives, before it counts, so Ctrl-C, SIGKILL or a "
+            "crash loses only the requests in flight: run the same command again and it continues where it "
+            "stopped") in out

@@ -81,9 +81,20 @@ def test_invalid_toml(tmp_path):
     assert code == 2 and "not valid TOML" in out
 
 
-def test_missing_job_file(tmp_path):
-    code, out = _run(tmp_path / "nope.toml")
-    assert code == 2 and "does not exist" in out
+def test_missing_job_file_names_the_folder_it_looked_in(tmp_path):
+    (tmp_path / "jobs.toml").write_text("")
+    code, out = _run(tmp_path / "job.toml")
+    assert code == 2 and f"job file 'job.toml' not found in folder '{tmp_path}'" in out
+    assert "did you mean 'jobs.toml'?" in out and len(out.strip().splitlines()) == 1
+
+
+def test_missing_input_file_names_the_folder_it_looked_in(make_job, sim, tmp_path):
+    job = make_job(3, input_path="data/peopel.csv")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "people.csv").write_text((tmp_path / "people.csv").read_text())
+    code, out = _run(job)
+    assert code == 2 and f"input file 'peopel.csv' not found in folder '{tmp_path / 'data'}'" in out, out
+    assert "did you mean 'people.csv'?" in out and chat_requests(sim) == 0
 
 
 def test_rejected_api_key(make_job, tmp_path, monkeypatch):

@@ -82,7 +82,7 @@ def test_one_changed_row_is_the_only_row_to_request(make_job, sim, tmp_path):
     write_csv(tmp_path / "people.csv", rows)
     est = estimate(Job.from_toml(job).spec)
     assert (est.done, est.to_request, est.requests) == (19, 1, 1)
-    assert est.chars_per_token_source == "ledger (19 done rows)"
+    assert est.chars_per_token_source == "ledger (20 done rows)"  # the changed row's past tokens calibrate too
     assert est.prompt_chars == _chars(job, [rows[7]])
     assert chat_requests(sim) == 20
 
@@ -207,13 +207,55 @@ def test_cascade_costs_the_next_model_as_if_every_row_escalated(make_job, sim):
     assert est.cost_upper_usd == pytest.approx(est.cost_usd + strong_cost)
 
 
-def test_local_model_is_not_loaded(make_job, sim, tmp_path):
-    job = make_job(4)
+def _local(job: Path, limits: str = "") -> Path:
     text = job.read_text()
-    model = text[text.index("[model]"):text.index("[limits]")]
-    job.write_text(text.replace(model, '[model]\nprovider = "local"\nmodel_path = "missing.gguf"\n'))
+    model = text[text.index("[model]"):]
+    job.write_text(text.replace(model, f'[model]\nprovider = "local"\nmodel_path = "missing.gguf"\n{limits}'))
+    return job
+
+
+def test_local_model_is_not_loaded(make_job, sim, tmp_path, monkeypatch):
+    monkeypatch.setattr("llmap.providers.local.provider.cores", lambda: 2)
+    job = _local(make_job(4))
     est = estimate(Job.from_toml(job).spec)  # a run would fail preflight: the model file is missing
-    assert est.to_request == 4 and est.concurrency == 1 and est.time_s == pytest.approx(4.0)
+    assert est.to_request == 4 and est.time_s == pytest.approx(4 * 1.0 / 2)
+
+
+def test_the_embedded_model_runs_as_many_requests_as_model_processes(make_job, sim, monkeypatch):
+    # The run keeps one request in flight per model process: 2 by default, [limits] concurrency when set,
+    # at most one per core. The estimate said 1 (a bell job's 2.0 min estimate ran in 55 s).
+    monkeypatch.setattr("llmap.providers.local.provider.cores", lambda: 4)
+    est = estimate(Job.from_toml(_local(make_job(8))).spec)
+    assert est.concurrency == 2 and "2 model processes" in est.concurrency_source
+    assert est.time_s == pytest.approx(8 * 1.0 / 2)
+    est = estimate(Job.from_toml(_local(make_job(8), "[limits]\nconcurrency = 3\n")).spec)
+    assert est.concurrency == 3 and "[limits] concurrency" in est.concurrency_source
+    monkeypatch.setattr("llmap.providers.local.provider.cores", lambda: 1)
+    assert estimate(Job.from_toml(_local(make_job(8))).spec).concurrency == 1
+
+
+def test_no_prices_are_asked_for_the_embedded_model(make_job, sim):
+    est = estimate(Job.from_toml(_local(make_job(3))).spec)
+    text = estimate_text(est)
+    assert "price_in" not in text and "no charge" in text, text
+    remote = estimate_text(estimate(Job.from_toml(make_job(3)).spec))
+    assert "set [model] price_in and price_out" in remote  # a remote model without prices still is asked
+
+
+def test_prompt_tokens_come_from_the_ledgers_history_after_the_prompt_changed(make_job, sim, monkeypatch):
+    # A ledger whose runs answered every row with another prompt still tells the model's characters per token:
+    # the bell job's estimate said 12,733 prompt tokens (4 characters per token) where its runs had used 23,340.
+    from _support import ScriptedProvider, with_providers
+
+    job = _local(make_job(10))
+    answer = lambda n, req: '{"kind": "a", "score": 0.5}'  # noqa: E731
+    with_providers(monkeypatch, [ScriptedProvider("local:gemma-3-270m", answer)])
+    Job.from_toml(job).run()  # 10 prompt tokens per row, as the scripted provider reports
+    job.write_text(job.read_text().replace("Name: {{ name }}", "Person: {{ name }}"))
+    est = estimate(Job.from_toml(job).spec)
+    assert est.done == 0 and est.to_request == 10
+    assert est.chars_per_token_source == "ledger (10 done rows)"
+    assert est.prompt_tokens == pytest.approx(100, abs=1)
 
 
 def test_fast_request_keys_equal_the_dispatchers(make_job, sim, tmp_path):

@@ -285,3 +285,17 @@ def test_dialect_memory_survives_a_bad_file_and_stays_small(tmp_path, monkeypatc
     assert list(kept) == ["http://127.0.0.1:8003/v1 sim", "http://127.0.0.1:8004/v1 sim",
                           "http://127.0.0.1:8002/v1 sim"]
     assert mem.get("http://127.0.0.1:8002/v1", "sim")["structured"] == "prompt"
+
+
+def test_a_raw_newline_inside_an_answer_string_is_taken_as_it_is():
+    # llama-cpp-python 0.3.36's grammar lets the embedded model write one ('char ::= [^"\\]'); it failed the row
+    from llmap.errors import AnswerInvalid
+    from llmap.prompt.schema import OutputSchema
+    from llmap.spec import FieldSpec
+
+    schema = OutputSchema({"summary": FieldSpec(type="string", max_length=80), "n": FieldSpec(type="integer")})
+    assert schema.validate('{"summary": "two\nlines", "n": 1}') == {"summary": "two\nlines", "n": 1}
+    with pytest.raises(AnswerInvalid, match="n: Input should be a valid integer"):
+        schema.validate('{"summary": "two\nlines", "n": "x"}')
+    with pytest.raises(AnswerInvalid, match="not valid JSON"):
+        schema.validate('{"summary": "cut\noff"')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from llmap.cli.common import JobFile, err, fail, load_job, out, paragraphs
 from llmap.errors import DiskFull, SpecError
 from llmap.io.sinks import export_job
 from llmap.observe.report import build_run_summary, model_report, path_split
-from llmap.observe.status import job_status
+from llmap.observe.status import failed_rows, job_status
 from llmap.store.ledger import STATUSES
 
 __all__ = ["estimate", "export", "report", "status"]
@@ -26,13 +27,21 @@ __all__ = ["estimate", "export", "report", "status"]
 @paragraphs
 def status(
     job_file: JobFile,
-    by: Annotated[str | None, typer.Option(
-        "--by", help="Also count per value of this input column, e.g. state.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    by: Annotated[str | None, typer.Option("--by", metavar="COLUMN", show_default=False,
+                                           help="Also count per value of this input column, e.g. state.")] = None,
+    failed: Annotated[bool, typer.Option("--failed", metavar="", help="List the failed rows with their errors "
+                                                                     "(key, model, error), in input order.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show how many rows are pending, done, failed and skipped, read from the job's ledger, and the
-    structured-output dialect each model used."""
+    structured-output dialect each model used.
+
+    With --failed, list each failed row and its error instead: the rows a rerun will retry.
+    """
     job = load_job(job_file)
+    if failed:
+        _failed(job.spec, as_json)
+        return
     try:
         rep = job_status(job.spec, by)
     except SpecError as exc:
@@ -73,6 +82,35 @@ def status(
                       f"(est. ${rep.hedged[1]:,.4f}, in its cost)", highlight=False, markup=False)
     if rep.batches:
         console.print(_batch_table(rep.batches))
+    if rep.total.get("failed"):
+        console.print(f"see the failed rows and their errors with: llmap status {job_file} --failed",
+                      highlight=False, markup=False, soft_wrap=True)
+
+
+def _failed(spec, as_json: bool) -> None:
+    """``llmap status --failed``: each failed row of the latest run, its model and its error."""
+    try:
+        rows, total = failed_rows(spec)
+    except SpecError as exc:
+        raise fail(exc) from None
+    if as_json:
+        sys.stdout.write(json.dumps({"job": spec.name, "failed": total, "rows": [
+            {"key": r.key, "model": r.model, "attempts": r.attempts, "error": r.error, "data": r.data}
+            for r in rows]}, default=str) + "\n")
+        return
+    console = Console(width=max(120, out.width) if not sys.stdout.isatty() else None)
+    if not rows:
+        console.print(f"{spec.name}: no failed rows", highlight=False, markup=False)
+        return
+    table = Table(title=f"{spec.name}: {total:,} failed row{'s' if total != 1 else ''} (a rerun retries "
+                        f"{'them' if total != 1 else 'it'})", title_justify="left")
+    table.add_column("key", no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    table.add_column("attempts", justify="right")
+    table.add_column("error", overflow="fold")
+    for r in rows:
+        table.add_row(escape(r.key), escape(r.model or "-"), f"{r.attempts:,}", escape(r.error or "-"))
+    console.print(table)
 
 
 def _batch_table(batches: list[dict]) -> Table:
@@ -103,7 +141,7 @@ def export(
     except DiskFull as exc:
         err.print(f"[bold red]llmap: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    out.print(f"output: {path} ({n:,} rows)", highlight=False, soft_wrap=True)
+    out.print(f"output: {os.path.normpath(path)} ({n:,} rows)", highlight=False, soft_wrap=True)
 
 
 @paragraphs
@@ -134,30 +172,58 @@ def report(
             write_html_report(job.spec.ledger_path, html, run=run_no, group_by=by, title=f"llmap: {job.spec.name}")
     except SpecError as exc:
         raise fail(exc) from None
-    table = Table(title=f"{job.spec.name}: rows settled per model", title_justify="left")
-    for col in ("model", "settled", "from cache", "stale", "escalated", "prompt tokens", "cache reads",
-                "completion tokens", "cost (USD)"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for ln in lines:
-        table.add_row(ln.model, f"{ln.settled:,}", f"{ln.from_cache:,}", f"{ln.stale:,}", f"{ln.escalated:,}",
-                      f"{ln.prompt_tokens:,}", f"{ln.cache_read_tokens:,}", f"{ln.completion_tokens:,}",
-                      f"{ln.cost_usd:,.4f}")
     console = Console(width=max(120, out.width) if not sys.stdout.isatty() else None)
-    console.print(table)
+    console.print(model_table(lines, title=f"{job.spec.name}: rows settled per model", width=console.width))
     for ln in lines:
         if ln.structured:
             console.print(f"structured output: {ln.model}: {ln.structured}", highlight=False, markup=False)
     out.print(", ".join(f"{n:,} {s}" for s, n in counts.items()), highlight=False)
     console.print(_run_table(summary))
     if html is not None:
-        out.print(f"html report: {html}", highlight=False, soft_wrap=True)
+        out.print(f"html report: {os.path.normpath(html)}", highlight=False, soft_wrap=True)
+
+
+_MODEL_COLUMNS = ("settled", "from cache", "stale", "escalated", "prompt tokens", "cache reads", "completion tokens",
+                  "cost (USD)")
+_TWO_LINE = {"from cache": "from\ncache", "prompt tokens": "prompt\ntokens", "cache reads": "cache\nreads",
+             "completion tokens": "completion\ntokens", "cost (USD)": "cost\n(USD)"}
+
+
+def model_table(lines, *, title: str, width: int | None = None) -> Table:
+    """``llmap report``'s rows per model, one model per row; when that would not fit ``width`` columns, one model
+    per column. Nothing is cut: not a model's name (``openai:gpt-4o`` beside ``openai:gpt-4o-mini``), not a figure."""
+    cells = [[f"{ln.settled:,}", f"{ln.from_cache:,}", f"{ln.stale:,}", f"{ln.escalated:,}", f"{ln.prompt_tokens:,}",
+              f"{ln.cache_read_tokens:,}", f"{ln.completion_tokens:,}", f"{ln.cost_usd:,.4f}"] for ln in lines]
+    names = [ln.model for ln in lines]
+    widths = [max([len(n) for n in names] + [5])]
+    widths += [max([max(len(w) for w in _TWO_LINE.get(head, head).splitlines())] + [len(c[i]) for c in cells])
+               for i, head in enumerate(_MODEL_COLUMNS)]
+    wide = sum(widths) + 3 * len(widths) + 1
+    if width is None or wide <= width or not lines:
+        table = Table(title=title, title_justify="left")
+        table.add_column("model", no_wrap=True, min_width=widths[0])
+        for head, w in zip(_MODEL_COLUMNS, widths[1:], strict=True):
+            table.add_column(_TWO_LINE.get(head, head), justify="right", no_wrap=True, min_width=w)
+        for name, row in zip(names, cells, strict=True):
+            table.add_row(escape(name), *row)
+        return table
+    table = Table(title=title, title_justify="left")
+    table.add_column("", style="bold", no_wrap=True)
+    for name in names:
+        table.add_column(escape(name), justify="right", no_wrap=True, min_width=len(name))
+    for i, head in enumerate(_MODEL_COLUMNS):
+        table.add_row(head, *(row[i] for row in cells))
+    return table
 
 
 def _run_table(sm) -> Table:
     t = Table(title=f"run {sm.run}: {sm.exit_reason or 'not ended'}", title_justify="left")
     t.add_column("", style="bold")
     t.add_column("", justify="right")
-    rows = [("rows done / failed / skipped", f"{sm.done:,} / {sm.failed:,} / {sm.skipped:,}"),
+    here = sm.settled
+    rows = [*([("settled in this run: done / failed", f"{here['done'] + here['fallback']:,} / {here['failed']:,}")]
+              if here is not None else []),
+            ("rows of the job: done / failed / skipped", f"{sm.done:,} / {sm.failed:,} / {sm.skipped:,}"),
             ("answered from cache", f"{sm.cached:,}"),
             ("requests (429s, retries)", f"{sm.requests:,} ({sm.rate_limited:,}, {sm.retries:,})"),
             ("hedged copies (est. cost, in cost)", f"{sm.hedged:,} (${sm.hedge_cost_usd:,.4f})"),

@@ -13,13 +13,15 @@ itself only on the error path, streaming, and stops at the first fault.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
+import os
 import re
 from pathlib import Path
 
 from llmap.errors import InputError
 
-__all__ = ["check_file", "csv_shape_problem", "explain", "jsonl_shape_problem"]
+__all__ = ["check_file", "csv_shape_problem", "explain", "jsonl_shape_problem", "missing_file"]
 
 #: Delimiters DuckDB's sniffer tries, as words for messages.
 _DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
@@ -29,6 +31,28 @@ _BLANK_PROBE = 1 << 16
 _SCAN_RECORDS = 200_000
 #: JSON lines the broken-line scan reads at most.
 _SCAN_JSON_LINES = 5_000_000
+
+
+
+def missing_file(what: str, path: Path, fix: str = "check the path") -> str:
+    """The one-line error for a file that does not exist: the folder looked in, the closest name there, the fix.
+
+    Args:
+        what: how to name the file (``"job file"``, ``"input file"``).
+        path: the path looked for (relative paths are taken from the working directory).
+        fix: the last words of the message.
+    """
+    folder = Path(os.path.normpath(path.parent.absolute()))
+    if not folder.is_dir():
+        return f"{what} {path.name!r} not found: folder {str(folder)!r} does not exist; {fix}"
+    try:
+        names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError:
+        names = []
+    near = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"{what} {path.name!r} not found in folder {str(folder)!r}{hint}; {fix}"
+
 
 _LINE = re.compile(r"CSV Error on Line: (\d+)")
 _COLUMNS = re.compile(r"Expected Number of Columns: (\d+) Found: (\d+)")

@@ -2,7 +2,8 @@
 
 The output is built from the ledger, never from in-flight state: it is
 streamed page by page into a temp file beside the target, then renamed into
-place (``os.replace``), so a crash never leaves a half-written output.
+place (``os.replace``), so a crash never leaves a half-written output. The
+file gets the mode ``open()`` would give it (``0666`` less the umask).
 
 Columns: the key, the ``keep`` columns, the output fields, then ``_status``,
 ``_error``, ``_model`` and ``_source`` (``model``, ``cache`` or ``stale``).
@@ -27,7 +28,7 @@ from llmap.store.diskfull import disk_full, guard, is_disk_full
 from llmap.store.ledger import Ledger, RowResult, open_for_reading
 
 __all__ = ["FIELD_ARROW", "ResultLayout", "answer_columns", "check_writable", "export", "export_job", "result_batches",
-           "stored_layout"]
+           "stored_layout", "umask"]
 
 #: Arrow type of each output field type.
 FIELD_ARROW = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
@@ -140,6 +141,24 @@ def check_writable(path: Path) -> None:
         raise SpecError(f"output {str(path)!r} is a folder; give [output] path a file name")
 
 
+def umask() -> int:
+    """This process's umask (``0o022`` on most systems), read without changing it where the OS allows.
+
+    Linux shows it in ``/proc/self/status``; elsewhere it is set and put back
+    at once (``os.umask`` has no read-only form).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def export(batches: Iterator[pa.RecordBatch], schema: pa.Schema, path: Path) -> int:
     """Write batches to ``path`` (format by extension) atomically.
 
@@ -183,6 +202,7 @@ def export(batches: Iterator[pa.RecordBatch], schema: pa.Schema, path: Path) -> 
                         f.write(json.dumps(row, ensure_ascii=False, default=str))
                         f.write("\n")
                     n += b.num_rows
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; the output is an ordinary file, as open() makes it
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):

@@ -8,6 +8,7 @@ the input. DuckDB errors are mapped here into :class:`~llmap.errors.InputError`.
 
 from __future__ import annotations
 
+import difflib
 import re
 import shutil
 import weakref
@@ -20,10 +21,16 @@ import duckdb
 import pyarrow as pa
 
 from llmap.errors import InputError
-from llmap.io.diagnose import check_file, csv_shape_problem, explain, jsonl_shape_problem
+from llmap.io.diagnose import (
+    check_file,
+    csv_shape_problem,
+    explain,
+    jsonl_shape_problem,
+    missing_file,
+)
 from llmap.io.encoding import canonical, duckdb_csv_encoding, is_utf8, transcode_to_utf8
 
-__all__ = ["Source", "quote_ident"]
+__all__ = ["Source", "column_hint", "quote_ident"]
 
 _READERS = {
     ".csv": "read_csv",
@@ -41,6 +48,24 @@ BATCH_ROWS = 4096
 def quote_ident(name: str) -> str:
     """Quote a column name for DuckDB SQL."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def column_hint(name: str, columns: Sequence[str]) -> str:
+    """``did you mean 'x'? `` for the column closest to ``name`` (case first, then spelling), or ``""``.
+
+    Also says when the columns look like a CSV read without a header line.
+    """
+    lower = {c.lower(): c for c in columns}
+    near = [lower[name.lower()]] if name.lower() in lower else difflib.get_close_matches(name, list(columns), n=1,
+                                                                                         cutoff=0.6)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    if columns and all(re.fullmatch(r"column\d+", c) for c in columns):
+        hint += "the file seems to have no header line (add one naming the columns); "
+    return hint
+
+
+def _shown(columns: Sequence[str], most: int = 20) -> str:
+    return ", ".join(columns[:most]) + (" ..." if len(columns) > most else "")
 
 
 def _sql_str(s: str) -> str:
@@ -108,7 +133,7 @@ class Source:
                 f"input {str(path)!r}: unknown file type {path.suffix!r}; use .csv, .parquet or .jsonl, or [input] sql"
             )
         if not path.exists():
-            raise InputError(f"input file {str(path)!r} does not exist; check [input] path (relative to the job file)")
+            raise InputError(missing_file("input file", path, "check [input] path (relative to the job file)"))
         label = str(path)
         check_file(path, label)
         suffix = path.suffix.lower()
@@ -186,21 +211,15 @@ class Source:
             needed: ``(column, who names it)`` pairs, e.g. ``("state", "[output] keep")``.
 
         Raises:
-            InputError: naming the first missing column, who wants it, and
-                close matches among the input's columns.
+            InputError: naming the first missing column, who wants it, the
+                closest name among the input's columns, and those columns.
         """
         have = self.columns
-        lower = {c.lower(): c for c in have}
         for col, who in needed:
             if col in have:
                 continue
-            hint = f"did you mean {lower[col.lower()]!r}? " if col.lower() in lower else ""
-            if have and all(re.fullmatch(r"column\d+", c) for c in have):
-                hint += "the file seems to have no header line (add one naming the columns); "
-            shown = ", ".join(have[:20]) + (" ..." if len(have) > 20 else "")
-            raise InputError(
-                f"{who} names column {col!r}, which input {self.label} lacks; {hint}input columns: {shown}"
-            )
+            raise InputError(f"{who} names column {col!r}, which input {self.label} lacks; "
+                             f"{column_hint(col, have)}input columns: {_shown(have)}")
 
     # -- queries ------------------------------------------------------------
     def _select(self, columns: Sequence[str]) -> str:
@@ -255,21 +274,72 @@ class Source:
         """Rows the job will see (after ``where`` and ``limit``)."""
         return int(self._fetch(f"SELECT count(*) FROM ({self._select([])})", "count")[0][0])
 
-    def first_duplicate(self, key: str) -> tuple[Any, int] | None:
-        """The first key value that occurs more than once, with its count, or None."""
-        k = quote_ident(key)
+    def first_duplicate(self, key: str | Sequence[str]) -> tuple[Any, int] | None:
+        """The first key value that occurs more than once, with its count, or None.
+
+        Args:
+            key: a column, or the columns of a composite key (then the value is a tuple).
+        """
+        cols = [key] if isinstance(key, str) else list(key)
+        k = ", ".join(quote_ident(c) for c in cols)
         rows = self._fetch(
-            f"SELECT {k}, count(*) AS n FROM ({self._select([key])}) GROUP BY {k} HAVING count(*) > 1 "
+            f"SELECT {k}, count(*) AS n FROM ({self._select(cols)}) GROUP BY {k} HAVING count(*) > 1 "
             f"ORDER BY n DESC, {k} LIMIT 1",
             "check keys of",
         )
-        return (rows[0][0], int(rows[0][1])) if rows else None
+        if not rows:
+            return None
+        value = rows[0][0] if isinstance(key, str) else tuple(rows[0][:len(cols)])
+        return value, int(rows[0][len(cols)])
 
-    def null_keys(self, key: str) -> int:
-        """How many rows have a NULL key."""
-        k = quote_ident(key)
-        sql = f"SELECT count(*) FROM ({self._select([key])}) WHERE {k} IS NULL"
+    def null_keys(self, key: str | Sequence[str]) -> int:
+        """How many rows have a NULL key (any of a composite key's columns NULL)."""
+        cols = [key] if isinstance(key, str) else list(key)
+        nulls = " OR ".join(f"{quote_ident(c)} IS NULL" for c in cols)
+        sql = f"SELECT count(*) FROM ({self._select(cols)}) WHERE {nulls}"
         return int(self._fetch(sql, "check keys of")[0][0])
+
+    def distinct_counts(self, columns: Sequence[str]) -> tuple[int, dict[str, int], dict[str, int]]:
+        """Rows, distinct values per column and NULLs per column (for guessing a key; reads the input once).
+
+        Returns:
+            ``(rows, {column: distinct values}, {column: NULL values})`` after ``where`` and ``limit``.
+        """
+        if not columns:
+            return self.count(), {}, {}
+        parts = ["count(*)"]
+        for c in columns:
+            q = quote_ident(c)
+            parts += [f"count(DISTINCT {q})", f"count(*) - count({q})"]
+        row = self._fetch(f"SELECT {', '.join(parts)} FROM ({self._select(columns)})", "read")[0]
+        distinct = {c: int(row[1 + 2 * i]) for i, c in enumerate(columns)}
+        nulls = {c: int(row[2 + 2 * i]) for i, c in enumerate(columns)}
+        return int(row[0]), distinct, nulls
+
+    def sample(self, columns: Sequence[str], n: int, *, seed: int) -> pa.Table:
+        """``n`` rows drawn at random (reservoir sampling, repeatable with ``seed``) from the rows a run would
+        read (after ``where``, ``order_by`` and ``limit``), in input order.
+
+        Args:
+            columns: the columns to read.
+            n: rows to draw; all rows when the input has fewer.
+            seed: the sample's seed: the same seed draws the same rows from the same input.
+
+        Returns:
+            An Arrow table of ``columns`` plus ``_seq``, each row's 0-based position in the rows a run reads.
+
+        Raises:
+            InputError: the input cannot be read.
+        """
+        inner = self._select(list(columns))
+        cols = ", ".join(quote_ident(c) for c in columns)
+        sql = (f"SELECT * FROM (SELECT {cols + ', ' if cols else ''}(row_number() OVER ()) - 1 AS _seq "
+               f"FROM ({inner})) USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)}) ORDER BY _seq")
+        rel = self._run(sql, "sample")
+        try:
+            return _arrow_table(rel)
+        except (duckdb.Error, OSError, pa.ArrowException) as exc:
+            raise InputError(self._explain(exc) or f"reading input {self.label} failed: {_first_line(exc)}") from None
 
     def batches(self, columns: Sequence[str], *, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         """Stream the projected, filtered, limited rows as Arrow record batches.

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmap.io.sinks import umask
 from llmap.observe import svg
 from llmap.observe.report import TOP_GROUPS, RunSummary, build_run_summary, path_split
 
@@ -130,7 +131,8 @@ def _plot_groups(s: RunSummary) -> str:
         title += f" (top {TOP_GROUPS} of {len(s.groups)} groups)"
     p = svg.Plot("groups", title, height=max(180, 60 + 48 + 24 * len(shown)), left=170)
     if not shown:
-        return p.no_data("no data: pass a stored column to group by" if not s.group_by else "no data")
+        return p.no_data("no data: pass --by COLUMN (a column the ledger stores: the key, a template variable "
+                         "or a keep column)" if not s.group_by else "no data")
     top, ticks = svg.nice(max(sum(c.values()) for _, c in shown))
     for v in ticks:
         x = p.x0 + v / top * (p.x1 - p.x0)
@@ -186,6 +188,8 @@ def _summary_table(s: RunSummary) -> str:
         ("Run", f"{s.run} (runs {s.run_ids[0]}..{s.run_ids[-1]})"), ("Exit reason", s.exit_reason or "-"),
         ("Started", svg.when(s.started_at)), ("Ended", svg.when(s.ended_at)),
         ("Wall time", svg.duration(s.wall_s)), ("Rows / s", "?" if s.rows_per_s is None else f"{s.rows_per_s:,.2f}"),
+        *([("Settled in this run", " / ".join(f"{svg.count(n)} {k}" for k, n in s.settled.items()))]
+          if s.settled is not None else []),
         ("Rows", svg.count(s.rows_total)), ("Done", svg.count(s.done)),
         ("Failed", svg.count(s.failed)), ("Fallback", svg.count(s.fallback)),
         ("Skipped", svg.count(s.skipped)), ("Pending", svg.count(s.pending)),
@@ -246,7 +250,7 @@ def render_html(summary: RunSummary, *, title: str) -> str:
         "<h2>Latency</h2>", _plot_latency(s),
         "<h2>Errors</h2>", _plot_errors(s),
         "<h2>Models</h2>", _plot_models(s), _models_table(s),
-        "<h2>Rows by group</h2>", _plot_groups(s),
+        f"<h2>Rows by group{' (--by ' + svg.esc(s.group_by) + ')' if s.group_by else ''}</h2>", _plot_groups(s),
         "</main></body></html>",
     ]
     return "\n".join(p for p in parts if p) + "\n"
@@ -279,7 +283,7 @@ def write_html_report(ledger_path: Path, out_path: Path, *, run: int | None = No
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(page)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -12,21 +12,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.progress import (
-    Progress as RichBar,
-)
+from rich.progress import Progress as RichBar
+from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
-__all__ = ["CountingProgress", "MessagesOnly", "NullProgress", "Progress", "RichProgress", "Tally"]
+__all__ = ["CountingProgress", "MessagesOnly", "NullProgress", "Progress", "RichProgress", "Tally", "progress_line"]
 
 
 @dataclass
@@ -155,48 +145,110 @@ class CountingProgress:
         self.finished = tally
 
 
-class _RowsColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        t: Tally = task.fields["tally"]
-        parts = [(f"{t.done:,} done", "green"), " ", (f"{t.failed:,} failed", "red" if t.failed else "dim"),
-                 " ", (f"{t.skipped:,} skipped", "dim")]
-        if t.fallback:
-            parts += [" ", (f"{t.fallback:,} fallback", "yellow")]
-        if t.cache_hits:
-            parts += [" ", (f"{t.cache_hits:,} cached", "cyan")]
-        if t.rate_limited:
-            parts += [" ", (f"{t.rate_limited:,} 429s", "yellow")]
-        if t.batches:
-            parts += [" ", (t.batches, "magenta")]
-        return Text.assemble(*parts)
+def _clock(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-class _RateColumn(ProgressColumn):
+def _short(n: float) -> str:
+    """A count in at most 5 characters: ``950``, ``12.3k``, ``4.1M``."""
+    if n < 1000:
+        return f"{n:,.0f}"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            v = n / div
+            return f"{v:.1f}{unit}" if v < 100 else f"{v:.0f}{unit}"
+    return f"{n:,.0f}"  # pragma: no cover
+
+
+#: The narrowest bar drawn; below it the bar is left out.
+MIN_BAR = 8
+#: The widest bar drawn.
+MAX_BAR = 30
+
+
+def progress_line(t: Tally, width: int, *, base: int = 0, now: float | None = None) -> Text:
+    """One line of progress that fits ``width`` columns: a bar, rows settled of the total, then as many of the
+    other figures as fit, most useful first (failed rows, rows/s, ETA, cache hits, 429s, cost, tokens, in
+    flight, skipped, fallback, batches, elapsed).
+
+    Args:
+        t: the run's tally.
+        width: the terminal's columns; the line is at most ``width - 1`` long (a full line wraps on some terminals).
+        base: rows settled before this run started (they do not count toward the rate).
+        now: ``time.monotonic()`` (injected by tests).
+    """
+    now = time.monotonic() if now is None else now
+    elapsed = max(1e-9, now - t.started)
+    settled = t.settled
+    rate = max(0, settled - base) / elapsed
+    left = max(0, t.total - settled)
+    eta = _clock(left / rate) if rate > 0 else "?"
+    counts = f"{settled:,}/{t.total:,}"
+    # (priority, display order, text, style); lower priority numbers are kept first
+    parts: list[tuple[int, int, str, str]] = [(0, 0, counts, "bold")]
+    if t.failed:
+        parts.append((1, 1, f"{t.failed:,} failed", "red"))
+    parts.append((2, 6, f"{rate:,.1f} rows/s", "cyan"))
+    parts.append((3, 7, f"ETA {eta}", "cyan"))
+    if t.cache_hits:
+        parts.append((4, 4, f"{t.cache_hits:,} cached", "cyan"))
+    if t.rate_limited:
+        parts.append((5, 5, f"{t.rate_limited:,} 429s", "yellow"))
+    if t.cost_usd:
+        parts.append((6, 8, f"${t.cost_usd:,.4f}", "cyan"))
+    tokens = t.prompt_tokens + t.completion_tokens
+    if tokens:
+        read = f" ({_short(t.cache_read_tokens)} cache reads)" if t.cache_read_tokens else ""
+        parts.append((7, 9, f"{_short(tokens)} tokens{read}", "dim"))
+    if t.concurrency:
+        parts.append((8, 10, f"{t.in_flight}/{t.concurrency} in flight", "dim"))
+    if t.skipped:
+        parts.append((9, 2, f"{t.skipped:,} skipped", "dim"))
+    if t.fallback:
+        parts.append((10, 3, f"{t.fallback:,} fallback", "yellow"))
+    if t.batches:
+        parts.append((11, 11, t.batches, "magenta"))
+    parts.append((12, 12, _clock(elapsed), "dim"))
+    room = max(1, width - 1)
+    kept = sorted(parts)
+    while len(kept) > 1 and sum(len(p[2]) + 1 for p in kept) - 1 > room - MIN_BAR - 1:
+        kept.pop()
+    text_len = sum(len(p[2]) + 1 for p in kept) - 1
+    bar = min(MAX_BAR, room - text_len - 1)
+    line = Text(no_wrap=True, overflow="ellipsis")
+    if bar >= MIN_BAR:
+        done = int(bar * settled / t.total) if t.total else bar
+        line.append("━" * done, style="green" if not t.failed else "yellow")
+        line.append("━" * (bar - done), style="grey23")
+        line.append(" ")
+    for i, (_prio, _order, text, style) in enumerate(sorted(kept, key=lambda p: p[1])):
+        if i:
+            line.append(" ")
+        line.append(text, style=style)
+    line.truncate(room, overflow="ellipsis")
+    return line
+
+
+class _LineColumn(ProgressColumn):
+    """The whole progress line in one column, so it is laid out to the terminal's width (never wraps)."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self._console = console
+
     def render(self, task: Task) -> Text:
-        t: Tally = task.fields["tally"]
-        el = max(1e-9, time.monotonic() - t.started)
-        rate = (task.completed - task.fields["base"]) / el
-        tokens = t.prompt_tokens + t.completion_tokens
-        read = f" ({t.cache_read_tokens:,} cache reads)" if t.cache_read_tokens else ""
-        cost = f"  ${t.cost_usd:,.4f}" if t.cost_usd else ""
-        conc = f"  {t.in_flight}/{t.concurrency} in flight" if t.concurrency else ""
-        return Text(f"{rate:,.1f} rows/s  {tokens:,} tokens{read}{cost}{conc}", style="cyan")
+        return progress_line(task.fields["tally"], self._console.width, base=task.fields["base"])
 
 
 class RichProgress:
-    """A rich progress bar: rows done/failed/total, rows/s, ETA, tokens (and prompt-cache reads). Writes to stderr."""
+    """A rich progress bar on one line (:func:`progress_line`): rows settled of the total, failed rows, rows/s,
+    ETA, cache hits, 429s, cost, tokens, requests in flight, as many as fit the terminal. Writes to stderr."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self._bar = RichBar(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _RowsColumn(),
-            _RateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            _LineColumn(self.console),
             console=self.console,
             refresh_per_second=4,
             transient=False,

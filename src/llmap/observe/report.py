@@ -83,8 +83,14 @@ class RunSummary:
             from / written to the providers' prompt caches.
         wall_s: ``ended_at - started_at``, or up to the last logged request
             when the run never ended; None when unknown.
-        rows_per_s: settled rows (done + failed + fallback) per wall second.
-            On a resumed run it includes rows settled by earlier runs.
+        rows_per_s: rows this run settled (``settled``: done + failed +
+            fallback) per wall second; when unknown, the plan's settled rows.
+        settled: rows this run settled, per status (``done``, ``failed``,
+            ``fallback``): after a resume, less than the plan's counts, which
+            include rows settled by earlier runs. None for a ledger without
+            the ``attempts`` table. A done row counts for the last run that
+            answered it (from the model or the cache); a failed row for the run
+            whose plan it is in.
         logged_requests: entries of the request log for this run.
         errors_total: of those, the ones not answered 200.
         error_rate: ``errors_total / logged_requests`` (0 when none).
@@ -133,6 +139,7 @@ class RunSummary:
     cache_write_tokens: int = 0
     wall_s: float | None = None
     rows_per_s: float | None = None
+    settled: dict[str, int] | None = None
     logged_requests: int = 0
     errors_total: int = 0
     error_rate: float = 0.0
@@ -243,12 +250,26 @@ def _summarize(db: sqlite3.Connection, path: Path, run: int | None, group_by: st
                        f"is counted up to its last request")
     else:
         s.notes.append(f"run {run} has no end time (still running, or the process was killed)")
-    settled = s.done + s.failed + s.fallback
+    if _has_table(db, "attempts"):
+        s.settled = _settled_in_run(db, run)
+    settled = sum(s.settled.values()) if s.settled is not None else s.done + s.failed + s.fallback
     s.rows_per_s = settled / s.wall_s if s.wall_s else None
     _read_models(db, s, get.get("by_model"), bool(has_log))
     if group_by:
         _read_groups(db, s, group_by)
     return s
+
+
+def _settled_in_run(db: sqlite3.Connection, run: int) -> dict[str, int]:
+    """Rows run ``run`` settled, per status (see :attr:`RunSummary.settled`)."""
+    out = {"done": 0, "failed": 0, "fallback": 0}
+    for status, n in db.execute(
+            "SELECT status, count(*) FROM rows r WHERE status IN ('done', 'fallback') "
+            "AND (SELECT max(a.run) FROM attempts a WHERE a.key = r.key) = ? GROUP BY status", (run,)):
+        out[status] = int(n)
+    out["failed"] = int(db.execute("SELECT count(*) FROM rows WHERE plan = ? AND status = 'failed'",
+                                   (run,)).fetchone()[0])
+    return out
 
 
 def path_split(s: RunSummary) -> str:

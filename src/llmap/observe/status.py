@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmap.plan import build_source
+from llmap.plan import build_source, row_key
 from llmap.spec import JobSpec
 from llmap.store.batches import BatchBook
-from llmap.store.fingerprint import key_text
 from llmap.store.ledger import STATUSES, Ledger, open_for_reading
 
-__all__ = ["StatusReport", "job_status", "structured_by_model"]
+__all__ = ["FailedRow", "StatusReport", "failed_rows", "job_status", "structured_by_model"]
 
 
 @dataclass
@@ -103,18 +102,61 @@ def structured_by_model(db: sqlite3.Connection, *, runs: int = 50) -> dict[str, 
     return found
 
 
+@dataclass
+class FailedRow:
+    """One failed row of the latest run's plan.
+
+    Attributes:
+        key: the row's key as the ledger stores it (the row number without ``[input] key``).
+        error: why it failed (the output's ``_error``).
+        model: the last model that answered it, or None.
+        attempts: attempts spent on it, over every run.
+        data: the columns the ledger keeps of it (key, template variables, ``keep``).
+    """
+
+    key: str
+    error: str | None
+    model: str | None
+    attempts: int
+    data: dict[str, Any]
+
+
+def failed_rows(spec: JobSpec, limit: int | None = None) -> tuple[list[FailedRow], int]:
+    """The latest run's failed rows with their errors, in input order, read-only.
+
+    Args:
+        spec: the job.
+        limit: at most this many rows; None for all.
+
+    Returns:
+        (the rows, how many failed in all).
+
+    Raises:
+        SpecError: no ledger yet.
+    """
+    ledger, plan = open_for_reading(spec.ledger_path, job=spec.name)
+    try:
+        db = ledger.connection
+        total = db.execute("SELECT count(*) FROM rows WHERE plan = ? AND status = 'failed'", (plan,)).fetchone()[0]
+        rows = db.execute("SELECT key, error, model, attempts, data FROM rows WHERE plan = ? AND status = 'failed' "
+                          "ORDER BY seq LIMIT ?", (plan, -1 if limit is None else limit)).fetchall()
+    finally:
+        ledger.close()
+    return [FailedRow(k, e, m, int(a or 0), json.loads(d) if d else {}) for k, e, m, a, d in rows], int(total)
+
+
 def _group_from_source(spec: JobSpec, ledger: Ledger, plan: int, by: str) -> dict[Any, dict[str, int]]:
     source = build_source(spec)
-    key = spec.input.key
-    source.require_columns([(by, "--by")] + ([(key, "[input] key")] if key else []))
+    keys = spec.input.key_columns
+    source.require_columns([(by, "--by")] + [(k, "[input] key") for k in keys])
     status_of = dict(ledger.statuses(plan))
     groups: dict[Any, dict[str, int]] = {}
     seq = -1
-    cols = [key, by] if key else [by]
+    cols = list(dict.fromkeys([*keys, by]))
     for batch in source.batches(cols):
         for row in batch.to_pylist():
             seq += 1
-            k = key_text(row[key]) if key else str(seq)
+            k = row_key(row, keys) if keys else str(seq)
             st = status_of.get(k)
             if st is not None:
                 groups.setdefault(row[by], dict.fromkeys(STATUSES, 0))[st] += 1

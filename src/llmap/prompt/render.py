@@ -73,24 +73,43 @@ class Renderer:
     def from_spec(cls, prompt: Any, *, source: str = "job", max_chars: Mapping[str, int] | None = None) -> Renderer:
         """Compile a :class:`~llmap.spec.PromptSpec`.
 
+        An example whose input lacks a variable the user template reads is
+        found by :meth:`check_examples`, called once the input's columns are
+        known: a misspelt variable is the template's fault, not the examples'.
+
         Raises:
-            SpecError: a template has a syntax error, or an example's input
-                lacks a variable the user template reads.
+            SpecError: a template has a syntax error.
         """
         user, user_vars = _compile(prompt.user, "user", source)
         system, system_vars = (None, frozenset())
         if prompt.system:
             system, system_vars = _compile(prompt.system, "system", source)
-        for i, ex in enumerate(prompt.examples, 1):
-            missing = sorted(user_vars - set(ex.input))
+        examples = tuple((ex.input, ex.output) for ex in prompt.examples)
+        return cls(system, user, examples, tuple(sorted(user_vars | system_vars)), prompt.user, dict(max_chars or {}),
+                   frozenset(system_vars))
+
+    @property
+    def user_variables(self) -> frozenset[str]:
+        """The names the user template reads (each few-shot example's input must hold them)."""
+        return frozenset(meta.find_undeclared_variables(_ENV.parse(self.user_source)))
+
+    def check_examples(self, *, source: str = "job") -> None:
+        """Check that every few-shot example's input holds the variables the user template reads.
+
+        Call it after checking the template's variables against the input's
+        columns, so that a misspelt variable is reported at the template.
+
+        Raises:
+            SpecError: naming the first example and the variable it lacks.
+        """
+        needed = self.user_variables
+        for i, (ex_in, _out) in enumerate(self.examples, 1):
+            missing = sorted(needed - set(ex_in))
             if missing:
                 raise SpecError(
                     f"{source}: [prompt] examples #{i}: input lacks {missing[0]!r}, which the user template reads; "
                     "add it to the example's input"
                 )
-        examples = tuple((ex.input, ex.output) for ex in prompt.examples)
-        return cls(system, user, examples, tuple(sorted(user_vars | system_vars)), prompt.user, dict(max_chars or {}),
-                   frozenset(system_vars))
 
     def truncated_columns(self, row: Mapping[str, Any]) -> list[str]:
         """The columns of ``row`` longer than their ``max_chars`` (they will be cut when rendered)."""

@@ -132,6 +132,11 @@ class OutputSchema:
         Returns:
             field name -> value, in spec order (integers as int, numbers as float).
 
+        A raw control character (a newline) inside a JSON string is taken
+        as it is (``json.loads(strict=False)``): the answer is unambiguous,
+        and llama-cpp-python 0.3.36's schema-to-grammar converter lets the
+        embedded model write one (its ``char`` rule is ``[^"\\]``).
+
         Raises:
             AnswerInvalid: the text is not JSON or does not match the fields;
                 ``detail`` says what to fix and is used for the re-ask.
@@ -139,8 +144,24 @@ class OutputSchema:
         try:
             obj = self._model.model_validate_json(content)
         except ValidationError as exc:
-            raise AnswerInvalid(_describe(exc, content)) from None
+            lenient = _with_raw_controls(content) if exc.errors()[0].get("type") == "json_invalid" else None
+            if lenient is None:
+                raise AnswerInvalid(_describe(exc, content)) from None
+            try:
+                obj = self._model.model_validate(lenient)
+            except ValidationError as exc2:
+                raise AnswerInvalid(_describe(exc2, content)) from None
         return obj.model_dump()
+
+
+def _with_raw_controls(content: str) -> Any:
+    """``content`` parsed as JSON that allows raw control characters in strings, or None when it is not that."""
+    if not any(ord(c) < 0x20 for c in content):
+        return None
+    try:
+        return json.loads(content, strict=False)
+    except ValueError:
+        return None
 
 
 def _describe(exc: ValidationError, content: str) -> str:
@@ -183,6 +204,13 @@ def check_examples(fields: Mapping[str, FieldSpec], examples: Sequence[Example],
         return
     schema = OutputSchema(fields)
     for i, ex in enumerate(examples, 1):
+        missing = [n for n in fields if n not in ex.output]
+        if missing:
+            raise SpecError(
+                f"{source}: [prompt] examples #{i}: output lacks {missing[0]!r}; give it a value, or, to show the "
+                f"model a \"not stated\" answer, mark the field nullable = true and leave it out (TOML has no null: "
+                "a nullable field left out of an example means null)"
+            )
         try:
             schema.validate(json.dumps(ex.output))
         except AnswerInvalid as exc:

@@ -42,6 +42,7 @@ from llmap.control.retry import RetryPolicy
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema
 from llmap.providers.base import Completion, Refusal, Request
+from llmap.run.hedge import HEDGE_LOST, hedged
 from llmap.run.settle import Escalate, FailOver, Reask, Retry, Settler, Tries
 from llmap.run.settle import Stop as StopRun
 from llmap.run.stats import DispatchStats, Stop
@@ -57,8 +58,6 @@ _OUTAGE = (E.Overloaded, E.RequestTimeout, E.ConnectionFailed, E.MalformedRespon
 #: Errors after which the provider did not process the request: its token reservation is refunded
 #: (the request itself still counts against RPM, as providers count it).
 _UNPROCESSED = (E.RateLimited, E.ConnectionFailed, E.TerminalError)
-#: The cancel message of the copy that lost a hedge race (its estimated cost is billed).
-HEDGE_LOST = "llmap: hedged copy lost the race"
 #: While a half-open breaker's probe is out, rows look again this often, seconds.
 _VERDICT_POLL_S = 0.1
 
@@ -252,44 +251,6 @@ class Dispatcher:
             if r.note:
                 self.stats.warn(f"{lane.label}: {r.note} (HTTP {r.status})")
 
-    def hedge_allowed(self) -> bool:
-        """True while the run's hedged copies are under ``[limits] hedge_budget`` of its requests."""
-        return self.stats.hedged + 1 <= self.limits.hedge_budget * self.stats.requests
-
-    async def _hedged(self, lane: Lane, req: Request, delay_s: float) -> Completion:
-        """A hedged request ("The Tail at Scale"): a second copy after ``delay_s`` if the first is late.
-
-        Used only in the run's tail while the lane has spare capacity and the
-        run's hedge budget allows (:meth:`hedge_allowed`), so that a straggler
-        row waits for the faster of two tries instead of a hang's timeout. The
-        first answer wins; the other copy is cancelled, and its estimated cost
-        is billed (:data:`HEDGE_LOST`).
-        """
-        first = asyncio.create_task(self.send(lane, req))
-        tasks = [first]
-        settled = False
-        try:
-            done, _ = await asyncio.wait(tasks, timeout=delay_s)
-            if not done and lane.in_flight * 2 < lane.limit and self.hedge_allowed():
-                self.stats.hedged += 1
-                tasks.append(asyncio.create_task(self.send(lane, req)))
-            # An answer wins. After an error, the other copy gets at most the p95 latency more
-            # (it may be a hang); then the error goes to the retry policy, whose retry hedges again.
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            first = done.pop()
-            settled = True
-            if first.exception() is None or not pending:
-                return first.result()
-            done, _ = await asyncio.wait(pending, timeout=lane.timeout.quantile(0.95))
-            if done and done.pop().exception() is None:
-                return next(iter(pending)).result()
-            return first.result()  # raises the first error
-        finally:
-            for t in tasks:
-                if not t.done():
-                    t.cancel(HEDGE_LOST if settled else None)
-            await asyncio.gather(*tasks, return_exceptions=True)
-
     async def watchdog(self) -> None:
         """Tighten the deadline of every request in flight to its lane's current adaptive timeout."""
         loop = asyncio.get_running_loop()
@@ -392,7 +353,8 @@ class Dispatcher:
                          and lane.in_flight * 2 < lane.limit)
                 try:
                     if hedge:  # a copy only once the request is slower than the p95 latency
-                        comp = await self._hedged(lane, req, lane.timeout.quantile(0.95))
+                        comp = await hedged(self.send, lane, req, lane.timeout.quantile(0.95), self.stats,
+                                            self.limits.hedge_budget)
                     else:
                         comp = await self.send(lane, req)
                 except E.ProviderError as exc:

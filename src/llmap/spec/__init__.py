@@ -9,10 +9,10 @@ against fields, examples, fallback, ``escalate_if``, the cost cap) and against
 the input's header live in :mod:`llmap.plan`; :func:`llmap.plan.load_spec`
 runs both.
 
-The contract (see README.md for every key, default and unit)::
+The contract (docs/job-spec.md has every key, default and unit)::
 
     name = "district-type"          # optional; default: the file's stem
-    [input]   path | sql, key, where, limit, encoding
+    [input]   path | sql, key (a column or a list of columns), where, limit, encoding
     [prompt]  system, user, examples
     [output]  path, keep, max_reask, [output.fields]
     [model]   provider, name, base_url, api_key_env, model_path, temperature, max_tokens, ...

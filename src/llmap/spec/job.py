@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -11,11 +13,15 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from llmap.errors import SpecError
+from llmap.io.diagnose import missing_file
 from llmap.providers.params import answer_params
 from llmap.spec.base import StrictModel
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
-from llmap.spec.sections import InputSpec, OutputSpec, PromptSpec
+from llmap.spec.sections import FieldSpec, InputSpec, OutputSpec, PerGroup, PromptSpec
+
+#: Where the job spec's keys are documented (every "unknown key" error names it).
+SPEC_DOCS = "docs/job-spec.md"
 
 
 class JobSpec(StrictModel):
@@ -39,9 +45,9 @@ class JobSpec(StrictModel):
         return self.models[0]
 
     def resolve(self, p: str) -> Path:
-        """A path from the spec, resolved against the job file's folder."""
+        """A path from the spec, resolved against the job file's folder and normalised (``a/../b`` is ``b``)."""
         path = Path(p).expanduser()
-        return path if path.is_absolute() else (self.base_dir / path)
+        return Path(os.path.normpath(path if path.is_absolute() else (self.base_dir / path)))
 
     @property
     def output_path(self) -> Path:
@@ -88,20 +94,69 @@ def _loc(err: dict) -> str:
     return f"[{'.'.join(table)}] {parts[-1]}" if table else parts[-1]
 
 
+#: The keys of each table, for "did you mean" on an unknown key.
+_TABLES: dict[str, type[StrictModel]] = {
+    "input": InputSpec, "input.per_group": PerGroup, "prompt": PromptSpec, "output": OutputSpec,
+    "output.fields": FieldSpec, "model": ModelSpec, "limits": LimitsSpec, "cache": CacheSpec, "alerts": AlertsSpec,
+    "batch": BatchSpec,
+}
+_TOP_KEYS = ["name", "ledger", "input", "prompt", "output", "model", "limits", "cache", "alerts", "batch"]
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``""``."""
+    near = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
 def _one_line(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     where = _loc(err)
     kind = err.get("type", "")
     if kind == "extra_forbidden":
         loc = [str(p) for p in err["loc"]]
-        table = ".".join(p for p in loc[:-1] if not p.isdigit()).replace("models", "model") or "top level"
-        return (f"{source}: unknown key {loc[-1]!r} in [{table}]; "
-                "check its spelling against README.md's job spec, or remove it")
+        parts = [p for p in loc[:-1] if not p.isdigit()]
+        parts = ["model" if p == "models" else p for p in parts]
+        if len(parts) == 3 and parts[:2] == ["output", "fields"]:  # [output.fields] name = { ... }
+            parts = parts[:2]
+        table = ".".join(parts) or "top level"
+        keys = _TOP_KEYS if not parts else list(_TABLES[table].model_fields) if table in _TABLES else []
+        return (f"{source}: unknown key {loc[-1]!r} in [{table}]{_closest(loc[-1], keys)}; check its spelling "
+                f"against {SPEC_DOCS}, or remove it")
     if kind == "missing":
         return f"{source}: {where} is required; add it to the job file"
     msg = err.get("msg", "invalid value")
     msg = msg.removeprefix("Value error, ")
     return f"{source}: {where}: {msg}"
+
+
+def _nulls_left_out(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with every ``nullable`` field an example's output (or the fallback) leaves out set to null.
+
+    TOML has no null: a few-shot example shows the model a "not stated"
+    answer by leaving a ``nullable = true`` field out of its ``output``.
+    """
+    out, prompt = doc.get("output"), doc.get("prompt")
+    fields = out.get("fields") if isinstance(out, dict) else None
+    if not isinstance(fields, dict):
+        return doc
+    nullable = [n for n, f in fields.items() if isinstance(f, dict) and f.get("nullable") is True]
+    if not nullable:
+        return doc
+
+    def filled(answer: Any) -> Any:
+        if not isinstance(answer, dict):
+            return answer
+        return {**answer, **{n: None for n in nullable if n not in answer}}
+
+    doc = dict(doc)
+    if isinstance(prompt, dict) and isinstance(prompt.get("examples"), list):
+        doc["prompt"] = {**prompt, "examples": [{**ex, "output": filled(ex["output"])}
+                                                if isinstance(ex, dict) and "output" in ex else ex
+                                                for ex in prompt["examples"]]}
+    if isinstance(out.get("fallback"), dict):
+        doc["output"] = {**out, "fallback": filled(out["fallback"])}
+    return doc
 
 
 def parse_spec(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = "job") -> JobSpec:
@@ -117,8 +172,13 @@ def parse_spec(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = 
     Raises:
         SpecError: on the first problem of a table's own keys, as one line
             naming the fix (cross-table checks: :func:`llmap.plan.compile_spec`).
+            A ``[models]`` table (not llmap's ``[model]``) is one.
     """
     doc = dict(doc)
+    if "models" in doc:  # JobSpec's own attribute name: it must not stand in for [model]
+        raise SpecError(f"{source}: unknown table [models]; the model is [model] (or one [[model]] table per model, "
+                        "for failover and cascades): rename it")
+    doc = _nulls_left_out(doc)
     models = doc.pop("model", {})
     if isinstance(models, dict):
         models = [models]
@@ -149,7 +209,7 @@ def read_spec(path: str | Path) -> JobSpec:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(f"job file {str(path)!r} does not exist; check the path") from None
+        raise SpecError(missing_file("job file", path)) from None
     except OSError as exc:
         raise SpecError(f"cannot read job file {str(path)!r}: {exc.strerror}") from None
     try:

@@ -17,7 +17,9 @@ class ModelSpec(StrictModel):
         provider: ``"local"`` (embedded llama.cpp; default), ``"openai"``
             (any OpenAI-compatible ``/v1/chat/completions``) or
             ``"anthropic"`` (Anthropic's Messages API, ``/v1/messages``).
-        name: model name sent to the API; for ``local`` only a label.
+        name: model name sent to the API. For ``local``, ``gemma-3-270m`` (the
+            embedded model, the only name allowed without ``model_path``), or a
+            label for the GGUF file given as ``model_path``.
         base_url: for ``openai``, e.g. ``http://127.0.0.1:8000/v1``; default
             ``https://api.openai.com/v1``. For ``anthropic``, default
             ``https://api.anthropic.com`` (llmap adds ``/v1/messages``).
@@ -131,6 +133,11 @@ class ModelSpec(StrictModel):
         owned = [k for k in self.params if k in reserved]
         if owned:
             raise ValueError(f"params.{owned[0]} is set by llmap ({reserved[owned[0]]}); drop it from params")
+        if self.provider == "local" and not self.model_path and self.name != DEFAULT_LOCAL_MODEL:
+            raise ValueError(
+                f"name {self.name!r} is not an embedded model: provider = 'local' runs {DEFAULT_LOCAL_MODEL!r}, or "
+                f"a GGUF file you give as model_path (then name is its label); set name = \"{DEFAULT_LOCAL_MODEL}\", "
+                "add model_path, or serve the model and use provider = 'openai' with its base_url")
         if self.provider != "local" and self.model_path:
             raise ValueError("model_path applies to provider = 'local'; set provider or drop it")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):

@@ -25,6 +25,10 @@ class InputSpec(StrictModel):
     job file) or ``sql`` (a DuckDB query; relative file names in it resolve
     against the job file's folder) is required.
 
+    ``key`` names the column whose value identifies a row (unique, never
+    empty), or a list of columns whose values together do (a composite key,
+    ``["district_id", "grade_level"]``); default: the row number.
+
     ``order_by`` (DuckDB SQL) sets which rows go first. ``per_group`` stops
     taking rows from a group once it has ``n`` done rows, across runs.
     ``max_chars`` maps a column to the most characters of it a prompt gets;
@@ -35,13 +39,34 @@ class InputSpec(StrictModel):
 
     path: str | None = None
     sql: str | None = None
-    key: str | None = None
+    key: str | list[str] | None = None
     where: str | None = None
     order_by: str | None = None
     limit: int | None = Field(default=None, gt=0)
     per_group: PerGroup | None = None
     max_chars: dict[str, int] = {}
     encoding: str | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key_columns(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("key = [] names no column; name one or more columns, or drop key to use the row "
+                                 "number")
+            dup = [c for i, c in enumerate(v) if c in v[:i]]
+            if dup:
+                raise ValueError(f"key names column {dup[0]!r} twice; name each column once")
+        elif v == "":
+            raise ValueError("key is empty; name a column, or drop key to use the row number")
+        return v
+
+    @property
+    def key_columns(self) -> list[str]:
+        """The key's columns: ``[key]``, the listed columns of a composite key, or ``[]`` (the row number)."""
+        if self.key is None:
+            return []
+        return [self.key] if isinstance(self.key, str) else list(self.key)
 
     @field_validator("encoding")
     @classmethod

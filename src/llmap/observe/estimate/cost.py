@@ -52,6 +52,7 @@ class ModelCost:
         cache_read_tokens, cache_write_tokens: of the prompt tokens, those assumed read from / written
             to the prompt cache (the shared prefix: written by the first request, read by the rest).
         price_cache_read, price_cache_write: the model's USD per million of those.
+        free: the embedded model (``provider = "local"``): it costs nothing, and has no prices to set.
     """
 
     label: str
@@ -68,6 +69,7 @@ class ModelCost:
     cache_write_tokens: int = 0
     price_cache_read: float = 0.0
     price_cache_write: float = 0.0
+    free: bool = False
 
 
 @dataclass
@@ -182,7 +184,7 @@ def _model_cost(m: ModelSpec, role: str, rows: int, requests: int, prompt_tokens
         read = min(prefix_tokens * (requests - 1), max(0, prompt_tokens - write))
     cost = cost_usd(m, prompt_tokens, completion, read, write)
     return ModelCost(m.label, role, requests, prompt_tokens, completion, per_row, src, m.price_in, m.price_out, cost,
-                     read, write, m.cache_read_price, m.cache_write_price)
+                     read, write, m.cache_read_price, m.cache_write_price, m.provider == "local")
 
 
 def cost_and_time(est: Estimate, spec: Any, hist: History) -> None:
@@ -212,8 +214,15 @@ def cost_and_time(est: Estimate, spec: Any, hist: History) -> None:
         est.latency_s, est.latency_source = hist.latency[model.label], "past runs"
     else:
         est.latency_s, est.latency_source = DEFAULT_LATENCY_S, "assumed"
-    if model.provider == "local":
-        est.concurrency, est.concurrency_source = 1, "local model: one request at a time"
+    if model.provider == "local":  # one request per model process (llmap.providers.local.provider)
+        from llmap.providers.local.provider import DEFAULT_PROCESSES, cores
+
+        n = cores()
+        wanted = limits.concurrency or DEFAULT_PROCESSES
+        est.concurrency = max(1, min(wanted, n))
+        why = "[limits] concurrency" if limits.concurrency else "the default"
+        est.concurrency_source = (f"embedded model: {est.concurrency} model process"
+                                  f"{'es' if est.concurrency != 1 else ''} ({why}, at most one per core of {n})")
     elif limits.concurrency:
         est.concurrency, est.concurrency_source = limits.concurrency, "[limits] concurrency"
     else:

@@ -270,6 +270,10 @@ def _walk(spec: JobSpec, compiled: Compiled, source: Source, columns: list[str],
         seen_inputs.add(h)
         # The dispatcher renders the row as stored in the ledger: JSON text, read back.
         ckey, chars = keys(json.loads(dumps_row(row)) if roundtrip else row)
+        if calib_rows < _CALIBRATION_ROWS and key in calib:  # answered before, with another prompt or input:
+            calib_rows += 1  # its tokens still tell this model's characters per token (its chat template, language)
+            calib_tokens += calib[key]
+            calib_chars += chars
         if ckey in seen_keys:
             est.duplicates += 1
             continue

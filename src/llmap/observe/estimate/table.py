@@ -37,6 +37,10 @@ def _rows(est: Estimate) -> Iterable[tuple[str, str, str]]:
                f"{primary.completion_per_row:.1f} per row ({est.completion_source})")
     for m in est.models:
         what = "primary" if m.role == "primary" else "if every row escalated"
+        if m.free:
+            what += ": the embedded model runs on this machine, at no charge"
+            yield f"cost {m.label}", "$0", what
+            continue
         what += f" at ${m.price_in:g} / ${m.price_out:g} per M tokens in / out"
         if m.cache_read_tokens:
             what += f", cache reads / writes ${m.price_cache_read:g} / ${m.price_cache_write:g}"
