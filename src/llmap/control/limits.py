@@ -246,18 +246,20 @@ class RateLimiter:
         bucket: TokenBucket | None,
         budget: Budget,
         configured: float | None,
-        floor: float,
+        unit: float,
         now: float,
         sent_at: float | None,
     ) -> TokenBucket | None:
+        """Learn one budget from its header figures. ``unit`` is 1 for the request budget (the
+        least it starts with, and what the request carrying the figures took from it), else 0."""
         if budget.limit is not None and budget.limit > 0:
             limit = budget.limit if configured is None else min(configured, budget.limit)
             if bucket is None:  # learned now: credit the time spent waiting for this first answer
-                bucket = self._bucket(limit, floor, now, idle_s=now - self._born)
+                bucket = self._bucket(limit, unit, now, idle_s=now - self._born)
             elif bucket.capacity != limit:
                 bucket.set_limit(limit, now, refill_per_s=limit / self.window_s)
-        if bucket is not None and budget.remaining is not None:  # the request took 1 from the request budget
-            bucket.set_remaining(budget.remaining, budget.reset_s, now, as_of=sent_at, cost=floor)
+        if bucket is not None and budget.remaining is not None:
+            bucket.set_remaining(budget.remaining, budget.reset_s, now, as_of=sent_at, cost=unit)
         return bucket
 
 
