@@ -1,16 +1,20 @@
 """B1 known limits / B2 unknown limits: how close to the provider's RPM does llmap run?
 
-Simulator: --rpm 3000 --tpm 1000000 --latency-median 0.5 --latency-sigma 0.5 (a separate process).
-B1 tells the job the limits ([limits] rpm, tpm); B2 tells it nothing (llmap learns them from the
-x-ratelimit-* headers, and adapts concurrency with AIMD). B2b is B2 with a fixed
+Simulator: --rpm 3000 --tpm 1000000 --latency-median 0.5 --latency-sigma 0.5 --burst-s 1 (a separate
+process): S1's latency spread, and buckets that hold one second's worth (50 requests), as Anthropic says
+a per-minute limit may be enforced, while the headers still say ``limit: 3000``; ``--burst-s 60`` gives
+the old simulator whose buckets hold the whole minute (a client that over-sends in its first second
+goes unpunished there). B1 tells the job the limits ([limits] rpm, tpm); B2 tells it nothing (llmap
+learns them from the x-ratelimit-* headers, and adapts concurrency with AIMD). B2b is B2 with a fixed
 ``[limits] concurrency = 100`` and 2,000 rows: without a first request alone, its first wave of 100
-requests went out before any header was read.
+requests went out before any header was read; with one, its answer's ``remaining`` (49, not 3,000) is
+the burst that may follow.
 
 Targets: B1 wall <= 1.05 x N/(RPM/60) + the slowest request, 429s <= 0.5% of requests;
          B2 wall <= 1.15 x N/(RPM/60), 429s <= 3%;
          B2b wall <= 1.05 x N/(RPM/60), 429s <= 0.5%.
 
-    python bench/b1_b2_limits.py [--rows 3000] [--only b1|b2|b2b]
+    python bench/b1_b2_limits.py [--rows 3000] [--only b1|b2|b2b] [--burst-s 1]
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from llmap.sim import start_simulator_process
 RPM, TPM = 3000, 1_000_000
 
 
-def one(name: str, rows: int, csv: Path, tmp: Path, limits: str) -> dict:
-    with start_simulator_process(rpm=RPM, tpm=TPM, latency_median=0.5, latency_sigma=0.5, seed=1) as sim:
+def one(name: str, rows: int, csv: Path, tmp: Path, limits: str, burst_s: float) -> dict:
+    with start_simulator_process(rpm=RPM, tpm=TPM, latency_median=0.5, latency_sigma=0.5, seed=1,
+                                 burst_s=burst_s) as sim:
         job = write_job(tmp, name=name, csv=csv, base_urls=[sim.base_url], limits=limits)
         res, wall, _ = run_cli(["run", str(job), "-q"])
         stats = sim.stats()
@@ -51,18 +56,20 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=3000)
     ap.add_argument("--only", choices=["b1", "b2", "b2b"])
     ap.add_argument("--b2b-rows", type=int, default=2000)
+    ap.add_argument("--burst-s", type=float, default=1.0,
+                    help="seconds of refill the simulator's buckets hold (1: 50 requests; 60: the whole minute)")
     args = ap.parse_args()
     out = []
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         csv = write_rows_csv(tmp / "rows.csv", args.rows)
         if args.only in (None, "b1"):
-            out.append(one("b1-known", args.rows, csv, tmp, f"rpm = {RPM}\ntpm = {TPM}"))
+            out.append(one("b1-known", args.rows, csv, tmp, f"rpm = {RPM}\ntpm = {TPM}", args.burst_s))
         if args.only in (None, "b2"):
-            out.append(one("b2-unknown", args.rows, csv, tmp, ""))
+            out.append(one("b2-unknown", args.rows, csv, tmp, "", args.burst_s))
         if args.only in (None, "b2b"):
             csv_b = write_rows_csv(tmp / "rows-b2b.csv", args.b2b_rows)
-            out.append(one("b2b-unknown-c100", args.b2b_rows, csv_b, tmp, "concurrency = 100"))
+            out.append(one("b2b-unknown-c100", args.b2b_rows, csv_b, tmp, "concurrency = 100", args.burst_s))
     for r in out:
         strict = r["name"].startswith(("b1", "b2b"))
         target = 1.05 if strict else 1.15
@@ -78,9 +85,11 @@ def main() -> int:
             ("requests at simulator", f"{r['requests']:,}"),
             ("429 answers", f"{r['429']:,} = {r['429_pct']:.2f}% (target <= {limit429}%)"),
             ("completion tokens per answer (avg)", f"{r['completion_tokens_avg']:.1f}"),
-        ], f"{r['name']}: simulator --rpm {RPM} --tpm {TPM} --latency-median 0.5 --latency-sigma 0.5"))
+        ], f"{r['name']}: simulator --rpm {RPM} --tpm {TPM} --latency-median 0.5 --latency-sigma 0.5 "
+           f"--burst-s {args.burst_s:g}"))
         print()
-    print(f"command: python bench/b1_b2_limits.py --rows {args.rows} --b2b-rows {args.b2b_rows}"
+    print(f"command: python bench/b1_b2_limits.py --rows {args.rows} --b2b-rows {args.b2b_rows} "
+          f"--burst-s {args.burst_s:g}"
           + (f" --only {args.only}" if args.only else ""))
     print(json.dumps(out))
     return 0

@@ -177,3 +177,11 @@ def test_no_headers():
 def test_wall_now_defaults_to_the_real_clock():
     info = parse_rate_limit_headers({"anthropic-ratelimit-tokens-reset": "2000-01-01T00:00:00Z"})
     assert info.tokens.reset_s == 0.0
+
+
+def test_reset_instants_can_be_read_from_when_the_request_was_sent():
+    headers = {"anthropic-ratelimit-requests-reset": "2024-08-01T12:00:02Z", "x-ratelimit-reset-tokens": "1s"}
+    info = parse_rate_limit_headers(headers, wall_now=T0 + 1.5, reset_from=T0 + 0.5)
+    assert info.requests.reset_s == pytest.approx(1.5)  # an instant: from the request's sending
+    assert info.tokens.reset_s == pytest.approx(1.0)  # a duration: as the server said it
+    assert parse_rate_limit_headers(headers, wall_now=T0 + 1.5).requests.reset_s == pytest.approx(0.5)

@@ -49,7 +49,7 @@ def test_wait_is_the_longer_of_both_buckets_and_neither_is_charged():
     assert limiter.requests.available(0.0) == pytest.approx(1.0)
     assert limiter.tokens.available(0.0) == pytest.approx(100.0)
     assert limiter.reserve(500, 4.0) == 0.0
-    assert limiter.requests.available(4.0) == pytest.approx(4.0)  # 1 + 4 s of refill - 1
+    assert limiter.requests.available(4.0) == pytest.approx(0.0)  # the bucket holds 1 s' worth: 1 - 1
     assert limiter.tokens.available(4.0) == pytest.approx(0.0)
 
 
@@ -95,7 +95,7 @@ def test_pause_wait_combines_with_bucket_wait():
     assert limiter.reserve(0, 0.0) == pytest.approx(0.5)
     assert limiter.reserve(0, 0.5) == 0.0
     limiter.pause_until(0.7)
-    assert limiter.reserve(0, 0.5) == pytest.approx(0.5)  # the bucket needs longer
+    assert limiter.reserve(0, 0.5) == pytest.approx(1.0)  # the bucket (1 s' worth, just emptied) needs longer
     limiter.pause_until(2.0)
     assert limiter.reserve(0, 0.5) == pytest.approx(1.5)  # now the pause does
 
@@ -175,10 +175,11 @@ def test_remaining_without_any_limit_is_ignored():
 
 
 def test_header_sync_with_sent_at_accounts_for_latency():
-    limiter = RateLimiter(tpm=60000, now=0.0)  # 1000 tokens/s
-    limiter.tokens.refund(50_000, 0.0)
-    limiter.update_from_headers({"x-ratelimit-remaining-tokens": "700"}, 10.0, sent_at=8.0)
-    assert limiter.tokens.available(10.0) == pytest.approx(2700.0)
+    limiter = RateLimiter(tpm=60000, now=0.0)  # 1000 tokens/s, 1000 at once
+    assert limiter.tokens.available(10.0) == pytest.approx(1000.0)
+    # 200 left when the request was admitted half a second ago: the server has refilled 500 since.
+    limiter.update_from_headers({"x-ratelimit-remaining-tokens": "200"}, 10.0, sent_at=9.5)
+    assert limiter.tokens.available(10.0) == pytest.approx(700.0)
 
 
 def test_anthropic_headers_create_budgets():

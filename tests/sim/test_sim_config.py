@@ -33,6 +33,8 @@ def test_parse_outage():
         {"latency_median": -1},
         {"outage": (10, 5)},
         {"port": 70000},
+        {"burst_s": 0},
+        {"burst_s": 61},
     ],
 )
 def test_invalid_config_raises(kwargs):
@@ -85,6 +87,7 @@ def test_cli_flags_build_the_same_config(monkeypatch):
         quota_tokens=999,
         seed=7,
         context_chars=1000,
+        burst_s=1.0,
     )
     app = typer.Typer()
     app.command()(simulate_module.simulate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmap.sim.limits import (
+    MessagesLimiter,
     RateLimiter,
     TokenBucket,
     format_duration,
@@ -153,3 +154,47 @@ def test_anthropic_headers():
     assert headers["anthropic-ratelimit-tokens-reset"] == "2024-05-01T12:00:40Z"
     assert headers["retry-after"] == "30"
     assert not any(k.startswith("x-ratelimit") for k in headers)
+
+
+# -- burst_s: a per-minute limit enforced over one second ------------------------------------------
+def test_a_one_second_bucket_holds_a_seconds_worth_while_headers_state_the_minute():
+    clock = FakeClock()
+    limiter = RateLimiter(rpm=3000, clock=clock, burst_s=1.0)
+    admitted = [limiter.admit(0) for _ in range(51)]
+    assert [a.allowed for a in admitted].count(True) == 50
+    assert admitted[-1].retry_after == pytest.approx(0.02)
+    headers = ratelimit_headers(admitted[0], "openai")
+    assert headers["x-ratelimit-limit-requests"] == "3000"
+    assert headers["x-ratelimit-remaining-requests"] == "49"
+    assert headers["x-ratelimit-reset-requests"] == "20ms"  # full again in one request's refill
+    clock.advance(10.0)
+    assert limiter.requests.level() == 50  # idle: still one second's worth
+
+
+def test_a_one_second_bucket_of_a_low_limit_still_holds_one_request():
+    limiter = RateLimiter(rpm=30, clock=FakeClock(), burst_s=1.0)
+    assert limiter.admit(0).allowed
+    assert not limiter.admit(0).allowed
+
+
+def test_messages_limiter_counts_output_as_produced_and_rounds_token_figures():
+    """Anthropic's reference: OTPM counts the output tokens generated, max_tokens does not count, and
+    token ``remaining`` figures are rounded to the nearest thousand."""
+    clock = FakeClock()
+    limiter = MessagesLimiter(rpm=3000, itpm=1_000_000, otpm=60_000, clock=clock, burst_s=1.0)
+    first = limiter.admit(1200)
+    assert first.allowed
+    assert first.output_tokens.remaining == 1000  # nothing reserved for max_tokens
+    limiter.settle(700)  # the answer had 700 output tokens
+    second = limiter.admit(100)
+    assert second.output_tokens.remaining == 300
+    headers = MessagesLimiter.headers(second, wall_now=1714564800.0)
+    assert headers["anthropic-ratelimit-requests-limit"] == "3000"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "48"
+    assert headers["anthropic-ratelimit-input-tokens-limit"] == "1000000"
+    assert headers["anthropic-ratelimit-input-tokens-remaining"] == "15000"  # 16,666 - 1,300 = 15,366
+    assert headers["anthropic-ratelimit-output-tokens-remaining"] == "0"  # 300
+    assert headers["anthropic-ratelimit-tokens-remaining"] == "16000"  # 15,366 + 300 = 15,666
+    limiter.settle(400)  # the bucket is empty: no request is admitted until it refills
+    refused = limiter.admit(10)
+    assert not refused.allowed and refused.limited_by == "output tokens"

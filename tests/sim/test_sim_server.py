@@ -121,7 +121,9 @@ def test_rpm_429_with_openai_headers(post_chat, chat_body):
         assert 59 < retry <= 60
         assert int(second.headers["retry-after-ms"]) == pytest.approx(retry * 1000, abs=1)
         assert second.headers["x-ratelimit-reset-requests"].endswith("s")
-        assert sim.stats()["by_status"] == {"200": 1, "429": 1}
+        stats = sim.stats()
+        assert stats["by_status"] == {"200": 1, "429": 1}
+        assert len(stats["rate_limited_at"]) == 1 and 0 <= stats["rate_limited_at"][0] < 5  # after the first
 
 
 def test_tpm_429(post_chat, chat_body):

@@ -59,6 +59,13 @@ def simulate(
             "plus max_tokens (16 if absent). Unlimited if unset."
         ),
     ] = None,
+    burst_s: Annotated[
+        float,
+        typer.Option(
+            help="Seconds of refill each rate-limit bucket holds: 60 (the whole minute) or less; 1 enforces "
+            "3000 RPM as 50 requests a second, as Anthropic says it may. Headers still state the per-minute limit."
+        ),
+    ] = 60.0,
     header_style: Annotated[
         HeaderStyle,
         typer.Option(
@@ -147,8 +154,8 @@ def simulate(
     otpm: Annotated[
         int | None,
         typer.Option(
-            help="/v1/messages: output tokens per minute (Anthropic's OTPM; max_tokens is reserved, "
-            "the unused part given back). Unlimited if unset."
+            help="/v1/messages: output tokens per minute (Anthropic's OTPM; the output produced counts, "
+            "max_tokens does not). Unlimited if unset."
         ),
     ] = None,
     overload_rate: Annotated[
@@ -207,6 +214,7 @@ def simulate(
             per_token_ms=per_token_ms,
             rpm=rpm,
             tpm=tpm,
+            burst_s=burst_s,
             header_style=header_style.value,
             fail_rate=fail_rate,
             hang_rate=hang_rate,

@@ -73,7 +73,9 @@ class Budget:
     Attributes:
         limit: the budget per window (OpenAI and Anthropic: per minute), or None.
         remaining: what is left right now, or None.
-        reset_s: seconds from the response until the budget is full again, or None.
+        reset_s: seconds until the budget is full again, or None: from the
+            response, or from ``reset_from`` for an instant (see
+            :func:`parse_rate_limit_headers`).
     """
 
     limit: float | None = None
@@ -248,7 +250,7 @@ def _budget(lower: Mapping[str, str], kind: str, wall_now: float) -> Budget:
 
 
 def parse_rate_limit_headers(
-    headers: Mapping[str, str], *, wall_now: float | None = None
+    headers: Mapping[str, str], *, wall_now: float | None = None, reset_from: float | None = None
 ) -> RateLimitInfo:
     """Read rate-limit and back-off headers from one response.
 
@@ -260,12 +262,18 @@ def parse_rate_limit_headers(
         headers: the response headers; any mapping (key case does not matter).
         wall_now: the current wall-clock time in POSIX seconds, used to turn
             absolute instants into durations. Defaults to ``time.time()``.
+        reset_from: the wall-clock time (POSIX seconds) a reset given as an
+            instant is measured from; defaults to ``wall_now``. Pass the time
+            the request was sent to read every reset in one frame: a duration
+            (OpenAI) counts from when the server handled the request, and so
+            does ``instant - reset_from``.
 
     Returns:
         The parsed :class:`RateLimitInfo`; fields are None when absent.
     """
     if wall_now is None:
         wall_now = time.time()
+    since = wall_now if reset_from is None else reset_from
     lower = {str(k).lower(): str(v) for k, v in headers.items()}
     retry_after: float | None = None
     ms = _number(lower.get("retry-after-ms"))
@@ -277,9 +285,9 @@ def parse_rate_limit_headers(
         except ValueError:
             retry_after = None
     return RateLimitInfo(
-        requests=_budget(lower, "requests", wall_now),
-        tokens=_budget(lower, "tokens", wall_now),
+        requests=_budget(lower, "requests", since),
+        tokens=_budget(lower, "tokens", since),
         retry_after_s=retry_after,
-        input_tokens=_anthropic_budget(lower, "input-tokens", wall_now),
-        output_tokens=_anthropic_budget(lower, "output-tokens", wall_now),
+        input_tokens=_anthropic_budget(lower, "input-tokens", since),
+        output_tokens=_anthropic_budget(lower, "output-tokens", since),
     )

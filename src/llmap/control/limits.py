@@ -2,8 +2,9 @@
 
 The pieces, from the inside out:
 
-* :class:`TokenBucket` — one continuously refilled budget. Pure: every method
-  takes ``now`` (clock seconds) and nothing reads a clock.
+* :class:`TokenBucket` (defined in :mod:`llmap.control.bucket`, re-exported
+  here) — one continuously refilled budget whose burst is what the server
+  shows. Pure: every method takes ``now`` (clock seconds).
 * :class:`RateLimiter` — a requests-per-minute bucket and a tokens-per-minute
   bucket (or separate input- and output-token buckets, as Anthropic limits
   them), a server-imposed pause (``Retry-After``), and header sync. Pure.
@@ -25,182 +26,20 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from llmap.control.bucket import ARRIVAL_SLACK_S, TokenBucket
 from llmap.control.concurrency import AIMDConcurrency
 from llmap.control.headers import Budget, RateLimitInfo, parse_rate_limit_headers
 
-__all__ = ["AIMDConcurrency", "Limiter", "Permit", "RateLimiter", "TokenBucket"]
+__all__ = ["BURST_S", "LEARNED_CREDIT_MAX_S", "AIMDConcurrency", "Limiter", "Permit", "RateLimiter", "TokenBucket"]
 
 #: A budget learned from headers starts with one second's worth plus what it would have earned
 #: while llmap waited for that first answer (the probe), up to this many seconds' worth, seconds.
-#: The server's ``remaining`` still caps it.
+#: The server's ``remaining`` and reset time still cap it (:meth:`TokenBucket.set_remaining`).
 LEARNED_CREDIT_MAX_S = 5.0
-
-# Slack for float round-off: a bucket this close to the amount admits it, so a
-# waiter that slept exactly time_until() is not sent back to sleep for 1e-16 s.
-_EPS = 1e-9
-
-
-class TokenBucket:
-    """A token bucket with continuous refill, allowed to go into debt.
-
-    The level grows by ``refill_per_s`` per second up to ``capacity``. Taking
-    more than the level is allowed and leaves a negative level (debt) that the
-    refill pays back before anything else is admitted; this is how a request
-    larger than the whole bucket, or a reservation that turned out too small,
-    is accounted for.
-
-    The bucket does **not** start full. A provider's per-minute limit is
-    enforced as a rolling budget, and a full bucket at start-up lets a job send
-    a whole minute's quota in its first second, which the server then answers
-    with a wave of 429s. By default the bucket starts with one second's worth of
-    refill (``min(capacity, refill_per_s)``), i.e. ``capacity / 60`` for a
-    per-minute budget, and earns the rest at the steady rate.
-
-    Args:
-        capacity: the most the bucket holds (e.g. tokens per minute), > 0.
-        refill_per_s: units added per second, >= 0 (capacity / 60 for a per-minute budget).
-        level: the starting level; defaults to one second's worth, as above.
-        now: the current clock time in seconds.
-
-    Raises:
-        ValueError: capacity <= 0 or refill_per_s < 0.
-    """
-
-    def __init__(
-        self, capacity: float, refill_per_s: float, *, level: float | None = None, now: float
-    ) -> None:
-        if not capacity > 0:
-            raise ValueError(f"capacity must be > 0, got {capacity}")
-        if not refill_per_s >= 0:
-            raise ValueError(f"refill_per_s must be >= 0, got {refill_per_s}")
-        self.capacity = float(capacity)
-        self.refill_per_s = float(refill_per_s)
-        if level is None:
-            level = refill_per_s
-        self._level = min(float(level), self.capacity)
-        self._updated = now
-        #: Clock time at which the server last said its budget is full again (diagnostic).
-        self.server_reset_at: float | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"TokenBucket(capacity={self.capacity}, refill_per_s={self.refill_per_s}, "
-            f"level={self._level}, updated={self._updated})"
-        )
-
-    def available(self, now: float) -> float:
-        """Return the level at ``now`` (negative while in debt). Does not change state."""
-        elapsed = now - self._updated
-        if elapsed <= 0:
-            return self._level
-        return min(self.capacity, self._level + elapsed * self.refill_per_s)
-
-    def _advance(self, now: float) -> None:
-        self._level = self.available(now)
-        self._updated = max(self._updated, now)
-
-    def time_until(self, amount: float, now: float) -> float:
-        """Return seconds from ``now`` until ``amount`` can be taken (0 if it can now).
-
-        An amount larger than the capacity is admitted when the bucket is full
-        (and then leaves it in debt); otherwise it would never be admitted.
-        Returns ``math.inf`` when the bucket is short and does not refill.
-        """
-        need = min(amount, self.capacity) - self.available(now)
-        if need <= _EPS * max(1.0, self.capacity):
-            return 0.0
-        if self.refill_per_s <= 0:
-            return math.inf
-        return need / self.refill_per_s
-
-    def take(self, amount: float, now: float) -> None:
-        """Take ``amount`` at ``now`` whether or not it is available (the level may go negative)."""
-        self._advance(now)
-        self._level -= amount
-
-    def refund(self, amount: float, now: float | None = None) -> None:
-        """Give back ``amount`` (a reservation that was too large); the level stays <= capacity.
-
-        Raises:
-            ValueError: amount is negative.
-        """
-        if amount < 0:
-            raise ValueError(f"refund amount must be >= 0, got {amount}")
-        if now is not None:
-            self._advance(now)
-        self._level = min(self.capacity, self._level + amount)
-
-    def owe(self, amount: float, now: float | None = None) -> None:
-        """Charge ``amount`` more (a reservation that was too small); may leave debt.
-
-        Raises:
-            ValueError: amount is negative.
-        """
-        if amount < 0:
-            raise ValueError(f"owed amount must be >= 0, got {amount}")
-        if now is not None:
-            self._advance(now)
-        self._level -= amount
-
-    def set_limit(self, capacity: float, now: float, *, refill_per_s: float | None = None) -> None:
-        """Change the capacity at ``now``; the level is clipped to it, never raised.
-
-        Args:
-            capacity: the new capacity, > 0.
-            now: the current clock time in seconds.
-            refill_per_s: the new refill rate; by default it is scaled with the
-                capacity, so the time to fill an empty bucket stays the same.
-
-        Raises:
-            ValueError: capacity <= 0 or refill_per_s < 0.
-        """
-        if not capacity > 0:
-            raise ValueError(f"capacity must be > 0, got {capacity}")
-        if refill_per_s is not None and not refill_per_s >= 0:
-            raise ValueError(f"refill_per_s must be >= 0, got {refill_per_s}")
-        self._advance(now)
-        if refill_per_s is None:
-            refill_per_s = self.refill_per_s * capacity / self.capacity
-        self.capacity = float(capacity)
-        self.refill_per_s = float(refill_per_s)
-        self._level = min(self._level, self.capacity)
-
-    def set_remaining(
-        self,
-        remaining: float,
-        reset_s: float | None,
-        now: float,
-        *,
-        as_of: float | None = None,
-    ) -> None:
-        """Sync with the server's ``remaining`` figure without ever raising the level.
-
-        Responses arrive out of order and each header describes the server at
-        the moment it handled that request, so a header can be stale: it does
-        not yet count requests we admitted since. The level therefore only
-        goes *down* to match the server (``min(level, remaining')``), where
-        ``remaining'`` is ``remaining`` refilled at our rate from ``as_of`` to
-        ``now`` (capped at capacity), so that a slow response does not drag the
-        level below what the server has by now.
-
-        ``reset_s`` is recorded in :attr:`server_reset_at` but does not change
-        the refill rate: providers round it and disagree on its meaning (time to
-        a full bucket vs. end of a fixed window), and a 429's ``Retry-After`` is
-        the authoritative signal to stop.
-
-        Args:
-            remaining: what the server says is left (same unit as capacity).
-            reset_s: seconds until the server's budget is full, or None.
-            now: the current clock time in seconds.
-            as_of: clock time the figure describes, e.g. when the request was
-                sent; defaults to ``now`` (the most conservative reading).
-        """
-        self._advance(now)
-        if as_of is not None and as_of < now:
-            remaining = min(self.capacity, remaining + (now - as_of) * self.refill_per_s)
-        self._level = min(self._level, remaining)
-        if reset_s is not None:
-            self.server_reset_at = now + reset_s
+#: Seconds of refill a budget may send at once until the server shows it holds more (its ``remaining``):
+#: a per-minute limit may be enforced over one second (Anthropic: "a rate of 60 requests per minute
+#: (RPM) might be enforced as 1 request per second", https://platform.claude.com/docs/en/api/rate-limits).
+BURST_S = 1.0
 
 
 class RateLimiter:
@@ -259,7 +98,9 @@ class RateLimiter:
     def _bucket(self, limit: float, floor: float, now: float, *, idle_s: float = 0.0) -> TokenBucket:
         rate = limit / self.window_s
         level = rate * (1.0 + min(max(0.0, idle_s), LEARNED_CREDIT_MAX_S))
-        return TokenBucket(limit, rate, level=min(limit, max(floor, level)), now=now)
+        burst = min(limit, max(floor, rate * BURST_S))
+        return TokenBucket(limit, rate, level=min(limit, max(floor, level)), now=now, burst=burst,
+                           slack_s=ARRIVAL_SLACK_S)
 
     @property
     def limited(self) -> bool:
@@ -362,21 +203,28 @@ class RateLimiter:
         bucket if the job set none (with one second's worth plus what it
         would have earned since this limiter was made, i.e. while the first
         request was out, at most :data:`LEARNED_CREDIT_MAX_S` seconds' worth),
-        or lowers/raises it to ``min(configured, limit)``; a ``remaining`` lowers the level (see
-        :meth:`TokenBucket.set_remaining`); ``retry-after(-ms)`` pauses all
-        reservations until ``now + retry_after``.
+        or lowers/raises it to ``min(configured, limit)``. ``limit`` sets only
+        the refill rate: a ``remaining`` and its reset time set the burst and
+        lower the level to what the server holds now, less what was admitted
+        since the request was sent (see :meth:`TokenBucket.set_remaining`);
+        ``retry-after(-ms)`` pauses all reservations until ``now + retry_after``.
 
         Args:
             headers: the response headers (any case).
             now: the current clock time in seconds.
-            sent_at: clock time the request was sent, if known (see ``as_of``).
-            wall_now: wall-clock POSIX seconds for absolute reset instants;
+            sent_at: clock time the request was sent, if known: the figures
+                describe the server then, and resets given as instants
+                (Anthropic's RFC 3339) are read as seconds from then, as
+                durations (OpenAI's) are.
+            wall_now: wall-clock POSIX seconds now, for absolute instants;
                 defaults to ``time.time()``.
 
         Returns:
-            The parsed headers.
+            The parsed headers (resets in seconds from ``sent_at``).
         """
-        info = parse_rate_limit_headers(headers, wall_now=wall_now)
+        wall = time.time() if wall_now is None else wall_now
+        sent_wall = wall - (now - sent_at) if sent_at is not None and sent_at < now else wall
+        info = parse_rate_limit_headers(headers, wall_now=wall, reset_from=sent_wall)
         self.requests = self._sync(
             self.requests, info.requests, self.configured_rpm, 1.0, now, sent_at
         )
@@ -398,18 +246,20 @@ class RateLimiter:
         bucket: TokenBucket | None,
         budget: Budget,
         configured: float | None,
-        floor: float,
+        unit: float,
         now: float,
         sent_at: float | None,
     ) -> TokenBucket | None:
+        """Learn one budget from its header figures. ``unit`` is 1 for the request budget (the
+        least it starts with, and what the request carrying the figures took from it), else 0."""
         if budget.limit is not None and budget.limit > 0:
             limit = budget.limit if configured is None else min(configured, budget.limit)
             if bucket is None:  # learned now: credit the time spent waiting for this first answer
-                bucket = self._bucket(limit, floor, now, idle_s=now - self._born)
+                bucket = self._bucket(limit, unit, now, idle_s=now - self._born)
             elif bucket.capacity != limit:
                 bucket.set_limit(limit, now, refill_per_s=limit / self.window_s)
         if bucket is not None and budget.remaining is not None:
-            bucket.set_remaining(budget.remaining, budget.reset_s, now, as_of=sent_at)
+            bucket.set_remaining(budget.remaining, budget.reset_s, now, as_of=sent_at, cost=unit)
         return bucket
 
 

@@ -56,6 +56,11 @@ class SimConfig:
         rpm: requests per minute allowed (``None`` = unlimited).
         tpm: tokens per minute allowed (``None`` = unlimited); a request costs
             its estimated prompt tokens plus ``max_tokens`` (16 when absent).
+        burst_s: seconds of refill each rate-limit bucket holds (``rpm``,
+            ``tpm``, ``itpm``, ``otpm``): 60 holds the whole minute; 1 holds
+            one second's worth, as Anthropic says a limit may be enforced ("a
+            rate of 60 requests per minute (RPM) might be enforced as 1
+            request per second"). The headers' ``limit`` stays per minute.
         header_style: ``"openai"`` (``x-ratelimit-*``) or ``"anthropic"``
             (``anthropic-ratelimit-*``) rate-limit headers.
         fail_rate: fraction answered 500 or 503 (after admission).
@@ -77,7 +82,7 @@ class SimConfig:
         itpm: input tokens per minute on ``/v1/messages`` (Anthropic's ITPM;
             uncached input only: cache reads are free); ``None`` = unlimited.
         otpm: output tokens per minute on ``/v1/messages`` (Anthropic's OTPM;
-            ``max_tokens`` is reserved, the unused part given back).
+            the output tokens produced are counted, ``max_tokens`` is not).
         overload_rate: fraction of ``/v1/messages`` answered 529
             ``overloaded_error`` (after admission).
         limit_rate: fraction of ``/v1/messages`` answered 429
@@ -121,6 +126,7 @@ class SimConfig:
     per_token_ms: float = 0.0
     rpm: int | None = None
     tpm: int | None = None
+    burst_s: float = 60.0
     header_style: str = "openai"
     fail_rate: float = 0.0
     hang_rate: float = 0.0
@@ -167,6 +173,8 @@ class SimConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value!r}")
+        if not 0 < self.burst_s <= 60:
+            raise ValueError(f"burst_s must be in (0, 60] seconds, got {self.burst_s!r}")
         for name in ("latency_median", "latency_sigma", "per_token_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

@@ -1,10 +1,16 @@
 """Server-side rate limits for the simulator, enforced the way OpenAI does.
 
 Two token buckets, one for requests (RPM) and one for tokens (TPM). Each
-holds at most its per-minute limit, starts full and refills continuously at
-``limit / 60`` per second. A request is admitted only when both buckets hold
-its cost (1 request; estimated prompt tokens + ``max_tokens``); then both are
-charged at once. Otherwise it is refused with the wait until it would fit.
+refills continuously at ``limit / 60`` per second and starts full. By default
+a bucket holds the whole per-minute limit; ``burst_s`` makes it hold only that
+many seconds of refill, the way Anthropic says it may enforce a limit ("a rate
+of 60 requests per minute (RPM) might be enforced as 1 request per second",
+https://platform.claude.com/docs/en/api/rate-limits). A request is admitted
+only when both buckets hold its cost (1 request; estimated prompt tokens +
+``max_tokens``); then both are charged at once. Otherwise it is refused with
+the wait until it would fit. The headers state the per-minute ``limit``, the
+``remaining`` level of the (possibly small) bucket and the time until it is
+full again, so a client that trusts ``limit`` as its burst over-sends.
 
 The buckets read time from an injected clock (seconds, monotonic), so they
 are tested by moving a fake clock instead of sleeping.
@@ -15,8 +21,10 @@ headers (resets as durations like ``6m0s``) or Anthropic
 
 :class:`MessagesLimiter` limits ``/v1/messages`` the way Anthropic does:
 requests (RPM), input tokens (ITPM: uncached input only, cache reads are
-free) and output tokens (OTPM: charged ``max_tokens`` on admission, the
-unused part given back when the answer is done), with
+free) and output tokens (OTPM: counted as they are produced, as Anthropic's reference says: "OTPM rate
+limits are evaluated in real time as output tokens are produced, counting only
+the actual tokens generated. The ``max_tokens`` parameter does not factor into
+OTPM rate limit calculations"), with
 ``anthropic-ratelimit-{requests,input-tokens,output-tokens,tokens}-*``
 headers (:meth:`MessagesLimiter.headers`).
 """
@@ -40,6 +48,7 @@ __all__ = [
     "TokenBucket",
     "format_duration",
     "format_rfc3339",
+    "per_minute_bucket",
     "ratelimit_headers",
 ]
 
@@ -48,27 +57,39 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
 """Returns the current time in seconds (monotonic)."""
 
+# Float round-off a bucket forgives (a refill of 0.02 s x 50/s may come to 0.99999999999999).
+_EPS = 1e-9
+
+#: Seconds of refill a limit's bucket holds by default: the whole minute (OpenAI's
+#: ``x-ratelimit-reset-*`` is "the time until the rate limit resets to its initial state",
+#: https://platform.openai.com/docs/guides/rate-limits, consistent with a bucket of one minute).
+FULL_MINUTE_S = 60.0
+
 
 class TokenBucket:
     """A continuously refilled bucket of ``capacity`` units.
 
     Args:
-        capacity: most units the bucket holds (the per-minute limit).
+        capacity: most units the bucket holds (the per-minute limit, or
+            ``burst_s`` seconds of refill).
         refill_per_second: units added per second.
         clock: current time in seconds; :func:`time.monotonic` by default.
+        limit: the per-minute limit the headers state; ``capacity`` by default.
 
     Raises:
         ValueError: ``capacity`` or ``refill_per_second`` is not positive.
     """
 
-    __slots__ = ("_clock", "_level", "_stamp", "capacity", "rate")
+    __slots__ = ("_clock", "_level", "_stamp", "capacity", "limit", "rate")
 
     def __init__(
-        self, capacity: float, refill_per_second: float, clock: Clock = time.monotonic
+        self, capacity: float, refill_per_second: float, clock: Clock = time.monotonic, *,
+        limit: float | None = None,
     ) -> None:
         if capacity <= 0 or refill_per_second <= 0:
             raise ValueError("capacity and refill_per_second must be positive")
         self.capacity = float(capacity)
+        self.limit = self.capacity if limit is None else float(limit)
         self.rate = float(refill_per_second)
         self._clock = clock
         self._level = self.capacity
@@ -89,7 +110,9 @@ class TokenBucket:
         time until the bucket is full.
         """
         missing = min(amount, self.capacity) - self.level()
-        return max(missing, 0.0) / self.rate
+        if missing <= _EPS * max(1.0, self.capacity):  # float round-off of the refill: it fits
+            return 0.0
+        return missing / self.rate
 
     def take(self, amount: float) -> None:
         """Remove ``amount`` units (the level may not go below zero)."""
@@ -107,6 +130,22 @@ class TokenBucket:
         """Refill the bucket completely, now."""
         self._level = self.capacity
         self._stamp = self._clock()
+
+
+def per_minute_bucket(limit: float, clock: Clock, burst_s: float = FULL_MINUTE_S) -> TokenBucket:
+    """A full bucket for a per-minute ``limit`` that holds ``burst_s`` seconds of refill (at least 1 unit).
+
+    Args:
+        limit: units per minute (requests or tokens), > 0.
+        clock: current time in seconds.
+        burst_s: seconds of refill the bucket holds (60: the whole minute; 1: one second's worth).
+
+    Raises:
+        ValueError: ``limit`` or ``burst_s`` is not positive.
+    """
+    if burst_s <= 0:
+        raise ValueError(f"burst_s must be positive, got {burst_s!r}")
+    return TokenBucket(max(1.0, limit * min(burst_s, FULL_MINUTE_S) / 60), limit / 60, clock, limit=limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,15 +195,17 @@ class RateLimiter:
         rpm: requests per minute (``None`` = unlimited).
         tpm: tokens per minute (``None`` = unlimited).
         clock: current time in seconds; :func:`time.monotonic` by default.
+        burst_s: seconds of refill each bucket holds (:func:`per_minute_bucket`); the whole minute by default.
     """
 
     def __init__(
-        self, rpm: int | None = None, tpm: int | None = None, clock: Clock = time.monotonic
+        self, rpm: int | None = None, tpm: int | None = None, clock: Clock = time.monotonic, *,
+        burst_s: float = FULL_MINUTE_S,
     ) -> None:
         self.rpm = rpm
         self.tpm = tpm
-        self.requests = TokenBucket(rpm, rpm / 60, clock) if rpm else None
-        self.tokens = TokenBucket(tpm, tpm / 60, clock) if tpm else None
+        self.requests = per_minute_bucket(rpm, clock, burst_s) if rpm else None
+        self.tokens = per_minute_bucket(tpm, clock, burst_s) if tpm else None
 
     @property
     def active(self) -> bool:
@@ -214,7 +255,7 @@ class RateLimiter:
 def _state(bucket: TokenBucket | None) -> BucketState | None:
     if bucket is None:
         return None
-    return BucketState(int(bucket.capacity), int(bucket.level()), bucket.time_to_full())
+    return BucketState(int(bucket.limit), int(bucket.level()), bucket.time_to_full())
 
 
 def format_duration(seconds: float) -> str:
@@ -317,47 +358,58 @@ class MessagesAdmission:
 class MessagesLimiter:
     """Anthropic's limits on ``/v1/messages``: RPM, ITPM and OTPM buckets, each full at start.
 
+    Written from Anthropic's rate-limit reference
+    (https://platform.claude.com/docs/en/api/rate-limits): a token bucket per
+    limit, "continuously replenished up to your maximum limit"; only uncached
+    input counts against ITPM; OTPM counts the output tokens actually produced
+    (``max_tokens`` is not reserved): a request is admitted while the output
+    bucket is not empty, and its output is charged when it is made
+    (:meth:`settle`).
+
     Args:
         rpm: requests per minute (``None`` = unlimited).
         itpm: input tokens per minute; only uncached input counts (``None`` = unlimited).
         otpm: output tokens per minute (``None`` = unlimited).
         clock: current time in seconds; :func:`time.monotonic` by default.
+        burst_s: seconds of refill each bucket holds (:func:`per_minute_bucket`); the whole minute by default.
     """
 
     def __init__(self, rpm: int | None = None, itpm: int | None = None, otpm: int | None = None,
-                 clock: Clock = time.monotonic) -> None:
-        self.requests = TokenBucket(rpm, rpm / 60, clock) if rpm else None
-        self.input_tokens = TokenBucket(itpm, itpm / 60, clock) if itpm else None
-        self.output_tokens = TokenBucket(otpm, otpm / 60, clock) if otpm else None
+                 clock: Clock = time.monotonic, *, burst_s: float = FULL_MINUTE_S) -> None:
+        self.requests = per_minute_bucket(rpm, clock, burst_s) if rpm else None
+        self.input_tokens = per_minute_bucket(itpm, clock, burst_s) if itpm else None
+        self.output_tokens = per_minute_bucket(otpm, clock, burst_s) if otpm else None
 
     @property
     def active(self) -> bool:
         """Whether any limit is configured."""
         return any(b is not None for b in (self.requests, self.input_tokens, self.output_tokens))
 
-    def admit(self, input_tokens: int, max_tokens: int) -> MessagesAdmission:
-        """Admit a request whose uncached input is ``input_tokens`` and whose ``max_tokens`` is given.
+    def admit(self, input_tokens: int) -> MessagesAdmission:
+        """Admit a request whose uncached input is ``input_tokens``.
 
         Returns:
-            The decision; when allowed, every bucket was charged (output: ``max_tokens``).
+            The decision; when allowed, the request and input buckets were
+            charged. The output bucket is only checked (it must hold at least
+            one token); the output is charged by :meth:`settle`.
         """
         checks = [("requests", self.requests, 1), ("input tokens", self.input_tokens, input_tokens),
-                  ("output tokens", self.output_tokens, max_tokens)]
+                  ("output tokens", self.output_tokens, 1)]
         waits = [(b.wait_for(cost), name, b) for name, b, cost in checks if b is not None]
         wait, name, bucket = max(waits, key=lambda w: w[0]) if waits else (0.0, None, None)
         allowed = wait == 0.0
         if allowed:
-            for _, b, cost in checks:
+            for _, b, cost in checks[:2]:
                 if b is not None:
                     b.take(cost)
         return MessagesAdmission(allowed, None if allowed else name,
-                                 0 if allowed or bucket is None else int(bucket.capacity), wait,
+                                 0 if allowed or bucket is None else int(bucket.limit), wait,
                                  _state(self.requests), _state(self.input_tokens), _state(self.output_tokens))
 
-    def settle(self, max_tokens: int, output_tokens: int) -> None:
-        """Give back the output tokens reserved (``max_tokens``) but not used."""
+    def settle(self, output_tokens: int) -> None:
+        """Charge the output tokens an answer produced to the OTPM bucket (it stops at empty)."""
         if self.output_tokens is not None:
-            self.output_tokens.give(max_tokens - output_tokens)
+            self.output_tokens.take(output_tokens)
 
     def reset(self) -> None:
         """Fill every bucket."""
@@ -369,21 +421,35 @@ class MessagesLimiter:
     def headers(admission: MessagesAdmission, wall_now: float) -> dict[str, str]:
         """``anthropic-ratelimit-*`` headers (RFC 3339 resets), and on refusal ``retry-after`` in whole seconds.
 
-        ``tokens-*`` is the input and output budgets together, as a real answer shows them.
+        As Anthropic's reference describes them (https://platform.claude.com/docs/en/api/rate-limits,
+        "Response headers"): ``limit`` is "the maximum number of requests [tokens] allowed within any
+        rate limit period" (the per-minute limit, not the bucket's burst), ``remaining`` is "the
+        number remaining before being rate limited" (the bucket's level: with ``burst_s = 1`` never
+        more than a second's worth), token figures "rounded to the nearest thousand", and ``reset``
+        is "the time when the rate limit will be fully replenished, provided in RFC 3339 format".
+        ``tokens-*`` is the input and output budgets together: "If Workspace limits do not apply,
+        the headers will return the total tokens remaining, where total is the sum of input and
+        output tokens".
         """
         out: dict[str, str] = {}
-        states = (("requests", admission.requests), ("input-tokens", admission.input_tokens),
-                  ("output-tokens", admission.output_tokens))
-        for kind, state in states:
+        states = (("requests", admission.requests, False), ("input-tokens", admission.input_tokens, True),
+                  ("output-tokens", admission.output_tokens, True))
+        for kind, state, tokens in states:
             if state is not None:
                 out[f"anthropic-ratelimit-{kind}-limit"] = str(state.limit)
-                out[f"anthropic-ratelimit-{kind}-remaining"] = str(state.remaining)
+                out[f"anthropic-ratelimit-{kind}-remaining"] = str(_thousands(state.remaining) if tokens
+                                                                    else state.remaining)
                 out[f"anthropic-ratelimit-{kind}-reset"] = format_rfc3339(wall_now + state.reset)
         tokens = [st for st in (admission.input_tokens, admission.output_tokens) if st is not None]
         if tokens:
             out["anthropic-ratelimit-tokens-limit"] = str(sum(st.limit for st in tokens))
-            out["anthropic-ratelimit-tokens-remaining"] = str(sum(st.remaining for st in tokens))
+            out["anthropic-ratelimit-tokens-remaining"] = str(_thousands(sum(st.remaining for st in tokens)))
             out["anthropic-ratelimit-tokens-reset"] = format_rfc3339(wall_now + max(st.reset for st in tokens))
         if not admission.allowed:
             out["retry-after"] = str(max(1, math.ceil(admission.retry_after)))
         return out
+
+
+def _thousands(tokens: int) -> int:
+    """Round to the nearest thousand, as Anthropic's token ``remaining`` headers are (half up)."""
+    return (tokens + 500) // 1000 * 1000

@@ -149,13 +149,14 @@ class MessagesMixin:
     stats: SimStats
 
     def _init_messages(self, config: SimConfig) -> None:
-        self._messages_limiter = MessagesLimiter(config.rpm, config.itpm, config.otpm, self._clock)
+        self._messages_limiter = MessagesLimiter(config.rpm, config.itpm, config.otpm, self._clock,
+                                                 burst_s=config.burst_s)
         self.prompt_cache = PromptCache()
         self._message_ids = itertools.count(1)
 
     def _reconfigure_messages(self, old: SimConfig, new: SimConfig) -> None:
-        if (old.rpm, old.itpm, old.otpm) != (new.rpm, new.itpm, new.otpm):
-            self._messages_limiter = MessagesLimiter(new.rpm, new.itpm, new.otpm, self._clock)
+        if (old.rpm, old.itpm, old.otpm, old.burst_s) != (new.rpm, new.itpm, new.otpm, new.burst_s):
+            self._messages_limiter = MessagesLimiter(new.rpm, new.itpm, new.otpm, self._clock, burst_s=new.burst_s)
 
     def _reset_messages(self) -> None:
         self._messages_limiter.reset()
@@ -230,7 +231,7 @@ class MessagesMixin:
         headers: dict[str, str] | None = None
         limiter = self._messages_limiter
         if limiter.active:
-            admission = limiter.admit(prompt - read, max_tokens)  # cache reads do not count against ITPM
+            admission = limiter.admit(prompt - read)  # cache reads do not count against ITPM
             headers = MessagesLimiter.headers(admission, self._wall_clock())
             if not admission.allowed:
                 unit = admission.limited_by
@@ -274,7 +275,6 @@ class MessagesMixin:
         faults = cfg.fail_rate + cfg.overload_rate + cfg.limit_rate
         draw = self._rng.random() if faults or cfg.hang_rate or cfg.malformed_rate else 1.0
         if draw < faults:
-            self._messages_limiter.settle(max_tokens, 0)
             if draw >= cfg.fail_rate + cfg.overload_rate:
                 msg = ("This request would exceed your organization's rate limit. For details, refer to: "
                        "https://docs.claude.com/en/api/rate-limits. Please try again later.")
@@ -292,7 +292,7 @@ class MessagesMixin:
         prompt, read, write = usage
         if key is not None:
             self.prompt_cache.write(key, self._clock())  # usable once the answer is made
-        self._messages_limiter.settle(max_tokens, output)
+        self._messages_limiter.settle(output)  # OTPM counts what was produced
         payload = {
             "id": f"msg_sim{next(self._message_ids):x}", "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": stop, "stop_sequence": None,

@@ -113,7 +113,7 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
         self._wall_clock = wall_clock
         self._sleeper = sleep
         self._config = config
-        self._limiter = RateLimiter(config.rpm, config.tpm, clock)
+        self._limiter = RateLimiter(config.rpm, config.tpm, clock, burst_s=config.burst_s)
         self._rng = random.Random(config.seed)
         self._ids = itertools.count(1)
         self._started = clock()
@@ -129,7 +129,7 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
     def reconfigure(self, **changes: Any) -> SimConfig:
         """Change settings while serving; ``host``/``port`` changes are ignored.
 
-        A change of ``rpm``/``tpm`` starts fresh (full) buckets; a change of
+        A change of ``rpm``/``tpm``/``burst_s`` starts fresh (full) buckets; a change of
         ``seed`` restarts the random source.
 
         Returns:
@@ -142,8 +142,8 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
         changes.pop("host", None)
         changes.pop("port", None)
         new = self._config.replace(**changes)
-        if (new.rpm, new.tpm) != (self._config.rpm, self._config.tpm):
-            self._limiter = RateLimiter(new.rpm, new.tpm, self._clock)
+        if (new.rpm, new.tpm, new.burst_s) != (self._config.rpm, self._config.tpm, self._config.burst_s):
+            self._limiter = RateLimiter(new.rpm, new.tpm, self._clock, burst_s=new.burst_s)
         if "seed" in changes:
             self._rng = random.Random(new.seed)
         self._reconfigure_messages(self._config, new)

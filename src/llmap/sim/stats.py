@@ -12,6 +12,7 @@ Shape of :meth:`SimStats.snapshot`::
       "cache_reads": 0,                # 200 answers that read a cached prefix (/v1/messages)
       "by_model": {"sim": 120},
       "admitted_per_second": [40, 40, 20],  # 200 answers per whole second
+      "rate_limited_at": [0.02, 0.02],  # seconds after the first request of each 429 (the first 10,000)
       "started_at": 1714560000.0,      # Unix time of start or last reset
       "batches": {"created": 2, "refused": 1, "lines": 300, "refused_lines": 200,   # batch APIs
                   "custom_ids": 300, "custom_ids_repeated": 0, "bodies_repeated": 0,
@@ -28,6 +29,9 @@ from typing import Any
 from llmap.sim.limits import Clock
 
 __all__ = ["BatchCounts", "SimStats"]
+
+#: The most 429 times ``rate_limited_at`` keeps.
+_MOST_TIMES = 10_000
 
 
 class BatchCounts:
@@ -88,16 +92,22 @@ class SimStats:
         self.by_model: dict[str, int] = {}
         self.batches = BatchCounts()
         self.admitted: list[int] = []
+        self.first_request: float | None = None
+        self.limited_at: list[float] = []
         self.started = self._clock()
         self.started_at = self._wall_clock()
 
     def record_model(self, model: str) -> None:
         """Count one request for ``model``."""
+        if self.first_request is None:
+            self.first_request = self._clock()
         self.by_model[model] = self.by_model.get(model, 0) + 1
 
     def record_status(self, status: int) -> None:
         """Count one answer with HTTP ``status``."""
         self.by_status[status] = self.by_status.get(status, 0) + 1
+        if status == 429 and len(self.limited_at) < _MOST_TIMES:
+            self.limited_at.append(round(self._clock() - (self.first_request or self.started), 3))
 
     def record_success(self, prompt: int, completion: int, *, cache_read: int = 0, cache_write: int = 0) -> None:
         """Count the tokens of one 200 answer (``cache_read``/``cache_write``: of ``prompt``, from / to the
@@ -125,6 +135,7 @@ class SimStats:
             "cache_reads": self.cache_reads,
             "by_model": dict(self.by_model),
             "admitted_per_second": list(self.admitted),
+            "rate_limited_at": list(self.limited_at),
             "started_at": self.started_at,
             "batches": self.batches.snapshot(),
         }
