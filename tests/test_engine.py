@@ -24,7 +24,8 @@ def test_run_writes_every_row_once_with_valid_fields(make_job, sim):
     assert res.counts == {"pending": 0, "done": 30, "failed": 0, "skipped": 0, "fallback": 0}
     assert chat_requests(sim) == 30
     t = pq.read_table(res.output_path)
-    assert t.column_names == ["id", "name", "kind", "score", "_status", "_error", "_model", "_source"]
+    assert t.column_names == ["id", "name", "kind", "score", "_status", "_error", "_model", "_source", "_confidence",
+                              "_raw"]
     rows = t.to_pylist()
     assert [r["id"] for r in rows] == [p["id"] for p in people(30)]
     assert all(r["kind"] in ("a", "b", "c") and isinstance(r["score"], float) for r in rows)
@@ -130,7 +131,8 @@ def test_formats_in_and_out(make_job, sim, tmp_path, ext):
         lines = [json.loads(x) for x in text.splitlines()]
         assert [x["id"] for x in lines] == [p["id"] for p in people(6)] and lines[0]["_status"] == "done"
     elif ext == "csv":
-        assert text.splitlines()[0] == '"id","name","kind","score","_status","_error","_model","_source"'
+        assert text.splitlines()[0] == ('"id","name","kind","score","_status","_error","_model","_source",'
+                                        '"_confidence","_raw"')
         assert len(text.splitlines()) == 7
     else:
         assert pq.read_table(res.output_path).num_rows == 6

@@ -172,7 +172,7 @@ async def amap(
 
     Returns:
         The same kind as ``data`` (list of dicts for a list), with one column
-        per field plus ``_status``, ``_error``, ``_model`` and ``_source``, in input order.
+        per field plus ``_status``, ``_error``, ``_model``, ``_source``, ``_confidence`` and ``_raw``, in input order.
 
     Raises:
         SpecError: bad arguments or a field name that clashes with a column.
@@ -195,7 +195,7 @@ async def amap(
             layout = stored_layout(led, spec)
             answers = pa.Table.from_batches(list(result_batches(led, plan, layout)), schema=layout.schema)
     out = table
-    for name in [*fields, "_status", "_error", "_model", "_source"]:
+    for name in [*fields, "_status", "_error", "_model", "_source", "_confidence", "_raw"]:
         out = out.append_column(name, answers.column(name))
     return _from_arrow(out, kind)
 

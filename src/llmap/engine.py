@@ -319,9 +319,10 @@ class Job:
         tally: Tally | None = None
         reason = "complete"
         try:
+            run_id = ledger.start_run(prep.compiled.fingerprint, models=[m.label for m in self.spec.models],
+                                      prompt_hash=self.spec.prompt_fingerprint())
             if fresh:
-                ledger.reset()
-            run_id = ledger.start_run(prep.compiled.fingerprint)
+                ledger.reset(run_id)  # each row's state is kept in the run's history (llmap rollback)
             ledger.set_meta("output_schema", prep.input.layout.schema.serialize().to_pybytes())
             ledger.set_meta("data_columns",
                             json.dumps(prep.input.data_columns + ([] if self.spec.input.key else ["_row"])))
@@ -432,7 +433,8 @@ class Job:
         try:
             dispatcher = Dispatcher(lanes, prep.compiled.renderer, prep.compiled.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
-                                    answers=AnswerCache(cache), escalate_if=prep.compiled.escalate_if)
+                                    answers=AnswerCache(cache), escalate_if=prep.compiled.escalate_if,
+                                    **prep.compiled.quality)
             packer = None
             if spec.prompt.pack != 1:
                 packer = Packer(dispatcher, spec.prompt.pack)

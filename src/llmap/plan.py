@@ -6,11 +6,13 @@ more than one key to check lives here, in one place, so a bad job is one
 
 - :func:`compile_spec` (the spec alone): template syntax, field constraints,
   few-shot examples and the fallback against the fields, ``escalate_if``
-  bound by DuckDB against the fields, a cost cap without prices. It returns
-  the :class:`Compiled` job: renderer, output schema, cascade conditions.
+  bound by DuckDB against the fields, a cost cap without prices, the fields
+  ``_confidence`` covers, ``[eval]`` against the fields. It returns the
+  :class:`Compiled` job: renderer, output schema, cascade conditions, quality.
 - :func:`check_input` (the spec and its input's header): every column the
-  job names exists, ``where`` runs, keys are present and unique; it returns
-  the columns to read and the output's layout.
+  job names exists (``[eval] gold`` columns too), ``where`` runs, keys are
+  present and unique, ``[output] checks`` bind against the input's columns
+  and the fields; it returns the columns to read and the output's layout.
 
 :func:`load_spec` and :func:`spec_from_dict` read a job and run
 :func:`compile_spec`'s checks: a spec they return is one llmap can run.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ from llmap.io.sinks import ResultLayout
 from llmap.io.sources import Source
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema, check_examples, check_fallback, check_fields
+from llmap.quality.checks import Checks, duckdb_types
+from llmap.quality.confidence import Confidence
 from llmap.spec import JobSpec, parse_spec, read_spec
 from llmap.store.fingerprint import input_hash, key_text
 
@@ -49,18 +53,31 @@ class Compiled:
         escalate_if: per ``[[model]]``, its bound ``escalate_if``, or None.
         fingerprint: the request fingerprint (prompt, fields, model settings;
             see :meth:`~llmap.spec.JobSpec.request_fingerprint`).
+        quality: the settle stage's ``confidence`` (:class:`~llmap.quality.confidence.Confidence`) and,
+            once :func:`check_input` (or :func:`bind_checks`) has bound them against the input,
+            ``checks`` (:class:`~llmap.quality.checks.Checks`): keyword arguments of the
+            :class:`~llmap.run.dispatch.Dispatcher`.
     """
 
     renderer: Renderer
     schema: OutputSchema
     escalate_if: tuple[EscalateIf | None, ...]
     fingerprint: str
+    quality: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checks(self) -> Checks | None:
+        """The bound ``[output] checks``, or None (none, or not bound yet)."""
+        return self.quality.get("checks")
 
     def close(self) -> None:
-        """Release the cascade conditions' DuckDB connections."""
+        """Release the cascade conditions' and the checks' DuckDB connections."""
         for cond in self.escalate_if:
             if cond is not None:
                 cond.close()
+        checks = self.quality.pop("checks", None)
+        if checks is not None:
+            checks.close()
 
 
 @dataclass(frozen=True)
@@ -94,8 +111,11 @@ def compile_spec(spec: JobSpec, *, source: str = "job") -> Compiled:
         check_fallback(spec.output.fields, spec.output.fallback, source=source)
     _check_cost_cap(spec, source)
     _check_batch(spec, source)
+    _check_eval(spec, source)
+    confidence = Confidence(spec.output.fields, spec.output.confidence, source=source)
     escalate = _bind_cascade(spec, source)
-    return Compiled(renderer, OutputSchema(spec.output.fields), escalate, spec.request_fingerprint())
+    return Compiled(renderer, OutputSchema(spec.output.fields), escalate, spec.request_fingerprint(),
+                    {"confidence": confidence})
 
 
 def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = "job") -> JobSpec:
@@ -166,11 +186,15 @@ def check_input(spec: JobSpec, compiled: Compiled, source: Source, *, source_nam
     group = [spec.input.per_group.column] if spec.input.per_group else []
     needed += [(c, "[input] per_group") for c in group]
     needed += [(c, "[input] max_chars") for c in spec.input.max_chars]
+    gold = list(dict.fromkeys(spec.eval.gold.values()))
+    needed += [(c, "[eval] gold") for c in gold]
     source.require_columns(needed)
     renderer.check_examples(source=source_name)  # after the template's columns: a typo there names the template
     source.check_where()
+    checks = bind_checks(spec, compiled, source)
     _check_keys(spec, source)
-    columns = list(dict.fromkeys(keys + list(renderer.variables) + list(spec.output.keep) + group))
+    kept = gold + (checks.columns if checks is not None else [])  # what eval and the checks read later
+    columns = list(dict.fromkeys(keys + list(renderer.variables) + list(spec.output.keep) + group + kept))
     shown = list(dict.fromkeys(keys + list(spec.output.keep)))
     key_schema = source.arrow_schema(shown)
     if not keys:
@@ -224,6 +248,42 @@ def keyed_rows(spec: JobSpec, compiled: Compiled, source: Source, columns: list[
                 row["_row"] = seq
             inputs = {v: row[v] for v in variables}
             yield KeyedRow(seq, key, row, inputs, input_hash(fp, inputs), batch.schema)
+
+
+def bind_checks(spec: JobSpec, compiled: Compiled, source: Source) -> Checks | None:
+    """Bind ``[output] checks`` against the input's columns (read from its header) and the fields, and keep
+    them in ``compiled.quality`` for the settle stage. A Ray worker calls this too.
+
+    Returns:
+        The bound checks, or None when the job has none.
+
+    Raises:
+        SpecError: a check does not bind (an unknown column, a syntax error, not a condition), one line.
+    """
+    if not spec.output.checks:
+        return None
+    if compiled.checks is not None:
+        return compiled.checks
+    types = duckdb_types(source.schema)
+    if not spec.input.key:
+        types = {"_row": "BIGINT", **types}
+    checks = Checks.bind(spec.output.checks, compiled.schema.field_types, types)
+    compiled.quality["checks"] = checks
+    return checks
+
+
+def _check_eval(spec: JobSpec, source: str) -> None:
+    """``[eval] gold`` and ``tolerance`` name output fields (tolerance: number or integer ones)."""
+    fields = spec.output.fields
+    for key in ("gold", "tolerance"):
+        for name in getattr(spec.eval, key):
+            if name not in fields:
+                raise E.SpecError(f"{source}: [eval] {key} names {name!r}, which is not an output field; fields: "
+                                  f"{', '.join(fields)}")
+    for name in spec.eval.tolerance:
+        if fields[name].type not in ("integer", "number"):
+            raise E.SpecError(f"{source}: [eval] tolerance for {name!r} applies to integer and number fields; "
+                              f"{name!r} is a {fields[name].type}")
 
 
 def _check_keys(spec: JobSpec, source: Source) -> None:

@@ -13,7 +13,7 @@ of :class:`~llmap.run.ray.data.LlmapMapper` actors that share:
   ``llmap.map`` or another pipeline is not paid for again, and the reverse.
 
 Every row comes back with the output fields plus ``_status`` (``done`` or
-``failed``), ``_error``, ``_model`` and ``_source``: a row that fails (a bad
+``failed``), ``_error``, ``_model``, ``_source``, ``_confidence`` and ``_raw``: a row that fails (a bad
 value, retries spent, an answer that never validates) is a row with
 ``_status = "failed"`` and the error, never a crashed task. There is no
 ledger: Ray Data owns the rows; rerunning the pipeline answers the rows done
@@ -58,7 +58,7 @@ def map_batches(ds: Any, *, prompt: str, fields: Mapping[str, Any], model: str |
 
     Returns:
         A Dataset with the input columns, one column per field, and ``_status``, ``_error``,
-        ``_model``, ``_source``.
+        ``_model``, ``_source``, ``_confidence``, ``_raw``.
 
     Raises:
         SpecError: bad arguments (before any request), or Ray missing.

@@ -95,7 +95,8 @@ def test_remembered_shape_starts_settled_and_falls_forward_when_refused():
         "json_object", True, "max_completion_tokens", False)
     assert shape.describe().startswith("json_object (remembered)")
     assert shape.refused(shape.sent(), dialect=True) and shape.dialect == "prompt" and not shape.settled
-    assert shape.record() == {"structured": "prompt", "token_param": "max_completion_tokens", "temperature": False}
+    assert shape.record() == {"structured": "prompt", "token_param": "max_completion_tokens", "temperature": False,
+                              "logprobs": True}
     # a forced dialect ignores the remembered one, keeps the parameter spellings
     forced = RequestShape.start("json_schema", rec)
     assert forced.dialect == "json_schema" and forced.token_param == "max_completion_tokens"

@@ -104,8 +104,10 @@ ROWS = [
 ]
 
 
-def _job(tmp_path: Path, base_url: str, structured: str) -> Path:
-    lines = ["id,district_name,state,enrollment"] + [",".join(map(str, r)) for r in ROWS]
+def _job(tmp_path: Path, base_url: str, structured: str, *, confidence: bool = False, rows=ROWS) -> Path:
+    # llama-cpp-python's server computes log-probabilities in Python over the whole vocabulary at every token
+    # (about 10x the time of an answer here): only the confidence test asks for them
+    lines = ["id,district_name,state,enrollment"] + [",".join(map(str, r)) for r in rows]
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
     job = tmp_path / "job.toml"
     job.write_text(f'''
@@ -118,6 +120,7 @@ user = "District: {{{{ district_name }}}} ({{{{ state }}}}), {{{{ enrollment }}}
 [output]
 path = "out.parquet"
 keep = ["district_name"]
+confidence = {"true" if confidence else "false"}
 [output.fields]
 kind = {{ type = "string", enum = ["city", "county", "charter", "regional", "technical", "other"] }}
 [model]
@@ -152,3 +155,16 @@ def test_forced_json_schema_stops_at_once_quoting_the_server(llama_server, tmp_p
     assert "run stopped:" in stopped and 'set [model] structured = "auto"' in stopped
     summary = next(ln for ln in out.stderr.splitlines() if "pending of" in ln)
     assert " 3 requests (0 retries" in summary, summary  # three identical refusals, one at a time, then stop
+
+
+@pytest.mark.timeout(600)
+def test_confidence_comes_back_from_the_servers_log_probabilities(llama_server, tmp_path):
+    import pyarrow.parquet as pq
+
+    job = _job(tmp_path, llama_server, "auto", confidence=True, rows=ROWS[:3])
+    res = Job.from_toml(job).run()
+    assert res.counts["done"] == 3, res.stop_reason
+    rows = pq.read_table(res.output_path).to_pylist()
+    confidences = [r["_confidence"] for r in rows]
+    assert all(c is not None and 0 < c <= 1 for c in confidences), confidences
+    assert len(set(confidences)) > 1  # the probability of each row's own answer, not one figure for all

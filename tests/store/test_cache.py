@@ -280,7 +280,7 @@ def test_reopening_keeps_entries_and_does_not_remigrate(tmp_path: Path) -> None:
     with ResponseCache(path) as c:
         assert "k" in c.get_many(["k"])
     names = sqlite3.connect(path).execute("SELECT name FROM _migrations").fetchall()
-    assert names == [("001_responses",)]
+    assert names == [("001_responses",), ("002_confidence_latency",)]
 
 
 def test_default_path_follows_llmap_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

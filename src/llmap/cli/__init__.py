@@ -1,5 +1,5 @@
-"""The ``llmap`` command line: ``init``, ``run``, ``status``, ``export``, ``report``, ``estimate``, ``cache``,
-``batch``, ``simulate``.
+"""The ``llmap`` command line: ``init``, ``run``, ``status``, ``export``, ``report``, ``estimate``, ``label``,
+``review``, ``eval``, ``runs``, ``rollback``, ``cache``, ``batch``, ``simulate``.
 
 Exit codes: 0 every row done or skipped; 1 some rows failed or the run
 stopped on a provider error; 2 bad job or input (nothing sent); 75 another
@@ -16,8 +16,10 @@ import typer
 from llmap.cli.batch import batch_app
 from llmap.cli.cache import cache_app
 from llmap.cli.common import clean_help
+from llmap.cli.history import rollback, runs
 from llmap.cli.init import init
 from llmap.cli.inspect import estimate, export, report, status
+from llmap.cli.quality import eval_job, label, review
 from llmap.cli.run import run
 
 __all__ = ["app", "main"]
@@ -62,6 +64,11 @@ app.command("estimate")(estimate)
 app.command("status")(status)
 app.command("export")(export)
 app.command("report")(report)
+app.command("label")(label)
+app.command("review")(review)
+app.command("eval")(eval_job)
+app.command("runs")(runs)
+app.command("rollback")(rollback)
 app.add_typer(cache_app, name="cache")
 app.add_typer(batch_app, name="batch")
 

@@ -156,20 +156,29 @@ def report(
     by: Annotated[str | None, typer.Option("--by", show_default=False,
                                            help="Group the HTML's row-status plot by this input column.")] = None,
 ) -> None:
-    """Show how many rows each model settled (a cascade's split), from the cache or not, what it cost, and the
-    structured-output dialect each model used.
+    """Show how many rows each model settled (a cascade's split), from the cache or not, what it cost, the
+    structured-output dialect each model used, and how many rows have a _confidence (and why the others have
+    none).
 
-    Then a summary of one run (the latest, or --run N): rows, requests, 429s, retries, tokens, cost, wall time.
-    With --html, the same as a file with plots.
+    Then a summary of one run (the latest, or --run N): rows, requests, 429s, retries, tokens, cost, wall time;
+    and, when the job has labels, the evaluation (as `llmap eval`). With --html, the same as a file with plots.
     """
     job = load_job(job_file)
     try:
         lines, counts = model_report(job.spec)
         from llmap.observe.html import write_html_report
+        from llmap.observe.quality import confidence_lines, eval_html, eval_tables
+        from llmap.quality.eval import evaluate
 
         summary = build_run_summary(job.spec.ledger_path, run_no, by)
+        confidence = confidence_lines(job.spec)
+        try:
+            evaluation = evaluate(job.spec)
+        except SpecError:  # no labels: no evaluation section
+            evaluation = None
         if html is not None:
-            write_html_report(job.spec.ledger_path, html, run=run_no, group_by=by, title=f"llmap: {job.spec.name}")
+            write_html_report(job.spec.ledger_path, html, run=run_no, group_by=by, title=f"llmap: {job.spec.name}",
+                              quality_html=eval_html(evaluation) if evaluation is not None else None)
     except SpecError as exc:
         raise fail(exc) from None
     console = Console(width=max(120, out.width) if not sys.stdout.isatty() else None)
@@ -178,7 +187,13 @@ def report(
         if ln.structured:
             console.print(f"structured output: {ln.model}: {ln.structured}", highlight=False, markup=False)
     out.print(", ".join(f"{n:,} {s}" for s, n in counts.items()), highlight=False)
+    for c in confidence:
+        console.print(f"_confidence: {c.model}: {c.with_confidence:,} of {c.done:,} done rows"
+                      + (f"; none for the others: {c.why}" if c.why else ""), highlight=False, markup=False,
+                      soft_wrap=True)
     console.print(_run_table(summary))
+    if evaluation is not None:
+        console.print(eval_tables(evaluation))
     if html is not None:
         out.print(f"html report: {os.path.normpath(html)}", highlight=False, soft_wrap=True)
 

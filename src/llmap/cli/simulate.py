@@ -190,6 +190,15 @@ def simulate(
              "with token_limit_exceeded. Unlimited if unset.")] = None,
     batch_cancel_time: Annotated[float, typer.Option(
         help="Batch APIs: seconds a cancel takes (cancelling, then cancelled).")] = 0.1,
+    accuracy: Annotated[float | None, typer.Option(
+        help="Make every model a calibrated model: right on enum and boolean fields with this expected accuracy, "
+             "wrong with a probability tied to the confidence its log-probabilities report.")] = None,
+    model_accuracy: Annotated[str, typer.Option(
+        help="Calibrated accuracy per model name, e.g. 'cheap=0.6,mid=0.8,best=0.95' (others: --accuracy).")] = "",
+    calibration: Annotated[str, typer.Option(
+        help="Calibrated models: well (right as often as they say), over (over-confident) or under.")] = "well",
+    refuse_logprobs: Annotated[bool, typer.Option(
+        help="Answer requests with logprobs: true 400, as a model without log-probabilities does.")] = False,
 ) -> None:
     """Serve an OpenAI-compatible chat completions API and Anthropic's Messages API, answering from JSON schemas.
 
@@ -240,6 +249,10 @@ def simulate(
             batch_max_bytes=batch_max_bytes,
             batch_max_tokens=batch_max_tokens,
             batch_cancel_time=batch_cancel_time,
+            accuracy=accuracy,
+            model_accuracy=model_accuracy,
+            calibration=calibration,
+            refuse_logprobs=refuse_logprobs,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -10,7 +10,10 @@ OpenAI-compatible servers disagree on how to ask for structured output:
   and llmap's validation and re-ask do the rest (any chat server).
 
 and OpenAI's reasoning models (o1, o3, o4, gpt-5...) refuse ``max_tokens``
-(they take ``max_completion_tokens``) and any ``temperature`` but 1.
+(they take ``max_completion_tokens``) and any ``temperature`` but 1. Some
+servers refuse ``logprobs`` (asked for per-row confidence,
+:mod:`llmap.quality.confidence`): it is then dropped, and the answers of that
+server have no ``_confidence``.
 
 :class:`RequestShape` is the pure policy: it holds what to send now and what
 to do when the server refuses it. ``structured = "auto"`` starts at
@@ -73,7 +76,7 @@ def dialect_refused(status: int, body: Any, sent: str) -> bool:
 
 
 def refused_parameter(status: int, body: Any) -> str | None:
-    """Which llmap default a 400 refuses: ``"max_tokens"``, ``"temperature"`` or None.
+    """Which llmap default a 400 refuses: ``"max_tokens"``, ``"temperature"``, ``"logprobs"`` or None.
 
     Reads OpenAI's bodies for reasoning models::
 
@@ -85,11 +88,14 @@ def refused_parameter(status: int, body: Any) -> str | None:
           "param": "temperature", "code": "unsupported_value"}}
 
     and gateways that keep the message but change ``code`` or drop ``param``
-    (Azure, proxies).
+    (Azure, proxies). A refusal that names ``logprobs`` or ``top_logprobs`` (a
+    model or server without log-probabilities) is ``"logprobs"``.
     """
     if status not in (400, 422):
         return None
     text = error_text(body)
+    if "logprobs" in text:
+        return "logprobs"
     if "max_completion_tokens" in text and "max_tokens" in text:
         return "max_tokens"
     if "temperature" in text and ("unsupported" in text or "not supported" in text
@@ -105,6 +111,7 @@ class Sent:
     dialect: str
     token_param: str
     temperature: bool
+    logprobs: bool = True
 
 
 @dataclass
@@ -116,6 +123,8 @@ class RequestShape:
         dialect: the dialect to send now.
         token_param: ``max_tokens`` or ``max_completion_tokens``.
         temperature: whether to send ``temperature``.
+        logprobs: whether a request that wants log-probabilities may ask for them (False once the
+            server refused them).
         settled: a request with the current shape was answered (or an earlier
             run's answer was remembered): requests need not wait for a probe.
             Until then one request at a time finds out what the server takes,
@@ -129,6 +138,7 @@ class RequestShape:
     dialect: str = "json_schema"
     token_param: str = "max_tokens"
     temperature: bool = True
+    logprobs: bool = True
     settled: bool = False
     remembered: bool = False
     learned: list[str] = field(default_factory=list)
@@ -160,11 +170,13 @@ class RequestShape:
             shape.token_param = "max_completion_tokens"
         if rec.get("temperature") is False and "temperature" not in user_params:
             shape.temperature = False
+        if rec.get("logprobs") is False and "logprobs" not in user_params:
+            shape.logprobs = False
         return shape
 
     def sent(self) -> Sent:
         """A snapshot to build one request from (and to pass back to :meth:`refused`)."""
-        return Sent(self.dialect, self.token_param, self.temperature)
+        return Sent(self.dialect, self.token_param, self.temperature, self.logprobs)
 
     def accepted(self, sent: Sent) -> bool:
         """A request sent as ``sent`` got a 2xx answer. Returns True when this settles the shape."""
@@ -209,6 +221,13 @@ class RequestShape:
                 return None
             self.temperature, self.settled = False, False
             note = "the model refuses temperature; sending none (its default)"
+        elif param == "logprobs" and "logprobs" not in self.user_params:
+            if self.logprobs != sent.logprobs:
+                return ""
+            if not self.logprobs:
+                return None
+            self.logprobs, self.settled = False, False
+            note = "the server refuses logprobs; its answers get no _confidence"
         else:
             return None
         self.learned.append(note)
@@ -216,7 +235,8 @@ class RequestShape:
 
     def record(self) -> dict[str, Any]:
         """What to remember for the next run (see :meth:`start`)."""
-        rec: dict[str, Any] = {"token_param": self.token_param, "temperature": self.temperature}
+        rec: dict[str, Any] = {"token_param": self.token_param, "temperature": self.temperature,
+                               "logprobs": self.logprobs}
         if self.mode == "auto":
             rec["structured"] = self.dialect
         return rec
@@ -235,5 +255,7 @@ class RequestShape:
             extra.append(self.token_param)
         if not self.temperature:
             extra.append("no temperature")
+        if not self.logprobs:
+            extra.append("no logprobs")
         text = f"{self.dialect} ({', '.join(how)})"
         return text + (f"; {', '.join(extra)}" if extra else "")

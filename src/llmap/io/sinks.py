@@ -6,7 +6,10 @@ place (``os.replace``), so a crash never leaves a half-written output. The
 file gets the mode ``open()`` would give it (``0666`` less the umask).
 
 Columns: the key, the ``keep`` columns, the output fields, then ``_status``,
-``_error``, ``_model`` and ``_source`` (``model``, ``cache`` or ``stale``).
+``_error``, ``_model``, ``_source`` (``model``, ``cache`` or ``stale``),
+``_confidence`` (the probability of the values the model chose, or null:
+:mod:`llmap.quality.confidence`) and ``_raw`` (a row that did not end done:
+the model's last answer).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ __all__ = ["FIELD_ARROW", "ResultLayout", "answer_columns", "check_writable", "e
 #: Arrow type of each output field type.
 FIELD_ARROW = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
 
-_META = [("_status", pa.string()), ("_error", pa.string()), ("_model", pa.string()), ("_source", pa.string())]
+_META = [("_status", pa.string()), ("_error", pa.string()), ("_model", pa.string()), ("_source", pa.string()),
+         ("_confidence", pa.float64()), ("_raw", pa.string())]
 
 
 def _portable(t: pa.DataType) -> pa.DataType:
@@ -75,11 +79,11 @@ class ResultLayout:
         return cls(pa.schema([f for f in schema if f.name not in skip]), fields)
 
     def batch(self, rows: Sequence[tuple]) -> pa.RecordBatch:
-        """Build one batch from ledger rows ``(key, data, status, output, error, model, source)``."""
+        """Build one batch from ledger rows ``(key, data, status, output, error, model, source, confidence, raw)``."""
         cols: dict[str, list] = {f.name: [] for f in self.schema}
         data_names = [f.name for f in self.data_fields]
         field_names = list(self.fields)
-        for _key, data, status, output, error, model, source in rows:
+        for _key, data, status, output, error, model, source, confidence, raw in rows:
             d = json.loads(data)
             for n in data_names:
                 cols[n].append(d.get(n))
@@ -90,6 +94,8 @@ class ResultLayout:
             cols["_error"].append(error)
             cols["_model"].append(model)
             cols["_source"].append(source)
+            cols["_confidence"].append(confidence)
+            cols["_raw"].append(raw)
         arrays = []
         for f in self.schema:
             vals = cols[f.name]
@@ -101,10 +107,11 @@ class ResultLayout:
 
 def answer_columns(fields: dict[str, str], results: Sequence[RowResult]) -> list[tuple[str, pa.Array]]:
     """Settled rows' answers as output columns, typed as an export types them: one array per field, then
-    ``_status``, ``_error``, ``_model``, ``_source`` (for rows that never reach a ledger: Ray Data)."""
+    ``_status``, ``_error``, ``_model``, ``_source``, ``_confidence``, ``_raw`` (for rows that never reach a
+    ledger: Ray Data)."""
     layout = ResultLayout(pa.schema([]), fields)
     batch = layout.batch([(r.key, "{}", r.status, json.dumps(r.output) if r.output else None, r.error, r.model,
-                           r.source) for r in results])
+                           r.source, r.confidence, r.raw if r.status != "done" else None) for r in results])
     return [(f.name, batch.column(f.name)) for f in layout.schema]
 
 

@@ -164,7 +164,8 @@ main { max-width: 800px; margin: 0 auto; }
 h1 { font-size: 22px; margin: 0 0 4px; }
 h2 { font-size: 16px; margin: 28px 0 8px; }
 p.meta { color: #666; margin: 0 0 16px; font-size: 13px; }
-table { border-collapse: collapse; background: #fff; font-size: 13px; }
+table { border-collapse: collapse; background: #fff; font-size: 13px; margin: 6px 0; }
+h3 { font-size: 14px; margin: 18px 0 4px; }
 table.summary { width: 100%; }
 th, td { border: 1px solid #e1e4e8; padding: 5px 10px; text-align: left; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
@@ -224,12 +225,14 @@ def _models_table(s: RunSummary) -> str:
     return f'<table class="models">{head}{body}</table>'
 
 
-def render_html(summary: RunSummary, *, title: str) -> str:
+def render_html(summary: RunSummary, *, title: str, quality_html: str | None = None) -> str:
     """The report as one self-contained HTML page (no script, nothing fetched).
 
     Args:
         summary: from :func:`build_run_summary`.
         title: the page's heading and ``<title>``.
+        quality_html: the evaluation section (:func:`llmap.observe.quality.eval_html`), or None when the job
+            has no labels.
 
     Returns:
         The HTML text. Each plot is an ``<svg class="plot" data-plot="...">``
@@ -251,13 +254,14 @@ def render_html(summary: RunSummary, *, title: str) -> str:
         "<h2>Errors</h2>", _plot_errors(s),
         "<h2>Models</h2>", _plot_models(s), _models_table(s),
         f"<h2>Rows by group{' (--by ' + svg.esc(s.group_by) + ')' if s.group_by else ''}</h2>", _plot_groups(s),
+        *(['<h2 id="eval">Is it right? (labels against answers)</h2>', quality_html] if quality_html else []),
         "</main></body></html>",
     ]
     return "\n".join(p for p in parts if p) + "\n"
 
 
 def write_html_report(ledger_path: Path, out_path: Path, *, run: int | None = None, group_by: str | None = None,
-                      title: str | None = None) -> Path:
+                      title: str | None = None, quality_html: str | None = None) -> Path:
     """Build the summary of ``run`` and write it as HTML to ``out_path``, atomically.
 
     Args:
@@ -266,6 +270,7 @@ def write_html_report(ledger_path: Path, out_path: Path, *, run: int | None = No
         run: the run id; None for the latest run.
         group_by: a stored input column to count row statuses by, or None.
         title: the page title; default ``llmap report: <job> run <n>``.
+        quality_html: the evaluation section, or None.
 
     Returns:
         ``out_path``.
@@ -276,7 +281,7 @@ def write_html_report(ledger_path: Path, out_path: Path, *, run: int | None = No
     """
     summary = build_run_summary(Path(ledger_path), run, group_by)
     job = Path(ledger_path).name.removesuffix(".sqlite").removesuffix(".ledger")
-    page = render_html(summary, title=title or f"llmap report: {job} run {summary.run}")
+    page = render_html(summary, title=title or f"llmap report: {job} run {summary.run}", quality_html=quality_html)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

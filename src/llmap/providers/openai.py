@@ -6,8 +6,9 @@ There are no retries here: the dispatcher is the one retry layer.
 
 The one exception is a *refused request shape*
 (:class:`~llmap.control.dialect.RequestShape`): when the server refuses the
-structured-output dialect (``structured = "auto"``) or a parameter spelling
-(``max_tokens`` on an OpenAI reasoning model), the same request is sent again
+structured-output dialect (``structured = "auto"``), a parameter spelling
+(``max_tokens`` on an OpenAI reasoning model) or ``logprobs`` (asked for
+per-row confidence), the same request is sent again
 at once in the next shape, inside :meth:`OpenAIProvider.complete`. Such a
 refusal is no outage: it never reaches the retry policy, the circuit breaker
 or the concurrency control. Each resend comes back as a
@@ -38,8 +39,10 @@ __all__ = ["OpenAIProvider"]
 #: Used when ``[model] base_url`` is not set.
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
-#: Most shape changes one request may go through (2 dialect steps, 2 parameters, and slack).
-_MAX_RESENDS = 6
+#: Most shape changes one request may go through (2 dialect steps, 3 parameters, and slack).
+_MAX_RESENDS = 7
+#: ``top_logprobs`` sent with ``logprobs: true`` (llama-cpp-python's server returns no log-probabilities without it).
+TOP_LOGPROBS = 1
 #: The instruction ``structured = "prompt"`` adds to the system prompt (the re-ask says the same words).
 PROMPT_INSTRUCTION = "Reply with only a JSON object that matches this JSON Schema: "
 
@@ -119,6 +122,8 @@ class OpenAIProvider:
         if sent.temperature:
             body["temperature"] = request.temperature
         body[sent.token_param] = request.max_tokens
+        if request.logprobs and sent.logprobs:  # per-row confidence (llmap.quality.confidence)
+            body["logprobs"], body["top_logprobs"] = True, TOP_LOGPROBS
         if request.schema is not None:
             if sent.dialect == "json_schema":
                 body["response_format"] = {
@@ -154,8 +159,10 @@ class OpenAIProvider:
                         self.memory.put(self.base_url, self.spec.name, self.shape.record())
                     return self._parse(ans, request, tuple(refusals))
                 parsed = decode_json(ans.body)
-                note = self.shape.refused(sent, dialect=dialect_refused(ans.status, parsed, sent.dialect),
-                                          param=refused_parameter(ans.status, parsed))
+                param = refused_parameter(ans.status, parsed)
+                if param == "logprobs" and not request.logprobs:
+                    param = None  # not asked for: the refusal is about something else
+                note = self.shape.refused(sent, dialect=dialect_refused(ans.status, parsed, sent.dialect), param=param)
                 if note is None:
                     raise error_for_response(ans.status, parsed, ans.headers, model=self.label,
                                              row_key=request.row_key)
@@ -185,6 +192,7 @@ class OpenAIProvider:
             usage = usage if reported else {}
             details = usage.get("prompt_tokens_details")  # OpenAI's automatic prompt caching
             cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+            logprobs = _token_logprobs(doc["choices"][0].get("logprobs")) if request.logprobs else None
             return Completion(
                 content=content,
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
@@ -194,6 +202,7 @@ class OpenAIProvider:
                 usage_reported=reported,
                 refusals=refusals,
                 cache_read_tokens=cached,
+                logprobs=logprobs,
             )
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise E.MalformedResponse(
@@ -214,3 +223,18 @@ def _with_schema_instruction(messages: list[dict[str, str]], schema: dict[str, A
         first["content"] = f"{first['content']}\n\n{instruction}"
         return [first, *messages[1:]]
     return [{"role": "system", "content": instruction}, *messages]
+
+
+def _token_logprobs(value: Any) -> tuple[tuple[str, float], ...] | None:
+    """``choices[0].logprobs.content[]`` (OpenAI, vLLM, llama-cpp-python's server) as ``(token, logprob)``
+    pairs, or None when absent or incomplete (a token without a log-probability)."""
+    content = value.get("content") if isinstance(value, dict) else None
+    if not isinstance(content, list) or not content:
+        return None
+    out = []
+    for t in content:
+        if (not isinstance(t, dict) or not isinstance(t.get("token"), str)
+                or not isinstance(t.get("logprob"), int | float)):
+            return None
+        out.append((t["token"], float(t["logprob"])))
+    return tuple(out)

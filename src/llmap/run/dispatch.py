@@ -86,6 +86,7 @@ class Dispatcher:
             (backoff); both injectable.
         retry: the retry policy; default one from ``limits`` (``max_attempts``, ``backoff_base_s``,
             ``backoff_cap_s``, ``retry_budget_s``).
+        quality: the settle stage's ``checks`` and ``confidence`` (:class:`~llmap.run.settle.Settler`).
 
     Attributes:
         settler: the judge of every answer and error (:mod:`llmap.run.settle`).
@@ -96,10 +97,10 @@ class Dispatcher:
                  answers: AnswerCache | None = None, escalate_if: Sequence[EscalateIf | None] = (),
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, **quality: Any) -> None:
         self.lanes = list(lanes)
         self.answers = answers
-        self.settler = Settler(schema, max_reask=max_reask, escalate_if=escalate_if, models=len(self.lanes))
+        self.settler = Settler(schema, max_reask=max_reask, escalate_if=escalate_if, models=len(self.lanes), **quality)
         self.renderer = renderer
         self.schema = schema
         self.limits = limits
@@ -272,11 +273,12 @@ class Dispatcher:
         Raises:
             Stop: the run is stopping (fatal error, budget cap); the row stays pending.
         """
-        return await self.solve_messages(key, self.renderer.messages(row))
+        return await self.solve_messages(key, self.renderer.messages(row), row=row)
 
     async def solve_messages(self, key: str, base_messages: list[dict[str, str]], *, start: int = 0,
                              lead: str | None = None, extra: Sequence[dict[str, str]] = (),
-                             tries: Tries | None = None, tried: Sequence[tuple] = ()) -> RowResult:
+                             tries: Tries | None = None, tried: Sequence[tuple] = (),
+                             row: dict | None = None) -> RowResult:
         """Settle one row from its rendered messages, trying models from lane ``start`` on.
 
         Args:
@@ -292,6 +294,7 @@ class Dispatcher:
             tries: what the row went through on lane ``start`` before (the re-asks already spent).
             tried: answers met before this call (a cascade from a pack or a batch): they lead the row's
                 ``tried`` log, and when every model from ``start`` fails, the last escalated one settles it.
+            row: the row's input columns, as the ledger keeps them (``[output] checks`` read them).
 
         Raises:
             Stop: the run is stopping (fatal error, budget cap); the row stays pending.
@@ -334,12 +337,15 @@ class Dispatcher:
                     if hit is None:
                         leads[i] = ckey
                         continue  # this row leads the request: route again (the slot was given back)
+                    if not await self.settler.accepts(hit.output, row):  # breaks a check on this row's columns
+                        messages[i] = base_messages  # ask the model (its answer is re-asked with the message)
+                        continue
                     res.tried.append((hit.model, "cache", hit.output, 0, 0))
                     if await self.settler.escalates(i, hit.output):
                         start = i + 1
                         continue
                     res.status, res.output, res.model, res.source = "done", hit.output, hit.model, "cache"
-                    res.error = None
+                    res.error, res.confidence = None, hit.confidence
                     return res
                 attempts[i] = attempts.get(i, 0) + 1
                 res.attempts += 1
@@ -348,7 +354,7 @@ class Dispatcher:
                 model = lane.model
                 msgs = messages.get(i, base_messages)
                 req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key,
-                              shared_prefix=shared)
+                              shared_prefix=shared, logprobs=self.settler.logprobs)
                 hedge = (self.limits.hedge_tail and not rate_limited and self.in_tail()
                          and lane.in_flight * 2 < lane.limit)
                 try:
@@ -382,7 +388,8 @@ class Dispatcher:
                 res.latency_s += comp.latency_s
                 res.prompt_tokens += comp.prompt_tokens
                 res.completion_tokens += comp.completion_tokens
-                decision = await self.settler.answer(comp, lane, tried_here)
+                decision = await self.settler.answer(comp, lane, tried_here, row)
+                res.raw = getattr(decision, "raw", None) or res.raw  # the model's last answer (_raw, if it fails)
                 if isinstance(decision, Reask):
                     res.tried.append((lane.label, decision.outcome, None, comp.prompt_tokens, comp.completion_tokens))
                     tried_here.after(decision)
@@ -397,38 +404,43 @@ class Dispatcher:
                 output = decision.output
                 if i in leads:  # a validated answer to the row's request (re-asked or not) fans out
                     answers.resolve(leads.pop(i), CacheEntry(keys[i], lane.label, output, comp.prompt_tokens,
-                                                             comp.completion_tokens))
+                                                             comp.completion_tokens, confidence=decision.confidence,
+                                                             latency_s=comp.latency_s))
                 if isinstance(decision, Escalate):
                     res.tried.append((lane.label, "escalated", output, comp.prompt_tokens, comp.completion_tokens))
                     start = i + 1
                     continue
                 res.tried.append((lane.label, "done", output, comp.prompt_tokens, comp.completion_tokens))
                 res.status, res.output, res.model, res.error, res.source = "done", output, lane.label, None, "model"
+                res.confidence = decision.confidence
                 return res
         finally:
             for k in leads.values():  # gave up, stopped or cancelled: one waiter takes over
                 answers.resolve(k, None)
-        return self.unanswered(res, last_error, [keys[i] for i in sorted(keys)])
+        return self.unanswered(res, last_error, [keys[i] for i in sorted(keys)], row=row)
 
-    def unanswered(self, res: RowResult, error: str, keys: Sequence[str]) -> RowResult:
+    def unanswered(self, res: RowResult, error: str, keys: Sequence[str], *, row: dict | None = None) -> RowResult:
         """Settle a row no model answered: an answer met on the way, a stale cache entry, the fallback, or failed.
 
         Args:
             res: the row's result so far (``tried`` holds answers met on the way).
             error: the last error, kept in ``res.error``.
             keys: the row's cache keys on the models it tried (for stale-if-error).
+            row: the row's input columns: a stale answer must meet the ``[output] checks`` on them.
         """
         res.error = error
         escalated = [(m, out) for m, outcome, out, _, _ in res.tried or [] if outcome in ("escalated", "cache") and out]
         if escalated:
             # Every later model failed: the last escalated answer is still an answer.
             res.status, res.model, res.output = "done", escalated[-1][0], escalated[-1][1]
-            res.source, res.error = "model", None
+            res.source, res.error, res.raw = "model", None, None
             return res
         if self.answers is not None and keys:
             stale = self.answers.stale(list(keys))
-            if stale is not None:  # stale-if-error: an expired answer beats none
+            if stale is not None and (self.settler.checks is None  # stale-if-error: an expired answer beats none
+                                      or (row is not None and self.settler.accepts_now(stale.output, row))):
                 res.status, res.output, res.model, res.source = "done", stale.output, stale.model, "stale"
+                res.confidence, res.raw = stale.confidence, None
                 return res
         if self.fallback is not None:
             res.status, res.output = "fallback", dict(self.fallback)

@@ -104,8 +104,8 @@ class Packer:
         if not items:
             return
         if len(items) == 1:
-            key, _, base, ckey = items[0]
-            results[key] = await self.d.solve_messages(key, base, lead=ckey)
+            key, row, base, ckey = items[0]
+            results[key] = await self.d.solve_messages(key, base, lead=ckey, row=row)
             return
         d = self.d
         lane, _ = pick_lane(d.lanes, 0, d.clock())
@@ -119,7 +119,7 @@ class Packer:
         model = lane.model
         req = Request(messages, pack_schema(d.schema.json_schema), model.temperature,
                       model.max_tokens * len(items), row_key=items[0][0],
-                      shared_prefix=d.renderer.shared_prefix(messages))
+                      shared_prefix=d.renderer.shared_prefix(messages), logprobs=d.settler.logprobs)
         t0 = d.clock()
         attempt = 0
         while True:
@@ -154,7 +154,7 @@ class Packer:
             except BaseException:
                 lane.breaker.release()
                 raise
-        decisions = d.settler.pack(comp, lane, list(by_key))
+        decisions = d.settler.pack(comp, lane, list(by_key), {k: it[1] for k, it in by_key.items()})
         damaged = [k for k, dec in decisions.items() if isinstance(dec, Split)]
         if self.auto is not None:
             self.auto.observe(len(by_key), len(damaged))
@@ -165,16 +165,18 @@ class Packer:
             if isinstance(decision, Split):
                 continue
             output = decision.output
-            _, _, base, ckey = by_key[key]
+            _, row, base, ckey = by_key[key]
             if d.answers is not None and ckey is not None:
-                d.answers.resolve(ckey, CacheEntry(ckey, lane.label, output, share_p, share_c))
+                d.answers.resolve(ckey, CacheEntry(ckey, lane.label, output, share_p, share_c,
+                                                   confidence=decision.confidence, latency_s=comp.latency_s))
             if isinstance(decision, Escalate):
-                escalate.append((key, base, [(lane.label, "escalated", output, share_p, share_c)]))
+                escalate.append((key, base, [(lane.label, "escalated", output, share_p, share_c)], row))
                 continue
             results[key] = RowResult(key, "done", output=output, model=lane.label, source="model", attempts=attempt,
                                      prompt_tokens=share_p, completion_tokens=share_c,
-                                     tried=[(lane.label, "done", output, share_p, share_c)], latency_s=comp.latency_s)
-        work = [self.escalates(key, base, tried, results) for key, base, tried in escalate]
+                                     tried=[(lane.label, "done", output, share_p, share_c)], latency_s=comp.latency_s,
+                                     confidence=decision.confidence)
+        work = [self.escalates(key, base, tried, results, row=row) for key, base, tried, row in escalate]
         if damaged:
             work.append(self._regroup([by_key[k] for k in damaged], results, size=max(1, size // 2)))
         await asyncio.gather(*work)
@@ -183,18 +185,20 @@ class Packer:
         """The pack failed on the primary for a reason no smaller pack fixes: each row fails over, or fails."""
         d = self.d
         if len(d.lanes) > 1:
-            await asyncio.gather(*(self._one(key, base, results, start=1) for key, _, base, _ in items))
+            await asyncio.gather(*(self._one(key, base, results, start=1, row=row) for key, row, base, _ in items))
             return
-        for key, _, _, ckey in items:
+        for key, row, _, ckey in items:
             results[key] = d.unanswered(RowResult(key, "failed", attempts=attempts, tried=[]), error,
-                                        [ckey] if ckey is not None else [])
+                                        [ckey] if ckey is not None else [], row=row)
 
-    async def _one(self, key: str, base: list[dict[str, str]], results: dict[str, RowResult], *, start: int) -> None:
-        results[key] = await self.d.solve_messages(key, base, start=start)
+    async def _one(self, key: str, base: list[dict[str, str]], results: dict[str, RowResult], *, start: int,
+                   row: dict[str, Any] | None = None) -> None:
+        results[key] = await self.d.solve_messages(key, base, start=start, row=row)
 
-    async def escalates(self, key: str, base: list[dict[str, str]], tried: list, results: dict) -> None:
+    async def escalates(self, key: str, base: list[dict[str, str]], tried: list, results: dict, *,
+                        row: dict[str, Any] | None = None) -> None:
         """Cascade one row to the models after the primary (it keeps the primary's answer if they all fail)."""
-        results[key] = await self.d.solve_messages(key, base, start=1, tried=tried)
+        results[key] = await self.d.solve_messages(key, base, start=1, tried=tried, row=row)
 
     async def _singly(self, items: list[Item], results: dict[str, RowResult]) -> None:
         await asyncio.gather(*(self._round([it], results, size=1) for it in items))

@@ -238,8 +238,13 @@ class Pool:
                 if self.answers is not None:
                     self.answers.hits += len(followers)
                 for f in followers:
+                    if not self.d.settler.accepts_now(r.output, json.loads(f.data)):  # a check on its own columns
+                        f.single = True  # it asks the model itself, and is re-asked with the check's message
+                        self.promoted.append(f)
+                        continue
                     results.append(RowResult(f.key, "done", output=r.output, model=r.model, source="cache",
-                                             tried=[(r.model or "", "cache", r.output, 0, 0)]))
+                                             tried=[(r.model or "", "cache", r.output, 0, 0)],
+                                             confidence=r.confidence))
                     rows.append(f)
             elif row.ckey not in self.struck:  # exactly one waiting row takes over; the others wait for it
                 self.struck.add(row.ckey)

@@ -136,9 +136,10 @@ class RowSteps:
     # -- 2. answer from memory --------------------------------------------------------------------
     async def from_cache(self, row: PendingRow, entry: CacheEntry) -> RowResult | None:
         """The row settled by a stored answer, or None when the answer meets the primary model's
-        ``escalate_if`` (then ``row.single`` is set: it goes on alone, as a cascade)."""
-        if await self.d.settler.escalates(0, entry.output):
-            row.single = True
+        ``escalate_if`` or breaks an ``[output] checks`` rule on this row's columns (then ``row.single`` is set:
+        it goes on alone, as a cascade, or to the model, whose answer is re-asked with the check's message)."""
+        if await self.d.settler.escalates(0, entry.output) or not await self.d.settler.accepts(entry.output, row.row):
+            row.single = True  # a cascade, or an answer that breaks a check on this row: it goes alone
             return None
         return cached(row.key, entry)
 
@@ -158,7 +159,8 @@ class RowSteps:
             if self.packer is not None and not items[0].single:
                 return await self.packer.solve([(r.key, r.row, r.messages, r.ckey) for r in items])
             row = items[0]
-            return [await self.d.solve_messages(row.key, row.messages, lead=None if row.single else row.ckey)]
+            return [await self.d.solve_messages(row.key, row.messages, lead=None if row.single else row.ckey,
+                                                row=row.row)]
         except Stop:
             return None
         except DiskFull:
@@ -185,7 +187,7 @@ class RowSteps:
         """
         try:
             return await self.d.solve_messages(row.key, row.messages, start=start, lead=lead, extra=extra,
-                                               tries=tries, tried=tried or ())
+                                               tries=tries, tried=tried or (), row=row.row)
         except Stop:
             return None
         except DiskFull:
@@ -197,4 +199,4 @@ class RowSteps:
 def cached(key: str, entry: CacheEntry) -> RowResult:
     """A row settled by a stored answer (the response cache, or an identical request of this run)."""
     return RowResult(key, "done", output=entry.output, model=entry.model, source="cache",
-                     tried=[(entry.model, "cache", entry.output, 0, 0)])
+                     tried=[(entry.model, "cache", entry.output, 0, 0)], confidence=entry.confidence)

@@ -12,6 +12,12 @@ last user message, which holds a JSON array of objects with an ``id`` key;
 the answer then holds exactly one item per id, carrying that id, in the same
 order. Each item is seeded by the model and the item's values, so a row whose
 user message is just its one column gets the same answer packed or not.
+
+A *calibrated* model (``accuracy`` given, :mod:`llmap.sim.calibrated`) starts
+from the row's true answer (seeded by its text alone) and gets each enum or
+boolean field wrong with a probability tied to the confidence it reports. With
+``logprobs: true`` in the request, :meth:`Answer.logprobs` gives the answer's
+token log-probabilities in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -21,15 +27,18 @@ import json
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmap.prompt.pack import find_items
+from llmap.quality.confidence import json_spans
+from llmap.sim.calibrated import TRUTH_MODEL, item_properties, logprobs_payload, perturb
 from llmap.sim.schema import (
     SchemaPlan,
     canonical_json,
     compact_json,
     compile_schema,
+    row_seed,
     schema_key,
     words,
 )
@@ -138,19 +147,6 @@ def prompt_schema(messages: Sequence[Any]) -> dict[str, Any] | None:
     return None
 
 
-def row_seed(model: Any, text: str) -> int:
-    """The seed of one row's answer: sha256 of the model and the row's text.
-
-    A structured answer depends only on the model and the row: the last user
-    message of an unpacked request, or an item's values (joined by newlines,
-    ``id`` left out) of a packed one. So a row whose user template is just
-    ``{{ text }}`` gets the same answer packed or unpacked, which lets tests
-    check that packed answers are matched to the right rows.
-    """
-    canonical = canonical_json({"model": model, "row": text})
-    return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big")
-
-
 def last_user_text(messages: Sequence[Any]) -> str:
     """The text of the last user message ("" when there is none)."""
     for m in reversed(messages):
@@ -198,10 +194,27 @@ class Answer:
         content: the message content (JSON text for structured requests).
         finish_reason: ``"stop"``, or ``"length"`` when plain text was cut
             at ``max_tokens``.
+        confidences: value path (``("kind",)``, ``("items", 0, "kind")``) -> the probability a calibrated
+            model reports for it; other values get one from the request's seed.
+        seed: the request's seed.
     """
 
     content: str
     finish_reason: str = "stop"
+    confidences: dict[tuple[Any, ...], float] = field(default_factory=dict)
+    seed: int = 0
+
+    def logprobs(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``choices[0].logprobs`` when ``body`` asks for them (``logprobs: true``), else None."""
+        if not body.get("logprobs"):
+            return None
+        try:
+            spans = json_spans(self.content)
+        except ValueError:  # plain text: one value, the whole answer
+            spans = {}
+        top = body.get("top_logprobs")
+        return logprobs_payload(self.content, self.confidences, spans, self.seed,
+                                min(20, top) if isinstance(top, int) and top > 0 else 0)
 
 
 def _corrupt(item: dict[str, Any], rng: random.Random) -> None:
@@ -229,14 +242,21 @@ def _packed_items(
     rng: random.Random | None,
     drop_item_rate: float,
     corrupt_item_rate: float,
+    calibrated: tuple[Mapping[str, Any], float, float] | None = None,
+    confidences: dict[tuple[Any, ...], float] | None = None,
 ) -> list[Any]:
     assert plan.item is not None
     items: list[Any] = []
     for row in rows:
         if rng is not None and drop_item_rate and rng.random() < drop_item_rate:
             continue
-        item = plan.item(row_seed(model, item_text(row)), 1)
+        text = item_text(row)
+        item = plan.item(row_seed(TRUTH_MODEL if calibrated else model, text), 1)
         if isinstance(item, dict):
+            if calibrated is not None and confidences is not None:
+                props, accuracy, power = calibrated
+                for name, c in perturb(item, props, str(model), text, accuracy, power).items():
+                    confidences[("items", len(items), name)] = c
             item["id"] = row["id"]
             if rng is not None and corrupt_item_rate and rng.random() < corrupt_item_rate:
                 _corrupt(item, rng)
@@ -250,6 +270,8 @@ def make_answer(
     rng: random.Random | None = None,
     drop_item_rate: float = 0.0,
     corrupt_item_rate: float = 0.0,
+    accuracy: float | None = None,
+    power: float = 1.0,
 ) -> Answer:
     """The deterministic answer to a chat completion request.
 
@@ -259,6 +281,9 @@ def make_answer(
         rng: the random source for item faults; ``None`` disables them.
         drop_item_rate: fraction of packed items left out (0..1).
         corrupt_item_rate: fraction of packed items given a wrong-typed value.
+        accuracy: a calibrated model's expected accuracy (:mod:`llmap.sim.calibrated`); None: the
+            ordinary deterministic answer.
+        power: the calibrated model's curve (right with probability ``c ** power`` at confidence ``c``).
 
     Returns:
         The :class:`Answer`. With a ``json_schema`` response format, a
@@ -290,20 +315,30 @@ def make_answer(
         plan = compile_schema(schema_key(schema))
         messages = body.get("messages") or []
         rows = extract_items(messages) if plan.pack_key is not None else None
+        model = body.get("model")
+        confidences: dict[tuple[Any, ...], float] = {}
+        calibrated = None if accuracy is None else (item_properties(schema, plan.pack_key), accuracy, power)
         if rows is None:
-            value = plan.generate(row_seed(body.get("model"), last_user_text(messages)), 0)
+            text = last_user_text(messages)
+            value = plan.generate(row_seed(model if calibrated is None else TRUTH_MODEL, text), 0)
+            if calibrated is not None and isinstance(value, dict):
+                got = perturb(value, calibrated[0], str(model), text, accuracy, power)
+                confidences = {(n,): c for n, c in got.items()}
         else:
-            items = _packed_items(plan, body.get("model"), rows, rng, drop_item_rate, corrupt_item_rate)
+            items = _packed_items(plan, model, rows, rng, drop_item_rate, corrupt_item_rate, calibrated,
+                                  confidences)
             if plan.pack_key == "":
                 value = items
+                confidences = {k[1:]: c for k, c in confidences.items()}
             else:
                 value = plan.generate(seed, 0)
                 value[plan.pack_key] = items
-        return Answer(compact_json(value))
+                confidences = {(plan.pack_key, *k[1:]): c for k, c in confidences.items()}
+        return Answer(compact_json(value), confidences=confidences, seed=seed)
     if kind == "json_object":
-        return Answer(compact_json({"answer": words(seed, 3)}))
+        return Answer(compact_json({"answer": words(seed, 3)}), seed=seed)
     text = f"Simulated answer {seed % 100_000}: {words(seed, 8)}."
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
     if isinstance(max_tokens, int) and 0 < max_tokens * 4 < len(text):
-        return Answer(text[: max_tokens * 4], "length")
-    return Answer(text)
+        return Answer(text[: max_tokens * 4], "length", seed=seed)
+    return Answer(text, seed=seed)

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from llmap.sim.answers import completion_tokens, make_answer, prompt_tokens
+from llmap.sim.calibrated import CURVES, accuracy_for
 from llmap.sim.config import SimConfig
 from llmap.sim.limits import Clock
 
@@ -317,8 +318,11 @@ class BatchesMixin:
         if refusal is not None:
             return refusal.status, json.loads(refusal.text)
         try:
-            answer = make_answer(body, rng=self._rng, drop_item_rate=self._config.drop_item_rate,
-                                 corrupt_item_rate=self._config.corrupt_item_rate)
+            cfg = self._config
+            answer = make_answer(body, rng=self._rng, drop_item_rate=cfg.drop_item_rate,
+                                 corrupt_item_rate=cfg.corrupt_item_rate,
+                                 accuracy=accuracy_for(model, cfg.accuracy, cfg.accuracies),
+                                 power=CURVES[cfg.calibration])
         except ValueError as exc:
             return 400, {"error": {"message": f"Invalid response_format: {exc}", "type": "invalid_request_error",
                                    "param": "response_format", "code": None}}
@@ -328,7 +332,7 @@ class BatchesMixin:
                      "created": int(self._wall_clock()), "model": model, "system_fingerprint": "fp_llmap_sim",
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.content,
                                                           "refusal": None},
-                                  "logprobs": None, "finish_reason": answer.finish_reason}],
+                                  "logprobs": answer.logprobs(body), "finish_reason": answer.finish_reason}],
                      "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                                "total_tokens": prompt + completion}}
 

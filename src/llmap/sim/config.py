@@ -13,13 +13,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FORMAT_ERRORS", "HEADER_STYLES", "RESPONSE_FORMATS", "SimConfig", "parse_outage"]
+__all__ = ["CALIBRATIONS", "FORMAT_ERRORS", "HEADER_STYLES", "RESPONSE_FORMATS", "SimConfig", "parse_outage"]
 
 HEADER_STYLES = ("openai", "anthropic")
 #: ``response_format`` types a server may take (``text``, i.e. none, is always taken).
 RESPONSE_FORMATS = ("json_schema", "json_object")
 #: How a server says no to a ``response_format`` type it does not take.
 FORMAT_ERRORS = ("openai", "llama-cpp-python")
+#: ``calibration`` curves of a calibrated model (:data:`llmap.sim.calibrated.CURVES`).
+CALIBRATIONS = ("well", "over", "under")
 
 
 def parse_outage(text: str) -> tuple[float, float]:
@@ -114,6 +116,13 @@ class SimConfig:
             Structured Outputs) or ``"llama-cpp-python"`` (500 whose message
             is pydantic's validation error, as ``python -m llama_cpp.server``
             0.3.36 answers ``json_schema``).
+        accuracy: every model is a *calibrated* model that gives the true answer of an enum or boolean
+            field with this expected accuracy, wrong with a probability tied to the confidence it reports
+            (:mod:`llmap.sim.calibrated`); None = the ordinary deterministic answers.
+        model_accuracy: per model name, ``"name=0.9,other=0.6"``: that model's accuracy (as ``accuracy``).
+        calibration: how the reported confidence relates to being right: ``"well"`` (right as often as it
+            says), ``"over"`` (over-confident) or ``"under"`` (under-confident).
+        refuse_logprobs: answer a request with ``logprobs: true`` 400 (as a model without log-probabilities).
 
     Raises:
         ValueError: on construction, when a value is out of range.
@@ -152,6 +161,10 @@ class SimConfig:
     batch_max_bytes: int = 200_000_000
     batch_max_tokens: int | None = None
     batch_cancel_time: float = 0.1
+    accuracy: float | None = None
+    model_accuracy: str = ""
+    calibration: str = "well"
+    refuse_logprobs: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.outage, str):
@@ -199,6 +212,32 @@ class SimConfig:
             raise ValueError(f"cache_min_tokens must be >= 0, got {self.cache_min_tokens!r}")
         if self.context_chars <= 0:
             raise ValueError(f"context_chars must be positive, got {self.context_chars!r}")
+        if self.accuracy is not None:
+            _check_rate("accuracy", self.accuracy)
+        self.accuracies  # noqa: B018 - validates model_accuracy
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
+
+    @property
+    def accuracies(self) -> tuple[tuple[str, float], ...]:
+        """``model_accuracy`` as ``(model name, accuracy)`` pairs.
+
+        Raises:
+            ValueError: an entry is not ``name=fraction``.
+        """
+        out = []
+        for part in (p.strip() for p in self.model_accuracy.split(",")):
+            if not part:
+                continue
+            name, sep, value = part.rpartition("=")
+            try:
+                acc = float(value)
+            except ValueError:
+                acc = -1.0
+            if not sep or not name or not 0 <= acc <= 1:
+                raise ValueError(f"model_accuracy: {part!r} must look like name=0.9 (a fraction in [0, 1])")
+            out.append((name, acc))
+        return tuple(out)
 
     @property
     def accepted_formats(self) -> tuple[str, ...]:
@@ -229,6 +268,9 @@ class SimConfig:
             if value == field.default:
                 continue
             flag = "--" + field.name.replace("_", "-")
+            if isinstance(value, bool):  # a switch: --flag or --no-flag
+                argv.append(flag if value else "--no-" + flag[2:])
+                continue
             if field.name == "outage":
                 value = f"{value[0]}:{value[1]}"
             argv += [flag, str(value)]

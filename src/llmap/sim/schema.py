@@ -33,17 +33,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-__all__ = [
-    "Gen",
-    "SchemaPlan",
-    "canonical_json",
-    "compact_json",
-    "compile_schema",
-    "mix",
-    "salt",
-    "schema_key",
-    "words",
-]
+__all__ = ["Gen", "SchemaPlan", "canonical_json", "compact_json", "compile_schema", "mix", "row_seed", "salt",
+           "schema_key", "words"]
 
 _MASK = 0xFFFFFFFFFFFFFFFF
 _MAX_DEPTH = 6  # from this depth arrays shrink to minItems, so $ref recursion ends
@@ -354,3 +345,16 @@ def _plan(schema: Mapping[str, Any]) -> SchemaPlan:
                 break
     item = c.compile(items_schema) if pack_key is not None else None
     return SchemaPlan(generate=c.compile(schema), pack_key=pack_key, item=item)
+
+
+def row_seed(model: Any, text: str) -> int:
+    """The seed of one row's answer: sha256 of the model and the row's text.
+
+    A structured answer depends only on the model and the row: the last user
+    message of an unpacked request, or an item's values (joined by newlines,
+    ``id`` left out) of a packed one. So a row whose user template is just
+    ``{{ text }}`` gets the same answer packed or unpacked, which lets tests
+    check that packed answers are matched to the right rows.
+    """
+    canonical = canonical_json({"model": model, "row": text})
+    return int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big")

@@ -56,10 +56,12 @@ from typing import IO, Any
 from aiohttp import web
 
 from llmap.sim.answers import completion_tokens, make_answer, message_text, prompt_tokens
+from llmap.sim.calibrated import CURVES, accuracy_for
 from llmap.sim.config import SimConfig
 from llmap.sim.limits import Admission, Clock, RateLimiter, Sleep, ratelimit_headers
 from llmap.sim.message_batches import BatchAPIsMixin
 from llmap.sim.messages import MessagesMixin
+from llmap.sim.refusals import Refusal, refuse_format, refuse_params
 from llmap.sim.stats import SimStats
 
 __all__ = ["SimServer", "listening_line", "serve_forever", "start_site"]
@@ -70,10 +72,6 @@ MODELS_BODY = json.dumps(
         "data": [{"id": "sim", "object": "model", "created": 0, "owned_by": "llmap"}],
     }
 )
-
-
-#: Model names the simulator treats as OpenAI reasoning models (``max_completion_tokens``, temperature 1).
-REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 
 
 def _error(
@@ -299,50 +297,18 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
     def _refuse_format(self, body: dict[str, Any]) -> web.Response | None:
         """A ``response_format`` type this server does not take (``response_formats``), refused
         the way OpenAI or llama-cpp-python's server refuses it (``format_error``)."""
-        fmt = body.get("response_format")
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        accepted = self._config.accepted_formats
-        if kind in (None, "text") or kind in accepted:
-            return None
-        if self._config.format_error == "llama-cpp-python":
-            # python -m llama_cpp.server 0.3.36: pydantic rejects the Literal, its error handler answers 500
-            expected = " or ".join(repr(t) for t in ("text", *accepted))
-            msg = (
-                "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
-                f"'msg': \"Input should be {expected}\", 'input': {kind!r}, "
-                f"'ctx': {{'expected': \"{expected}\"}}}}\n\n"
-                '  File "llama_cpp/server/app.py", line 376, in create_chat_completion\n'
-                "    POST /v1/chat/completions"
-            )
-            return self._answer(500, _error(500, msg, "internal_server_error"))
-        msg = (
-            f"Invalid parameter: 'response_format' of type {kind!r} is not supported with this model. "
-            "Learn more about supported models at the Structured Outputs guide: "
-            "https://platform.openai.com/docs/guides/structured-outputs"
-        )
-        return self._answer(400, _error(400, msg, "invalid_request_error", param="response_format"))
+        return self._refused(refuse_format(body, self._config))
 
     def _refuse_params(self, body: dict[str, Any], model: str) -> web.Response | None:
-        """OpenAI's reasoning models (o1, o3, o4, gpt-5...) refuse ``max_tokens`` and a temperature
-        other than 1, with these bodies (400 ``unsupported_parameter`` / ``unsupported_value``)."""
-        if not model.startswith(REASONING_PREFIXES):
+        """Parameters the model refuses (:func:`llmap.sim.refusals.refuse_params`): OpenAI's reasoning models'
+        ``max_tokens`` and temperature, ``logprobs`` with ``refuse_logprobs``."""
+        return self._refused(refuse_params(body, model, self._config))
+
+    def _refused(self, refusal: Refusal | None) -> web.Response | None:
+        if refusal is None:
             return None
-        if "max_tokens" in body:
-            msg = (
-                "Unsupported parameter: 'max_tokens' is not supported with this model. "
-                "Use 'max_completion_tokens' instead."
-            )
-            err = _error(400, msg, "invalid_request_error", "unsupported_parameter", "max_tokens")
-            return self._answer(400, err)
-        temperature = body.get("temperature")
-        if temperature is not None and temperature != 1:
-            msg = (
-                f"Unsupported value: 'temperature' does not support {temperature} with this model. "
-                "Only the default (1) value is supported."
-            )
-            err = _error(400, msg, "invalid_request_error", "unsupported_value", "temperature")
-            return self._answer(400, err)
-        return None
+        status, message, type_, code, param = refusal
+        return self._answer(status, _error(status, message, type_, code, param))
 
     def _rate_limited(
         self, admission: Admission, model: str, headers: dict[str, str]
@@ -385,6 +351,8 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
                 rng=self._rng,
                 drop_item_rate=cfg.drop_item_rate,
                 corrupt_item_rate=cfg.corrupt_item_rate,
+                accuracy=accuracy_for(model, cfg.accuracy, cfg.accuracies),
+                power=CURVES[cfg.calibration],
             )
         except ValueError as exc:
             msg = f"Invalid response_format: {exc}"
@@ -402,7 +370,7 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": answer.content, "refusal": None},
-                    "logprobs": None,
+                    "logprobs": answer.logprobs(body),
                     "finish_reason": answer.finish_reason,
                 }
             ],

@@ -14,16 +14,18 @@ The contract (docs/job-spec.md has every key, default and unit)::
     name = "district-type"          # optional; default: the file's stem
     [input]   path | sql, key (a column or a list of columns), where, limit, encoding
     [prompt]  system, user, examples
-    [output]  path, keep, max_reask, [output.fields]
+    [output]  path, keep, max_reask, checks, confidence, [output.fields]
     [model]   provider, name, base_url, api_key_env, model_path, temperature, max_tokens, ...
     [limits]  concurrency, rpm, tpm, itpm, otpm, ...
     [batch]   max_requests, max_bytes, poll_s, deadline, retry   (for [model] batch = true)
+    [eval]    gold, tolerance, models, sample, seed                (llmap eval, llmap review)
 """
 
 from llmap.spec.base import FIELD_TYPES
 from llmap.spec.job import JobSpec, parse_spec, read_spec
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
+from llmap.spec.quality import CheckSpec, EvalSpec
 from llmap.spec.sections import Example, FieldSpec, InputSpec, OutputSpec, PerGroup, PromptSpec
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "Example",
     "FieldSpec",
     "CacheSpec",
+    "CheckSpec",
+    "EvalSpec",
     "InputSpec",
     "JobSpec",
     "LimitsSpec",

@@ -18,6 +18,7 @@ from llmap.providers.params import answer_params
 from llmap.spec.base import StrictModel
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
+from llmap.spec.quality import EvalSpec
 from llmap.spec.sections import FieldSpec, InputSpec, OutputSpec, PerGroup, PromptSpec
 
 #: Where the job spec's keys are documented (every "unknown key" error names it).
@@ -36,6 +37,7 @@ class JobSpec(StrictModel):
     cache: CacheSpec = CacheSpec()
     alerts: AlertsSpec = AlertsSpec()
     batch: BatchSpec = BatchSpec()
+    eval: EvalSpec = EvalSpec()
     ledger: str | None = None
     base_dir: Path = Path(".")
 
@@ -81,6 +83,15 @@ class JobSpec(StrictModel):
                        for k, v in self.output.fields.items()},
             "models": models,
         }
+        if self.output.checks:  # only when set, so existing ledgers keep their hashes: done rows meet new checks
+            doc["checks"] = [c.model_dump() for c in self.output.checks]
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def prompt_fingerprint(self) -> str:
+        """SHA-256 of the prompt (templates, examples) and the output fields only: what ``llmap runs`` shows as
+        the hash of prompt and fields (:meth:`request_fingerprint` also covers the models)."""
+        doc = {"prompt": self.prompt.model_dump(exclude={"pack"}),
+               "fields": {k: v.model_dump(exclude_defaults=True) for k, v in self.output.fields.items()}}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -183,7 +194,12 @@ def parse_spec(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = 
     if isinstance(models, dict):
         models = [models]
     models = [dict(m) if isinstance(m, dict) else m for m in (models or [{}])]
-    for m in models:  # model_path, like every path in the spec, is relative to the job file
+    ev = doc.get("eval")
+    candidates = ev.get("models") if isinstance(ev, dict) else None
+    if isinstance(candidates, list):
+        ev = doc["eval"] = dict(ev)
+        candidates = ev["models"] = [dict(m) if isinstance(m, dict) else m for m in candidates]
+    for m in [*models, *(candidates or [])]:  # model_path, like every path in the spec, is relative to the job file
         if isinstance(m, dict) and isinstance(m.get("model_path"), str):
             m["model_path"] = str(base_dir / Path(m["model_path"]).expanduser())
     doc["models"] = models

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from llmap.io.encoding import canonical
 from llmap.spec.base import FIELD_TYPES, StrictModel
+from llmap.spec.quality import CheckSpec, ConfidenceSetting
 
 
 class PerGroup(StrictModel):
@@ -172,6 +173,13 @@ class OutputSpec(StrictModel):
     with the validation error appended before the row fails. ``fallback``
     is an optional static answer (validated against the fields) given to rows
     no model could answer; they are marked ``_status = "fallback"``.
+    ``checks`` are rules across fields (DuckDB SQL over the input columns and the
+    answer, :class:`~llmap.spec.quality.CheckSpec`): an answer that breaks one is
+    re-asked with its message, then the row fails naming it. ``confidence``
+    (default ``"auto"``) says which fields the per-row ``_confidence`` covers
+    (:mod:`llmap.quality.confidence`): ``"auto"`` the enum, boolean, integer and
+    short string fields, ``true`` the same but an error when there is none,
+    ``false`` none (no log-probabilities are asked for), or a list of field names.
     """
 
     path: str
@@ -179,6 +187,8 @@ class OutputSpec(StrictModel):
     max_reask: int = Field(default=2, ge=0)
     fields: dict[str, FieldSpec]
     fallback: dict[str, Any] | None = None
+    checks: list[CheckSpec] = []
+    confidence: ConfidenceSetting = "auto"
 
     @field_validator("fields")
     @classmethod

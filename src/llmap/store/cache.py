@@ -72,6 +72,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX responses_created_at ON responses (created_at);
         """,
     ),
+    (
+        # an answer's confidence and latency stay with it (a cached row keeps its _confidence; eval --models)
+        "002_confidence_latency",
+        """
+        ALTER TABLE responses ADD COLUMN confidence REAL;
+        ALTER TABLE responses ADD COLUMN latency_s REAL;
+        """,
+    ),
 ]
 
 
@@ -146,6 +154,8 @@ class CacheEntry:
             means "now".
         hits: times the entry was served (set by reads; ignored by ``put_many``).
         fresh: False when the entry is older than the cache's TTL (set by reads).
+        confidence: the answer's confidence (:mod:`llmap.quality.confidence`); None: stored without one.
+        latency_s: seconds the original request took, or None when unknown.
     """
 
     key: str
@@ -156,6 +166,8 @@ class CacheEntry:
     created_at: float | None = None
     hits: int = 0
     fresh: bool = True
+    confidence: float | None = None
+    latency_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +232,13 @@ class ResponseCache:
         self.ttl_s = ttl_s
         self._clock = clock
         self._lock = threading.Lock()
+        self._extra = "confidence, latency_s"  # columns an older file, opened read-only, may lack
         if readonly:  # an existing file, never written or migrated (``llmap estimate``): use count_hits=False
             self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cols = {r[1] for r in self._db.execute("PRAGMA table_info(responses)")}
+            if "confidence" not in cols:
+                self._extra = "NULL, NULL"
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(
@@ -290,14 +306,14 @@ class ResponseCache:
             for chunk in _chunks(wanted):
                 marks = ",".join("?" * len(chunk))
                 sql = (
-                    "SELECT key, model, output, prompt_tokens, completion_tokens, created_at, hits "
+                    f"SELECT key, model, output, prompt_tokens, completion_tokens, created_at, hits, {self._extra} "
                     f"FROM responses WHERE key IN ({marks})"
                 )
                 args: list[Any] = list(chunk)
                 if cutoff is not None and not stale_ok:
                     sql += " AND created_at > ?"
                     args.append(cutoff)
-                for key, model, output, pt, ct, created_at, hits in self._db.execute(sql, args):
+                for key, model, output, pt, ct, created_at, hits, conf, latency in self._db.execute(sql, args):
                     found[key] = CacheEntry(
                         key=key,
                         model=model,
@@ -307,6 +323,7 @@ class ResponseCache:
                         created_at=created_at,
                         hits=hits + 1,
                         fresh=cutoff is None or created_at > cutoff,
+                        confidence=conf, latency_s=latency,
                     )
             if found and count_hits:
                 self._count_hits(list(found), now)
@@ -390,6 +407,7 @@ class ResponseCache:
                 e.prompt_tokens,
                 e.completion_tokens,
                 now if e.created_at is None else e.created_at,
+                e.confidence, e.latency_s,
             )
             for e in entries
         ]
@@ -404,10 +422,12 @@ class ResponseCache:
                 return 0
             try:
                 self._db.executemany(
-                    "INSERT INTO responses (key, model, output, prompt_tokens, completion_tokens, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET model = excluded.model, "
-                    "output = excluded.output, prompt_tokens = excluded.prompt_tokens, "
-                    "completion_tokens = excluded.completion_tokens, created_at = excluded.created_at",
+                    "INSERT INTO responses (key, model, output, prompt_tokens, completion_tokens, created_at, "
+                    "confidence, latency_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                    "model = excluded.model, output = excluded.output, prompt_tokens = excluded.prompt_tokens, "
+                    "completion_tokens = excluded.completion_tokens, created_at = excluded.created_at, "
+                    "confidence = coalesce(excluded.confidence, responses.confidence), "
+                    "latency_s = coalesce(excluded.latency_s, responses.latency_s)",
                     rows,
                 )
                 self._db.execute("COMMIT")

@@ -14,7 +14,9 @@ to it.
 
 Each run *plans* the rows it sees into the ledger with its run id; rows that
 a later run no longer sees (input changed, ``limit`` lowered) keep their old
-plan id and leave the export.
+plan id and leave the export. Before a run changes a row, the row's earlier
+state is kept in ``row_history`` (:mod:`llmap.store.history`): ``llmap runs``
+lists the runs and ``llmap rollback`` undoes one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 from llmap.errors import SpecError
 from llmap.store.diskfull import guard, guard_writes
+from llmap.store.history import snapshot_all, snapshot_planned
 from llmap.store.ledger_schema import MIGRATIONS
 from llmap.store.migrate import apply_migrations
 
@@ -79,6 +82,9 @@ class RowResult:
             cache entry served because every model failed).
         tried: every model answer on the way (cascade, re-asks):
             ``(model, outcome, output or None, prompt tokens, completion tokens)``.
+        confidence: for ``done`` rows, the probability of the values the model chose, from its
+            log-probabilities (:mod:`llmap.quality.confidence`); None when unknown.
+        raw: for rows that did not end ``done``, the model's last answer text (``_raw``), or None.
     """
 
     key: str
@@ -92,11 +98,13 @@ class RowResult:
     model: str | None = None
     source: str | None = None
     tried: list[tuple[str, str, dict[str, Any] | None, int, int]] | None = None
+    confidence: float | None = None
+    raw: str | None = None
 
 
 _UPSERT = """
-INSERT INTO rows (key, seq, plan, input_hash, status, data, error, truncated, created_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO rows (key, seq, plan, input_hash, status, data, error, truncated, created_at, updated_at, born)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (key) DO UPDATE SET
     seq = excluded.seq,
     plan = excluded.plan,
@@ -107,6 +115,9 @@ ON CONFLICT (key) DO UPDATE SET
                   THEN 'done' ELSE excluded.status END,
     output = CASE WHEN rows.status = 'done' AND rows.input_hash = excluded.input_hash
                   THEN rows.output ELSE NULL END,
+    confidence = CASE WHEN rows.status = 'done' AND rows.input_hash = excluded.input_hash
+                      THEN rows.confidence ELSE NULL END,
+    raw = CASE WHEN rows.status = 'done' AND rows.input_hash = excluded.input_hash THEN NULL ELSE rows.raw END,
     error = CASE WHEN rows.status = 'done' AND rows.input_hash = excluded.input_hash
                  THEN NULL ELSE excluded.error END,
     attempts = CASE WHEN rows.input_hash = excluded.input_hash THEN rows.attempts ELSE 0 END,
@@ -132,7 +143,7 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
 
 _RECORD = """
 UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prompt_tokens = ?,
-    completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?
+    completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?, confidence = ?, raw = ?
 WHERE key = ?
 """
 _REQUEST = """
@@ -176,6 +187,8 @@ class Ledger:
         if readonly:
             self._db = _connect_readonly(self.path)
             return
+        self._settled: dict[int, int] = {}  # run id -> rows recorded by this process
+        self._fresh: set[int] = set()  # runs that started on an empty ledger (nothing to keep in history)
         with guard(self.path, "ledger"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -217,15 +230,38 @@ class Ledger:
 
     # -- runs -----------------------------------------------------------------
     @guard_writes("ledger")
-    def reset(self) -> None:
-        """Forget every row (``--fresh``). Run history is kept."""
-        self._db.execute("DELETE FROM rows")
+    def reset(self, run_id: int | None = None) -> None:
+        """Forget every row (``--fresh``). Run history is kept; with ``run_id``, each row's state is kept in
+        ``row_history`` under that run, so ``llmap rollback`` can bring them back."""
+        with self._db:
+            self._db.execute("BEGIN")
+            if run_id is not None:
+                snapshot_all(self._db, run_id)
+                self._fresh.add(run_id)  # no row left to keep when the run plans
+            self._db.execute("DELETE FROM rows")
 
     @guard_writes("ledger")
-    def start_run(self, spec_hash: str) -> int:
-        """Record a new run and return its id, which is also its plan id."""
-        cur = self._db.execute("INSERT INTO runs (started_at, spec_hash) VALUES (?, ?)", (time.time(), spec_hash))
-        return int(cur.lastrowid)
+    def start_run(self, spec_hash: str, *, models: Sequence[str] = (), prompt_hash: str | None = None) -> int:
+        """Record a new run and return its id, which is also its plan id.
+
+        Args:
+            spec_hash: the request fingerprint (prompt, fields, model settings).
+            models: the models it runs with (``provider:name``), for ``llmap runs``.
+            prompt_hash: the hash of the prompt and the fields alone, for ``llmap runs``.
+
+        The plan and the meta the run is about to replace (the output's layout, the stored columns) are kept
+        with it, for :func:`~llmap.store.history.rollback`.
+        """
+        prev = self.latest_plan()
+        cur = self._db.execute(
+            "INSERT INTO runs (started_at, spec_hash, models, prompt_hash, prev_plan, prev_output_schema, "
+            "prev_data_columns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), spec_hash, json.dumps(list(models)), prompt_hash, prev, self.get_meta("output_schema"),
+             self.get_meta("data_columns")))
+        run_id = int(cur.lastrowid)
+        if self._db.execute("SELECT 1 FROM rows LIMIT 1").fetchone() is None:
+            self._fresh.add(run_id)
+        return run_id
 
     @guard_writes("ledger")
     def end_run(self, run_id: int, *, exit_reason: str, requests: int, prompt_tokens: int,
@@ -248,11 +284,12 @@ class Ledger:
         self._db.execute(
             "UPDATE runs SET ended_at = ?, rows_total = ?, done = ?, failed = ?, skipped = ?, pending = ?, "
             "fallback = ?, requests = ?, prompt_tokens = ?, completion_tokens = ?, cost_usd = ?, rate_limited = ?, "
-            "retries = ?, cached = ?, by_model = ?, exit_reason = ?, cache_read_tokens = ?, cache_write_tokens = ? "
-            "WHERE id = ?",
+            "retries = ?, cached = ?, by_model = ?, exit_reason = ?, cache_read_tokens = ?, cache_write_tokens = ?, "
+            "settled = ? WHERE id = ?",
             (time.time(), sum(c.values()), c["done"], c["failed"], c["skipped"], c["pending"], c["fallback"],
              requests, prompt_tokens, completion_tokens, cost_usd, rate_limited, retries, cached,
-             json.dumps(by_model or {}), exit_reason, cache_read_tokens, cache_write_tokens, run_id),
+             json.dumps(by_model or {}), exit_reason, cache_read_tokens, cache_write_tokens,
+             self._settled.get(run_id, 0), run_id),
         )
 
     def latest_plan(self) -> int | None:
@@ -266,12 +303,19 @@ class Ledger:
         """Upsert a batch of rows into plan ``run_id`` in one transaction.
 
         A row already ``done`` with the same ``input_hash`` stays done; any
-        other row becomes ``pending`` (or ``skipped``) again.
+        other row becomes ``pending`` (or ``skipped``) again. A row about to change is first kept in
+        ``row_history`` (:func:`~llmap.store.history.snapshot_planned`).
         """
         now = time.time()
-        params = [(r.key, r.seq, run_id, r.input_hash, r.status, r.data, r.error, r.truncated, now, now) for r in rows]
+        rows = list(rows)
+        params = [(r.key, r.seq, run_id, r.input_hash, r.status, r.data, r.error, r.truncated, now, now, run_id)
+                  for r in rows]
         with self._db:
             self._db.execute("BEGIN")
+            if run_id not in self._fresh:
+                prev = self._db.execute("SELECT prev_plan FROM runs WHERE id = ?", (run_id,)).fetchone()
+                snapshot_planned(self._db, run_id, prev[0] if prev else None,
+                                 [(r.key, r.seq, r.input_hash, r.data, r.truncated) for r in rows])
             self._db.executemany(_UPSERT, params)
 
     # -- results --------------------------------------------------------------
@@ -298,7 +342,8 @@ class Ledger:
         now = time.time()
         params = [
             (r.status, json.dumps(r.output, ensure_ascii=False) if r.output is not None else None, r.error,
-             r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s, r.model, r.source, now, r.key)
+             r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s, r.model, r.source, now,
+             r.confidence if r.status == "done" else None, None if r.status == "done" else r.raw, r.key)
             for r in results
         ]
         tried = [
@@ -315,6 +360,8 @@ class Ledger:
                 self._db.executemany(_REQUEST, [(run_id, *_request_entry(r)) for r in requests])
             for sql, args in also:
                 self._db.execute(sql, args)
+        if results:
+            self._settled[run_id] = self._settled.get(run_id, 0) + len(results)
 
     # -- reading --------------------------------------------------------------
     def counts(self, plan: int) -> dict[str, int]:
@@ -332,12 +379,12 @@ class Ledger:
         ).fetchall()
 
     def iter_rows(self, plan: int, *, page: int = 5000) -> Iterator[list[tuple]]:
-        """Pages of ``(key, data, status, output, error, model, source)`` in input order."""
+        """Pages of ``(key, data, status, output, error, model, source, confidence, raw)`` in input order."""
         last = -1
         while True:
             rows = self._db.execute(
-                "SELECT seq, key, data, status, output, error, model, source FROM rows WHERE plan = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?",
+                "SELECT seq, key, data, status, output, error, model, source, confidence, raw FROM rows "
+                "WHERE plan = ? AND seq > ? ORDER BY seq LIMIT ?",
                 (plan, last, page),
             ).fetchall()
             if not rows:

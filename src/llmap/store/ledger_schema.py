@@ -1,10 +1,14 @@
 """The ledger's SQLite schema, as named migrations applied in order (:mod:`llmap.store.migrate`).
 
-Tables: ``rows`` (one per input row: state, answer, usage), ``runs`` (one per
-run: totals, per-model usage, exit reason), ``attempts`` (every model answer
-on a row's way: cascade steps, re-asks), ``requests`` (one per request sent:
-time, model, outcome, latency, tokens, prompt-cache reads and writes, pack
-size) and ``meta``. A migration once released is never edited: a later change
+Tables: ``rows`` (one per input row: state, answer, usage, confidence, the
+last raw answer of a failed row), ``runs`` (one per run: totals, per-model
+usage, exit reason, models, the hash of prompt and fields, rollback),
+``attempts`` (every model answer on a row's way: cascade steps, re-asks),
+``requests`` (one per request sent: time, model, outcome, latency, tokens,
+prompt-cache reads and writes, pack size), ``row_history`` (each row's state
+before a run changed it: :mod:`llmap.store.history`), ``labels`` (the true
+answers a person gave: :mod:`llmap.store.labels`) and ``meta``. A migration once released is never edited: a later
+change
 is a new entry at the end.
 """
 
@@ -174,6 +178,56 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX batch_lines_batch ON batch_lines (batch);
         ALTER TABLE requests ADD COLUMN cost_usd REAL;
         ALTER TABLE requests ADD COLUMN path TEXT;
+        """,
+    ),
+    (
+        # Quality (issue 19): per-row confidence and last raw answer; runs with their models, hash of prompt and
+        # fields, rows settled, the plan and meta before them and a rollback stamp; each row's state before a run
+        # changed it (row_history); the true answers a person gave (labels).
+        "007_quality",
+        """
+        ALTER TABLE rows ADD COLUMN confidence REAL;
+        ALTER TABLE rows ADD COLUMN raw TEXT;
+        ALTER TABLE rows ADD COLUMN born INTEGER;
+        ALTER TABLE runs ADD COLUMN settled INTEGER;
+        ALTER TABLE runs ADD COLUMN models TEXT;
+        ALTER TABLE runs ADD COLUMN prompt_hash TEXT;
+        ALTER TABLE runs ADD COLUMN prev_plan INTEGER;
+        ALTER TABLE runs ADD COLUMN prev_output_schema BLOB;
+        ALTER TABLE runs ADD COLUMN prev_data_columns TEXT;
+        ALTER TABLE runs ADD COLUMN rolled_back_at REAL;
+        CREATE TABLE row_history (
+            run INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            plan INTEGER NOT NULL,
+            input_hash TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            data TEXT NOT NULL,
+            output TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            latency_s REAL,
+            model TEXT,
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            source TEXT,
+            truncated TEXT,
+            confidence REAL,
+            raw TEXT,
+            born INTEGER,
+            PRIMARY KEY (run, key)
+        );
+        CREATE TABLE labels (
+            key TEXT NOT NULL,
+            field TEXT NOT NULL,
+            value TEXT,
+            source TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (key, field)
+        );
         """,
     ),
 ]

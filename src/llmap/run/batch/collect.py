@@ -28,8 +28,10 @@ the enqueued-token gate.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from llmap import errors as E
 from llmap.control.batching import Next, Outcome, Wait, route
@@ -173,7 +175,8 @@ class Collector:
             decisions: dict[str, Decision] = dict.fromkeys(items, settler.error(exc, pack=pack))
         else:
             try:
-                comp = ctx.api.completion(res.body, Request([], None, 0.0, 0, row_key=items[0]))
+                comp = ctx.api.completion(res.body, Request([], None, 0.0, 0, row_key=items[0],
+                                                            logprobs=settler.logprobs))
             except E.MalformedResponse as exc:
                 comp, decisions = None, dict.fromkeys(items, Retry(0.0, error_text(exc)))
             if comp is not None:
@@ -181,9 +184,10 @@ class Collector:
                 ctx.stats.bill(ctx.lane, comp, len(items), path="batch")
                 share_p, share_c = comp.prompt_tokens // len(items), comp.completion_tokens // len(items)
                 if pack:
-                    decisions = settler.pack(comp, ctx.lane, items)
+                    decisions = settler.pack(comp, ctx.lane, items, {i: _input(rows, i) for i in items})
                 else:
-                    decisions = {items[0]: await settler.answer(comp, ctx.lane, ctx.reasks.get(items[0], Tries()))}
+                    decisions = {items[0]: await settler.answer(comp, ctx.lane, ctx.reasks.get(items[0], Tries()),
+                                                                _input(rows, items[0]))}
         for item, decision in decisions.items():
             if isinstance(decision, StopRun):  # every row would meet it: stop; these stay pending
                 ctx.stats.fatal = ctx.stats.fatal or decision.error  # type: ignore[assignment]
@@ -191,7 +195,7 @@ class Collector:
                 return
             if isinstance(decision, Done | Escalate):
                 self._done(item, decision.output, isinstance(decision, Escalate), share_p, share_c, group, rows,
-                           settled, send)
+                           settled, send, confidence=decision.confidence)
             elif isinstance(decision, Reask):
                 self._fail(item, "reask", decision.error, reask=decision, **on)
             elif isinstance(decision, Split):  # a damaged pack item, or a pack too long: its rows go alone
@@ -199,20 +203,24 @@ class Collector:
             elif isinstance(decision, Retry):
                 self._fail(item, "transient", decision.error, **on)
             elif isinstance(decision, FailOver):
-                self._fail(item, "terminal", decision.error, **on)
+                self._fail(item, "terminal", decision.error, raw=decision.raw, **on)
 
     def _done(self, item: str, output: dict, escalates: bool, pt: int, ct: int, group: Sequence[Line],
-              rows: dict[str, tuple[str, str]], settled: list[tuple[RowResult, str]], send: list[_Route]) -> None:
+              rows: dict[str, tuple[str, str]], settled: list[tuple[RowResult, str]], send: list[_Route], *,
+              confidence: float | None = None) -> None:
         ctx = self.ctx
         label = ctx.api.label
         answers = ctx.dispatcher.answers
         members = [ln for ln in group if ln.item == item]
         ckey = members[0].ckey if members else None
         if answers is not None and ckey is not None:
-            answers.resolve(ckey, CacheEntry(ckey, label, output, pt, ct))
+            answers.resolve(ckey, CacheEntry(ckey, label, output, pt, ct, confidence=confidence))
         for ln in members:
             status, data = rows.get(ln.key, ("", ""))
             if status != "pending":
+                continue
+            if ln.key != ln.item and not ctx.dispatcher.settler.accepts_now(output, _input(rows, ln.key)):
+                send.append(_Route(ln.key, data))  # an identical row whose own columns break a check: alone
                 continue
             ctx.tries.pop(ln.key, None)
             ctx.followup.pop(ln.key, None)
@@ -225,11 +233,11 @@ class Collector:
                                       attempts=1 if lead else 0, prompt_tokens=pt if lead else 0,
                                       completion_tokens=ct if lead else 0,
                                       tried=[(label, "done" if lead else "cache", output, pt if lead else 0,
-                                              ct if lead else 0)]), data))
+                                              ct if lead else 0)], confidence=confidence), data))
 
     def _fail(self, item: str, kind: str, why: str, group: Sequence[Line], rows: dict[str, tuple[str, str]],
               settled: list[tuple[RowResult, str]], send: list[_Route], *, user: bool, past_deadline: bool,
-              reask: Reask | None = None, alone: bool = False) -> None:
+              reask: Reask | None = None, alone: bool = False, raw: str | None = None) -> None:
         """Rows of an item whose request did not settle them: real time, the next batch, or failed.
 
         ``kind`` is :class:`~llmap.control.batching.Outcome`'s; ``reask`` the settle stage's re-ask of
@@ -265,4 +273,10 @@ class Collector:
             elif len(ctx.dispatcher.lanes) > 1:  # failed on the batch model: the next model gets it (failover)
                 send.append(_Route(key, data, start=1))
             else:
-                settled.append((RowResult(key, "failed", error=why, model=ctx.api.label, attempts=1), data))
+                settled.append((RowResult(key, "failed", error=why, model=ctx.api.label, attempts=1, raw=raw), data))
+
+
+def _input(rows: dict[str, tuple[str, str]], key: str) -> dict[str, Any]:
+    """A row's input columns from the batch's row data (``[output] checks`` read them); {} when not held."""
+    data = rows.get(key, ("", ""))[1]
+    return json.loads(data) if data else {}

@@ -190,12 +190,12 @@ class Submitter:
             row = rows[0]
             messages = [*row.messages, *ctx.followup.get(row.key, [])]
             req = Request(messages, d.schema.json_schema, model.temperature, model.max_tokens, row_key=row.key,
-                          shared_prefix=d.renderer.shared_prefix(row.messages))
+                          shared_prefix=d.renderer.shared_prefix(row.messages), logprobs=d.settler.logprobs)
         else:
             messages = pack_messages(d.renderer, [(r.key, json.loads(r.data)) for r in rows])
             req = Request(messages, pack_schema(d.schema.json_schema), model.temperature,
                           model.max_tokens * len(rows), row_key=rows[0].key,
-                          shared_prefix=d.renderer.shared_prefix(messages))
+                          shared_prefix=d.renderer.shared_prefix(messages), logprobs=d.settler.logprobs)
         line = ctx.api.line(cid, req)
         text = json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode()
         batch.lines.append(line)

@@ -106,10 +106,12 @@ class RowWorker:
             SpecError: the spec does not compile here, or a provider cannot be built (a missing
                 API key variable on this node).
         """
-        from llmap.plan import compile_spec
+        from llmap.plan import bind_checks, build_source, compile_spec
 
         spec = self.spec
         self.compiled = compile_spec(spec)
+        if spec.output.checks:  # bound against the input's columns: its header is read here
+            bind_checks(spec, self.compiled, build_source(spec))
         self.providers = [make_provider(m, concurrency=spec.limits.concurrency) for m in spec.models]
         self.stats = stats = DispatchStats()
         stats.on_warn = self._warnings.append
@@ -128,7 +130,8 @@ class RowWorker:
         self.outbox = _Outbox()
         self.dispatcher = Dispatcher(self.lanes, self.compiled.renderer, self.compiled.schema, spec.limits,
                                      max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
-                                     answers=AnswerCache(self.outbox), escalate_if=self.compiled.escalate_if)
+                                     answers=AnswerCache(self.outbox), escalate_if=self.compiled.escalate_if,
+                                     **self.compiled.quality)
         self.dispatcher.watch_tail(lambda: self._tail)
         self.packer = Packer(self.dispatcher, spec.prompt.pack) if spec.prompt.pack != 1 else None
         self.steps = RowSteps(self.dispatcher, self.packer)
