@@ -12,6 +12,7 @@ from llmap.cli.common import JobFile, err, fail, load_job, out, paragraphs
 from llmap.errors import DiskFull, LedgerLocked, RunInterrupted, SpecError
 from llmap.observe.logs import JsonLog
 from llmap.observe.progress import MessagesOnly, RichProgress
+from llmap.operators.runner import summary_line
 from llmap.store.fingerprint import unchanged_since_complete
 
 __all__ = ["run"]
@@ -127,6 +128,9 @@ def run(
         highlight=False,
         soft_wrap=True,
     )
+    if result.operator:  # the operator's own figures (cluster's KPIs, filter's kept and dropped rows, ...)
+        err.print(f"llmap: {summary_line(job.spec.kind, result.operator)}", highlight=False, markup=False,
+                  soft_wrap=True)
     if result.stop_reason:
         err.print(f"[bold red]llmap: run stopped:[/] {escape(result.stop_reason)}", highlight=False, soft_wrap=True)
     if c["failed"]:

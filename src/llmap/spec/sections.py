@@ -152,7 +152,7 @@ class OutputSpec(StrictModel):
     path: str
     keep: list[str] = []
     max_reask: int = Field(default=2, ge=0)
-    fields: dict[str, FieldSpec]
+    fields: dict[str, FieldSpec] = {}  # required for kind = "map" (checked in llmap.spec.job)
     fallback: dict[str, Any] | None = None
 
     @field_validator("fields")
