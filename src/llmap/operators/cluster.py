@@ -162,7 +162,7 @@ async def run_cluster(ctx: OpContext) -> None:
             failed[k] = v[1]
         else:
             fam_of[k] = v
-    _write(ctx, rows, fams, n_old, fam_of, failed, pool)
+    _write(ctx, rows, fams, n_old, fam_of, failed, pool, st.model_of)
 
 
 def _assign_schema(ids: list[str] | None = None) -> StepSchema:
@@ -178,6 +178,7 @@ class _State:
     def __init__(self, ctx: OpContext, runner: StepRunner, system: str, vec: dict[str, np.ndarray],
                  members_of: dict[str, list[str]]) -> None:
         self.ctx, self.runner, self.system, self.vec, self.members_of = ctx, runner, system, vec, members_of
+        self.model_of: dict[str, str | None] = {}  # row key -> the model that assigned it
 
     def family_vectors(self, fams: list[Family], texts: np.ndarray, proposals: list[Proposal] = ()) -> np.ndarray:
         """Proposals' and families' vectors: text plus members' centroid."""
@@ -289,6 +290,7 @@ class _State:
         out: dict[str, str | None | tuple[str, str]] = {}
         for r, p in zip(rows, picks, strict=True):
             got: StepResult = res[r.key]
+            self.model_of[r.key] = got.model
             if got.status != "done":
                 out[r.key] = ("failed", got.error or "no answer")
             else:
@@ -303,7 +305,7 @@ def _require(ctx: OpContext, res: dict[str, StepResult], steps: list[Step]) -> N
 
 
 def _write(ctx: OpContext, rows: list[OpRow], fams: list[Family], n_old: int, fam_of: dict[str, str | None],
-           failed: dict[str, str], pool: list[OpRow]) -> None:
+           failed: dict[str, str], pool: list[OpRow], model_of: dict[str, str | None]) -> None:
     """Dissolve small new families, then commit every changed row, the families and the summary at once."""
     opt = ctx.spec.cluster
     final = {r.key: (r.output or {}).get("_family") for r in rows if r.status == "done"}
@@ -337,7 +339,7 @@ def _write(ctx: OpContext, rows: list[OpRow], fams: list[Family], n_old: int, fa
             f = None
         if f:
             members.setdefault(f, []).append(r.key)
-        results.append(RowResult(r.key, "done", output={"_family": f}, source="model"))
+        results.append(RowResult(r.key, "done", output={"_family": f}, model=model_of.get(r.key), source="model"))
     kept = [Family(f.id, f.name, f.description, len(members.get(f.id, [])), examples(members.get(f.id, []), text_of),
                    f.sources, f.run) for f in fams if f.id not in dissolve]
     ctx.summary.update(families_created=sum(1 for f in new if f.id not in dissolve), families_dissolved=len(dissolve))

@@ -84,7 +84,7 @@ def auto_threshold(sampled: list[tuple[float, bool]], target_recall: float) -> f
         return None
     q1, q3 = np.percentile(pos, [25, 75])
     kept = pos[pos >= q1 - 1.5 * (q3 - q1)]
-    cut = math.floor((1.0 - target_recall) * len(kept))
+    cut = math.floor((1.0 - target_recall) * len(kept) + 1e-9)
     return float(kept[min(cut, len(kept) - 1)])
 
 

@@ -4,6 +4,7 @@
   is (a few large stories, many small ones; at least 3 titles each).
 - :func:`entities`: names of entities, each written one to several ways (resolve's
   duplicates), most entities written once.
+- :func:`adjusted_rand` and :func:`pair_scores` score a labeling against the truth.
 
 Each returns rows ``{"id", "text", "group", "name"}``; :func:`write` puts them in a CSV
 file that serves both as a job's input and as the simulator's ``--groups`` file.
@@ -14,9 +15,12 @@ from __future__ import annotations
 
 import csv
 import random
+from collections import Counter
+from itertools import combinations
+from math import comb
 from pathlib import Path
 
-__all__ = ["entities", "skewed_sizes", "titles", "write"]
+__all__ = ["adjusted_rand", "entities", "pair_scores", "skewed_sizes", "titles", "write"]
 
 _PLACES = ("Kyiv", "Gaza", "Taipei", "Manila", "Lagos", "Quito", "Kerala", "Sahel", "Donbas", "Aleppo", "Mosul",
            "Hormuz", "Crimea", "Darfur", "Sinai", "Kashmir", "Tigray", "Sudan", "Haiti", "Yemen", "Niger", "Mali",
@@ -105,3 +109,32 @@ def write(rows: list[dict], path: Path) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def adjusted_rand(truth: list, pred: list) -> float:
+    """The adjusted Rand index of ``pred`` against ``truth`` (Hubert and Arabie, 1985): 1 for the same
+    partition, about 0 for a random one. A None label is a group of its own (a row no family fits)."""
+    pred = [p if p is not None else ("_none", i) for i, p in enumerate(pred)]
+    n = len(truth)
+    if n < 2:
+        return 1.0
+    index = sum(comb(v, 2) for v in Counter(zip(truth, pred, strict=True)).values())
+    sa = sum(comb(v, 2) for v in Counter(truth).values())
+    sb = sum(comb(v, 2) for v in Counter(pred).values())
+    expected = sa * sb / comb(n, 2)
+    top = (sa + sb) / 2
+    return 1.0 if top == expected else (index - expected) / (top - expected)
+
+
+def pair_scores(truth: list, pred: list) -> tuple[float, float, int]:
+    """Pair recall and precision of ``pred`` against ``truth`` (pairs of rows in one group), and the true pairs."""
+    def pairs(labels: list) -> set[tuple[int, int]]:
+        by: dict = {}
+        for i, g in enumerate(labels):
+            if g is not None:
+                by.setdefault(g, []).append(i)
+        return {p for members in by.values() for p in combinations(members, 2)}
+
+    t, p = pairs(truth), pairs(pred)
+    hit = len(t & p)
+    return (hit / len(t) if t else 1.0), (hit / len(p) if p else 1.0), len(t)
