@@ -26,7 +26,7 @@ def op_job(folder: Path, sim, kind: str, *, data: str, system: str, user: str = 
             + (f"[output.fields]\n{fields}\n" if fields else "")
             + f'[model]\nprovider = "openai"\nname = "sim"\nbase_url = "{sim.base_url}"\n'
             + f"[limits]\nconcurrency = {concurrency}\nbackoff_base_s = 0.01\nbackoff_cap_s = 0.01\n"
-            + (f'[embeddings]\nprovider = "openai"\nname = "sim-embed"\n' if kind in ("cluster", "resolve") else "")
+            + ('[embeddings]\nprovider = "openai"\nname = "sim-embed"\n' if kind in ("cluster", "resolve") else "")
             + tables)
     path = folder / "job.toml"
     path.write_text(text, encoding="utf-8")

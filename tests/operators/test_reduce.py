@@ -34,7 +34,8 @@ def test_a_group_20_times_the_context_reaches_the_answer_with_every_row_in_exact
         res = Job.from_toml(job).run()
         assert res.exit_code == 0, res.stop_reason
         assert Job.from_toml(job).run().requests == 0
-    notes = [r for r in csv.DictReader(open(tmp_path / "sales.csv", encoding="utf-8")) if r["region"] == "west"]
+    with open(tmp_path / "sales.csv", encoding="utf-8") as f:
+        notes = [r for r in csv.DictReader(f) if r["region"] == "west"]
     assert sum(len(r["note"]) for r in notes) / 3.5 > 20 * CONTEXT  # the group is 20 times the context
     with Ledger(tmp_path / ".llmap" / "job.ledger.sqlite") as led:
         book = OperatorBook(led)
