@@ -188,8 +188,17 @@ def estimate(
     from llmap.observe.estimate.table import format_estimate
 
     job = load_job(job_file)
+    console = Console(width=max(110, out.width) if not sys.stdout.isatty() else None)
+    if job.spec.kind in ("cluster", "resolve", "reduce"):  # the operator's own steps (filter is map's estimate)
+        from llmap.operators.estimate import estimate_operator, format_operator_estimate
+
+        try:
+            console.print(format_operator_estimate(estimate_operator(job.spec, limit=limit)))
+        except SpecError as exc:
+            raise fail(exc) from None
+        return
     try:
         est = run_estimate(job.spec, limit=limit)
     except SpecError as exc:
         raise fail(exc) from None
-    Console(width=max(110, out.width) if not sys.stdout.isatty() else None).print(format_estimate(est))
+    console.print(format_estimate(est))

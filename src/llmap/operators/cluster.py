@@ -79,6 +79,22 @@ Put the row into the one candidate family it belongs to: answer with that family
 when none of them fits."""
 
 
+#: One example per step kind, sent before each step (a small model copies the shape of an answer it is shown).
+_EXAMPLE_ROWS = ["Apple pie recipe", "Toyota Corolla review", "Banana bread recipe", "Honda Civic review",
+                 "Weather today"]
+_BAKING, _CARS = "Baking recipes: Recipes for baked goods.", "Car reviews: Reviews of car models."
+# The example's ids are letters and a window's are numbers: a model that copies the example names no real row.
+_PROPOSE_EXAMPLE = (
+    {"rows": json.dumps([{"id": "abcde"[i], "text": t} for i, t in enumerate(_EXAMPLE_ROWS)])},
+    {"families": [{"name": "Baking recipes", "description": "Recipes for baked goods.", "members": ["a", "c"]},
+                  {"name": "Car reviews", "description": "Reviews of car models.", "members": ["b", "d"]}]})
+_MERGE_EXAMPLES = (({"a": _BAKING, "b": "Cakes and pies: How to bake cakes and pies."}, {"same": True}),
+                   ({"a": _BAKING, "b": _CARS}, {"same": False}))
+_EXAMPLE_CANDIDATES = f"- F1: {_BAKING}\n- F2: {_CARS}"
+_ASSIGN_EXAMPLES = (({"text": "Cherry tart recipe", "candidates": _EXAMPLE_CANDIDATES}, {"family": "F1"}),
+                    ({"text": "Stock market news", "candidates": _EXAMPLE_CANDIDATES}, {"family": None}))
+
+
 class _Family(StrictAnswer):
     name: str
     description: str
@@ -204,7 +220,8 @@ class _State:
         cuts = windows(order, texts, win_tokens)
         ctx.say(f"proposing families from {len(cuts):,} windows of rows ({len(pool):,} rows)")
         kind = StepKind(ctx, "propose", system=_PROPOSE.format(system=self.system),
-                        user="Rows (JSON array):\n{{ rows }}", schema=_PROPOSE_SCHEMA, max_tokens=answer_tokens)
+                        user="Rows (JSON array):\n{{ rows }}", schema=_PROPOSE_SCHEMA, max_tokens=answer_tokens,
+                        examples=[_PROPOSE_EXAMPLE])
         steps, ids = [], []
         for w, cut in enumerate(cuts):
             local = {str(n + 1): pool[i].key for n, i in enumerate(cut)}
@@ -237,7 +254,7 @@ class _State:
         kind = StepKind(ctx, "merge", system=_MERGE.format(system=self.system),
                         user="Family A: {{ a }}\nFamily B: {{ b }}",
                         schema=StepSchema("llmap_cluster_merge", {"same": {"type": "boolean"}}, _Same),
-                        max_tokens=16, pack=min(opt.pack, 10))
+                        max_tokens=16, pack=min(opt.pack, 10), examples=_MERGE_EXAMPLES)
         steps = [Step(f"{i}-{j}", {"a": texts[i], "b": texts[j]}) for i, j, _ in pairs]
         res = await self.runner.run(kind, steps)
         _require(ctx, res, steps)
@@ -281,7 +298,7 @@ class _State:
         kind = StepKind(ctx, "assign", system=_ASSIGN.format(system=self.system),
                         user="Row: {{ text }}\n\nCandidate families:\n{{ candidates }}",
                         schema=_assign_schema([f.id for f in fams] if len(fams) <= 200 else None), max_tokens=24,
-                        pack=opt.pack)
+                        pack=opt.pack, examples=_ASSIGN_EXAMPLES)
         steps = [Step(r.key, {"text": r.text, "candidates": candidate_lines(fams, p)})
                  for r, p in zip(rows, picks, strict=True)]
         res = await self.runner.run(kind, steps)

@@ -34,7 +34,7 @@ from llmap.run.dispatch import Dispatcher
 from llmap.run.packer import Packer
 from llmap.run.settle import error_text
 from llmap.run.stats import Stop
-from llmap.spec import PromptSpec
+from llmap.spec import Example, PromptSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.ledger import RowResult
 from llmap.store.operators import StepRecord
@@ -129,13 +129,16 @@ class StepKind:
         schema: the answer contract (a :class:`StepSchema` or an :class:`~llmap.prompt.schema.OutputSchema`).
         max_tokens: completion tokens per step (a pack gets this times its size).
         pack: steps per request (1: no packing).
+        examples: few-shot ``(row, answer)`` pairs sent before every step as prior turns (small models follow
+            the shape of an example far better than an instruction).
     """
 
     def __init__(self, ctx: OpContext, name: str, *, system: str, user: str, schema: Any, max_tokens: int,
-                 pack: int = 1) -> None:
+                 pack: int = 1, examples: Sequence[tuple[dict[str, Any], dict[str, Any]]] = ()) -> None:
         self.name = name
         self.max_tokens = max_tokens
-        renderer = Renderer.from_spec(PromptSpec(system=system, user=user), source=f"{name} step")
+        prompt = PromptSpec(system=system, user=user, examples=[Example(input=i, output=o) for i, o in examples])
+        renderer = Renderer.from_spec(prompt, source=f"{name} step")
         self.dispatcher = Dispatcher(ctx.lanes, renderer, schema, ctx.spec.limits, max_reask=ctx.spec.output.max_reask,
                                      fallback=None, stats=ctx.stats, answers=ctx.answers)
         self.packer = Packer(self.dispatcher, pack) if pack > 1 else None
