@@ -186,7 +186,7 @@ def _resolve(spec: JobSpec, est: OperatorEstimate, texts: list[str], _: Any) -> 
     est.upper_requests = math.ceil(cands / opt.pack)
     est.embedding_texts = n
     est.embedding_requests = math.ceil(n / spec.embeddings.batch)
-    est.notes.append(f"every row's rows embedded; all {n * (n - 1) // 2:,} pairs are never compared")
+    est.notes.append(f"every row embedded once; all {n * (n - 1) // 2:,} pairs are never compared")
 
 
 def _reduce(spec: JobSpec, est: OperatorEstimate, texts: list[str], groups: dict[str, list[int]]) -> None:
