@@ -149,6 +149,10 @@ def report(
             console.print(f"structured output: {ln.model}: {ln.structured}", highlight=False, markup=False)
     out.print(", ".join(f"{n:,} {s}" for s, n in counts.items()), highlight=False)
     console.print(_run_table(summary))
+    from llmap.operators.runner import operator_report
+
+    for line in operator_report(job.spec, run_no):  # cluster's KPIs and families, resolve's merges, ...
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
     if html is not None:
         out.print(f"html report: {html}", highlight=False, soft_wrap=True)
 

@@ -32,8 +32,8 @@ from llmap.store.ledger import Ledger
 from llmap.store.operators import OperatorBook
 from llmap.store.vectors import VectorCache
 
-__all__ = ["OWN_PIPELINE", "check_kind_executor", "filter_summary", "finish_operator", "prepare_operator",
-           "run_operator", "summary_line"]
+__all__ = ["OWN_PIPELINE", "check_kind_executor", "filter_summary", "finish_operator", "operator_report",
+           "prepare_operator", "run_operator", "summary_line"]
 
 #: Kinds with a pipeline of their own; ``filter`` is ``map`` with a filtered export.
 OWN_PIPELINE = ("cluster", "resolve", "reduce")
@@ -164,6 +164,34 @@ def summary_line(kind: str, s: dict[str, Any]) -> str:
         return (f"reduce: {s.get('groups', 0):,} groups ({s.get('reduced', 0):,} reduced now, "
                 f"{s.get('hierarchical', 0):,} in several levels, {s.get('chunks', 0):,} chunks)" + _calls(s))
     return ""
+
+
+def operator_report(spec: JobSpec, run: int | None = None) -> list[str]:
+    """``llmap report``'s lines on the operator of run ``run`` (default the latest): its summary line; the
+    largest families (cluster) or a sample of the merges (resolve). Read-only; empty for map or a run without one.
+    """
+    if spec.kind == "map" or not spec.ledger_path.is_file():
+        return []
+    ledger = Ledger(spec.ledger_path, readonly=True)
+    try:
+        book = OperatorBook(ledger)
+        got = book.summary(run)
+        if got is None:
+            return []
+        _, kind, s = got
+        lines = [f"{kind}: {summary_line(kind, s).split(': ', 1)[-1]}"]
+        if kind == "cluster":
+            fams = sorted(book.families(), key=lambda f: -f.size)
+            lines += [f"  {f.id} ({f.size:,} rows) {f.name}: {f.description}" for f in fams[:10]]
+            if len(fams) > 10:
+                lines.append(f"  ... {len(fams) - 10:,} more in the families table")
+        if kind == "resolve":
+            lines.append(f"  threshold {s.get('threshold')}; merges, largest first:")
+            for m in s.get("merges_sample") or []:
+                lines.append(f"  {m['entity']} ({m['rows']} rows): " + " | ".join(m["texts"]))
+        return lines
+    finally:
+        ledger.close()
 
 
 def _calls(s: dict[str, Any]) -> str:
