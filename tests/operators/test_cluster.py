@@ -59,6 +59,10 @@ def test_cluster_finds_the_true_families_and_reports_its_kpis(tmp_path, data):
         if r["_family"]:
             sizes[r["_family"]] = sizes.get(r["_family"], 0) + 1
     assert {f["id"]: f["size"] for f in fams} == sizes
+    (tmp_path / "out" / "c.families.parquet").unlink()
+    exp = subprocess.run([*LLMAP, "export", str(tmp_path / "job.toml")], capture_output=True, text=True, timeout=60)
+    assert exp.returncode == 0 and read_table(tmp_path / "out" / "c.families.parquet") == fams
+    assert read_table(tmp_path / "out" / "c.parquet") == out
 
 
 def test_new_rows_join_existing_families_and_only_they_are_asked(tmp_path, data):

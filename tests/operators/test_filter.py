@@ -27,6 +27,9 @@ def test_filter_writes_only_the_kept_rows_and_counts_both(tmp_path):
     assert s["kept"] + s["dropped"] == 60 and s["kept"] == len(out) and 0 < len(out) < 60
     assert all(r["customer"] is True for r in out)
     assert f"filter on customer: {s['kept']:,} kept, {s['dropped']:,} dropped" in run.stderr
+    (tmp_path / "out" / "f.parquet").unlink()
+    exp = subprocess.run([*LLMAP, "export", str(job)], capture_output=True, text=True, timeout=60)
+    assert exp.returncode == 0 and read_table(tmp_path / "out" / "f.parquet") == out  # llmap export filters too
 
 
 def test_filter_needs_one_boolean_field(tmp_path):

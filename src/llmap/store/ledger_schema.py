@@ -4,8 +4,8 @@ Tables: ``rows`` (one per input row: state, answer, usage), ``runs`` (one per
 run: totals, per-model usage, exit reason), ``attempts`` (every model answer
 on a row's way: cascade steps, re-asks), ``requests`` (one per request sent:
 time, model, outcome, latency, tokens, prompt-cache reads and writes, pack
-size) and ``meta``. A migration once released is never edited: a later change
-is a new entry at the end.
+size), ``meta``, and the operators' tables (``op_*``, :mod:`llmap.store.operators`).
+A migration once released is never edited: a later change is a new entry at the end.
 """
 
 from __future__ import annotations
