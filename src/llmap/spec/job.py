@@ -98,6 +98,10 @@ class JobSpec(StrictModel):
     def filter_field(self) -> str:
         """``kind = "filter"``: the boolean field that decides: ``[filter] field``, else the only boolean field.
 
+        The seam for the guaranteed cascade (issue 21): a ``[cascade] guarantee = "precision" | "recall"`` on a
+        filter promises it for this field, so its ``field`` must equal this one (check it here when ``[cascade]``
+        lands); the filter itself is the map path, so the cascade's answers are what the export keeps.
+
         Raises:
             ValueError: no such field, not a boolean, or several booleans and none named.
         """
