@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmap import errors as E
 from llmap.control.alerts import FailureRateAlert
@@ -34,6 +34,7 @@ from llmap.io.sinks import check_writable, export, result_batches
 from llmap.io.sources import Source
 from llmap.observe.logs import JsonLog, LoggedProgress
 from llmap.observe.progress import NullProgress, Progress, Tally
+from llmap.operators.runner import check_kind_executor, finish_operator, prepare_operator, run_operator
 from llmap.plan import (
     Compiled,
     InputPlan,
@@ -48,7 +49,7 @@ from llmap.providers.factory import make_provider
 from llmap.run.dispatch import Dispatcher
 from llmap.run.packer import Packer
 from llmap.run.pool import run_pool
-from llmap.run.stats import DispatchStats, model_stats
+from llmap.run.stats import DispatchStats
 from llmap.spec import JobSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.batches import BatchBook
@@ -101,6 +102,7 @@ class RunResult:
         retries: attempts after the first, summed over rows and models.
         batches: provider ids of the job's batches still running at the end (``[model] batch``).
         detached: the run submitted its batches and returned without waiting (``--detach``).
+        operator: the figures of the job's operator (:func:`llmap.operators.runner.summary_line`), None for map.
     """
 
     counts: dict[str, int]
@@ -117,6 +119,7 @@ class RunResult:
     cache_read_tokens: int = 0
     batches: tuple[str, ...] = ()
     detached: bool = False
+    operator: dict[str, Any] | None = None
 
 
 @dataclass
@@ -129,17 +132,18 @@ class Prepared:
         compiled: the compiled job: renderer, output schema, bound ``escalate_if`` (:mod:`llmap.plan`).
         input: the input's checked plan: data columns, key, output layout.
         providers: one checked provider per ``[[model]]`` (endpoints reached, keys read, the local
-            model loaded).
+            model loaded); embedder: a cluster or resolve job's checked embedding model, else None.
     """
 
     source: Source
     compiled: Compiled
     input: InputPlan
     providers: list[Provider]
+    embedder: Any = None
 
     async def aclose(self) -> None:
         """Close the providers, the compiled job and the input (errors on the way are ignored)."""
-        for p in self.providers:
+        for p in [*self.providers, *([self.embedder] if self.embedder is not None else [])]:
             with contextlib.suppress(Exception):
                 await p.aclose()
         self.compiled.close()
@@ -164,6 +168,7 @@ class Job:
         self._launch: Launch | None = None  # Ray workers starting, until dispatch takes them
         self._detach = False
         self._on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None
+        self._op_summary: dict[str, Any] | None = None
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Job:
@@ -197,13 +202,14 @@ class Job:
             providers = [make_provider(m, concurrency=spec.limits.concurrency) for m in spec.models]
             for p in providers:
                 await p.check()
+            inp, embedder = await prepare_operator(spec, source, inp)  # map: unchanged, no embedding model
         except BaseException:
             for p in providers:
                 with contextlib.suppress(Exception):
                     await p.aclose()
             compiled.close()
             raise
-        return Prepared(source, compiled, inp, providers)
+        return Prepared(source, compiled, inp, providers, embedder)
 
     # -- plan -----------------------------------------------------------------
     def _plan(self, ledger: Ledger, run_id: int, prep: Prepared) -> None:
@@ -275,6 +281,7 @@ class Job:
                    wait_lock: bool = False, detach: bool = False, executor: str = "local",
                    workers: int | None = None, ray_address: str | None = "auto") -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
+        check_kind_executor(self.spec, executor)
         if executor != "local" or workers is not None:
             from llmap.run.ray.executor import check_executor
 
@@ -337,9 +344,11 @@ class Job:
                 await self._dispatch(ledger, run_id, prep, stats, tally, progress)
             except asyncio.CancelledError:
                 reason = "interrupted"
+                from llmap.run.batch.runner import still_running
+
                 raise E.RunInterrupted(
                     "interrupted; finished rows are kept in the ledger, run the same command again to continue"
-                    + _still_running(ledger, self.spec)) from None
+                    + (still_running(ledger) if self.spec.model.batch else "")) from None
             finally:
                 progress.finish(tally)
             if stats.stop_reason is not None:
@@ -348,13 +357,13 @@ class Job:
             reason, disk_full = "stopped: disk full", True
             raise
         finally:
-            for p in prep.providers:
+            for p in [*prep.providers, *([prep.embedder] if prep.embedder is not None else [])]:
                 with contextlib.suppress(Exception):
                     await p.aclose()
             out = None
             try:
                 if run_id is not None:
-                    _record_shapes(prep.providers, stats)
+                    stats.note_dialects(prep.providers)
                     try:
                         ledger.end_run(run_id, exit_reason=reason, requests=stats.requests,
                                        prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
@@ -368,7 +377,8 @@ class Job:
                     if export_output and planned and not disk_full:
                         out = self.spec.output_path
                         layout = prep.input.layout
-                        export(result_batches(ledger, run_id, layout), layout.schema, out)
+                        export(result_batches(ledger, run_id, layout, spec=self.spec), layout.schema, out)
+                        self._op_summary = finish_operator(self.spec, ledger, run_id) or self._op_summary
                     counts = ledger.counts(run_id)
                     if self.spec.model.batch:
                         running = tuple(r.provider_id or f"batch {r.id}" for r in BatchBook(ledger).held())
@@ -384,7 +394,8 @@ class Job:
         exit_code = 0 if counts["failed"] == 0 and left == 0 and stop is None else 1
         return RunResult(counts, out, exit_code, stop, stats.requests, stats.prompt_tokens,
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
-                         stats.retries, stats.cache_read_tokens, running, self._detach and self.spec.model.batch)
+                         stats.retries, stats.cache_read_tokens, running, self._detach and self.spec.model.batch,
+                         self._op_summary)
 
     def _settled_hook(self, stats: DispatchStats, prep: Prepared) -> Callable[[list[RowResult], list[str]], None]:
         """Alerts and structured row logs, run on every batch of settled rows."""
@@ -443,6 +454,10 @@ class Job:
                 stats.on_request = self._log.request
             if self._on_start is not None:
                 self._on_start(stats, tally, lanes)
+            if spec.kind in ("cluster", "resolve", "reduce"):  # windows, pairs or groups of rows become requests
+                self._op_summary = await run_operator(spec, prep.compiled, ledger, run_id, lanes, stats,
+                                                      dispatcher.answers, progress, tally, prep.embedder)
+                return
             if spec.model.batch:  # the first model's requests go through its provider's batch API
                 from llmap.run.batch.runner import run_batches
 
@@ -463,26 +478,3 @@ class Job:
                 await remote.aclose()
             if cache is not None:
                 cache.close()
-
-
-def _still_running(ledger: Ledger, spec: JobSpec) -> str:
-    """The interrupted run's word on its batches: they keep running, and the next run collects them."""
-    if not spec.model.batch:
-        return ""
-    held = BatchBook(ledger).held()
-    if not held:
-        return ""
-    return (f"; {len(held)} batch{'es' if len(held) != 1 else ''} keep running at the provider (recorded in the "
-            "ledger): the next `llmap run` collects them and sends none of their rows again, "
-            "`llmap batch cancel` stops them")
-
-
-def _record_shapes(providers: list[Provider], stats: DispatchStats) -> None:
-    """Put each model's structured-output dialect into the run's per-model record (the ledger's
-    ``runs.by_model``), for ``llmap status`` and ``llmap report``."""
-    for p in providers:
-        if p.structured is None:
-            continue
-        m = stats.by_model.setdefault(p.label, model_stats())
-        m["structured"] = p.structured.split(" ", 1)[0]
-        m["structured_how"] = p.structured

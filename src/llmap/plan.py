@@ -199,7 +199,7 @@ def check_input(spec: JobSpec, compiled: Compiled, source: Source, *, source_nam
     key_schema = source.arrow_schema(shown)
     if not keys:
         key_schema = pa.schema([pa.field("_row", pa.int64())] + list(key_schema))
-    return InputPlan(columns, ResultLayout(key_schema, {n: f.type for n, f in spec.output.fields.items()}))
+    return InputPlan(columns, ResultLayout(key_schema, spec.result_fields()))
 
 
 @dataclass(frozen=True, slots=True)

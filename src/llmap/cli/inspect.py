@@ -194,6 +194,10 @@ def report(
     console.print(_run_table(summary))
     if evaluation is not None:
         console.print(eval_tables(evaluation))
+    from llmap.operators.runner import operator_report
+
+    for line in operator_report(job.spec, run_no):  # cluster's KPIs and families, resolve's merges, ...
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
     if html is not None:
         out.print(f"html report: {os.path.normpath(html)}", highlight=False, soft_wrap=True)
 
@@ -269,8 +273,17 @@ def estimate(
     from llmap.observe.estimate.table import format_estimate
 
     job = load_job(job_file)
+    console = Console(width=max(110, out.width) if not sys.stdout.isatty() else None)
+    if job.spec.kind in ("cluster", "resolve", "reduce"):  # the operator's own steps (filter is map's estimate)
+        from llmap.operators.estimate import estimate_operator, format_operator_estimate
+
+        try:
+            console.print(format_operator_estimate(estimate_operator(job.spec, limit=limit)))
+        except SpecError as exc:
+            raise fail(exc) from None
+        return
     try:
         est = run_estimate(job.spec, limit=limit)
     except SpecError as exc:
         raise fail(exc) from None
-    Console(width=max(110, out.width) if not sys.stdout.isatty() else None).print(format_estimate(est))
+    console.print(format_estimate(est))

@@ -15,6 +15,7 @@ from llmap.engine import Job
 from llmap.errors import DiskFull, LedgerLocked, RunInterrupted, SpecError
 from llmap.observe.logs import JsonLog
 from llmap.observe.progress import MessagesOnly, RichProgress
+from llmap.operators.runner import summary_line
 from llmap.spec import CacheSpec
 from llmap.store.fingerprint import unchanged_since_complete
 
@@ -237,11 +238,11 @@ def run(
             log.close()
         if stop_metrics is not None:
             stop_metrics()
-    _summary(result, job_file)
+    _summary(result, job_file, job.spec.kind)
     raise typer.Exit(result.exit_code)
 
 
-def _summary(result, job_file: str | None) -> None:
+def _summary(result, job_file: str | None, kind: str = "map") -> None:
     c = result.counts
     tokens = result.prompt_tokens + result.completion_tokens
     rate = (c["done"] + c["failed"] + c["fallback"]) / result.elapsed_s if result.elapsed_s > 0 else 0.0
@@ -253,6 +254,8 @@ def _summary(result, job_file: str | None) -> None:
         f"pending of {sum(c.values()):,} rows; {result.requests:,} requests ({result.retries:,} retries, "
         f"{result.rate_limited:,} rate-limited), {tokens:,} tokens{cost}, "
         f"{result.elapsed_s:.1f} s ({rate:,.1f} rows/s)")
+    if result.operator:  # the operator's own figures (cluster's KPIs, filter's kept and dropped rows, ...)
+        say(f"llmap: {summary_line(kind, result.operator)}")
     if result.stop_reason:
         err.print(f"[bold red]llmap: run stopped:[/] {escape(result.stop_reason)}", highlight=False, soft_wrap=True)
     if c["failed"]:

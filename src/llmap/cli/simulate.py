@@ -188,6 +188,16 @@ def simulate(
     batch_max_tokens: Annotated[int | None, typer.Option(
         help="OpenAI Batch: the enqueued-token cap per model; a batch that would pass it fails validation "
              "with token_limit_exceeded. Unlimited if unset.")] = None,
+    groups: Annotated[str | None, typer.Option(
+        help="A CSV or JSONL file of text, group (and name): the hidden true groups. llmap's cluster and resolve "
+        "steps are answered from them, and /v1/embeddings puts same-group texts near each other.",
+        show_default=False)] = None,
+    group_error_rate: Annotated[float, typer.Option(
+        help="Share of cluster and resolve step items answered wrong (with --groups).")] = 0.0,
+    embed_noise: Annotated[float, typer.Option(
+        help="How far a text's embedding lies from its group's centre (0 = on it, 1 = about as far as "
+        "another group's).")] = 0.35,
+    embed_dim: Annotated[int, typer.Option(help="Dimensions of /v1/embeddings vectors.")] = 64,
     batch_cancel_time: Annotated[float, typer.Option(
         help="Batch APIs: seconds a cancel takes (cancelling, then cancelled).")] = 0.1,
     accuracy: Annotated[float | None, typer.Option(
@@ -253,6 +263,10 @@ def simulate(
             model_accuracy=model_accuracy,
             calibration=calibration,
             refuse_logprobs=refuse_logprobs,
+            groups=groups,
+            group_error_rate=group_error_rate,
+            embed_noise=embed_noise,
+            embed_dim=embed_dim,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

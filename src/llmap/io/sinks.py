@@ -29,9 +29,10 @@ from llmap.errors import SpecError
 from llmap.spec import JobSpec
 from llmap.store.diskfull import disk_full, guard, is_disk_full
 from llmap.store.ledger import Ledger, RowResult, open_for_reading
+from llmap.store.operators import OperatorBook, output_pages
 
-__all__ = ["FIELD_ARROW", "ResultLayout", "answer_columns", "check_writable", "export", "export_job", "result_batches",
-           "stored_layout", "umask"]
+__all__ = ["FIELD_ARROW", "ResultLayout", "answer_columns", "check_writable", "export", "export_families", "export_job",
+           "families_path", "result_batches", "stored_layout", "umask"]
 
 #: Arrow type of each output field type.
 FIELD_ARROW = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(), "boolean": pa.bool_()}
@@ -115,10 +116,49 @@ def answer_columns(fields: dict[str, str], results: Sequence[RowResult]) -> list
     return [(f.name, batch.column(f.name)) for f in layout.schema]
 
 
-def result_batches(ledger: Ledger, plan: int, layout: ResultLayout, *, page: int = 5000) -> Iterator[pa.RecordBatch]:
-    """Stream the plan's rows, in input order, as Arrow batches of ``layout.schema``."""
-    for rows in ledger.iter_rows(plan, page=page):
+def result_batches(ledger: Ledger, plan: int, layout: ResultLayout, *, page: int = 5000,
+                   spec: JobSpec | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream the plan's rows, in input order, as Arrow batches of ``layout.schema``.
+
+    With ``spec``, what its kind exports: reduce's groups instead of rows, only the kept rows of a filter
+    (:func:`~llmap.store.operators.output_pages`).
+    """
+    if spec is None or spec.kind not in ("reduce", "filter"):
+        for rows in ledger.iter_rows(plan, page=page):
+            yield layout.batch(rows)
+        return
+    keep = spec.filter_field() if spec.kind == "filter" else None
+    for rows in output_pages(ledger, plan, kind=spec.kind, keep_field=keep):
         yield layout.batch(rows)
+
+
+def families_path(spec: JobSpec) -> Path:
+    """Where cluster's families table goes: ``[cluster] families_path``, else ``<output stem>.families<ext>``."""
+    if spec.cluster.families_path:
+        return spec.resolve(spec.cluster.families_path)
+    out = spec.output_path
+    return out.with_name(f"{out.stem}.families{out.suffix}")
+
+
+def export_families(spec: JobSpec, ledger: Ledger) -> Path:
+    """Write cluster's families table (id, name, description, size, examples) beside the output, atomically.
+
+    ``examples`` is a list of up to 5 member rows' texts (joined by `` | `` in a CSV file).
+
+    Raises:
+        DiskFull: the disk filled while writing; the old file is untouched.
+    """
+    path = families_path(spec)
+    fams = OperatorBook(ledger).families()
+    csv = path.suffix.lower() == ".csv"
+    ex_type = pa.string() if csv else pa.list_(pa.string())
+    schema = pa.schema([("id", pa.string()), ("name", pa.string()), ("description", pa.string()),
+                        ("size", pa.int64()), ("examples", ex_type)])
+    table = pa.table({"id": [f.id for f in fams], "name": [f.name for f in fams],
+                      "description": [f.description for f in fams], "size": [f.size for f in fams],
+                      "examples": [" | ".join(f.examples) if csv else list(f.examples) for f in fams]}, schema=schema)
+    export(iter(table.to_batches()), schema, path)
+    return path
 
 
 def check_writable(path: Path) -> None:
@@ -223,7 +263,7 @@ def export(batches: Iterator[pa.RecordBatch], schema: pa.Schema, path: Path) -> 
 def stored_layout(ledger: Ledger, spec: JobSpec) -> ResultLayout:
     """The output layout the ledger's last run recorded (its ``output_schema``), for ``spec``'s fields."""
     schema = pa.ipc.read_schema(pa.py_buffer(ledger.get_meta("output_schema")))
-    return ResultLayout.from_schema(schema, {n: f.type for n, f in spec.output.fields.items()})
+    return ResultLayout.from_schema(schema, spec.result_fields())
 
 
 def export_job(spec: JobSpec, path: Path | None = None) -> tuple[Path, int]:
@@ -240,7 +280,9 @@ def export_job(spec: JobSpec, path: Path | None = None) -> tuple[Path, int]:
     try:
         layout = stored_layout(ledger, spec)
         out = path or spec.output_path
-        n = export(result_batches(ledger, plan, layout), layout.schema, out)
+        n = export(result_batches(ledger, plan, layout, spec=spec), layout.schema, out)
+        if spec.kind == "cluster" and path is None:
+            export_families(spec, ledger)
     finally:
         ledger.close()
     return out, n

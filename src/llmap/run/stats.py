@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,7 @@ from llmap import errors as E
 
 if TYPE_CHECKING:
     from llmap.control.lanes import Lane
-    from llmap.providers.base import Completion
+    from llmap.providers.base import Completion, Provider
 
 __all__ = ["COUNTERS", "DispatchStats", "Stop", "StatsDelta", "model_stats"]
 
@@ -202,6 +202,16 @@ class DispatchStats:
             for k, v in d.items():
                 m[k] = m.get(k, 0) + v
         self.outcomes.update(delta.outcomes)
+
+    def note_dialects(self, providers: Sequence[Provider]) -> None:
+        """Put each model's structured-output dialect into its per-model record (the ledger's ``runs.by_model``),
+        for ``llmap status`` and ``llmap report``."""
+        for p in providers:
+            if p.structured is None:
+                continue
+            m = self.by_model.setdefault(p.label, model_stats())
+            m["structured"] = p.structured.split(" ", 1)[0]
+            m["structured_how"] = p.structured
 
     def take_request_log(self) -> list[tuple]:
         """The request log entries recorded since the last call (for the ledger); the log starts empty again."""

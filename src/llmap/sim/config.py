@@ -111,6 +111,13 @@ class SimConfig:
             comma-separated, from :data:`RESPONSE_FORMATS`; ``""`` takes none
             (only prompts). A ``json_object`` may carry a ``schema`` beside its
             type, as llama-cpp-python's server takes it.
+        groups: a CSV or JSONL file of ``text``, ``group`` (and ``name``): the hidden true groups that operator
+            steps are answered from and embeddings are drawn around (:mod:`llmap.sim.groups`); None = none.
+        group_error_rate: fraction of operator step items answered wrong (a row proposed or assigned to the
+            wrong family, a pair verdict flipped).
+        embed_noise: how far a text's embedding lies from its group's centre (0 = on it; about 1 = as far as
+            another group's).
+        embed_dim: dimensions of ``/v1/embeddings`` vectors.
         format_error: how another type is refused: ``"openai"`` (400,
             ``param: response_format``, as OpenAI answers models without
             Structured Outputs) or ``"llama-cpp-python"`` (500 whose message
@@ -165,6 +172,10 @@ class SimConfig:
     model_accuracy: str = ""
     calibration: str = "well"
     refuse_logprobs: bool = False
+    groups: str | None = None
+    group_error_rate: float = 0.0
+    embed_noise: float = 0.35
+    embed_dim: int = 64
 
     def __post_init__(self) -> None:
         if isinstance(self.outage, str):
@@ -176,7 +187,8 @@ class SimConfig:
             object.__setattr__(self, "outage", (start, end))
         for name in ("fail_rate", "hang_rate", "malformed_rate"):
             _check_rate(name, getattr(self, name))
-        for name in ("drop_item_rate", "corrupt_item_rate", "overload_rate", "limit_rate", "batch_fail_rate"):
+        for name in ("drop_item_rate", "corrupt_item_rate", "overload_rate", "limit_rate", "batch_fail_rate",
+                     "group_error_rate"):
             _check_rate(name, getattr(self, name))
         if self.fail_rate + self.hang_rate + self.malformed_rate > 1.0 + 1e-9:
             raise ValueError("fail_rate + hang_rate + malformed_rate must not exceed 1")
@@ -210,6 +222,9 @@ class SimConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.cache_min_tokens < 0:
             raise ValueError(f"cache_min_tokens must be >= 0, got {self.cache_min_tokens!r}")
+        if self.embed_noise < 0 or self.embed_dim < 2:
+            raise ValueError(f"embed_noise must be >= 0 and embed_dim >= 2, got {self.embed_noise!r}, "
+                             f"{self.embed_dim!r}")
         if self.context_chars <= 0:
             raise ValueError(f"context_chars must be positive, got {self.context_chars!r}")
         if self.accuracy is not None:

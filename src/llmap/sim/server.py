@@ -5,7 +5,7 @@ Routes:
 - ``POST /v1/chat/completions``: a chat completion (see :meth:`SimServer.chat`).
 - ``POST /v1/messages``, ``GET /v1/models/{model_id}``: Anthropic's Messages
   API (see :mod:`llmap.sim.messages`). The batch APIs: :mod:`llmap.sim.batches`, :mod:`llmap.sim.message_batches`.
-- ``GET /v1/models``: ``{"object": "list", "data": [{"id": "sim", ...}]}``.
+- ``GET /v1/models``: ``{"object": "list", "data": [...]}``; ``POST /v1/embeddings``: :mod:`llmap.sim.groups`.
 - ``GET /stats``: counters (:mod:`llmap.sim.stats`); ``POST /stats/reset``
   zeroes them, refills the rate-limit buckets and the token quota.
 - ``GET /config``: the current :class:`SimConfig` as JSON; ``POST /config``
@@ -58,6 +58,7 @@ from aiohttp import web
 from llmap.sim.answers import completion_tokens, make_answer, message_text, prompt_tokens
 from llmap.sim.calibrated import CURVES, accuracy_for
 from llmap.sim.config import SimConfig
+from llmap.sim.groups import GroupsMixin
 from llmap.sim.limits import Admission, Clock, RateLimiter, Sleep, ratelimit_headers
 from llmap.sim.message_batches import BatchAPIsMixin
 from llmap.sim.messages import MessagesMixin
@@ -92,7 +93,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, text=json.dumps(data), content_type="application/json")
 
 
-class SimServer(MessagesMixin, BatchAPIsMixin):
+class SimServer(MessagesMixin, BatchAPIsMixin, GroupsMixin):
     """The state and handlers of one simulator (config, limits, stats, faults).
 
     Everything runs on one event loop; nothing here is thread-safe.
@@ -163,6 +164,7 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_get("/v1/models/{model_id}", self.model_info)
         self.add_batch_api_routes(app)
+        self.add_group_routes(app)
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/stats/reset", self.reset_stats)
         app.router.add_get("/config", self.get_config)
@@ -346,7 +348,7 @@ class SimServer(MessagesMixin, BatchAPIsMixin):
             self.stats.hung += 1
             await asyncio.Event().wait()  # cancelled when the client goes away
         try:
-            answer = make_answer(
+            answer = self.group_answer(body) or make_answer(
                 body,
                 rng=self._rng,
                 drop_item_rate=cfg.drop_item_rate,

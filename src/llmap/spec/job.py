@@ -8,9 +8,9 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from llmap.errors import SpecError
 from llmap.io.diagnose import missing_file
@@ -18,17 +18,28 @@ from llmap.providers.params import answer_params
 from llmap.spec.base import StrictModel
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
+from llmap.spec.operators import ClusterSpec, EmbeddingsSpec, FilterSpec, ReduceSpec, ResolveSpec
 from llmap.spec.quality import EvalSpec
 from llmap.spec.sections import FieldSpec, InputSpec, OutputSpec, PerGroup, PromptSpec
 
 #: Where the job spec's keys are documented (every "unknown key" error names it).
 SPEC_DOCS = "docs/job-spec.md"
 
+#: Kinds whose rows need ``[output.fields]`` (the answer of a row, a group or the filter's boolean).
+_NEEDS_FIELDS = ("map", "reduce", "filter")
+#: Kinds that write a column of their own (``_family``, ``_entity``) instead of ``[output.fields]``.
+_OWN_COLUMN = {"cluster": "_family", "resolve": "_entity"}
+
 
 class JobSpec(StrictModel):
-    """A whole job. ``base_dir`` (not a TOML key) is the job file's folder."""
+    """A whole job. ``base_dir`` (not a TOML key) is the job file's folder.
+
+    ``kind`` (default ``"map"``) picks the operator (:mod:`llmap.spec.operators`); its own table
+    (``[cluster]``, ``[resolve]``, ``[reduce]``, ``[filter]``) is optional, as is ``[embeddings]``.
+    """
 
     name: str
+    kind: Literal["map", "cluster", "resolve", "reduce", "filter"] = "map"
     input: InputSpec
     prompt: PromptSpec
     output: OutputSpec
@@ -38,8 +49,85 @@ class JobSpec(StrictModel):
     alerts: AlertsSpec = AlertsSpec()
     batch: BatchSpec = BatchSpec()
     eval: EvalSpec = EvalSpec()
+    cluster: ClusterSpec = ClusterSpec()
+    resolve_: ResolveSpec = Field(default=ResolveSpec(), alias="resolve")
+    reduce: ReduceSpec = ReduceSpec()
+    filter: FilterSpec = FilterSpec()
+    embeddings: EmbeddingsSpec = EmbeddingsSpec()
     ledger: str | None = None
     base_dir: Path = Path(".")
+
+    @model_validator(mode="after")
+    def _operator_tables(self) -> JobSpec:
+        given = self.model_fields_set
+        for table, kind in (("cluster", "cluster"), ("resolve_", "resolve"), ("reduce", "reduce"),
+                            ("filter", "filter")):
+            if table in given and self.kind != kind:
+                raise ValueError(f"[{kind}] is set but kind = {self.kind!r}; set kind = \"{kind}\" at the top of "
+                                 f"the job file, or drop [{kind}]")
+        if "embeddings" in given and self.kind not in ("cluster", "resolve"):
+            raise ValueError(f"[embeddings] is used by kind = \"cluster\" and \"resolve\" only, not {self.kind!r}; "
+                             "drop it")
+        if self.kind in _OWN_COLUMN and self.output.fields:
+            raise ValueError(f"kind = {self.kind!r} writes {_OWN_COLUMN[self.kind]} itself and takes no "
+                             "[output.fields]; drop them")
+        if self.embeddings.provider == "openai" and not self.embeddings.name:
+            raise ValueError("[embeddings] provider = \"openai\" needs name (e.g. \"text-embedding-3-small\")")
+        if self.embeddings.provider == "local" and self.embeddings.name not in (None, "all-MiniLM-L6-v2"):
+            raise ValueError("[embeddings] provider = \"local\" runs all-MiniLM-L6-v2 only; drop name, or use "
+                             "provider = \"openai\" with a server that has the model")
+        if self.kind == "filter":
+            self.filter_field()
+        if self.kind in ("cluster", "resolve", "reduce"):
+            self._check_operator()
+        return self
+
+    def _check_operator(self) -> None:
+        """What map offers and these operators do not: say so instead of ignoring it."""
+        kind = self.kind
+        if self.prompt.examples:
+            raise ValueError(f"[prompt] examples show one row's answer, which kind = {kind!r} does not give; drop "
+                             "them")
+        if "pack" in self.prompt.model_fields_set:
+            raise ValueError(f"[prompt] pack is for map and filter; kind = {kind!r} packs its own steps (set "
+                             f"[{kind}] pack)" if kind != "reduce" else "[prompt] pack is for map and filter; "
+                             "kind = \"reduce\" sends one chunk of rows per request")
+        if any(m.batch for m in self.models):
+            raise ValueError(f"[model] batch is for map and filter; kind = {kind!r} sends its steps in real time")
+        if any(m.escalate_if for m in self.models):
+            raise ValueError(f"escalate_if is for map and filter; kind = {kind!r} uses later [[model]] tables for "
+                             "failover only")
+        if self.input.per_group is not None:
+            raise ValueError(f"[input] per_group is for map and filter, not kind = {kind!r}")
+        if kind == "reduce" and self.output.keep:
+            raise ValueError("[output] keep copies a row's columns, but kind = \"reduce\" writes one row per group; "
+                             "name the group's columns in [reduce] by")
+
+    def filter_field(self) -> str:
+        """``kind = "filter"``: the boolean field that decides: ``[filter] field``, else the only boolean field.
+
+        The seam for the guaranteed cascade (issue 21): a ``[cascade] guarantee = "precision" | "recall"`` on a
+        filter promises it for this field, so its ``field`` must equal this one (check it here when ``[cascade]``
+        lands); the filter itself is the map path, so the cascade's answers are what the export keeps.
+
+        Raises:
+            ValueError: no such field, not a boolean, or several booleans and none named.
+        """
+        fields = self.output.fields
+        name = self.filter.field
+        if name is None:
+            bools = [n for n, f in fields.items() if f.type == "boolean"]
+            if len(bools) != 1:
+                which = f"several ({', '.join(bools)}): set [filter] field to one" if bools else \
+                    "none: add one to [output.fields], e.g. keep = { type = \"boolean\" }"
+                raise ValueError(f"kind = \"filter\" keeps the rows whose boolean field is true, and the fields have "
+                                 f"{which}")
+            return bools[0]
+        if name not in fields:
+            raise ValueError(f"[filter] field {name!r} is not in [output.fields] ({', '.join(fields)})")
+        if fields[name].type != "boolean":
+            raise ValueError(f"[filter] field {name!r} is a {fields[name].type}; it must be a boolean")
+        return name
 
     @property
     def model(self) -> ModelSpec:
@@ -54,6 +142,18 @@ class JobSpec(StrictModel):
     @property
     def output_path(self) -> Path:
         return self.resolve(self.output.path)
+
+    def result_fields(self) -> dict[str, str]:
+        """The answer columns of the output, name -> field type: ``[output.fields]``, or the operator's own
+        column (``_family`` for cluster, ``_entity`` for resolve)."""
+        if self.kind in _OWN_COLUMN:
+            return {_OWN_COLUMN[self.kind]: "string"}
+        return {n: f.type for n, f in self.output.fields.items()}
+
+    def operator_table(self) -> StrictModel | None:
+        """The operator's own table (``[cluster]``, ``[resolve]``, ``[reduce]``, ``[filter]``), or None for map."""
+        return {"cluster": self.cluster, "resolve": self.resolve_, "reduce": self.reduce,
+                "filter": self.filter}.get(self.kind)
 
     @property
     def ledger_path(self) -> Path:
@@ -85,6 +185,12 @@ class JobSpec(StrictModel):
         }
         if self.output.checks:  # only when set, so existing ledgers keep their hashes: done rows meet new checks
             doc["checks"] = [c.model_dump() for c in self.output.checks]
+        if self.kind != "map":  # only then, so map ledgers keep their hashes
+            doc["kind"] = self.kind
+            op = self.operator_table()
+            doc["operator"] = op.model_dump(exclude={"families_path", "show"}) if op is not None else None
+            if self.kind in ("cluster", "resolve"):
+                doc["embeddings"] = self.embeddings.model_dump(include={"provider", "name", "base_url"})
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def prompt_fingerprint(self) -> str:
@@ -138,6 +244,8 @@ def _one_line(exc: ValidationError, source: str) -> str:
         return f"{source}: {where} is required; add it to the job file"
     msg = err.get("msg", "invalid value")
     msg = msg.removeprefix("Value error, ")
+    if not err.get("loc"):  # a check across tables names them itself
+        return f"{source}: {msg}"
     return f"{source}: {where}: {msg}"
 
 
@@ -203,6 +311,11 @@ def parse_spec(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = 
         if isinstance(m, dict) and isinstance(m.get("model_path"), str):
             m["model_path"] = str(base_dir / Path(m["model_path"]).expanduser())
     doc["models"] = models
+    kind = doc.get("kind", "map")
+    out = doc.get("output")
+    if kind in _NEEDS_FIELDS and isinstance(out, dict) and "fields" not in out:
+        why = "" if kind == "map" else f" (kind = {kind!r} answers with them)"
+        raise SpecError(f"{source}: [output] fields is required{why}; add it to the job file")
     doc.setdefault("name", name)
     doc["base_dir"] = base_dir
     try:

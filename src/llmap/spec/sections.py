@@ -185,7 +185,7 @@ class OutputSpec(StrictModel):
     path: str
     keep: list[str] = []
     max_reask: int = Field(default=2, ge=0)
-    fields: dict[str, FieldSpec]
+    fields: dict[str, FieldSpec] = {}  # required for kind = "map" (checked in llmap.spec.job)
     fallback: dict[str, Any] | None = None
     checks: list[CheckSpec] = []
     confidence: ConfidenceSetting = "auto"

@@ -7,9 +7,9 @@ usage, exit reason, models, the hash of prompt and fields, rollback),
 ``requests`` (one per request sent: time, model, outcome, latency, tokens,
 prompt-cache reads and writes, pack size), ``row_history`` (each row's state
 before a run changed it: :mod:`llmap.store.history`), ``labels`` (the true
-answers a person gave: :mod:`llmap.store.labels`) and ``meta``. A migration once released is never edited: a later
-change
-is a new entry at the end.
+answers a person gave: :mod:`llmap.store.labels`), ``meta``, and the
+operators' tables (``op_*``, :mod:`llmap.store.operators`). A migration once
+released is never edited: a later change is a new entry at the end.
 """
 
 from __future__ import annotations
@@ -227,6 +227,67 @@ MIGRATIONS: list[tuple[str, str]] = [
             source TEXT NOT NULL,
             created_at REAL NOT NULL,
             PRIMARY KEY (key, field)
+        );
+        """,
+    ),
+    (
+        # Operators (llmap.operators, llmap.store.operators): every model step's outcome, content-addressed by its
+        # request's key (a crash resumes mid-operator without repeating a call); embeddings; cluster families; reduce
+        # groups and their chunks; each run's operator summary. Named 010: 007/008 and 009 are taken by other branches.
+        "010_operators",
+        """
+        CREATE TABLE op_steps (
+            key TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            run INTEGER NOT NULL,
+            output TEXT NOT NULL,
+            model TEXT,
+            source TEXT,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE op_vectors (
+            key TEXT PRIMARY KEY,
+            model TEXT NOT NULL,
+            dim INTEGER NOT NULL,
+            vec BLOB NOT NULL
+        );
+        CREATE TABLE op_families (
+            id TEXT PRIMARY KEY,
+            run INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            description TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            examples TEXT NOT NULL,
+            sources TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE op_groups (
+            key TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            plan INTEGER NOT NULL,
+            data TEXT NOT NULL,
+            status TEXT NOT NULL,
+            output TEXT,
+            error TEXT,
+            model TEXT,
+            source TEXT,
+            fingerprint TEXT NOT NULL
+        );
+        CREATE INDEX op_groups_plan_seq ON op_groups (plan, seq);
+        CREATE TABLE op_chunks (
+            grp TEXT NOT NULL,
+            level INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            step TEXT NOT NULL,
+            members TEXT NOT NULL,
+            PRIMARY KEY (grp, level, idx)
+        );
+        CREATE TABLE op_runs (
+            run INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            summary TEXT NOT NULL
         );
         """,
     ),

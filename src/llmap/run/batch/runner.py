@@ -47,7 +47,7 @@ from llmap.spec import BatchSpec
 from llmap.store.batches import BatchBook, BatchRecord
 from llmap.store.ledger import Ledger, RowResult
 
-__all__ = ["RECONCILE_GRACE_S", "batch_api", "cancel_batches", "run_batches"]
+__all__ = ["RECONCILE_GRACE_S", "batch_api", "cancel_batches", "run_batches", "still_running"]
 
 #: Seconds after its intent before a batch not found at the provider is taken as never created (a create
 #: request that failed, or that a crash cut, may still be made by the provider in the meantime).
@@ -272,3 +272,14 @@ async def cancel_batches(ledger: Ledger, provider: Provider) -> list[tuple[int, 
         book.cancelling(rec.id, "user")
         out.append((rec.id, rec.provider_id, status))
     return out
+
+
+def still_running(ledger: Ledger) -> str:
+    """An interrupted run's word on its batches (``"; 2 batches keep running ..."``): they keep running at the
+    provider, and the next run collects them; ``""`` when none is held."""
+    held = BatchBook(ledger).held()
+    if not held:
+        return ""
+    return (f"; {len(held)} batch{'es' if len(held) != 1 else ''} keep running at the provider (recorded in the "
+            "ledger): the next `llmap run` collects them and sends none of their rows again, "
+            "`llmap batch cancel` stops them")
