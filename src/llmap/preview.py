@@ -144,7 +144,7 @@ async def apreview(spec: JobSpec, n: int, *, seed: int = DEFAULT_SEED, progress:
             stored = [r for page in led.iter_rows(plan) for r in page] if plan is not None else []
     variables = _in_template_order(compiled.renderer.variables, f"{spec.prompt.system or ''}\n{spec.prompt.user}")
     rows = []
-    for i, (key, data, status, output, error, model, src_kind) in enumerate(stored):
+    for i, (key, data, status, output, error, model, src_kind, *_) in enumerate(stored):  # + confidence, raw
         d = json.loads(data)
         shown_key = str(seqs[i]) if not spec.input.key_columns else key
         rows.append(PreviewRow(seqs[i], shown_key, {v: d.get(v) for v in variables},
