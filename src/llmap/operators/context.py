@@ -113,7 +113,7 @@ class OpContext:
         out: list[OpRow] = []
         seq = 0
         for page in self.ledger.iter_rows(self.run_id):
-            for key, data, status, output, _error, _model, _source in page:
+            for key, data, status, output, *_ in page:
                 row = json.loads(data)
                 text = error = None
                 if status != "skipped":

@@ -175,12 +175,14 @@ class OperatorBook:
                 for k, seq, data, status, output, error, model, source, fp in groups]
 
     def iter_groups(self, plan: int, *, page: int = 5000) -> Iterator[list[tuple]]:
-        """Pages of ``(key, data, status, output, error, model, source)`` of plan ``plan``'s groups, in order
-        (the shape :meth:`~llmap.store.ledger.Ledger.iter_rows` gives, so the sinks export either)."""
+        """Pages of ``(key, data, status, output, error, model, source, confidence, raw)`` of plan ``plan``'s
+        groups, in order (the shape :meth:`~llmap.store.ledger.Ledger.iter_rows` gives, so the sinks export
+        either; a group has no confidence or raw answer: None)."""
         last = -1
         while True:
             rows = self.db.execute(
-                "SELECT seq, key, data, status, output, error, model, source FROM op_groups WHERE plan = ? AND seq > ? "
+                "SELECT seq, key, data, status, output, error, model, source, NULL, NULL FROM op_groups "
+                "WHERE plan = ? AND seq > ? "
                 "ORDER BY seq LIMIT ?", (plan, last, page)).fetchall()
             if not rows:
                 return
@@ -226,7 +228,7 @@ def output_pages(ledger: Ledger, plan: int, *, kind: str = "map", keep_field: st
                  ) -> Iterator[list[tuple]]:
     """The pages an export writes: the plan's rows, or reduce's groups (``kind = "reduce"``); with
     ``keep_field`` (``kind = "filter"``) only the settled rows whose field is true. Each row is
-    ``(key, data, status, output, error, model, source)``."""
+    ``(key, data, status, output, error, model, source, confidence, raw)``."""
     pages = OperatorBook(ledger).iter_groups(plan) if kind == "reduce" else ledger.iter_rows(plan)
     for rows in pages:
         if keep_field is not None:
