@@ -142,6 +142,8 @@ class Prepared:
         for p in self.providers:
             with contextlib.suppress(Exception):
                 await p.aclose()
+        if self.compiled.documents is not None:
+            await self.compiled.documents.aclose()
         self.compiled.close()
         with contextlib.suppress(Exception):
             self.source.close()
@@ -197,10 +199,14 @@ class Job:
             providers = [make_provider(m, concurrency=spec.limits.concurrency) for m in spec.models]
             for p in providers:
                 await p.check()
+            if compiled.documents is not None:  # the first rows' documents can be read
+                await compiled.documents.preflight(source)
         except BaseException:
             for p in providers:
                 with contextlib.suppress(Exception):
                     await p.aclose()
+            if compiled.documents is not None:
+                await compiled.documents.aclose()
             compiled.close()
             raise
         return Prepared(source, compiled, inp, providers)
@@ -350,6 +356,8 @@ class Job:
             for p in prep.providers:
                 with contextlib.suppress(Exception):
                     await p.aclose()
+            if prep.compiled.documents is not None:
+                await prep.compiled.documents.aclose()
             out = None
             try:
                 if run_id is not None:
@@ -432,7 +440,8 @@ class Job:
         try:
             dispatcher = Dispatcher(lanes, prep.compiled.renderer, prep.compiled.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
-                                    answers=AnswerCache(cache), escalate_if=prep.compiled.escalate_if)
+                                    answers=AnswerCache(cache), escalate_if=prep.compiled.escalate_if,
+                                    documents=prep.compiled.documents)
             packer = None
             if spec.prompt.pack != 1:
                 packer = Packer(dispatcher, spec.prompt.pack)

@@ -27,6 +27,8 @@ import pyarrow as pa
 
 from llmap import errors as E
 from llmap.control.cascade import EscalateIf
+from llmap.io.documents import Documents
+from llmap.io.extract import missing_libraries
 from llmap.io.sinks import ResultLayout
 from llmap.io.sources import Source
 from llmap.prompt.render import Renderer
@@ -48,18 +50,22 @@ class Compiled:
         escalate_if: per ``[[model]]``, its bound ``escalate_if``, or None.
         fingerprint: the request fingerprint (prompt, fields, model settings;
             see :meth:`~llmap.spec.JobSpec.request_fingerprint`).
+        documents: the document columns (``[input.documents]``), or None.
     """
 
     renderer: Renderer
     schema: OutputSchema
     escalate_if: tuple[EscalateIf | None, ...]
     fingerprint: str
+    documents: Documents | None = None
 
     def close(self) -> None:
-        """Release the cascade conditions' DuckDB connections."""
+        """Release the cascade conditions' DuckDB connections and the document store."""
         for cond in self.escalate_if:
             if cond is not None:
                 cond.close()
+        if self.documents is not None:
+            self.documents.close()
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,13 @@ def compile_spec(spec: JobSpec, *, source: str = "job") -> Compiled:
         check_fallback(spec.output.fields, spec.output.fallback, source=source)
     _check_cost_cap(spec, source)
     _check_batch(spec, source)
+    _check_documents(spec, renderer, source)
     escalate = _bind_cascade(spec, source)
-    return Compiled(renderer, OutputSchema(spec.output.fields), escalate, spec.request_fingerprint())
+    fingerprint = spec.request_fingerprint()
+    documents = None
+    if spec.input.documents:
+        documents = Documents(spec, fingerprint=fingerprint, variables=renderer.variables)
+    return Compiled(renderer, OutputSchema(spec.output.fields), escalate, fingerprint, documents)
 
 
 def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = "job") -> JobSpec:
@@ -159,6 +170,7 @@ def check_input(spec: JobSpec, compiled: Compiled, source: Source) -> InputPlan:
     group = [spec.input.per_group.column] if spec.input.per_group else []
     needed += [(c, "[input] per_group") for c in group]
     needed += [(c, "[input] max_chars") for c in spec.input.max_chars]
+    needed += [(c, "[input.documents]") for c in spec.input.documents]
     source.require_columns(needed)
     source.check_where()
     _check_keys(spec, source)
@@ -193,9 +205,13 @@ class KeyedRow:
 
 
 def keyed_rows(spec: JobSpec, compiled: Compiled, source: Source, columns: list[str]) -> Iterator[KeyedRow]:
-    """Every input row with its key and input hash, in input order (the planner and ``estimate``)."""
+    """Every input row with its key and input hash, in input order (the planner and ``estimate``).
+
+    A document column's value counts by its content (:meth:`~llmap.io.documents.Documents.identities`).
+    """
     key_col = spec.input.key
     variables = compiled.renderer.variables
+    docs = compiled.documents
     fp = compiled.fingerprint.encode()
     seq = -1
     for batch in source.batches(columns):
@@ -207,7 +223,8 @@ def keyed_rows(spec: JobSpec, compiled: Compiled, source: Source, columns: list[
                 key = str(seq)
                 row["_row"] = seq
             inputs = {v: row[v] for v in variables}
-            yield KeyedRow(seq, key, row, inputs, input_hash(fp, inputs), batch.schema)
+            hashed = docs.identities(inputs) if docs is not None else inputs
+            yield KeyedRow(seq, key, row, inputs, input_hash(fp, hashed), batch.schema)
 
 
 def _check_keys(spec: JobSpec, source: Source) -> None:
@@ -257,6 +274,31 @@ def _check_batch(spec: JobSpec, source: str) -> None:
     if "batch" in given and not spec.model.batch:
         raise E.SpecError(f"{source}: [batch] is set but no [model] has batch = true; add batch = true to the first "
                           "[model] or drop [batch]")
+
+
+def _check_documents(spec: JobSpec, renderer: Renderer, source: str) -> None:
+    """Document columns are read by a template, their libraries are installed, and they go where they can."""
+    docs = spec.input.documents
+    if not docs:
+        return
+    unread = [c for c in docs if c not in renderer.variables]
+    if unread:
+        raise E.SpecError(f"{source}: [input.documents] {unread[0]!r} is not read by any template; use "
+                          f"{{{{ {unread[0]} }}}} in [prompt] user, or drop it from [input.documents]")
+    for column, d in docs.items():
+        missing = missing_libraries(d.kind)
+        if missing:
+            raise E.SpecError(f"{source}: [input.documents] {column!r} (kind = {d.kind!r}) needs "
+                              f"{', '.join(missing)}; install them with `pip install 'llmap[documents]'`")
+    if spec.model.batch:
+        raise E.SpecError(f"{source}: [input.documents] does not go with [model] batch yet (a batch's rows are "
+                          "rendered again when collected); drop batch = true")
+    images = all(m.takes_images for m in spec.models) and spec.prompt.pack == 1
+    in_system = [c for c, d in docs.items() if d.kind in ("image", "auto") and c in renderer.system_variables]
+    if images and in_system:
+        raise E.SpecError(f"{source}: [input.documents] {in_system[0]!r} may hold an image, which goes to the "
+                          "model as an image part, and only user messages carry those; read it in [prompt] user, "
+                          "or set its kind to \"pdf\", \"html\" or \"text\"")
 
 
 def _bind_cascade(spec: JobSpec, source: str) -> tuple[EscalateIf | None, ...]:

@@ -32,13 +32,14 @@ import dataclasses
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmap import errors as E
 from llmap.control.cascade import EscalateIf
 from llmap.control.lanes import Lane, pick_lane
 from llmap.control.misconfig import MisconfigDetector, verdict_message
 from llmap.control.retry import RetryPolicy
+from llmap.prompt.parts import content_chars
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema
 from llmap.providers.base import Completion, Refusal, Request
@@ -49,6 +50,9 @@ from llmap.spec import LimitsSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import CacheEntry
 from llmap.store.ledger import RowResult
+
+if TYPE_CHECKING:
+    from llmap.io.documents import Documents
 
 __all__ = ["Dispatcher"]
 
@@ -65,7 +69,7 @@ _VERDICT_POLL_S = 0.1
 
 def _chars(messages: list[dict[str, Any]]) -> int:
     """Characters of a request's messages (the prompt-token estimate's input)."""
-    return sum(len(m["content"]) if isinstance(m.get("content"), str) else len(str(m.get("content"))) for m in messages)
+    return sum(content_chars(m.get("content")) for m in messages)
 #: How often the watchdog tightens deadlines of requests in flight, seconds.
 _WATCHDOG_S = 0.25
 
@@ -97,8 +101,10 @@ class Dispatcher:
                  answers: AnswerCache | None = None, escalate_if: Sequence[EscalateIf | None] = (),
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, documents: Documents | None = None) -> None:
         self.lanes = list(lanes)
+        #: the job's document columns, read on each row's path (:meth:`~llmap.run.rows.RowSteps.resolve`)
+        self.documents = documents
         self.answers = answers
         self.settler = Settler(schema, max_reask=max_reask, escalate_if=escalate_if, models=len(self.lanes))
         self.renderer = renderer

@@ -266,9 +266,10 @@ class Pool:
             self.commit_soon()
 
     # -- prepare a page ------------------------------------------------------------------------
-    def prepare_page(self, page: Sequence[tuple[int, str, str]]) -> list[PendingRow]:
+    async def prepare_page(self, page: Sequence[tuple[int, str, str]]) -> list[PendingRow]:
         """Ledger rows ``(seq, key, data)`` into prepared rows: quotas applied (a group already full is
-        skipped with the reason), rendered and keyed; a row its template fails on is settled failed."""
+        skipped with the reason), documents read, rendered and keyed; a row whose document cannot be read
+        or whose template fails is settled failed."""
         rows = []
         for _, key, data in page:
             if self.group_quota is None:
@@ -281,8 +282,9 @@ class Pool:
             elif decision is QuotaDecision.SKIP:
                 self.buffer.append(RowResult(key=key, status="skipped",
                                              error=self.group_quota.reason(g, self.quota_column)))
-        ready, failed = self.steps.prepare(rows)
-        for res, row in failed:
+        resolved, failed = await self.steps.resolve(rows)
+        ready, unrendered = self.steps.prepare(resolved)
+        for res, row in failed + unrendered:
             self.outstanding += 1
             self.settle([res], [row])
         self._taken += len(rows)
@@ -336,11 +338,11 @@ class Pool:
         self._taken, after = 0, -1
         stop = self.stats.stop
         while not stop.is_set():
-            page = self.ledger.pending(self.run_id, after_seq=after, limit=PAGE_ROWS)
+            page = self.ledger.pending(self.run_id, after_seq=after, limit=self.steps.page_rows(PAGE_ROWS))
             if not page:
                 break
             after = page[-1][0]
-            for row in self.prepare_page(page):
+            for row in await self.prepare_page(page):
                 await self.take(row)
                 if self.n_waiting > MAX_WAITING:
                     await self.end_pack()

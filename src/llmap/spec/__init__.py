@@ -12,15 +12,17 @@ runs both.
 The contract (see README.md for every key, default and unit)::
 
     name = "district-type"          # optional; default: the file's stem
-    [input]   path | sql, key, where, limit, encoding
+    [input]   path | sql, key, where, limit, encoding, document_dirs, [input.documents]
     [prompt]  system, user, examples
     [output]  path, keep, max_reask, [output.fields]
     [model]   provider, name, base_url, api_key_env, model_path, temperature, max_tokens, ...
     [limits]  concurrency, rpm, tpm, itpm, otpm, ...
     [batch]   max_requests, max_bytes, poll_s, deadline, retry   (for [model] batch = true)
+    [fetch]   allow_private, per_host_rpm, per_host_concurrency, max_mb, timeout_s, ...   (document URLs)
 """
 
 from llmap.spec.base import FIELD_TYPES
+from llmap.spec.documents import DocumentSpec, FetchSpec
 from llmap.spec.job import JobSpec, parse_spec, read_spec
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
@@ -31,8 +33,10 @@ __all__ = [
     "AlertsSpec",
     "BatchSpec",
     "Example",
+    "FetchSpec",
     "FieldSpec",
     "CacheSpec",
+    "DocumentSpec",
     "InputSpec",
     "JobSpec",
     "LimitsSpec",

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError
 from llmap.errors import SpecError
 from llmap.providers.params import answer_params
 from llmap.spec.base import StrictModel
+from llmap.spec.documents import FetchSpec
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
 from llmap.spec.sections import InputSpec, OutputSpec, PromptSpec
@@ -30,6 +31,7 @@ class JobSpec(StrictModel):
     cache: CacheSpec = CacheSpec()
     alerts: AlertsSpec = AlertsSpec()
     batch: BatchSpec = BatchSpec()
+    fetch: FetchSpec = FetchSpec()
     ledger: str | None = None
     base_dir: Path = Path(".")
 
@@ -75,6 +77,9 @@ class JobSpec(StrictModel):
                        for k, v in self.output.fields.items()},
             "models": models,
         }
+        if self.input.documents:  # only when set, so existing ledgers keep their hashes
+            doc["documents"] = {k: v.model_dump() for k, v in self.input.documents.items()}
+            doc["images"] = [m.takes_images for m in self.models]
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 

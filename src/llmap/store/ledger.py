@@ -79,6 +79,8 @@ class RowResult:
             cache entry served because every model failed).
         tried: every model answer on the way (cascade, re-asks):
             ``(model, outcome, output or None, prompt tokens, completion tokens)``.
+        input_hash: the row's input hash as learned on its path (a document fetched then, see
+            :mod:`llmap.io.documents`), recorded in place of the planned one; None keeps the planned one.
     """
 
     key: str
@@ -92,6 +94,7 @@ class RowResult:
     model: str | None = None
     source: str | None = None
     tried: list[tuple[str, str, dict[str, Any] | None, int, int]] | None = None
+    input_hash: str | None = None
 
 
 _UPSERT = """
@@ -132,7 +135,8 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
 
 _RECORD = """
 UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prompt_tokens = ?,
-    completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?
+    completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?,
+    input_hash = COALESCE(?, input_hash)
 WHERE key = ?
 """
 _REQUEST = """
@@ -298,7 +302,8 @@ class Ledger:
         now = time.time()
         params = [
             (r.status, json.dumps(r.output, ensure_ascii=False) if r.output is not None else None, r.error,
-             r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s, r.model, r.source, now, r.key)
+             r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s, r.model, r.source, now, r.input_hash,
+             r.key)
             for r in results
         ]
         tried = [
