@@ -157,7 +157,9 @@ def cut_to_tokens(pages: Sequence[str], total: int, max_tokens: int) -> str:
         text, what = "\n\n".join(kept), f"{unit} 1-{len(kept)} of {total} kept"
     else:
         first = units[0][:budget]
-        at = max(first.rfind("\n"), first.rfind(" "))
+        at = first.rfind("\n")
+        if at <= budget // 2:  # no line break in the second half: a space will do
+            at = first.rfind(" ")
         text = first[:at] if at > budget // 2 else first
         what = f"{unit[:-1]} 1 of {total} cut short"
     return f"{text}\n\n[llmap: document cut to max_tokens = {max_tokens}: {what}]"

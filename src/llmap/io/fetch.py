@@ -3,8 +3,9 @@
 :meth:`Fetcher.fetch` turns one ``http(s)://`` URL into its body:
 
 1. **Stored and fresh**: a body fetched less than ``[fetch] max_age`` ago
-   (:class:`~llmap.store.documents.DocumentStore`) is used without asking the
-   server: a rerun fetches nothing.
+   (:class:`~llmap.store.documents.DocumentStore`), or already fetched or
+   confirmed by this fetcher (one run asks about a URL once), is used without
+   asking the server: a rerun fetches nothing.
 2. **Safe**: only ``http``/``https``; every host is resolved through a
    resolver that drops loopback, private, link-local and other non-public
    addresses unless ``[fetch] allow_private`` (an IP literal is checked the
@@ -121,7 +122,7 @@ class PolicyResolver(AbstractResolver):
         kept = [r for r in found if address_refusal(r["host"], allow_private=self.allow_private) is None]
         if not kept:
             why = address_refusal(found[0]["host"], allow_private=self.allow_private) if found else "no address"
-            raise AddressRefused(f"{host} resolves to {why}")
+            raise AddressRefused(f"{host}: {why}")
         return kept
 
     async def close(self) -> None:
@@ -190,6 +191,10 @@ class Fetcher:
         sleep: the async sleep (default :func:`asyncio.sleep`).
         resolver: the DNS resolver under the address policy (tests inject one).
         rng: the random source of the retry jitter.
+
+    Attributes:
+        stats: what it did (:class:`FetchStats`).
+        resolver: the :class:`PolicyResolver` every connection resolves its host through.
     """
 
     def __init__(self, spec: FetchSpec, store: DocumentStore, *, clock: Callable[[], float] = time.monotonic,
@@ -202,16 +207,18 @@ class Fetcher:
         self.gate = HostGate(HostPace(spec.per_host_rpm, spec.per_host_concurrency), clock=clock, sleep=sleep)
         self.retry = RetryPolicy(max_attempts=spec.max_attempts, base_s=1.0, cap_s=30.0,
                                  budget_s=max(60.0, spec.max_attempts * (spec.timeout_s + 30.0)), rng=rng)
-        self._resolver = PolicyResolver(allow_private=spec.allow_private, inner=resolver)
+        self.resolver = PolicyResolver(allow_private=spec.allow_private, inner=resolver)
         self._session: aiohttp.ClientSession | None = None
         self._robots: dict[str, asyncio.Task[RobotsRules]] = {}
         self._inflight: dict[str, asyncio.Task[Fetched]] = {}
+        self._checked: set[str] = set()  # URLs fetched or confirmed by this fetcher: fresh for its life
 
     # -- what the store holds ---------------------------------------------------------------
     def fresh(self, url: str) -> FetchedEntry | None:
-        """The stored entry for ``url`` when it is younger than ``max_age`` (no request needed), else None."""
+        """The stored entry for ``url`` when it is younger than ``max_age``, or was fetched or confirmed by this
+        fetcher (one run asks a server about a URL once), else None."""
         entry = self.store.fetched(url)
-        if entry is not None and self.wall() - entry.checked_at < self.spec.max_age_s:
+        if entry is not None and (url in self._checked or self.wall() - entry.checked_at < self.spec.max_age_s):
             return entry
         return None
 
@@ -257,7 +264,7 @@ class Fetcher:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(resolver=self._resolver, limit=0, ttl_dns_cache=300)
+            connector = aiohttp.TCPConnector(resolver=self.resolver, limit=0, ttl_dns_cache=300)
             timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s, connect=min(10.0, self.spec.timeout_s))
             self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=True,
                                                   headers={"User-Agent": self.spec.user_agent})
@@ -308,6 +315,7 @@ class Fetcher:
                             if body is not None:
                                 self.stats.not_modified += 1
                                 self.store.confirm(url, self.wall())
+                                self._checked.add(url)
                                 return Fetched(url, current, body, stored.sha256, stored.content_type, True)
                             raise E.Overloaded("answered 304 Not Modified for a body no longer stored")
                         if resp.status >= 300:
@@ -325,6 +333,7 @@ class Fetcher:
             sha = hashlib.sha256(body).hexdigest()
             now = self.wall()
             self.store.put_fetched(FetchedEntry(url, sha, ctype, etag, modified, current, now, now), body)
+            self._checked.add(url)
             self.stats.fetched += 1
             return Fetched(url, current, body, sha, ctype, True)
         raise E.BadRequest(f"more than {self.spec.max_redirects} redirects ([fetch] max_redirects)")
@@ -332,16 +341,15 @@ class Fetcher:
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         cap = self.spec.max_bytes
         size = resp.content_length
-        over = (f"over the size cap: more than {human_bytes(cap)} ([fetch] max_mb = {self.spec.max_mb:g}); raise "
-                "max_mb to fetch it")
+        over = f"more than {human_bytes(cap)} ([fetch] max_mb = {self.spec.max_mb:g}); raise max_mb to fetch it"
         if size is not None and size > cap:
-            raise E.BadRequest(over.replace("more than", f"{human_bytes(size)},", 1))
+            raise E.BadRequest(f"over the size cap: {human_bytes(size)} is {over}")
         chunks: list[bytes] = []
         total = 0
         async for chunk in resp.content.iter_chunked(65536):
             total += len(chunk)
             if total > cap:
-                raise E.BadRequest(over)
+                raise E.BadRequest(f"over the size cap: {over}")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -350,7 +358,8 @@ class Fetcher:
         parts = urlsplit(url)
         origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
         task = self._robots.get(origin)
-        if task is None or (task.done() and task.result().unreachable is not None):  # unreachable: ask again
+        if task is None or (task.done() and (task.exception() is not None or task.result().unreachable)):
+            # read once per origin; unreachable (or refused) means asking again next time
             task = asyncio.get_running_loop().create_task(self._read_robots(origin, parts.hostname or ""))
             self._robots[origin] = task
         return await asyncio.shield(task)
@@ -366,7 +375,10 @@ class Fetcher:
                         text = (await resp.content.read(ROBOTS_MAX_BYTES)).decode("utf-8", errors="replace")
                     rules = RobotsRules.from_answer(resp.status, text)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                rules = RobotsRules.from_answer(None, why=str(_transport_error(exc)))
+                err = _transport_error(exc)
+                if isinstance(err, E.TerminalError):  # a refused address or an unknown host: the page's too
+                    raise err from exc
+                rules = RobotsRules.from_answer(None, why=str(err))
         delay = rules.crawl_delay(self.spec.user_agent)
         if delay:
             self.gate.pace.slow_down(host, delay)
@@ -379,4 +391,4 @@ class Fetcher:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        await self._resolver.close()
+        await self.resolver.close()

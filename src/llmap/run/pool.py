@@ -251,6 +251,9 @@ class Pool:
                     results.append(RowResult(f.key, "failed",
                                              error=f"an identical row's request failed twice: {r.error}"))
                     rows.append(f)
+        for r, row in zip(results, rows, strict=True):
+            if row.resolved_hash is not None:  # its documents' content, learned on its path (a URL fetched)
+                r.input_hash = row.resolved_hash
         if self.on_settled is not None:
             self.on_settled(results, [row.data for row in rows])
         self.buffer.extend(results)
@@ -299,7 +302,8 @@ class Pool:
         if row.ckey is not None:
             if row.ckey in self.waiting:  # an identical request is being answered: wait for it
                 answers.pass_over(row.ckey)
-                self.waiting[row.ckey].append(PendingRow(row.key, row.data, row.group, ckey=row.ckey))
+                self.waiting[row.ckey].append(PendingRow(row.key, row.data, row.group, ckey=row.ckey,
+                                                         resolved_hash=row.resolved_hash))
                 self.n_waiting += 1
                 return
             hit = answers.peek(row.ckey)

@@ -64,7 +64,7 @@ class PendingRow:
         input_hash: the row's input hash in the ledger, where the caller needs it (a batch line
             records it, so a row whose inputs changed while its batch ran is not settled by it).
         resolved_hash: its input hash over its documents' content, once :meth:`RowSteps.resolve`
-            read them; its result records it.
+            read them; the pool records it with the row's result.
     """
 
     key: str
@@ -186,9 +186,7 @@ class RowSteps:
         if await self.d.settler.escalates(0, entry.output):
             row.single = True
             return None
-        res = cached(row.key, entry)
-        res.input_hash = row.resolved_hash
-        return res
+        return cached(row.key, entry)
 
     # -- 3. solve ------------------------------------------------------------------------------
     async def solve(self, items: Sequence[PendingRow]) -> list[RowResult] | None:
@@ -204,14 +202,9 @@ class RowSteps:
         """
         try:
             if self.packer is not None and not items[0].single:
-                results = await self.packer.solve([(r.key, r.row, r.messages, r.ckey) for r in items])
-            else:
-                row = items[0]
-                results = [await self.d.solve_messages(row.key, row.messages, lead=None if row.single else row.ckey)]
-            for res, r in zip(results, items, strict=False):
-                if r.resolved_hash is not None and res.key == r.key:
-                    res.input_hash = r.resolved_hash
-            return results
+                return await self.packer.solve([(r.key, r.row, r.messages, r.ckey) for r in items])
+            row = items[0]
+            return [await self.d.solve_messages(row.key, row.messages, lead=None if row.single else row.ckey)]
         except Stop:
             return None
         except DiskFull:
