@@ -17,7 +17,8 @@ from _documents import Page, PageServer, pdf_with_text  # noqa: E402
 from _support import LLMAP, chat_requests  # noqa: E402
 from llmap import Job  # noqa: E402
 from llmap.errors import DocumentError, SpecError  # noqa: E402
-from llmap.io.documents import Documents, cut_to_tokens, is_url  # noqa: E402
+from llmap.io.documents import Documents, is_url
+from llmap.io.extract import cut_to_tokens  # noqa: E402
 from llmap.plan import load_spec  # noqa: E402
 from llmap.sim import Simulator  # noqa: E402
 
@@ -275,3 +276,59 @@ def test_a_long_document_is_cut_and_the_prompt_says_so(tmp_path: Path) -> None:
     assert prompts[0].startswith("Schedule: Page 1 line 0 of the timetable\n")  # the text, as sent
     assert prompts[0].endswith("[llmap: document cut to max_tokens = 200: pages 1-2 of 5 kept]")
     assert "Page 2 line 9" in prompts[0] and "Page 3" not in prompts[0]
+
+
+def test_an_image_goes_as_an_image_part_to_a_model_that_takes_images(tmp_path: Path, monkeypatch) -> None:
+    import base64
+
+    from _documents import png
+    from _support import ScriptedProvider, with_providers
+
+    pytest.importorskip("PIL")
+    picture = png(["Lunch 35 min"])
+    (tmp_path / "s.png").write_bytes(picture)
+    provider = ScriptedProvider("openai:gpt-4o", lambda n, req: '{"minutes": 35}')
+    with_providers(monkeypatch, [provider])
+    with Simulator() as sim:
+        job = _job(tmp_path, sim, [("1", "s.png")], kind="image")
+        job.write_text(job.read_text().replace('name = "sim"', 'name = "sim"\nimages = true'), encoding="utf-8")
+        res = Job.from_toml(job).run()
+    assert res.counts["done"] == 1
+    content = provider.requests[0].messages[-1]["content"]
+    assert content[0] == {"type": "text", "text": "Schedule: "}
+    url = content[1]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",", 1)[1]) == picture
+
+
+@pytest.mark.ocr
+def test_an_image_is_read_by_ocr_for_a_model_without_images(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from _documents import png
+    from _support import ScriptedProvider, with_providers
+
+    if shutil.which("tesseract") is None:
+        pytest.skip("needs Tesseract")
+    (tmp_path / "s.png").write_bytes(png(["Lunch 35 min"]))
+    provider = ScriptedProvider("openai:sim", lambda n, req: '{"minutes": 35}')
+    with_providers(monkeypatch, [provider])
+    with Simulator() as sim:
+        job = _job(tmp_path, sim, [("1", "s.png")])  # kind auto; the model "sim" takes no images
+        Job.from_toml(job).run()
+    assert provider.requests[0].messages[-1]["content"] == "Schedule: Lunch 35 min"
+
+
+def test_if_changed_never_skips_a_job_with_documents(tmp_path: Path) -> None:
+    from llmap.store.fingerprint import unchanged_since_complete
+
+    (tmp_path / "a.txt").write_text("Start 8:00", encoding="utf-8")
+    with Simulator() as sim:
+        job = _job(tmp_path, sim, [("1", "a.txt")])
+        assert Job.from_toml(job).run().requests == 1
+        plain = job.read_text().replace("[input.documents]\ndoc = { kind = \"auto\", max_tokens = 4000 }\n", "")
+        (tmp_path / "plain.toml").write_text(plain, encoding="utf-8")
+        assert Job.from_toml(tmp_path / "plain.toml").run().counts["done"] == 1
+        assert unchanged_since_complete(load_spec(tmp_path / "plain.toml")) is not None  # the input is all it reads
+        assert unchanged_since_complete(load_spec(job)) is None  # a.txt may change under the same input
+        (tmp_path / "a.txt").write_text("Start 9:00", encoding="utf-8")
+        assert Job.from_toml(job).run().requests == 1

@@ -133,6 +133,7 @@ def test_pdfs_and_html_pages_get_the_text_columns_answers_and_a_rerun_costs_noth
         assert _answers(pdf)["002"] != want["002"] and _answers(pdf)["003"] == want["003"]
 
 
+@pytest.mark.ocr
 @pytest.mark.timeout(1200)
 def test_scans_read_by_ocr_get_the_text_columns_answers(tmp_path: Path) -> None:
     if missing_libraries("pdf"):

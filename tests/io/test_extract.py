@@ -10,8 +10,11 @@ import pytest
 from _documents import html_page, pdf_with_text, png, scanned_pdf
 from llmap.io import extract as X
 
-needs_ocr = pytest.mark.skipif(shutil.which("tesseract") is None or bool(X.missing_libraries("pdf")),
-                               reason="needs Tesseract and the documents extra")
+def needs_ocr(test):
+    """Marker ``ocr`` (CI must run it) and a skip without Tesseract or the documents extra."""
+    skip = pytest.mark.skipif(shutil.which("tesseract") is None or bool(X.missing_libraries("pdf")),
+                              reason="needs Tesseract (apt-get install tesseract-ocr) and the documents extra")
+    return pytest.mark.ocr(skip(test))
 
 
 def test_normalize_keeps_lines_and_collapses_the_rest() -> None:
@@ -61,9 +64,9 @@ def test_bad_pdfs_say_why() -> None:
 def test_an_encrypted_pdf_needs_its_password_unless_it_is_empty() -> None:
     import pypdf
 
-    def encrypted(user: str) -> bytes:
+    def encrypted(user: str, algorithm: str = "RC4-128") -> bytes:
         w = pypdf.PdfWriter(clone_from=pypdf.PdfReader(io.BytesIO(pdf_with_text([["secret schedule"]]))))
-        w.encrypt(user_password=user, owner_password="owner", algorithm="RC4-128")
+        w.encrypt(user_password=user, owner_password="owner", algorithm=algorithm)
         out = io.BytesIO()
         w.write(out)
         return out.getvalue()
@@ -71,6 +74,9 @@ def test_an_encrypted_pdf_needs_its_password_unless_it_is_empty() -> None:
     with pytest.raises(X.ExtractError, match="encrypted with a password"):
         X.read_pdf(encrypted("s3cret"))
     assert X.read_pdf(encrypted("")).pages == ("secret schedule",)  # what viewers open without asking
+    assert X.read_pdf(encrypted("", "AES-256")).pages == ("secret schedule",)  # pypdf[crypto]
+    with pytest.raises(X.ExtractError, match="encrypted with a password"):
+        X.read_pdf(encrypted("s3cret", "AES-128"))
 
 
 @needs_ocr

@@ -27,7 +27,8 @@ name: a changed file is asked again, a renamed identical file is not.
 
 **Cut.** A document longer than its ``max_tokens`` (characters / 4) is cut at
 a page boundary (a paragraph's, for a one-page document), and a note at the end
-says what was kept: ``[llmap: document cut to max_tokens = 4000: pages 1-3 of 7 kept]``.
+says what was kept: ``[llmap: document cut to max_tokens = 4000: pages 1-3 of 7 kept]``
+(:func:`~llmap.io.extract.cut_to_tokens`).
 
 **Images.** A document of kind ``image`` (or ``auto`` that turns out an image)
 goes to the model as an image part when every ``[[model]]`` takes images
@@ -72,21 +73,13 @@ from llmap.store.documents import FILE_NAME as STORE_FILE
 from llmap.store.documents import DocumentStore, TextEntry
 from llmap.store.fingerprint import input_hash
 
-__all__ = ["CHARS_PER_TOKEN", "PREFLIGHT_ROWS", "RESOLVED_KEY", "DocumentStats", "Documents", "Resolved",
-           "cut_to_tokens", "is_url"]
+__all__ = ["PREFLIGHT_ROWS", "RESOLVED_KEY", "DocumentStats", "Documents", "Resolved", "is_url"]
 
-#: Characters per token when cutting a document to ``max_tokens`` (the estimate's default ratio).
-CHARS_PER_TOKEN = 4
 #: Documents per column read by the preflight.
 PREFLIGHT_ROWS = 5
 #: The key a resolved row's data carries: column -> the document's identity.
 RESOLVED_KEY = "_llmap_documents"
-#: The largest image sent as it is, in bytes (Anthropic takes 5 MB of base64 per image); larger ones are re-encoded.
-MAX_IMAGE_BYTES = 3_750_000
-#: The longest side an image is scaled to when it must be re-encoded, in pixels.
-IMAGE_MAX_SIDE = 2048
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_SENDABLE = ("image/png", "image/jpeg", "image/gif", "image/webp")
 
 
 def is_url(value: str) -> bool:
@@ -124,45 +117,6 @@ class Resolved:
     identity: str
     kind: str
     image: dict[str, Any] | None = None
-
-
-def cut_to_tokens(pages: Sequence[str], total: int, max_tokens: int) -> str:
-    """Pages joined by blank lines, cut to ``max_tokens`` keeping whole pages, with a note when cut.
-
-    Args:
-        pages: the pages extracted (maybe fewer than ``total``).
-        total: the document's pages.
-        max_tokens: the most tokens kept, counted as characters / :data:`CHARS_PER_TOKEN`.
-
-    Returns:
-        The text. A one-page document is cut at paragraph (blank line) boundaries instead; when
-        even the first unit is too long, it is cut at the last line break (or space) that fits.
-    """
-    budget = max_tokens * CHARS_PER_TOKEN
-    units, unit = list(pages), "pages"
-    if total <= 1 and len(units) == 1:
-        units, unit = [u for u in units[0].split("\n\n")], "paragraphs"
-        total = len(units)
-    whole = "\n\n".join(units)
-    if len(whole) <= budget and len(units) >= total:
-        return whole
-    kept: list[str] = []
-    used = 0
-    for u in units:
-        if used + len(u) > budget:
-            break
-        kept.append(u)
-        used += len(u) + 2
-    if kept:
-        text, what = "\n\n".join(kept), f"{unit} 1-{len(kept)} of {total} kept"
-    else:
-        first = units[0][:budget]
-        at = first.rfind("\n")
-        if at <= budget // 2:  # no line break in the second half: a space will do
-            at = first.rfind(" ")
-        text = first[:at] if at > budget // 2 else first
-        what = f"{unit[:-1]} 1 of {total} cut short"
-    return f"{text}\n\n[llmap: document cut to max_tokens = {max_tokens}: {what}]"
 
 
 def _json_roundtrip(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -359,15 +313,14 @@ class Documents:
             entry = await self._text(data, sha, kind, spec, ctype)
         except X.ExtractError as exc:
             raise E.DocumentError(f"{value}: {exc}", source=value) from None
-        text = cut_to_tokens(entry.pages, entry.total_pages, spec.max_tokens)
+        text = X.cut_to_tokens(entry.pages, entry.total_pages, spec.max_tokens)
         return Resolved(text, f"sha256:{sha}", kind)
 
     async def _text(self, data: bytes, sha: str, kind: str, spec: DocumentSpec, ctype: str | None) -> TextEntry:
         """The document's pages: from the store, or extracted (once, however many rows ask at once)."""
-        recipe = f"{kind}|{spec.ocr_lang}|{X.EXTRACTOR_VERSION}"
-        budget = spec.max_tokens * CHARS_PER_TOKEN
+        recipe = _recipe(kind, spec)
         stored = self.store.text(sha, recipe)
-        if stored is not None and (stored.complete or sum(len(p) for p in stored.pages) > budget):
+        if _enough(stored, spec):
             self.stats.texts_stored += 1
             return stored
         key = (sha, recipe)
@@ -384,7 +337,7 @@ class Documents:
             self._cpu = asyncio.Semaphore(max(1, os.cpu_count() or 1))
         async with self._cpu:  # extraction and OCR are CPU work: one per core
             pages = await asyncio.to_thread(X.READERS[kind], data, spec.ocr_lang,
-                                            spec.max_tokens * CHARS_PER_TOKEN, ctype)
+                                            spec.max_tokens * X.CHARS_PER_TOKEN, ctype)
         if not any(p.strip() for p in pages.pages):
             what = f" in {pages.total} page{'s' if pages.total != 1 else ''}" if kind == "pdf" else ""
             ocr = " (OCR included)" if pages.ocr else ""
@@ -397,12 +350,41 @@ class Documents:
 
     async def _image(self, data: bytes) -> dict[str, Any]:
         """An image as an image part: sent as it is when its format and size allow, else re-encoded."""
-        media, width, height = await asyncio.to_thread(X.image_info, data)
-        if media not in _SENDABLE or len(data) > MAX_IMAGE_BYTES:
-            data, media, width, height = await asyncio.to_thread(_reencode, data)
+        data, media, width, height = await asyncio.to_thread(X.sendable_image, data)
         self.stats.images += 1
         return {"media_type": media, "data": base64.b64encode(data).decode("ascii"), "width": width,
                 "height": height}
+
+    # -- what is known already (``llmap estimate``) -------------------------------------------------
+    def known(self, column: str, value: Any) -> tuple[str | None, tuple[int, int] | None]:
+        """What a cell would send, from what is already stored: no fetch, no extraction, nothing written.
+
+        Returns:
+            ``(text, None)`` when its text is stored (cut to ``max_tokens``), ``("", (width, height))`` for an
+            image that goes as an image part, ``(None, None)`` when it was never read (or cannot be).
+        """
+        spec = self.columns[column]
+        if not isinstance(value, str) or not value:
+            return "", None
+        try:
+            if is_url(value):
+                entry = self.store.fetched(value)
+                data = self.store.body(entry.sha256) if entry is not None else None
+                if entry is None or data is None:
+                    return None, None
+                name, ctype, sha = entry.final_url, entry.content_type, entry.sha256
+            else:
+                data = self.locate(value).read_bytes()
+                name, ctype, sha = value, None, hashlib.sha256(data).hexdigest()
+            kind = spec.kind if spec.kind != "auto" else X.sniff(data, name=name, content_type=ctype)
+            if kind == "image" and self.images:
+                return "", X.image_info(data)[1:]
+        except (OSError, E.DocumentError, X.ExtractError):
+            return None, None
+        entry = self.store.text(sha, _recipe(kind, spec))
+        if not _enough(entry, spec):
+            return None, None
+        return X.cut_to_tokens(entry.pages, entry.total_pages, spec.max_tokens), None
 
     # -- preflight ------------------------------------------------------------------------------------
     async def preflight(self, source: Source, *, rows: int = PREFLIGHT_ROWS) -> None:
@@ -430,6 +412,16 @@ class Documents:
                     f"{errors[0]}); the column must hold paths (relative to {self.base_dir}) or http(s) URLs")
 
 
+def _recipe(kind: str, spec: DocumentSpec) -> str:
+    """How a text was extracted: the kind read, the OCR language, the extractor's version."""
+    return f"{kind}|{spec.ocr_lang}|{X.EXTRACTOR_VERSION}"
+
+
+def _enough(entry: TextEntry | None, spec: DocumentSpec) -> bool:
+    """Whether a stored text serves ``spec``: every page, or more than its ``max_tokens`` hold."""
+    return entry is not None and (entry.complete or sum(map(len, entry.pages)) > spec.max_tokens * X.CHARS_PER_TOKEN)
+
+
 def _read_file(path: Path, value: str) -> bytes:
     try:
         return path.read_bytes()
@@ -441,24 +433,6 @@ def _read_file(path: Path, value: str) -> bytes:
         raise E.DocumentError(f"{value}: permission denied ({path})", source=value) from None
     except OSError as exc:
         raise E.DocumentError(f"{value}: cannot be read ({exc.strerror or exc})", source=value) from None
-
-
-def _reencode(data: bytes) -> tuple[bytes, str, int, int]:
-    """An image as JPEG (PNG when it has transparency), its longest side at most :data:`IMAGE_MAX_SIDE`."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.thumbnail((IMAGE_MAX_SIDE, IMAGE_MAX_SIDE))
-        out = io.BytesIO()
-        if image.mode in ("RGBA", "LA", "P"):
-            image.save(out, format="PNG", optimize=True)
-            media = "image/png"
-        else:
-            image.convert("RGB").save(out, format="JPEG", quality=85)
-            media = "image/jpeg"
-        return out.getvalue(), media, image.width, image.height
 
 
 class _EmptyStore:

@@ -9,6 +9,9 @@
 - **Text**: decoded (BOM, UTF-8, the ``charset`` the server named, else cp1252);
   form feeds split pages.
 
+:func:`cut_to_tokens` joins the pages a prompt gets, cut to ``max_tokens``
+keeping whole pages; :func:`sendable_image` prepares an image for an image part.
+
 Every page is normalised the same way (:func:`normalize`): line ends unified,
 ligatures and soft hyphens undone, runs of white space inside a line made one
 space, lines trimmed, blank lines collapsed to one. Line breaks are kept: they
@@ -25,11 +28,12 @@ from __future__ import annotations
 import importlib.util
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["EXTRACTOR_VERSION", "OCR_DPI", "ExtractError", "Pages", "image_info", "missing_libraries", "normalize",
-           "ocr_image", "read_html", "read_pdf", "read_text", "sniff"]
+__all__ = ["CHARS_PER_TOKEN", "EXTRACTOR_VERSION", "OCR_DPI", "ExtractError", "Pages", "cut_to_tokens", "image_info",
+           "missing_libraries", "normalize", "ocr_image", "read_html", "read_pdf", "read_text", "sendable_image",
+           "sniff"]
 
 #: Bumped when extraction changes what it returns, so stored texts are extracted again.
 EXTRACTOR_VERSION = "1"
@@ -37,6 +41,14 @@ EXTRACTOR_VERSION = "1"
 OCR_DPI = 300
 #: The longest side of a page rendered for OCR, in pixels (a poster-sized page is scaled down to it).
 OCR_MAX_SIDE = 12_000
+
+#: Characters per token when cutting a document to ``max_tokens`` (the estimate's default ratio).
+CHARS_PER_TOKEN = 4
+#: The largest image sent as it is, in bytes (Anthropic takes 5 MB of base64 per image); larger ones are re-encoded.
+MAX_IMAGE_BYTES = 3_750_000
+#: The longest side an image is scaled to when it must be re-encoded, in pixels.
+IMAGE_MAX_SIDE = 2048
+_SENDABLE = ("image/png", "image/jpeg", "image/gif", "image/webp")
 
 #: The Python modules each kind needs (import name, PyPI name).
 LIBRARIES: dict[str, list[tuple[str, str]]] = {
@@ -263,6 +275,33 @@ def _open_image(data: bytes):  # -> PIL.Image.Image
     return image
 
 
+def sendable_image(data: bytes) -> tuple[bytes, str, int, int]:
+    """An image as an image part takes it: ``(bytes, media type, width, height)``.
+
+    PNG, JPEG, GIF and WebP up to :data:`MAX_IMAGE_BYTES` go as they are; anything else (TIFF, BMP, a
+    larger file) is re-encoded as JPEG (PNG when it has transparency), its longest side at most
+    :data:`IMAGE_MAX_SIDE` pixels.
+
+    Raises:
+        ExtractError: not an image Pillow reads.
+    """
+    media, width, height = image_info(data)
+    if media in _SENDABLE and len(data) <= MAX_IMAGE_BYTES:
+        return data, media, width, height
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.thumbnail((IMAGE_MAX_SIDE, IMAGE_MAX_SIDE))
+        out = io.BytesIO()
+        if image.mode in ("RGBA", "LA", "P"):
+            image.save(out, format="PNG", optimize=True)
+            media = "image/png"
+        else:
+            image.convert("RGB").save(out, format="JPEG", quality=85)
+            media = "image/jpeg"
+        return out.getvalue(), media, image.width, image.height
+
+
 # -- HTML and text -------------------------------------------------------------------------------
 def read_html(data: bytes) -> Pages:
     """An HTML page's main text (one page).
@@ -323,6 +362,45 @@ def _start(data: bytes) -> str:
     """The first bytes, for an error message: ``'<!DOCTYPE html>...'``."""
     head = data[:16]
     return repr(head.decode("latin-1")) if head else "nothing: the file is empty"
+
+
+def cut_to_tokens(pages: Sequence[str], total: int, max_tokens: int) -> str:
+    """Pages joined by blank lines, cut to ``max_tokens`` keeping whole pages, with a note when cut.
+
+    Args:
+        pages: the pages extracted (maybe fewer than ``total``).
+        total: the document's pages.
+        max_tokens: the most tokens kept, counted as characters / :data:`CHARS_PER_TOKEN`.
+
+    Returns:
+        The text. A one-page document is cut at paragraph (blank line) boundaries instead; when
+        even the first unit is too long, it is cut at the last line break (or space) that fits.
+    """
+    budget = max_tokens * CHARS_PER_TOKEN
+    units, unit = list(pages), "pages"
+    if total <= 1 and len(units) == 1:
+        units, unit = [u for u in units[0].split("\n\n")], "paragraphs"
+        total = len(units)
+    whole = "\n\n".join(units)
+    if len(whole) <= budget and len(units) >= total:
+        return whole
+    kept: list[str] = []
+    used = 0
+    for u in units:
+        if used + len(u) > budget:
+            break
+        kept.append(u)
+        used += len(u) + 2
+    if kept:
+        text, what = "\n\n".join(kept), f"{unit} 1-{len(kept)} of {total} kept"
+    else:
+        first = units[0][:budget]
+        at = first.rfind("\n")
+        if at <= budget // 2:  # no line break in the second half: a space will do
+            at = first.rfind(" ")
+        text = first[:at] if at > budget // 2 else first
+        what = f"{unit[:-1]} 1 of {total} cut short"
+    return f"{text}\n\n[llmap: document cut to max_tokens = {max_tokens}: {what}]"
 
 
 #: What reads each kind: ``(data, lang, budget_chars, content_type) -> Pages``.

@@ -32,7 +32,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmap import errors as E
 from llmap.control.cascade import EscalateIf
@@ -50,9 +50,6 @@ from llmap.spec import LimitsSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.cache import CacheEntry
 from llmap.store.ledger import RowResult
-
-if TYPE_CHECKING:
-    from llmap.io.documents import Documents
 
 __all__ = ["Dispatcher"]
 
@@ -91,6 +88,8 @@ class Dispatcher:
             (backoff); both injectable.
         retry: the retry policy; default one from ``limits`` (``max_attempts``, ``backoff_base_s``,
             ``backoff_cap_s``, ``retry_budget_s``).
+        documents: the job's document columns (:class:`llmap.io.documents.Documents`), read on each row's path
+            by :meth:`~llmap.run.rows.RowSteps.resolve`, or None.
 
     Attributes:
         settler: the judge of every answer and error (:mod:`llmap.run.settle`).
@@ -101,9 +100,8 @@ class Dispatcher:
                  answers: AnswerCache | None = None, escalate_if: Sequence[EscalateIf | None] = (),
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-                 retry: RetryPolicy | None = None, documents: Documents | None = None) -> None:
+                 retry: RetryPolicy | None = None, documents: Any = None) -> None:
         self.lanes = list(lanes)
-        #: the job's document columns, read on each row's path (:meth:`~llmap.run.rows.RowSteps.resolve`)
         self.documents = documents
         self.answers = answers
         self.settler = Settler(schema, max_reask=max_reask, escalate_if=escalate_if, models=len(self.lanes))

@@ -1,0 +1,134 @@
+"""B19 documents: the embedded model reads the bell-schedule notes as PDFs, and how right it is.
+
+Renders each note of ``../shared/data/bell_schedules_2024_25.csv`` as a PDF with a text
+layer (``--scans``: as a picture inside a PDF, read by OCR) in a temporary folder, then runs
+one job with the embedded model (Gemma 3 270M, response cache off) over the PDF column
+(``[input.documents]``) and the same job over the notes as a text column. Prints, against
+the notes' true ``instructional_minutes``: exact match, mean absolute error (MAE), the share
+within 15 minutes, with Wilson 95% intervals; the share of rows whose answer is the same
+from the PDF as from the text column; and wall times. (The quality branch's ``llmap eval`` is
+not on this branch: the figures are computed here.) Needs ``pip install -e '.[local,test]'``
+and ``../shared/data``.
+
+    python bench/b19_documents.py [--scans] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, SHARED_DATA, table
+
+sys.path.insert(0, str(REPO / "tests"))
+from _documents import pdf_with_text, scanned_pdf  # noqa: E402
+
+from llmap import Job  # noqa: E402
+
+DATA = SHARED_DATA / "bell_schedules_2024_25.csv"
+
+JOB = """
+name = "{name}"
+[input]
+path = "notes.csv"
+key = "id"
+{documents}
+[prompt]
+system = "You read a school's bell schedule notes and answer with the instructional minutes per school day, as JSON."
+user = "Notes: {{{{ {column} }}}}"
+examples = [
+  {{ input = {{ {column} = "Grades K-5: 8:00 AM - 2:30 PM (390 min total). Assuming ~60 min lunch/recess = 330 min instructional." }}, output = {{ minutes = 330 }} }},
+  {{ input = {{ {column} = "Block schedule. Monday: 290 min, Tue-Fri: 340 min. Using 330 min average." }}, output = {{ minutes = 330 }} }},
+  {{ input = {{ {column} = "State minimum of 6 hours (360 min) of instruction per day; district follows it." }}, output = {{ minutes = 360 }} }},
+]
+[output]
+path = "out/{name}.jsonl"
+[output.fields]
+minutes = {{ type = "integer", minimum = 0, maximum = 600, description = "instructional minutes per day" }}
+[model]
+provider = "local"
+name = "gemma-3-270m"
+temperature = 0
+max_tokens = 24
+[cache]
+enabled = false
+"""
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of k successes in n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def run(base: Path, name: str, column: str, documents: str = "") -> tuple[dict[str, dict], float]:
+    job = base / f"{name}.toml"
+    job.write_text(JOB.format(name=name, column=column, documents=documents), encoding="utf-8")
+    t0 = time.perf_counter()
+    res = Job.from_toml(job).run()
+    wall = time.perf_counter() - t0
+    lines = (base / "out" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+    print(f"{name}: {res.counts}, {res.requests} requests, {wall:.1f} s", flush=True)
+    return {str(r["id"]): r for r in map(json.loads, lines)}, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scans", action="store_true", help="scans inside PDFs, read by OCR, instead of a text layer")
+    ap.add_argument("--limit", type=int, default=None, help="the first N notes only")
+    args = ap.parse_args()
+    if not DATA.is_file():
+        sys.exit(f"{DATA} is absent")
+    with open(DATA, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[: args.limit]
+    with tempfile.TemporaryDirectory(prefix="llmap-b19-") as tmp:
+        base = Path(tmp)
+        (base / "docs").mkdir()
+        table_rows = []
+        for i, r in enumerate(rows):
+            key = f"{i:03d}"
+            make = scanned_pdf if args.scans else pdf_with_text
+            (base / "docs" / f"{key}.pdf").write_bytes(make([[r["notes"]]]))
+            table_rows.append({"id": key, "note": r["notes"], "pdf": f"docs/{key}.pdf"})
+        with open(base / "notes.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "note", "pdf"])
+            w.writeheader()
+            w.writerows(table_rows)
+        docs, wall_docs = run(base, "pdf", "pdf", '[input.documents]\npdf = { kind = "pdf", max_tokens = 1000 }')
+        text, wall_text = run(base, "text", "note")
+    truth = {f"{i:03d}": int(r["instructional_minutes"]) for i, r in enumerate(rows)}
+    n = len(truth)
+    got = {k: r.get("minutes") for k, r in docs.items()}
+    answered = [k for k in truth if got.get(k) is not None]
+    exact = sum(got[k] == truth[k] for k in answered)
+    near = sum(abs(got[k] - truth[k]) <= 15 for k in answered)
+    mae = sum(abs(got[k] - truth[k]) for k in answered) / len(answered) if answered else float("nan")
+    same = sum(docs[k].get("minutes") == text[k].get("minutes") and docs[k]["_status"] == text[k]["_status"]
+               for k in truth)
+    lo, hi = wilson(exact, n)
+    nlo, nhi = wilson(near, n)
+    print(table([
+        ("notes", f"{n} ({'scans, OCR' if args.scans else 'PDFs with a text layer'})"),
+        ("answered", f"{len(answered)} of {n}"),
+        ("exact match", f"{exact}/{n} = {exact / n:.1%} (95% CI {lo:.1%}-{hi:.1%})"),
+        ("within 15 min", f"{near}/{n} = {near / n:.1%} (95% CI {nlo:.1%}-{nhi:.1%})"),
+        ("MAE", f"{mae:.1f} min over the answered rows"),
+        ("same answer as the text column", f"{same}/{n} = {same / n:.1%}"),
+        ("wall, PDF job", f"{wall_docs:.1f} s (extraction, model start and {n} rows)"),
+        ("wall, text job", f"{wall_text:.1f} s"),
+    ], "B19 documents: Gemma 3 270M over the bell-schedule notes as PDFs"))
+
+
+if __name__ == "__main__":
+    main()
