@@ -28,7 +28,6 @@ from _common import REPO, SHARED_DATA, table
 
 sys.path.insert(0, str(REPO / "tests"))
 from _documents import pdf_with_text, scanned_pdf  # noqa: E402
-
 from llmap import Job  # noqa: E402
 
 DATA = SHARED_DATA / "bell_schedules_2024_25.csv"
@@ -42,11 +41,7 @@ key = "id"
 [prompt]
 system = "You read a school's bell schedule notes and answer with the instructional minutes per school day, as JSON."
 user = "Notes: {{{{ {column} }}}}"
-examples = [
-  {{ input = {{ {column} = "Grades K-5: 8:00 AM - 2:30 PM (390 min total). Assuming ~60 min lunch/recess = 330 min instructional." }}, output = {{ minutes = 330 }} }},
-  {{ input = {{ {column} = "Block schedule. Monday: 290 min, Tue-Fri: 340 min. Using 330 min average." }}, output = {{ minutes = 330 }} }},
-  {{ input = {{ {column} = "State minimum of 6 hours (360 min) of instruction per day; district follows it." }}, output = {{ minutes = 360 }} }},
-]
+{examples}
 [output]
 path = "out/{name}.jsonl"
 [output.fields]
@@ -59,6 +54,18 @@ max_tokens = 24
 [cache]
 enabled = false
 """
+
+
+#: Few-shot examples (made up, not from the data): the notes' usual shapes.
+EXAMPLES = [("Grades K-5: 8:00 AM - 2:30 PM (390 min total). Assuming ~60 min lunch/recess = 330 min instructional.",
+             330),
+            ("Block schedule. Monday: 290 min, Tue-Fri: 340 min. Using 330 min average.", 330),
+            ("State minimum of 6 hours (360 min) of instruction per day; district follows it.", 360)]
+
+
+def examples(column: str) -> str:
+    return "".join(f'[[prompt.examples]]\noutput = {{ minutes = {m} }}\n[prompt.examples.input]\n{column} = "{t}"\n'
+                   for t, m in EXAMPLES)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -74,7 +81,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def run(base: Path, name: str, column: str, documents: str = "") -> tuple[dict[str, dict], float]:
     job = base / f"{name}.toml"
-    job.write_text(JOB.format(name=name, column=column, documents=documents), encoding="utf-8")
+    job.write_text(JOB.format(name=name, column=column, documents=documents, examples=examples(column)),
+                   encoding="utf-8")
     t0 = time.perf_counter()
     res = Job.from_toml(job).run()
     wall = time.perf_counter() - t0

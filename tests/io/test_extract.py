@@ -10,6 +10,7 @@ import pytest
 from _documents import html_page, pdf_with_text, png, scanned_pdf
 from llmap.io import extract as X
 
+
 def needs_ocr(test):
     """Marker ``ocr`` (CI must run it) and a skip without Tesseract or the documents extra."""
     skip = pytest.mark.skipif(shutil.which("tesseract") is None or bool(X.missing_libraries("pdf")),
