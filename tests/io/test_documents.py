@@ -332,3 +332,33 @@ def test_if_changed_never_skips_a_job_with_documents(tmp_path: Path) -> None:
         assert unchanged_since_complete(load_spec(job)) is None  # a.txt may change under the same input
         (tmp_path / "a.txt").write_text("Start 9:00", encoding="utf-8")
         assert Job.from_toml(job).run().requests == 1
+
+
+def test_packed_rows_carry_their_documents_text(tmp_path: Path, monkeypatch) -> None:
+    from _support import ScriptedProvider, with_providers
+
+    for i in range(4):
+        (tmp_path / f"{i}.txt").write_text(f"Schedule number {i}", encoding="utf-8")
+
+    def answer(n, req):
+        items = json.loads(req.messages[-1]["content"].split("\n")[-1])
+        return json.dumps({"items": [{"id": it["id"], "minutes": 300 + int(it["id"])} for it in items]})
+
+    provider = ScriptedProvider("openai:sim", answer)
+    with_providers(monkeypatch, [provider])
+    with Simulator() as sim:
+        job = _job(tmp_path, sim, [(str(i), f"{i}.txt") for i in range(4)], kind="text")
+        job.write_text(job.read_text().replace("[output]", "pack = 2\n[output]"), encoding="utf-8")
+        res = Job.from_toml(job).run()
+    assert res.counts["done"] == 4 and len(provider.requests) == 2
+    sent = "".join(r.messages[-1]["content"] for r in provider.requests)
+    assert all(f"Schedule number {i}" in sent for i in range(4)) and "_llmap" not in sent and ".txt" not in sent
+
+
+def test_odd_cells_fail_their_row_and_never_the_plan(tmp_path: Path) -> None:
+    docs = _documents(tmp_path)
+    assert docs.identity("doc", "a\x00b.txt") == "unreadable:a\x00b.txt"
+    assert docs.identity("doc", 42) == "unreadable:42"
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert docs.identity("doc", "loop").startswith("unreadable:")
+    docs.close()

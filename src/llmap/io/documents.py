@@ -185,6 +185,7 @@ class Documents:
             task.cancel()
         if self._fetcher is not None:
             await self._fetcher.aclose()
+            self._fetcher = None
         self.close()
 
     # -- planning: identities ---------------------------------------------------------------------
@@ -233,8 +234,11 @@ class Documents:
         Raises:
             DocumentError: the path leads outside the job's folder and ``[input] document_dirs``.
         """
-        p = Path(value).expanduser()
-        path = (p if p.is_absolute() else self.base_dir / p).resolve()
+        try:
+            p = Path(value).expanduser()
+            path = (p if p.is_absolute() else self.base_dir / p).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symbolic link loop, no home folder
+            raise E.DocumentError(f"{value!r}: not a usable path ({exc})", source=value) from None
         if not any(path == root or path.is_relative_to(root) for root in self.roots):
             dirs = ", ".join(str(r) for r in self.roots[1:]) or "none"
             raise E.DocumentError(
