@@ -73,6 +73,9 @@ def test_unread_documents_count_at_max_tokens_and_read_ones_exactly(tmp_path: Pa
     est = estimate(load_spec(job))
     assert est.to_request == 3 and est.documents_unread == 3 and est.prompt_chars >= 3 * 400
     assert not cache.exists()  # the estimate wrote nothing
+    from llmap.observe.estimate.table import estimate_text
+
+    assert "documents not read yet" in estimate_text(est) and "an upper bound" in estimate_text(est)
     Job.from_toml(job).run()
     (tmp_path / "in.csv").write_text("id,doc\n5,0.txt\n6,1.txt\n7,2.txt\n", encoding="utf-8")  # new rows, same docs
     job.write_text(job.read_text().replace("[cache]", "") + "[cache]\nenabled = false\n", encoding="utf-8")
