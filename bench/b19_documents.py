@@ -10,7 +10,12 @@ from the PDF as from the text column; and wall times. (The quality branch's ``ll
 not on this branch: the figures are computed here.) Needs ``pip install -e '.[local,test]'``
 and ``../shared/data``.
 
+``--overhead`` measures what reading documents costs instead, on the simulator (no model
+time): the notes x ``--copies`` as a text column, as PDFs read for the first time (fresh
+document store) and as PDFs whose texts are stored, interleaved over ``--repeat`` rounds.
+
     python bench/b19_documents.py [--scans] [--limit N]
+    python bench/b19_documents.py --overhead [--copies 4] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -91,15 +96,62 @@ def run(base: Path, name: str, column: str, documents: str = "") -> tuple[dict[s
     return {str(r["id"]): r for r in map(json.loads, lines)}, wall
 
 
+def overhead(rows: list[dict], copies: int, repeat: int, scans: bool) -> None:
+    """Wall seconds of one job over the text column, over PDFs read afresh and over PDFs already read."""
+    import os
+
+    from llmap.sim import Simulator
+
+    sim_job = JOB.replace('provider = "local"\nname = "gemma-3-270m"',
+                          'provider = "openai"\nname = "sim"\nbase_url = "{url}"')
+    walls: dict[str, list[float]] = {"text": [], "pdf, read afresh": [], "pdf, texts stored": []}
+    with tempfile.TemporaryDirectory(prefix="llmap-b19-") as tmp, Simulator() as sim:
+        base = Path(tmp)
+        (base / "docs").mkdir()
+        table_rows = []
+        for c in range(copies):
+            for i, r in enumerate(rows):
+                key, note = f"{c}-{i:03d}", f"{r['notes']} (copy {c})"
+                (base / "docs" / f"{key}.pdf").write_bytes((scanned_pdf if scans else pdf_with_text)([[note]]))
+                table_rows.append({"id": key, "note": note, "pdf": f"docs/{key}.pdf"})
+        with open(base / "notes.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["id", "note", "pdf"])
+            w.writeheader()
+            w.writerows(table_rows)
+        for k in range(repeat):
+            for label, column, docs, store in (("text", "note", "", "t"),
+                                               ("pdf, read afresh", "pdf", "[input.documents]\npdf = {}", f"f{k}"),
+                                               ("pdf, texts stored", "pdf", "[input.documents]\npdf = {}", "s")):
+                os.environ["LLMAP_CACHE_DIR"] = str(base / f"cache-{store}")
+                name = f"{column}-{store}-{k}"
+                job = base / f"{name}.toml"
+                job.write_text(sim_job.format(name=name, column=column, documents=docs, examples=examples(column),
+                                              url=sim.base_url), encoding="utf-8")
+                t0 = time.perf_counter()
+                Job.from_toml(job).run()
+                if not (label == "pdf, texts stored" and k == 0):  # the first stored round fills the store
+                    walls[label].append(time.perf_counter() - t0)
+    n = len(table_rows)
+    out = [(label, f"{min(w):.2f} s min, {sum(w) / len(w):.2f} s mean over {len(w)} runs ({n} rows)")
+           for label, w in walls.items()]
+    print(table(out, f"B19 overhead: reading {'scans (OCR)' if scans else 'PDFs'} on the simulator"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scans", action="store_true", help="scans inside PDFs, read by OCR, instead of a text layer")
     ap.add_argument("--limit", type=int, default=None, help="the first N notes only")
+    ap.add_argument("--overhead", action="store_true", help="time reading documents on the simulator instead")
+    ap.add_argument("--copies", type=int, default=4, help="--overhead: each note this many times (default 4)")
+    ap.add_argument("--repeat", type=int, default=3, help="--overhead: interleaved rounds (default 3)")
     args = ap.parse_args()
     if not DATA.is_file():
         sys.exit(f"{DATA} is absent")
     with open(DATA, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))[: args.limit]
+    if args.overhead:
+        overhead(rows, args.copies, args.repeat, args.scans)
+        return
     with tempfile.TemporaryDirectory(prefix="llmap-b19-") as tmp:
         base = Path(tmp)
         (base / "docs").mkdir()
@@ -113,8 +165,8 @@ def main() -> None:
             w = csv.DictWriter(f, fieldnames=["id", "note", "pdf"])
             w.writeheader()
             w.writerows(table_rows)
+        text, wall_text = run(base, "text", "note")  # first: it pays for reading the model file from disk
         docs, wall_docs = run(base, "pdf", "pdf", '[input.documents]\npdf = { kind = "pdf", max_tokens = 1000 }')
-        text, wall_text = run(base, "text", "note")
     truth = {f"{i:03d}": int(r["instructional_minutes"]) for i, r in enumerate(rows)}
     n = len(truth)
     got = {k: r.get("minutes") for k, r in docs.items()}
