@@ -146,6 +146,8 @@ class Prepared:
         for p in [*self.providers, *([self.embedder] if self.embedder is not None else [])]:
             with contextlib.suppress(Exception):
                 await p.aclose()
+        if self.compiled.documents is not None:
+            await self.compiled.documents.aclose()
         self.compiled.close()
         with contextlib.suppress(Exception):
             self.source.close()
@@ -202,11 +204,15 @@ class Job:
             providers = [make_provider(m, concurrency=spec.limits.concurrency) for m in spec.models]
             for p in providers:
                 await p.check()
+            if compiled.documents is not None:  # the first rows' documents can be read
+                await compiled.documents.preflight(source)
             inp, embedder = await prepare_operator(spec, source, inp)  # map: unchanged, no embedding model
         except BaseException:
             for p in providers:
                 with contextlib.suppress(Exception):
                     await p.aclose()
+            if compiled.documents is not None:
+                await compiled.documents.aclose()
             compiled.close()
             raise
         return Prepared(source, compiled, inp, providers, embedder)
@@ -360,6 +366,8 @@ class Job:
             for p in [*prep.providers, *([prep.embedder] if prep.embedder is not None else [])]:
                 with contextlib.suppress(Exception):
                     await p.aclose()
+            if prep.compiled.documents is not None:
+                await prep.compiled.documents.aclose()
             out = None
             try:
                 if run_id is not None:
@@ -445,7 +453,7 @@ class Job:
             dispatcher = Dispatcher(lanes, prep.compiled.renderer, prep.compiled.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
                                     answers=AnswerCache(cache), escalate_if=prep.compiled.escalate_if,
-                                    **prep.compiled.quality)
+                                    documents=prep.compiled.documents, **prep.compiled.quality)
             packer = None
             if spec.prompt.pack != 1:
                 packer = Packer(dispatcher, spec.prompt.pack)

@@ -29,6 +29,7 @@ input), with ``raise ... from exc`` so the original stays in ``__cause__``.
     │           └── LocalModelCrashed  the embedded model's process died (SIGSEGV, SIGILL, abort)
     ├── AnswerInvalid             the answer does not validate against the fields
     ├── RenderError               a template failed on one row's values; that row fails, the run goes on
+    ├── DocumentError             a row's document cannot be read or fetched; that row fails, the run goes on
     ├── EventLoopRunning          a sync call (llmap.map, Job.run) inside a running event loop
     ├── LedgerLocked              another run of the job holds its ledger; nothing sent (exit 75)
     ├── DiskFull                  a write of the ledger, cache or output found the disk full (exit 1)
@@ -51,6 +52,7 @@ __all__ = [
     "ConnectionFailed",
     "ContextTooLong",
     "DiskFull",
+    "DocumentError",
     "EventLoopRunning",
     "FatalProviderError",
     "InputError",
@@ -282,6 +284,30 @@ class RenderError(LlmapError):
         super().__init__(message)
         self.template = template
         self.null_columns = null_columns
+
+
+class DocumentError(LlmapError):
+    """A row's document (``[input.documents]``) cannot be read: a missing file, an encrypted or corrupt PDF,
+    a 404, a page over ``[fetch] max_mb``, a path outside the allowed folders, a URL that is not http(s) or
+    that points to a private address.
+
+    Only that row fails (its ``_error`` holds this one-line message, naming the file or URL and the cause);
+    the run goes on. Fetch errors are classed like a model's: a 429, a 5xx, a timeout or a refused
+    connection is retried within ``[fetch] max_attempts`` and then sets ``transient`` (the next run tries
+    again); a 404 or a refusal is not retried.
+
+    Attributes:
+        source: the path or URL as the row gave it.
+        column: the document column, when known.
+        transient: a later try may succeed (the server was busy or unreachable).
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, column: str | None = None,
+                 transient: bool = False) -> None:
+        super().__init__(message)
+        self.source = source
+        self.column = column
+        self.transient = transient
 
 
 class RunInterrupted(LlmapError):

@@ -30,6 +30,8 @@ import pyarrow as pa
 
 from llmap import errors as E
 from llmap.control.cascade import EscalateIf
+from llmap.io.documents import Documents
+from llmap.io.extract import missing_libraries
 from llmap.io.sinks import ResultLayout
 from llmap.io.sources import Source
 from llmap.prompt.render import Renderer
@@ -57,6 +59,7 @@ class Compiled:
             once :func:`check_input` (or :func:`bind_checks`) has bound them against the input,
             ``checks`` (:class:`~llmap.quality.checks.Checks`): keyword arguments of the
             :class:`~llmap.run.dispatch.Dispatcher`.
+        documents: the document columns (``[input.documents]``), or None.
     """
 
     renderer: Renderer
@@ -64,6 +67,7 @@ class Compiled:
     escalate_if: tuple[EscalateIf | None, ...]
     fingerprint: str
     quality: dict[str, Any] = field(default_factory=dict)
+    documents: Documents | None = None
 
     @property
     def checks(self) -> Checks | None:
@@ -71,13 +75,15 @@ class Compiled:
         return self.quality.get("checks")
 
     def close(self) -> None:
-        """Release the cascade conditions' and the checks' DuckDB connections."""
+        """Release the cascade conditions' and the checks' DuckDB connections, and the document store."""
         for cond in self.escalate_if:
             if cond is not None:
                 cond.close()
         checks = self.quality.pop("checks", None)
         if checks is not None:
             checks.close()
+        if self.documents is not None:
+            self.documents.close()
 
 
 @dataclass(frozen=True)
@@ -112,10 +118,15 @@ def compile_spec(spec: JobSpec, *, source: str = "job") -> Compiled:
     _check_cost_cap(spec, source)
     _check_batch(spec, source)
     _check_eval(spec, source)
+    _check_documents(spec, renderer, source)
     confidence = Confidence(spec.output.fields, spec.output.confidence, source=source)
     escalate = _bind_cascade(spec, source)
-    return Compiled(renderer, OutputSchema(spec.output.fields), escalate, spec.request_fingerprint(),
-                    {"confidence": confidence})
+    fingerprint = spec.request_fingerprint()
+    documents = None
+    if spec.input.documents:
+        documents = Documents(spec, fingerprint=fingerprint, variables=renderer.variables)
+    return Compiled(renderer, OutputSchema(spec.output.fields), escalate, fingerprint, {"confidence": confidence},
+                    documents)
 
 
 def spec_from_dict(doc: dict[str, Any], *, base_dir: Path, name: str, source: str = "job") -> JobSpec:
@@ -188,6 +199,7 @@ def check_input(spec: JobSpec, compiled: Compiled, source: Source, *, source_nam
     needed += [(c, "[input] max_chars") for c in spec.input.max_chars]
     gold = list(dict.fromkeys(spec.eval.gold.values()))
     needed += [(c, "[eval] gold") for c in gold]
+    needed += [(c, "[input.documents]") for c in spec.input.documents]
     source.require_columns(needed)
     renderer.check_examples(source=source_name)  # after the template's columns: a typo there names the template
     source.check_where()
@@ -233,9 +245,13 @@ def row_key(row: dict[str, Any], columns: list[str]) -> str:
 
 
 def keyed_rows(spec: JobSpec, compiled: Compiled, source: Source, columns: list[str]) -> Iterator[KeyedRow]:
-    """Every input row with its key and input hash, in input order (the planner and ``estimate``)."""
+    """Every input row with its key and input hash, in input order (the planner and ``estimate``).
+
+    A document column's value counts by its content (:meth:`~llmap.io.documents.Documents.identities`).
+    """
     keys = spec.input.key_columns
     variables = compiled.renderer.variables
+    docs = compiled.documents
     fp = compiled.fingerprint.encode()
     seq = -1
     for batch in source.batches(columns):
@@ -247,7 +263,8 @@ def keyed_rows(spec: JobSpec, compiled: Compiled, source: Source, columns: list[
                 key = str(seq)
                 row["_row"] = seq
             inputs = {v: row[v] for v in variables}
-            yield KeyedRow(seq, key, row, inputs, input_hash(fp, inputs), batch.schema)
+            hashed = docs.identities(inputs) if docs is not None else inputs
+            yield KeyedRow(seq, key, row, inputs, input_hash(fp, hashed), batch.schema)
 
 
 def bind_checks(spec: JobSpec, compiled: Compiled, source: Source) -> Checks | None:
@@ -338,6 +355,31 @@ def _check_batch(spec: JobSpec, source: str) -> None:
     if "batch" in given and not spec.model.batch:
         raise E.SpecError(f"{source}: [batch] is set but no [model] has batch = true; add batch = true to the first "
                           "[model] or drop [batch]")
+
+
+def _check_documents(spec: JobSpec, renderer: Renderer, source: str) -> None:
+    """Document columns are read by a template, their libraries are installed, and they go where they can."""
+    docs = spec.input.documents
+    if not docs:
+        return
+    unread = [c for c in docs if c not in renderer.variables]
+    if unread:
+        raise E.SpecError(f"{source}: [input.documents] {unread[0]!r} is not read by any template; use "
+                          f"{{{{ {unread[0]} }}}} in [prompt] user, or drop it from [input.documents]")
+    for column, d in docs.items():
+        missing = missing_libraries(d.kind)
+        if missing:
+            raise E.SpecError(f"{source}: [input.documents] {column!r} (kind = {d.kind!r}) needs "
+                              f"{', '.join(missing)}; install them with `pip install 'llmap[documents]'`")
+    if spec.model.batch:
+        raise E.SpecError(f"{source}: [input.documents] does not go with [model] batch yet (a batch's rows are "
+                          "rendered again when collected); drop batch = true")
+    images = all(m.takes_images for m in spec.models) and spec.prompt.pack == 1
+    in_system = [c for c, d in docs.items() if d.kind in ("image", "auto") and c in renderer.system_variables]
+    if images and in_system:
+        raise E.SpecError(f"{source}: [input.documents] {in_system[0]!r} may hold an image, which goes to the "
+                          "model as an image part, and only user messages carry those; read it in [prompt] user, "
+                          "or set its kind to \"pdf\", \"html\" or \"text\"")
 
 
 def _bind_cascade(spec: JobSpec, source: str) -> tuple[EscalateIf | None, ...]:

@@ -197,3 +197,26 @@ def test_cache_reads_and_writes_are_priced():
     set_ = ModelSpec(provider="anthropic", name="c", price_in=1, price_cache_read=0.2, price_cache_write=2)
     assert cost_usd(set_, 1000, 0, 1000, 0) == pytest.approx(0.2 / 1e3)
     assert cost_usd(set_, 1000, 0, 0, 1000) == pytest.approx(2 / 1e3)
+
+
+def test_an_image_part_becomes_an_image_block_with_a_base64_source():
+    from llmap.prompt.parts import image_part
+
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Schedule: "}, image_part("image/png", "QUJD"),
+                                         {"type": "text", "text": ""},
+                                         {"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}]
+    body = provider(prompt_cache=False).body(Request(msgs, SCHEMA, 0.0, 256))
+    assert body["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "Schedule: "},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "QUJD"}},
+        {"type": "image", "source": {"type": "url", "url": "https://x.org/a.png"}}]}]  # the empty text left out
+
+
+def test_openai_sends_image_parts_as_they_are():
+    from llmap.prompt.parts import image_part
+
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Schedule: "}, image_part("image/png", "QUJD")]}]
+    p = OpenAIProvider(ModelSpec(provider="openai", name="gpt-4o-mini", base_url="http://127.0.0.1:9/v1"))
+    body = p.body(Request(msgs, SCHEMA, 0.0, 256), p.shape.sent())
+    assert body["messages"] == msgs
+    assert body["messages"][0]["content"][1]["image_url"]["url"] == "data:image/png;base64,QUJD"

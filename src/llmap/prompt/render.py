@@ -16,6 +16,7 @@ import jinja2
 from jinja2 import meta
 
 from llmap.errors import RenderError, SpecError
+from llmap.prompt.parts import IMAGES_KEY, with_images
 
 __all__ = ["Renderer"]
 
@@ -136,7 +137,10 @@ class Renderer:
             ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``:
             the system prompt, one user/assistant pair per example, then the
             row's user prompt. String columns longer than ``max_chars`` are
-            cut, ending with a visible ``… [truncated N chars]`` marker.
+            cut, ending with a visible ``… [truncated N chars]`` marker. A row
+            carrying images (``[input.documents]`` sent as images, see
+            :mod:`llmap.prompt.parts`) gets a user message whose content is a
+            list of text and ``image_url`` parts.
 
         Raises:
             RenderError: a template failed on this row's values, e.g.
@@ -150,7 +154,9 @@ class Renderer:
         for ex_in, ex_out in self.examples:
             out.append({"role": "user", "content": self.user.render(ex_in)})
             out.append({"role": "assistant", "content": json.dumps(ex_out, ensure_ascii=False)})
-        out.append({"role": "user", "content": self._render(self.user, "user", row)})
+        content = self._render(self.user, "user", row)
+        images = row.get(IMAGES_KEY)
+        out.append({"role": "user", "content": with_images(content, images) if images else content})
         return out
 
     def _render(self, template: jinja2.Template, which: str, row: Mapping[str, Any]) -> str:

@@ -11,7 +11,9 @@ The request (see :meth:`AnthropicProvider.body`):
 - headers ``x-api-key`` (from ``api_key_env``, default ``ANTHROPIC_API_KEY``)
   and ``anthropic-version: 2023-06-01``;
 - the system prompt goes to the top-level ``system``; few-shot examples are
-  prior user/assistant turns; ``max_tokens`` (required by the API) and
+  prior user/assistant turns; a document image (an OpenAI ``image_url`` part
+  with a data URI, :mod:`llmap.prompt.parts`) becomes an image block with a
+  base64 source; ``max_tokens`` (required by the API) and
   ``temperature`` carry over; ``[model] params`` are merged last;
 - structured output: ``structured = "tool"`` (the default) sends one tool
   whose ``input_schema`` is the fields' JSON Schema, forced with
@@ -44,6 +46,7 @@ from typing import Any
 from urllib.parse import quote
 
 from llmap import errors as E
+from llmap.prompt.parts import split_data_uri
 from llmap.providers.base import Completion, Request, error_for_response
 from llmap.providers.http import HttpAnswer, HttpClient, api_key, decode_json, expand_headers
 from llmap.spec import ModelSpec
@@ -73,11 +76,29 @@ def output_schema(schema: Any) -> Any:
     return schema
 
 
-def _blocks(text: str, cache: bool) -> list[dict[str, Any]]:
-    block: dict[str, Any] = {"type": "text", "text": text}
-    if cache:
-        block["cache_control"] = dict(_CACHE)
-    return [block]
+def _blocks(text: str | list[dict[str, Any]], cache: bool) -> list[dict[str, Any]]:
+    blocks = [dict(b) for b in text] if isinstance(text, list) else [{"type": "text", "text": text}]
+    if cache and blocks:
+        blocks[-1]["cache_control"] = dict(_CACHE)
+    return blocks
+
+
+def _content(content: Any) -> Any:
+    """A message's content for ``/v1/messages``: text as it is (a placeholder when empty), and llmap's content
+    parts (:mod:`llmap.prompt.parts`) as text and image blocks (a data URI becomes a base64 source)."""
+    if not isinstance(content, list):
+        return content or _EMPTY
+    blocks: list[dict[str, Any]] = []
+    for part in content:
+        if part.get("type") == "image_url":
+            url = part["image_url"]["url"]
+            data = split_data_uri(url)
+            source = ({"type": "base64", "media_type": data[0], "data": data[1]} if data is not None
+                      else {"type": "url", "url": url})
+            blocks.append({"type": "image", "source": source})
+        elif part.get("text"):  # the API refuses an empty text block
+            blocks.append({"type": "text", "text": part["text"]})
+    return blocks or _EMPTY
 
 
 class AnthropicProvider:
@@ -161,7 +182,7 @@ class AnthropicProvider:
         shared = max(0, request.shared_prefix - (1 if system is not None else 0)) if request.shared_prefix else 0
         cache = self.cache_prompt
         # the API refuses an empty text block: an empty earlier answer (re-asked) is sent as a placeholder
-        turns = [{"role": m["role"], "content": m["content"] or _EMPTY} for m in messages]
+        turns = [{"role": m["role"], "content": _content(m["content"])} for m in messages]
         # The cache breakpoint: the last shared turn, else the system prompt, else the tool.
         mark_turn = cache and shared > 0
         mark_system = cache and not mark_turn and system is not None and request.shared_prefix > 0

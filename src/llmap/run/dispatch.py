@@ -39,6 +39,7 @@ from llmap.control.cascade import EscalateIf
 from llmap.control.lanes import Lane, pick_lane
 from llmap.control.misconfig import MisconfigDetector, verdict_message
 from llmap.control.retry import RetryPolicy
+from llmap.prompt.parts import content_chars
 from llmap.prompt.render import Renderer
 from llmap.prompt.schema import OutputSchema
 from llmap.providers.base import Completion, Refusal, Request
@@ -64,7 +65,7 @@ _VERDICT_POLL_S = 0.1
 
 def _chars(messages: list[dict[str, Any]]) -> int:
     """Characters of a request's messages (the prompt-token estimate's input)."""
-    return sum(len(m["content"]) if isinstance(m.get("content"), str) else len(str(m.get("content"))) for m in messages)
+    return sum(content_chars(m.get("content")) for m in messages)
 #: How often the watchdog tightens deadlines of requests in flight, seconds.
 _WATCHDOG_S = 0.25
 
@@ -86,6 +87,8 @@ class Dispatcher:
             (backoff); both injectable.
         retry: the retry policy; default one from ``limits`` (``max_attempts``, ``backoff_base_s``,
             ``backoff_cap_s``, ``retry_budget_s``).
+        documents: the job's document columns (:class:`llmap.io.documents.Documents`), read on each row's path
+            by :meth:`~llmap.run.rows.RowSteps.resolve`, or None.
         quality: the settle stage's ``checks`` and ``confidence`` (:class:`~llmap.run.settle.Settler`).
 
     Attributes:
@@ -97,8 +100,9 @@ class Dispatcher:
                  answers: AnswerCache | None = None, escalate_if: Sequence[EscalateIf | None] = (),
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-                 retry: RetryPolicy | None = None, **quality: Any) -> None:
+                 retry: RetryPolicy | None = None, documents: Any = None, **quality: Any) -> None:
         self.lanes = list(lanes)
+        self.documents = documents
         self.answers = answers
         self.settler = Settler(schema, max_reask=max_reask, escalate_if=escalate_if, models=len(self.lanes), **quality)
         self.renderer = renderer

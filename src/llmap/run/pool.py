@@ -256,6 +256,9 @@ class Pool:
                     results.append(RowResult(f.key, "failed",
                                              error=f"an identical row's request failed twice: {r.error}"))
                     rows.append(f)
+        for r, row in zip(results, rows, strict=True):
+            if row.resolved_hash is not None:  # its documents' content, learned on its path (a URL fetched)
+                r.input_hash = row.resolved_hash
         if self.on_settled is not None:
             self.on_settled(results, [row.data for row in rows])
         self.buffer.extend(results)
@@ -271,9 +274,10 @@ class Pool:
             self.commit_soon()
 
     # -- prepare a page ------------------------------------------------------------------------
-    def prepare_page(self, page: Sequence[tuple[int, str, str]]) -> list[PendingRow]:
+    async def prepare_page(self, page: Sequence[tuple[int, str, str]]) -> list[PendingRow]:
         """Ledger rows ``(seq, key, data)`` into prepared rows: quotas applied (a group already full is
-        skipped with the reason), rendered and keyed; a row its template fails on is settled failed."""
+        skipped with the reason), documents read, rendered and keyed; a row whose document cannot be read
+        or whose template fails is settled failed."""
         rows = []
         for _, key, data in page:
             if self.group_quota is None:
@@ -286,8 +290,9 @@ class Pool:
             elif decision is QuotaDecision.SKIP:
                 self.buffer.append(RowResult(key=key, status="skipped",
                                              error=self.group_quota.reason(g, self.quota_column)))
-        ready, failed = self.steps.prepare(rows)
-        for res, row in failed:
+        resolved, failed = await self.steps.resolve(rows)
+        ready, unrendered = self.steps.prepare(resolved)
+        for res, row in failed + unrendered:
             self.outstanding += 1
             self.settle([res], [row])
         self._taken += len(rows)
@@ -302,7 +307,8 @@ class Pool:
         if row.ckey is not None:
             if row.ckey in self.waiting:  # an identical request is being answered: wait for it
                 answers.pass_over(row.ckey)
-                self.waiting[row.ckey].append(PendingRow(row.key, row.data, row.group, ckey=row.ckey))
+                self.waiting[row.ckey].append(PendingRow(row.key, row.data, row.group, ckey=row.ckey,
+                                                         resolved_hash=row.resolved_hash))
                 self.n_waiting += 1
                 return
             hit = answers.peek(row.ckey)
@@ -341,11 +347,11 @@ class Pool:
         self._taken, after = 0, -1
         stop = self.stats.stop
         while not stop.is_set():
-            page = self.ledger.pending(self.run_id, after_seq=after, limit=PAGE_ROWS)
+            page = self.ledger.pending(self.run_id, after_seq=after, limit=self.steps.page_rows(PAGE_ROWS))
             if not page:
                 break
             after = page[-1][0]
-            for row in self.prepare_page(page):
+            for row in await self.prepare_page(page):
                 await self.take(row)
                 if self.n_waiting > MAX_WAITING:
                     await self.end_pack()

@@ -5,6 +5,9 @@ The worker pool (:mod:`llmap.run.pool`), the batch path's real-time side
 and Ray Data's mappers (:mod:`llmap.run.ray.data`) all run these steps; none
 keeps a copy:
 
+0. :meth:`RowSteps.resolve`: read each row's documents (``[input.documents]``,
+   :mod:`llmap.io.documents`) into its data; a document that cannot be read
+   fails its row alone.
 1. :meth:`RowSteps.prepare`: render each row's messages and key its request on
    the primary model (the response cache's key). A row whose template fails
    on its own values fails alone, with the error naming the column; the same
@@ -21,13 +24,14 @@ keeps a copy:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from llmap.control.misconfig import mask_numbers
-from llmap.errors import DiskFull, RenderError
+from llmap.errors import DiskFull, DocumentError, RenderError
 from llmap.run.dispatch import Dispatcher
 from llmap.run.packer import Packer
 from llmap.run.settle import Tries, error_text
@@ -35,10 +39,12 @@ from llmap.run.stats import Stop
 from llmap.store.cache import CacheEntry
 from llmap.store.ledger import RowResult
 
-__all__ = ["TEMPLATE_ERRORS_TO_STOP", "PendingRow", "RowSteps"]
+__all__ = ["DOCUMENT_PAGE_ROWS", "TEMPLATE_ERRORS_TO_STOP", "PendingRow", "RowSteps"]
 
 #: The first rows all failing to render with one identical error (no NULL involved) stop the run.
 TEMPLATE_ERRORS_TO_STOP = 3
+#: Rows paged out of the ledger at a time when they carry documents (read before their requests go out).
+DOCUMENT_PAGE_ROWS = 32
 
 
 @dataclass(slots=True)
@@ -57,6 +63,8 @@ class PendingRow:
             dispatcher takes the cached answer on to the next model.
         input_hash: the row's input hash in the ledger, where the caller needs it (a batch line
             records it, so a row whose inputs changed while its batch ran is not settled by it).
+        resolved_hash: its input hash over its documents' content, once :meth:`RowSteps.resolve`
+            read them; the pool records it with the row's result.
     """
 
     key: str
@@ -67,6 +75,7 @@ class PendingRow:
     ckey: str | None = None
     single: bool = False
     input_hash: str | None = None
+    resolved_hash: str | None = None
 
 
 class RowSteps:
@@ -82,6 +91,43 @@ class RowSteps:
         self.packer = packer
         self._rendered = False  # a row has rendered: template errors are the rows' own from now on
         self._render_errors: list[str] = []
+
+    def page_rows(self, rows: int) -> int:
+        """How many rows to page out at a time: ``rows``, or :data:`DOCUMENT_PAGE_ROWS` when rows carry
+        documents (a page's documents are read before its first request goes out)."""
+        return min(rows, DOCUMENT_PAGE_ROWS) if getattr(self.d, "documents", None) is not None else rows
+
+    # -- 0. resolve documents ----------------------------------------------------------------
+    async def resolve(self, rows: Sequence[PendingRow]) -> tuple[list[PendingRow], list[tuple[RowResult, PendingRow]]]:
+        """Read the rows' documents (the dispatcher's ``documents``) into their data, all rows at once.
+
+        Returns:
+            ``(ready, failed)``: the rows whose documents were read (``data`` now holds the text,
+            ``row`` is reset, ``resolved_hash`` is set), and a failed result for each row with a
+            document that could not be read (or any other error on the way), paired with the row.
+            Without document columns every row is ready, unchanged.
+
+        Raises:
+            DiskFull: the document store's disk is full.
+        """
+        docs = getattr(self.d, "documents", None)
+        if docs is None or not rows:
+            return list(rows), []
+        got = await asyncio.gather(*(docs.resolve_data(r.data) for r in rows), return_exceptions=True)
+        ready: list[PendingRow] = []
+        failed: list[tuple[RowResult, PendingRow]] = []
+        for r, res in zip(rows, got, strict=True):
+            if isinstance(res, DiskFull | asyncio.CancelledError):
+                raise res
+            if isinstance(res, BaseException):
+                error = str(res) if isinstance(res, DocumentError) else error_text(res)
+                failed.append((RowResult(r.key, "failed", error=error), r))
+                continue
+            data, resolved = res
+            if resolved is not None:
+                r.data, r.row, r.resolved_hash = data, None, resolved
+            ready.append(r)
+        return ready, failed
 
     # -- 1. prepare ------------------------------------------------------------------------
     def prepare(self, rows: Iterable[PendingRow], *, look_ahead: bool = True

@@ -12,16 +12,19 @@ runs both.
 The contract (docs/job-spec.md has every key, default and unit)::
 
     name = "district-type"          # optional; default: the file's stem
-    [input]   path | sql, key (a column or a list of columns), where, limit, encoding
+    [input]   path | sql, key (a column or a list of columns), where, limit, encoding, document_dirs,
+              [input.documents]
     [prompt]  system, user, examples
     [output]  path, keep, max_reask, checks, confidence, [output.fields]
     [model]   provider, name, base_url, api_key_env, model_path, temperature, max_tokens, ...
     [limits]  concurrency, rpm, tpm, itpm, otpm, ...
     [batch]   max_requests, max_bytes, poll_s, deadline, retry   (for [model] batch = true)
     [eval]    gold, tolerance, models, sample, seed                (llmap eval, llmap review)
+    [fetch]   allow_private, per_host_rpm, per_host_concurrency, max_mb, timeout_s, ...   (document URLs)
 """
 
 from llmap.spec.base import FIELD_TYPES
+from llmap.spec.documents import DocumentSpec, FetchSpec
 from llmap.spec.job import JobSpec, parse_spec, read_spec
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
@@ -29,14 +32,16 @@ from llmap.spec.quality import CheckSpec, EvalSpec
 from llmap.spec.sections import Example, FieldSpec, InputSpec, OutputSpec, PerGroup, PromptSpec
 
 __all__ = [
-    "FIELD_TYPES",
     "AlertsSpec",
     "BatchSpec",
-    "Example",
-    "FieldSpec",
     "CacheSpec",
     "CheckSpec",
+    "DocumentSpec",
     "EvalSpec",
+    "Example",
+    "FIELD_TYPES",
+    "FetchSpec",
+    "FieldSpec",
     "InputSpec",
     "JobSpec",
     "LimitsSpec",

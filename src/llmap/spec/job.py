@@ -16,6 +16,7 @@ from llmap.errors import SpecError
 from llmap.io.diagnose import missing_file
 from llmap.providers.params import answer_params
 from llmap.spec.base import StrictModel
+from llmap.spec.documents import FetchSpec
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
 from llmap.spec.operators import ClusterSpec, EmbeddingsSpec, FilterSpec, ReduceSpec, ResolveSpec
@@ -54,6 +55,7 @@ class JobSpec(StrictModel):
     reduce: ReduceSpec = ReduceSpec()
     filter: FilterSpec = FilterSpec()
     embeddings: EmbeddingsSpec = EmbeddingsSpec()
+    fetch: FetchSpec = FetchSpec()
     ledger: str | None = None
     base_dir: Path = Path(".")
 
@@ -191,6 +193,9 @@ class JobSpec(StrictModel):
             doc["operator"] = op.model_dump(exclude={"families_path", "show"}) if op is not None else None
             if self.kind in ("cluster", "resolve"):
                 doc["embeddings"] = self.embeddings.model_dump(include={"provider", "name", "base_url"})
+        if self.input.documents:  # only when set, so existing ledgers keep their hashes
+            doc["documents"] = {k: v.model_dump() for k, v in self.input.documents.items()}
+            doc["images"] = [m.takes_images for m in self.models]
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def prompt_fingerprint(self) -> str:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from llmap.providers.params import reserved_params
 from llmap.spec.base import DEFAULT_LOCAL_MODEL, StrictModel
+
+#: OpenAI-compatible model names known to take images (``[model] images`` overrides the guess).
+VISION_NAMES = re.compile(r"^(?:chatgpt-4o|gpt-4o|gpt-4\.1|gpt-4\.5|gpt-4-turbo|gpt-5|o1(?!-mini)|o3(?!-mini)|o4)"
+                          r"|vision|-vl\b|llava|pixtral", re.IGNORECASE)
 
 
 class ModelSpec(StrictModel):
@@ -78,6 +83,12 @@ class ModelSpec(StrictModel):
         price_batch_factor: batch requests cost this share of ``price_in`` /
             ``price_out`` (and the cache prices); default 0.5, both providers'
             batch discount.
+        images: whether the model takes images (``[input.documents]`` of kind
+            ``image`` are then sent as image parts; otherwise they are read by
+            OCR). Default: true for ``anthropic``, false for ``local``, and for
+            ``openai`` true for the model families known to take images
+            (:data:`VISION_NAMES`: GPT-4o, GPT-4.1, GPT-5, o1, o3, o4, and names
+            saying ``vision``, ``-vl``, ``llava``, ``pixtral``).
     """
 
     provider: Literal["local", "openai", "anthropic"] = "local"
@@ -106,6 +117,7 @@ class ModelSpec(StrictModel):
     query: dict[str, str] = {}
     batch: bool = False
     price_batch_factor: float = Field(default=0.5, ge=0)
+    images: bool | None = None
 
     @model_validator(mode="after")
     def _provider_keys(self) -> ModelSpec:
@@ -120,6 +132,9 @@ class ModelSpec(StrictModel):
                 given.insert(0, "structured")
             if given:
                 raise ValueError(f"{given[0]} applies to {remote}; set provider or drop it")
+        if self.images and self.provider == "local":
+            raise ValueError("images = true is for provider = 'openai' or 'anthropic' (the embedded model reads no "
+                             "images; image documents are read by OCR for it); drop images")
         if self.prompt_cache is not None and self.provider != "anthropic":
             raise ValueError("prompt_cache applies to provider = 'anthropic' (OpenAI caches long prompts by itself); "
                              "drop it")
@@ -148,6 +163,15 @@ class ModelSpec(StrictModel):
     def label(self) -> str:
         """``provider:name``, as recorded in the ledger and output."""
         return f"{self.provider}:{self.name}"
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether image documents go to this model as image parts (``images``, or its default)."""
+        if self.images is not None:
+            return self.images
+        if self.provider == "anthropic":
+            return True
+        return self.provider == "openai" and VISION_NAMES.search(self.name) is not None
 
     @property
     def key_env(self) -> str | None:

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from llmap.io.encoding import canonical
 from llmap.spec.base import FIELD_TYPES, StrictModel
+from llmap.spec.documents import DocumentSpec
 from llmap.spec.quality import CheckSpec, ConfidenceSetting
 
 
@@ -36,6 +37,9 @@ class InputSpec(StrictModel):
     longer values are cut with a visible marker, and the ledger records it.
     ``encoding`` is a CSV or JSON file's text encoding, a Python codec name
     (``"latin-1"``, ``"cp1252"``, ``"utf-16"``); default UTF-8.
+    ``documents`` maps a column holding a path or URL to how its document is
+    read (:class:`~llmap.spec.documents.DocumentSpec`); ``document_dirs`` are
+    folders such paths may point into besides the job file's own.
     """
 
     path: str | None = None
@@ -47,6 +51,8 @@ class InputSpec(StrictModel):
     per_group: PerGroup | None = None
     max_chars: dict[str, int] = {}
     encoding: str | None = None
+    documents: dict[str, DocumentSpec] = {}
+    document_dirs: list[str] = []
 
     @field_validator("key")
     @classmethod

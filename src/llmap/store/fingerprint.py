@@ -3,7 +3,9 @@
 - :func:`key_text`: a row's key as the ledger stores it (``3.0`` reads as ``"3"``).
 - :func:`input_hash`: a row's inputs (the columns its templates read) plus the
   job's request fingerprint (:meth:`~llmap.spec.JobSpec.request_fingerprint`).
-  A ``done`` row whose hash is unchanged is not requested again.
+  A ``done`` row whose hash is unchanged is not requested again. A document
+  column counts by its document's content hash
+  (:meth:`~llmap.io.documents.Documents.identities`), not its path or URL.
 - :func:`completion_fingerprint`: the input files (path, size, mtime), the
   whole spec and the set of done rows; recorded at the end of a complete run.
   :func:`unchanged_since_complete` compares it, read-only, for ``llmap run
@@ -81,8 +83,13 @@ def unchanged_since_complete(spec: JobSpec) -> str | None:
     """A message when nothing changed since the last complete run, else None.
 
     Reads the ledger read-only and touches nothing: meant for ``llmap run
-    --if-changed`` from cron.
+    --if-changed`` from cron. A job with document columns (``[input.documents]``)
+    is never unchanged here: its documents may have changed under the same
+    input; the run's planning finds out which (by content, see
+    :mod:`llmap.io.documents`) and asks only those rows again.
     """
+    if spec.input.documents:
+        return None
     path = spec.ledger_path
     if not path.is_file():
         return None

@@ -85,6 +85,8 @@ class RowResult:
         confidence: for ``done`` rows, the probability of the values the model chose, from its
             log-probabilities (:mod:`llmap.quality.confidence`); None when unknown.
         raw: for rows that did not end ``done``, the model's last answer text (``_raw``), or None.
+        input_hash: the row's input hash as learned on its path (a document fetched then, see
+            :mod:`llmap.io.documents`), recorded in place of the planned one; None keeps the planned one.
     """
 
     key: str
@@ -100,6 +102,7 @@ class RowResult:
     tried: list[tuple[str, str, dict[str, Any] | None, int, int]] | None = None
     confidence: float | None = None
     raw: str | None = None
+    input_hash: str | None = None
 
 
 _UPSERT = """
@@ -143,7 +146,8 @@ def _connect_readonly(path: Path) -> sqlite3.Connection:
 
 _RECORD = """
 UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prompt_tokens = ?,
-    completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?, confidence = ?, raw = ?
+    completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?, confidence = ?, raw = ?,
+    input_hash = COALESCE(?, input_hash)
 WHERE key = ?
 """
 _REQUEST = """
@@ -343,7 +347,8 @@ class Ledger:
         params = [
             (r.status, json.dumps(r.output, ensure_ascii=False) if r.output is not None else None, r.error,
              r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s, r.model, r.source, now,
-             r.confidence if r.status == "done" else None, None if r.status == "done" else r.raw, r.key)
+             r.confidence if r.status == "done" else None, None if r.status == "done" else r.raw, r.input_hash,
+             r.key)
             for r in results
         ]
         tried = [

@@ -87,7 +87,12 @@ class Estimate:
         prompt_chars: characters of the rendered messages of the rows to request.
         chars_per_token: characters per prompt token used.
         chars_per_token_source: ``"default"`` or ``"ledger (N done rows)"``.
-        prompt_tokens, completion_tokens: tokens on the primary model.
+        prompt_tokens, completion_tokens: tokens on the primary model (``image_tokens`` included).
+        images: images sent as image parts (``[input.documents]``), on the rows to request.
+        image_tokens: their prompt tokens by the primary model's provider's formula
+            (:mod:`llmap.observe.estimate.images`).
+        documents_unread: documents of the rows to request never read yet (not fetched, not
+            extracted): each counted at its column's ``max_tokens``, an upper bound.
         prefix_chars: characters of the prefix every request shares (system prompt,
             few-shot turns; 0 when the system prompt reads a column).
         cache_read_tokens: of ``prompt_tokens``, those assumed read from the primary
@@ -123,6 +128,9 @@ class Estimate:
     chars_per_token_source: str = "default"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    images: int = 0
+    image_tokens: int = 0
+    documents_unread: int = 0
     prefix_chars: int = 0
     cache_read_tokens: int = 0
     completion_source: str = "max_tokens"
@@ -194,6 +202,7 @@ def cost_and_time(est: Estimate, spec: Any, hist: History) -> None:
     n = est.to_request
     est.requests = math.ceil(n / pack) if isinstance(pack, int) else n
     est.prompt_tokens = math.ceil(est.prompt_chars / est.chars_per_token) if est.prompt_chars else 0
+    est.prompt_tokens += est.image_tokens
     prefix = math.ceil(est.prefix_chars / est.chars_per_token) if est.prefix_chars else 0
     primary = _model_cost(model, "primary", n, est.requests, est.prompt_tokens, hist, prefix)
     est.cache_read_tokens = primary.cache_read_tokens
@@ -266,6 +275,12 @@ def _notes(est: Estimate, spec: Any) -> list[str]:
         notes.append(f"{failover} failover model(s) answer only when the one before fails: not costed")
     if spec.input.per_group is not None:
         notes.append("[input] per_group may stop a group early: rows are counted as if it did not")
+    if est.documents_unread:
+        notes.append(f"{est.documents_unread:,} document(s) not read yet (never fetched or extracted): each counted at "
+                     "its column's max_tokens, an upper bound (a run reads them, and the next estimate counts them)")
+    if est.images:
+        notes.append(f"{est.images:,} image(s) sent as image parts: {est.image_tokens:,} prompt tokens by "
+                     f"{spec.model.provider}'s published formula")
     if spec.limits.max_cost_usd is not None and est.cost_usd > spec.limits.max_cost_usd:
         notes.append(f"the run would stop at [limits] max_cost_usd = {spec.limits.max_cost_usd:g}")
     if spec.limits.max_tokens is not None and est.prompt_tokens + est.completion_tokens > spec.limits.max_tokens:

@@ -39,6 +39,7 @@ from typing import Any
 import jinja2.meta
 import pyarrow as pa
 
+from llmap.io.documents import Documents
 from llmap.io.sources import Source
 from llmap.observe.estimate.cost import (
     Estimate,
@@ -46,6 +47,7 @@ from llmap.observe.estimate.cost import (
     ModelCost,
     cost_and_time,
 )
+from llmap.observe.estimate.images import image_tokens
 from llmap.plan import Compiled, build_source, check_input, compile_spec, keyed_rows
 from llmap.prompt.render import Renderer
 from llmap.spec import JobSpec, ModelSpec
@@ -190,6 +192,8 @@ def estimate(spec: JobSpec, *, limit: int | None = None, source: Source | None =
     model = spec.model
     compiled = compile_spec(spec)
     compiled.close()  # the cascade conditions are not evaluated here
+    if compiled.documents is not None:  # documents are counted from what is stored: nothing fetched or written
+        compiled.documents.readonly = True
     given = source
     source = build_source(spec, limit=limit, given=given)
     est = Estimate(pack=spec.prompt.pack)
@@ -215,12 +219,32 @@ def estimate(spec: JobSpec, *, limit: int | None = None, source: Source | None =
     finally:
         if given is None:
             source.close()
+        if compiled.documents is not None:
+            compiled.documents.close()
     if calib_tokens:
         est.chars_per_token = min(16.0, max(0.5, calib_chars / calib_tokens))
         est.chars_per_token_source = f"ledger ({calib_rows} done rows)"
     cost_and_time(est, spec, hist)
     est.elapsed_s = time.perf_counter() - started
     return est
+
+
+def _with_documents(docs: Documents, row: dict[str, Any], spec: JobSpec, est: Estimate) -> dict[str, Any]:
+    """``row`` with each document cell replaced by what it would send: its stored text; for an image part,
+    nothing (its tokens go to ``est.image_tokens``); for a document never read, a stand-in as long as its
+    ``max_tokens`` (an upper bound, unique to the document so that duplicates still count once)."""
+    out = dict(row)
+    for column, dspec in docs.columns.items():
+        text, image = docs.known(column, row.get(column))
+        if image is not None:
+            est.images += 1
+            est.image_tokens += image_tokens(spec.model, *image)
+        elif text is None:
+            est.documents_unread += 1
+            ident = str(docs.identity(column, row.get(column)))
+            text = ident.ljust(dspec.max_tokens * 4)
+        out[column] = text
+    return out
 
 
 def _walk(spec: JobSpec, compiled: Compiled, source: Source, columns: list[str], hist: History,
@@ -269,7 +293,10 @@ def _walk(spec: JobSpec, compiled: Compiled, source: Source, columns: list[str],
             continue
         seen_inputs.add(h)
         # The dispatcher renders the row as stored in the ledger: JSON text, read back.
-        ckey, chars = keys(json.loads(dumps_row(row)) if roundtrip else row)
+        row = json.loads(dumps_row(row)) if roundtrip else row
+        if compiled.documents is not None:
+            row = _with_documents(compiled.documents, row, spec, est)
+        ckey, chars = keys(row)
         if calib_rows < _CALIBRATION_ROWS and key in calib:  # answered before, with another prompt or input:
             calib_rows += 1  # its tokens still tell this model's characters per token (its chat template, language)
             calib_tokens += calib[key]

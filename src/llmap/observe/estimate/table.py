@@ -26,8 +26,13 @@ def _rows(est: Estimate) -> Iterable[tuple[str, str, str]]:
     yield "duplicates", f"{est.duplicates:,}", "identical requests in this run, sent once"
     yield "rows to request", f"{est.to_request:,}", ""
     yield "requests", f"{est.requests:,}", f"pack = {est.pack}" if est.pack != 1 else ""
-    yield ("prompt tokens", f"{est.prompt_tokens:,}",
-           f"{est.prompt_chars:,} chars / {est.chars_per_token:.2f} chars per token ({est.chars_per_token_source})")
+    basis = f"{est.prompt_chars:,} chars / {est.chars_per_token:.2f} chars per token ({est.chars_per_token_source})"
+    if est.image_tokens:
+        basis += f" + {est.image_tokens:,} for {est.images:,} image(s)"
+    yield "prompt tokens", f"{est.prompt_tokens:,}", basis
+    if est.documents_unread:
+        yield ("documents not read yet", f"{est.documents_unread:,}",
+               "each counted at its max_tokens (an upper bound); a run reads them")
     if est.cache_read_tokens:
         yield ("of them prompt-cache reads", f"{est.cache_read_tokens:,}",
                f"a {est.prefix_chars:,}-character shared prefix, read by every request after the first")
