@@ -249,9 +249,10 @@ class Job:
             detach: with ``[model] batch``, submit the batches and return
                 without waiting for them (``--detach``); the next run collects them.
             executor: ``"local"`` (this process sends every request) or ``"ray"``: this
-                process keeps the ledger and the cache, and ``workers`` Ray actors send the
-                requests under one cluster-wide rate limit (:mod:`llmap.run.ray.executor`; needs
-                ``llmap[ray]``).
+                process keeps the ledger (plans, leases rows, commits), and ``workers`` Ray actors
+                render, look up the response cache (a file on this machine, through an actor), send
+                under one cluster-wide rate limit, and write the cache (:mod:`llmap.run.ray.executor`;
+                needs ``llmap[ray]``).
             workers: Ray workers (default: one per CPU of the cluster); ``executor="ray"`` only.
             ray_address: the Ray cluster: ``"auto"`` (default) joins a running one, else
                 starts a local one; ``executor="ray"`` only.
@@ -385,13 +386,16 @@ class Job:
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
                          stats.retries, stats.cache_read_tokens, running, self._detach and self.spec.model.batch)
 
-    def _settled_hook(self, stats: DispatchStats, prep: Prepared) -> Callable[[list[RowResult], list[str]], None]:
-        """Alerts and structured row logs, run on every batch of settled rows."""
+    def _settled_hook(self, stats: DispatchStats,
+                      prep: Prepared) -> Callable[[list[RowResult], list[str]], None] | None:
+        """Alerts and structured row logs, run on every batch of settled rows; None when there are neither."""
         alerts = self.spec.alerts
         alert = None
         if alerts.max_failure_rate is not None:
             alert = FailureRateAlert(alerts.max_failure_rate, alerts.window)
         log = self._log
+        if alert is None and log is None:
+            return None
 
         def hook(results: list[RowResult], datas: list[str]) -> None:
             for r, data in zip(results, datas, strict=True):
@@ -426,7 +430,7 @@ class Job:
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
         stats.on_warn = lambda text: progress.message(f"llmap: {text}")
         cache = remote = None
-        if spec.cache.enabled:
+        if spec.cache.enabled and self._launch is None:  # Ray: the workers use the cache actor, not this process
             with guard(default_cache_dir() / CACHE_FILE, "response cache"):
                 cache = ResponseCache(ttl_s=spec.cache.ttl_s)
         try:
@@ -452,10 +456,16 @@ class Job:
             if self._launch is not None and tally.total > tally.done + tally.failed + tally.skipped + tally.fallback:
                 launch, self._launch = self._launch, None
                 remote = await launch.executor(dispatcher, stats)
-                progress.message(f"llmap: {len(remote.workers)} Ray workers send the requests")
-            await run_pool(ledger, run_id, dispatcher, stats, tally, progress,
-                           quota=(per_group.column, per_group.n) if per_group else None, packer=packer,
-                           on_settled=self._settled_hook(stats, prep), remote=remote)
+                progress.message(f"llmap: {remote.size} Ray workers send the requests")
+            quota = (per_group.column, per_group.n) if per_group else None
+            if remote is not None:
+                from llmap.run.remote import run_remote_pool
+
+                await run_remote_pool(ledger, run_id, dispatcher, stats, tally, progress, remote=remote, quota=quota,
+                                      packer=packer, on_settled=self._settled_hook(stats, prep))
+                return
+            await run_pool(ledger, run_id, dispatcher, stats, tally, progress, quota=quota, packer=packer,
+                           on_settled=self._settled_hook(stats, prep))
         finally:
             if remote is not None:
                 await remote.aclose()

@@ -23,7 +23,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from llmap.store.diskfull import guard, guard_writes
 from llmap.store.ledger_schema import MIGRATIONS
 from llmap.store.migrate import apply_migrations
 
-__all__ = ["MIGRATIONS", "STATUSES", "Ledger", "PlannedRow", "RowResult", "open_for_reading"]
+__all__ = ["MIGRATIONS", "STATUSES", "Encoded", "Ledger", "PlannedRow", "RowResult", "open_for_reading"]
 
 #: Every status a row can have. ``fallback``: no model answered; ``[output] fallback`` was used.
 STATUSES = ("pending", "done", "failed", "skipped", "fallback")
@@ -94,6 +94,67 @@ class RowResult:
     tried: list[tuple[str, str, dict[str, Any] | None, int, int]] | None = None
 
 
+@dataclass(slots=True)
+class Encoded:
+    """Settled rows in the ledger's column shapes: what :meth:`Ledger.record` writes.
+
+    Encoded where the rows settled (a Ray worker encodes its results, so the driver's commit is
+    mostly ``executemany``); :meth:`of` is the one encoding, which :meth:`Ledger.record` uses too.
+
+    Attributes:
+        rows: per row, its update: ``(status, output JSON or None, error, attempts, prompt_tokens,
+            completion_tokens, latency_s, model, source, updated_at, key)`` (``updated_at`` in POSIX
+            seconds, the key last).
+        attempts: per model answer on the way (:attr:`RowResult.tried`): ``(key, model, outcome,
+            output JSON or None, prompt_tokens, completion_tokens, created_at)``.
+    """
+
+    rows: list[tuple] = field(default_factory=list)
+    attempts: list[tuple] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, results: Iterable[RowResult], now: float | None = None) -> Encoded:
+        """``results`` encoded, stamped ``now`` (POSIX seconds; default: the time of the call)."""
+        now = time.time() if now is None else now
+        dumps = _dumps
+        rows, attempts = [], []
+        for r in results:
+            output = r.output
+            text = dumps(output) if output is not None else None
+            rows.append((r.status, text, r.error, r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s,
+                         r.model, r.source, now, r.key))
+            if r.tried:  # the answer that settled the row is its last one: its JSON text is encoded once
+                attempts += [(r.key, model, outcome, text if out is output else dumps(out) if out is not None
+                              else None, pt, ct, now) for model, outcome, out, pt, ct in r.tried]
+        return cls(rows, attempts)
+
+    def __len__(self) -> int:
+        """Rows held."""
+        return len(self.rows)
+
+    def extend(self, other: Encoded) -> None:
+        """Add ``other``'s rows and attempts."""
+        self.rows += other.rows
+        self.attempts += other.attempts
+
+    def clear(self) -> None:
+        """Forget every row and attempt (they were committed)."""
+        self.rows.clear()
+        self.attempts.clear()
+
+    def decode(self) -> list[RowResult]:
+        """The rows as :class:`RowResult` (``tried`` rebuilt from the attempts), for hooks that read them."""
+        tried: dict[str, list] = {}
+        for key, model, outcome, out, pt, ct, _ in self.attempts:
+            tried.setdefault(key, []).append((model, outcome, json.loads(out) if out is not None else None, pt, ct))
+        return [RowResult(key, status, json.loads(out) if out is not None else None, error, attempts, pt, ct, lat,
+                          model, source, tried.get(key))
+                for status, out, error, attempts, pt, ct, lat, model, source, _, key in self.rows]
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(value, ensure_ascii=False), without its checks
+
+
 _UPSERT = """
 INSERT INTO rows (key, seq, plan, input_hash, status, data, error, truncated, created_at, updated_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -135,19 +196,22 @@ UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prom
     completion_tokens = ?, latency_s = ?, model = ?, source = ?, updated_at = ?
 WHERE key = ?
 """
+# the run is the same for every request and attempt of a commit: bound once, as an integer literal
 _REQUEST = """
-INSERT INTO requests (run, t, model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size,
-    cache_read_tokens, cache_write_tokens, cost_usd, path)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO requests (t, model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size,
+    cache_read_tokens, cache_write_tokens, cost_usd, path, run)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {run:d})
 """
 _ATTEMPT = """
-INSERT INTO attempts (run, key, model, outcome, output, prompt_tokens, completion_tokens, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO attempts (key, model, outcome, output, prompt_tokens, completion_tokens, created_at, run)
+VALUES (?, ?, ?, ?, ?, ?, ?, {run:d})
 """
 
 
 def _request_entry(r: Sequence[Any]) -> tuple:
     """A request log entry padded to the table's 11 columns (older shapes lack cache tokens, cost, path)."""
+    if len(r) == 11 and type(r) is tuple:  # the shape DispatchStats.log writes
+        return r
     r = tuple(r)
     return r + (0,) * (9 - len(r)) + (None,) * (11 - max(9, len(r)))
 
@@ -276,12 +340,12 @@ class Ledger:
 
     # -- results --------------------------------------------------------------
     @guard_writes("ledger")
-    def record(self, results: Sequence[RowResult], *, run_id: int = 0,
+    def record(self, results: Sequence[RowResult] | Encoded, *, run_id: int = 0,
                requests: Sequence[tuple] = (), also: Sequence[tuple[str, tuple]] = ()) -> None:
         """Commit a batch of results, the model answers each went through, and the request log.
 
         Args:
-            results: settled rows.
+            results: settled rows, as :class:`RowResult` or already :class:`Encoded`.
             run_id: the run they belong to.
             requests: request log entries ``(t, model, outcome, latency_s,
                 prompt_tokens, completion_tokens, pack_size, cache_read_tokens,
@@ -295,24 +359,14 @@ class Ledger:
 
         Returns once durable.
         """
-        now = time.time()
-        params = [
-            (r.status, json.dumps(r.output, ensure_ascii=False) if r.output is not None else None, r.error,
-             r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s, r.model, r.source, now, r.key)
-            for r in results
-        ]
-        tried = [
-            (run_id, r.key, model, outcome, json.dumps(out, ensure_ascii=False) if out is not None else None, pt, ct,
-             now)
-            for r in results if r.tried for model, outcome, out, pt, ct in r.tried
-        ]
+        enc = results if isinstance(results, Encoded) else Encoded.of(results)
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany(_RECORD, params)
-            if tried:
-                self._db.executemany(_ATTEMPT, tried)
+            self._db.executemany(_RECORD, enc.rows)
+            if enc.attempts:
+                self._db.executemany(_ATTEMPT.format(run=int(run_id)), enc.attempts)
             if requests:
-                self._db.executemany(_REQUEST, [(run_id, *_request_entry(r)) for r in requests])
+                self._db.executemany(_REQUEST.format(run=int(run_id)), list(map(_request_entry, requests)))
             for sql, args in also:
                 self._db.execute(sql, args)
 
@@ -324,10 +378,12 @@ class Ledger:
             out[status] = n
         return out
 
-    def pending(self, plan: int, *, after_seq: int, limit: int) -> list[tuple[int, str, str]]:
-        """Up to ``limit`` pending rows of ``plan`` after ``after_seq``: ``(seq, key, data JSON)``."""
+    def pending(self, plan: int, *, after_seq: int, limit: int, hashes: bool = False) -> list[tuple]:
+        """Up to ``limit`` pending rows of ``plan`` after ``after_seq``: ``(seq, key, data JSON)``, with
+        ``hashes`` ``(seq, key, data JSON, input hash)`` (rows with one input hash render one request)."""
         return self._db.execute(
-            "SELECT seq, key, data FROM rows WHERE plan = ? AND status = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
+            f"SELECT seq, key, data{', input_hash' if hashes else ''} FROM rows WHERE plan = ? AND status = 'pending' "
+            "AND seq > ? ORDER BY seq LIMIT ?",
             (plan, after_seq, limit),
         ).fetchall()
 
