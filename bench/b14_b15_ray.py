@@ -7,7 +7,9 @@ Targets: wall / ideal <= 1.05 for both (ideal = N / (RPM / 60) = 80 s), 429s <= 
 requests, and the 4-worker run's busiest 60 s no busier than the limit the 1-worker run respects.
 
 B15: simulator at zero latency and no limit; rows/s of the local executor against
-``--executor ray`` with 1, 2 and 4 workers, on the same machine, in one run. For each run it prints
+``--executor ray`` with 1, 2 and 4 workers, on the same machine, in one run (after a 50-row warm-up
+of each executor, so no run pays the one-time imports; ``--repeat N`` runs each configuration N
+times, in turn, and prints medians). For each configuration it prints
 this process's CPU per row split by phase (``time.process_time``, every thread of the process,
 Ray's own threads included): *preflight* (lock, Ray workers launched, checks), *plan* (rows planned
 into the ledger), *dispatch* (every pending row settled: for Ray, the driver's leases, commits and
@@ -17,7 +19,7 @@ from the ledger). Target: the Ray driver's dispatch phase at most 50 µs per row
 Both connect to one local Ray (2 CPUs, no dashboard) first, so Ray's own start (about 10 s here)
 is not in the figures; starting the workers is (it is part of every run).
 
-    python bench/b14_b15_ray.py [--only b14|b15] [--rows 4000] [--b15-rows 10000]
+    python bench/b14_b15_ray.py [--only b14|b15] [--rows 4000] [--b15-rows 10000] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sqlite3
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -124,25 +127,36 @@ def b14(rows: int, tmp: Path) -> list[tuple[str, str]]:
     return out
 
 
-def b15(rows: int, tmp: Path) -> list[tuple[str, str]]:
+B15_RUNS = (("local", None), ("ray", 1), ("ray", 2), ("ray", 4))
+
+
+def b15(rows: int, tmp: Path, repeat: int = 1) -> list[tuple[str, str]]:
     csv = write_rows_csv(tmp / "b15.csv", rows)
+    warm = write_rows_csv(tmp / "b15-warm.csv", 50)
+    for executor, w in (("local", None), ("ray", 1)):  # imports (pyarrow's of pandas, Ray's), charged to no run
+        one(f"b15-warm-{executor}", warm, tmp, executor=executor, workers=w, sim_kw={"seed": 1}, limits="")
+    runs: dict[tuple, list[dict]] = {k: [] for k in B15_RUNS}
+    for i in range(repeat):  # the configurations in turn, so each sees the machine's load alike
+        for executor, w in B15_RUNS:
+            runs[(executor, w)].append(one(f"b15-{executor}{w or ''}-{i}", csv, tmp, executor=executor, workers=w,
+                                           sim_kw={"seed": 1}, limits=""))
     out = []
-    base = None
     base = base_span = None
-    for executor, w in (("local", None), ("ray", 1), ("ray", 2), ("ray", 4)):
-        name = f"b15-{executor}{w or ''}"
-        r = one(name, csv, tmp, executor=executor, workers=w, sim_kw={"seed": 1}, limits="")
-        rate, rate_span = r["rows"] / r["wall_s"], r["rows"] / max(r["span_s"], 1e-9)
+    for (executor, w), rs in runs.items():
+        rate = statistics.median(r["rows"] / r["wall_s"] for r in rs)
+        rate_span = statistics.median(r["rows"] / max(r["span_s"], 1e-9) for r in rs)
         base, base_span = base or rate, base_span or rate_span
-        ph = r["phases"]
+        phases = {k: statistics.median(r["phases"][k][0] for r in rs) for k in rs[0]["phases"]}
+        dispatch = sorted(r["phases"]["dispatch"][0] for r in rs)
         label = f"B15 {executor}" + (f" {w} worker{'s' if w > 1 else ''}" if w else "")
         out.append((label,
-                    f"{rate:,.0f} rows/s over the run ({r['wall_s']:.1f} s, {rate / base:.2f}x local); "
+                    f"{rate:,.0f} rows/s over the run ({rate / base:.2f}x local); "
                     f"{rate_span:,.0f} rows/s first to last answer ({rate_span / base_span:.2f}x local)"))
         out.append(("  this process's CPU, µs/row",
-                    ", ".join(f"{k} {v[0]:,.1f}" for k, v in ph.items())
-                    + f"; total {r['driver_cpu_us']:,.1f}  (wall s: "
-                    + ", ".join(f"{k} {v[1]:.2f}" for k, v in ph.items()) + ")"))
+                    ", ".join(f"{k} {v:,.1f}" for k, v in phases.items())
+                    + f"; total {statistics.median(r['driver_cpu_us'] for r in rs):,.1f}"
+                    + (f"  (dispatch over {repeat} runs: {', '.join(f'{d:.1f}' for d in dispatch)})"
+                       if repeat > 1 else "")))
     return out
 
 
@@ -151,10 +165,11 @@ def main() -> int:
     ap.add_argument("--only", choices=["b14", "b15"])
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--b15-rows", type=int, default=10000)
+    ap.add_argument("--repeat", type=int, default=1, help="B15: runs of each configuration (medians printed)")
     args = ap.parse_args()
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     lines: list[tuple[str, str]] = []
     try:
         with tempfile.TemporaryDirectory() as t:
@@ -162,12 +177,12 @@ def main() -> int:
             if args.only in (None, "b14"):
                 lines += b14(args.rows, tmp)
             if args.only in (None, "b15"):
-                lines += b15(args.b15_rows, tmp)
+                lines += b15(args.b15_rows, tmp, args.repeat)
     finally:
         ray.shutdown()
     print(table(lines, "B14/B15: llmap on Ray"))
     print(f"\nreproduce: .venv/bin/python bench/b14_b15_ray.py --rows {args.rows} --b15-rows {args.b15_rows}"
-          + (f" --only {args.only}" if args.only else ""))
+          + (f" --repeat {args.repeat}" if args.repeat > 1 else "") + (f" --only {args.only}" if args.only else ""))
     return 0
 
 

@@ -60,7 +60,7 @@ from llmap.store.ledger import Ledger, PlannedRow, RowResult
 from llmap.store.lock import LedgerLock
 
 if TYPE_CHECKING:
-    from llmap.run.ray.executor import Launch
+    from llmap.run.ray.launch import Launch
 
 __all__ = ["Job", "Prepared", "RunResult", "require_no_running_loop"]
 
@@ -210,11 +210,13 @@ class Job:
         renderer = prep.compiled.renderer
         variables = renderer.variables
         planned: list[PlannedRow] = []
+        dumps = json.JSONEncoder(ensure_ascii=False, default=str).encode  # json.dumps(..., same), built once
         for r in keyed_rows(self.spec, prep.compiled, prep.source, prep.input.data_columns):
-            data = json.dumps(r.row, ensure_ascii=False, default=str)
+            data = dumps(r.row)
             cut = renderer.truncated_columns(r.row) if renderer.max_chars else None
             truncated = json.dumps(cut) if cut else None
-            if variables and all(v is None or v == "" for v in r.inputs.values()):
+            vals = r.inputs.values()  # every input empty: first the cheap test that one is
+            if variables and (None in vals or "" in vals) and all(v is None or v == "" for v in vals):
                 planned.append(PlannedRow(r.key, r.seq, r.input_hash, data, "skipped", "every template input is empty",
                                           truncated))
             else:
@@ -286,7 +288,7 @@ class Job:
         await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
         try:
             if self._executor == "ray":  # the workers start while the job is checked and planned
-                from llmap.run.ray.executor import Launch
+                from llmap.run.ray.launch import Launch
 
                 self._launch = Launch(self.spec, workers=workers, address=ray_address)
             return await self._arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,

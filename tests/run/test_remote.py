@@ -69,7 +69,7 @@ def remote(monkeypatch):
         async def abandon(self) -> None:
             return None
 
-    monkeypatch.setattr("llmap.run.ray.executor.Launch", FakeLaunch)
+    monkeypatch.setattr("llmap.run.ray.launch.Launch", FakeLaunch)
     return SimpleNamespace(made=made, options=options)
 
 

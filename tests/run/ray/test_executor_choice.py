@@ -13,8 +13,8 @@ from llmap import Job, SpecError
 
 
 def test_import_llmap_and_a_local_run_never_import_ray():
-    code = ("import sys, llmap, llmap.engine, llmap.cli, llmap.run.pool, llmap.run.ray.executor, llmap.ray; "
-            "print('ray' in sys.modules)")
+    code = ("import sys, llmap, llmap.engine, llmap.cli, llmap.run.pool, llmap.run.ray.executor, llmap.run.ray.launch, "
+            "llmap.ray; print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -56,7 +56,7 @@ def _launch_with(results, monkeypatch):
     """A Launch whose workers' setup ended with ``results`` (one per worker), without a cluster; ``setups()``
     makes the setup futures (inside a running loop), all ended, so the executor sees every outcome at once."""
     ray = pytest.importorskip("ray")
-    from llmap.run.ray import executor as ray_run
+    from llmap.run.ray import launch as ray_run
 
     launch = object.__new__(ray_run.Launch)
     launch.handles = {f"w{i}": object() for i in range(len(results))}
@@ -109,7 +109,7 @@ def test_when_no_worker_starts_the_run_says_why(monkeypatch):
 
 def test_dispatch_starts_with_the_first_worker_set_up_and_the_others_join(monkeypatch):
     """The executor does not wait for the slowest worker: the ones still starting are handed over to join."""
-    from llmap.run.ray import executor as ray_run
+    from llmap.run.ray import launch as ray_run
 
     launch, _, killed = _launch_with([None, None, None], monkeypatch)
     made = {}

@@ -36,7 +36,7 @@ def cluster():
     c.add_node(num_cpus=1)
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
-    from llmap.run.ray.executor import _nodes
+    from llmap.run.ray.launch import _nodes
 
     deadline = time.monotonic() + 60  # registered is not yet schedulable: wait until both nodes offer their CPU
     while (len(_nodes()) < 2 or ray.available_resources().get("CPU", 0) < 2) and time.monotonic() < deadline:

@@ -7,11 +7,8 @@ driver pages pending rows out of the ledger, holds in-run duplicates back by
 input hash, and commits the results; :class:`RayExecutor` is its
 :class:`~llmap.run.remote.RemoteRows`.
 
-* :class:`Launch` starts N :class:`~llmap.run.ray.worker.RowWorker` actors (round robin over the
-  cluster's nodes), the job's budget actor (:mod:`llmap.run.ray.budget`: one RPM/TPM budget,
-  AIMD limit and circuit breaker per model for the whole cluster) and the response cache actor
-  (:func:`~llmap.run.ray.data.cache_actor`, on the driver's node) at the start of the run, so
-  they start while the driver checks and plans. Dispatch begins as soon as one worker is ready;
+* :class:`~llmap.run.ray.launch.Launch` starts the workers, the budget actor and the response
+  cache actor while the driver checks and plans. Dispatch begins as soon as one worker is set up;
   the others join as they come.
 * It cuts the rows it is handed into leases of :data:`LEASE_ROWS` raw rows (key and data JSON)
   and keeps :data:`LEASES_PER_WORKER` leases at each worker (:mod:`llmap.run.ray.worker` does
@@ -31,28 +28,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import re
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from llmap import errors as E
 from llmap.run.dispatch import Dispatcher
-from llmap.run.ray.budget import budget_actor
 from llmap.run.ray.leases import LeaseBook
-from llmap.run.ray.worker import Batch, RowWorker
+from llmap.run.ray.worker import Batch
 from llmap.run.remote import Settle
 from llmap.run.rows import PendingRow
 from llmap.run.stats import DispatchStats, Stop
-from llmap.spec import JobSpec
-from llmap.store.cache import FILE_NAME as CACHE_FILE
-from llmap.store.cache import default_cache_dir
 from llmap.store.ledger import Encoded
 
-__all__ = ["Launch", "RayExecutor", "check_executor", "connect", "require_ray"]
+__all__ = ["RayExecutor", "check_executor", "connect", "drop_worker", "require_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -127,114 +117,7 @@ def connect(address: str | None = "auto") -> None:
                           "`ray start --head` or fix --ray-address") from None
 
 
-def _secrets(spec: JobSpec) -> dict[str, str]:
-    """The environment variables the job's models read (API keys, header values) that are set here:
-    workers on other nodes get them through Ray's runtime environment."""
-    names = set()
-    for m in spec.models:
-        if getattr(m, "api_key_env", None):
-            names.add(m.api_key_env)
-        for v in (getattr(m, "headers", None) or {}).values():
-            names.update(re.findall(r"\$\{(\w+)\}", str(v)))
-    return {n: os.environ[n] for n in sorted(names) if n in os.environ}
-
-
-class Launch:
-    """Ray workers starting: made at the start of a run, so the workers (and the budget and cache
-    actors) start while the driver checks and plans the job; :meth:`executor` waits for the first.
-
-    Args:
-        spec: the job.
-        workers: how many (default: one per CPU of the cluster).
-        address: the Ray cluster (see :func:`connect`).
-
-    Raises:
-        SpecError: Ray is missing or unreachable (at once: connecting blocks).
-    """
-
-    def __init__(self, spec: JobSpec, *, workers: int | None, address: str | None = "auto") -> None:
-        connect(address)
-        import ray
-
-        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.budget = budget_actor(spec, workers=n)
-        self.cache = None
-        if spec.cache.enabled:
-            from llmap.run.ray.data import cache_actor
-
-            self.cache = cache_actor(default_cache_dir() / CACHE_FILE, spec.cache.ttl_s)
-        token = uuid.uuid4().hex[:8]
-        env = _secrets(spec)
-        options: dict[str, Any] = {"namespace": "llmap", "num_cpus": 0, "max_concurrency": 10_000}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-        remote = ray.remote(RowWorker)
-        self.handles: dict[str, Any] = {}
-        nodes = _nodes()
-        for i in range(n):
-            name = f"llmap-worker-{spec.name}-{token}-{i}"
-            self.handles[name] = remote.options(name=name, scheduling_strategy=_place(nodes, i), **options).remote(
-                spec, name, self.budget, self.cache)
-        self._setups = {name: asyncio.ensure_future(_setup(h)) for name, h in self.handles.items()}
-
-    async def executor(self, dispatcher: Dispatcher, stats: DispatchStats, **kw: Any) -> RayExecutor:
-        """Wait until one worker is set up; the executor over it (the others join it as they start).
-
-        A worker that could not be placed or started (its node went away) is dropped; the
-        others go on.
-
-        Raises:
-            SpecError: a worker cannot build the job's providers (a missing API key variable there).
-            ray.exceptions.RayError: no worker started; the first worker's error.
-        """
-        import ray
-
-        pending = dict(self._setups)
-        ready: dict[str, Any] = {}
-        errors: dict[str, BaseException] = {}
-        try:
-            while pending and not ready:
-                done, _ = await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
-                for name in [n for n, f in pending.items() if f in done]:
-                    exc = pending.pop(name).exception()
-                    if exc is None:
-                        ready[name] = self.handles[name]
-                        continue
-                    cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
-                    if isinstance(cause, E.LlmapError):  # the job, not the cluster: every worker would fail alike
-                        raise E.SpecError(f"a Ray worker could not start the job: {cause}") from None
-                    errors[name] = exc
-        except BaseException:
-            await self.abandon()
-            raise
-        if not ready:
-            await self.abandon()
-            raise next(iter(errors.values()))
-        for name in errors:
-            _drop(name, self.handles.pop(name), errors[name])
-        joining = {name: (self.handles[name], fut) for name, fut in pending.items()}
-        self.handles, self._setups = {}, {}
-        cache, self.cache = self.cache, None
-        return RayExecutor(ready, self.budget, dispatcher, stats, joining=joining, cache=cache, **kw)
-
-    async def abandon(self) -> None:
-        """End the workers (the run stopped before it needed them)."""
-        import ray
-
-        for fut in self._setups.values():
-            fut.cancel()
-        await asyncio.gather(*self._setups.values(), return_exceptions=True)
-        for h in [*self.handles.values(), *([self.cache] if self.cache is not None else [])]:
-            with contextlib.suppress(Exception):
-                ray.kill(h)
-        self.handles, self._setups, self.cache = {}, {}, None
-
-
-async def _setup(handle: Any) -> Any:
-    return await handle.setup.remote()
-
-
-def _drop(name: str, handle: Any, exc: BaseException) -> None:
+def drop_worker(name: str, handle: Any, exc: BaseException) -> None:
     """A worker that did not start: said in the log, ended."""
     import ray
 
@@ -246,7 +129,7 @@ def _drop(name: str, handle: Any, exc: BaseException) -> None:
 class RayExecutor:
     """The pool's :class:`~llmap.run.remote.RemoteRows` on a Ray cluster (see the module docstring).
 
-    Made by :meth:`Launch.executor`; close it with :meth:`aclose`.
+    Made by :meth:`~llmap.run.ray.launch.Launch.executor`; close it with :meth:`aclose`.
 
     Args:
         workers: worker name -> actor handle, for the workers set up.
@@ -296,14 +179,14 @@ class RayExecutor:
         """Close every worker (the cache is written, unused budget is handed back) and end them."""
         import ray
 
-        for name, (handle, fut) in self.joining.items():  # still starting: closed and ended like the others
-            fut.cancel()
-            self.workers.setdefault(name, handle)
-        self.joining.clear()
         closing = [h.close.remote() for h in self.workers.values()]
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 10)
-        for h in [*self.workers.values(), *([self.cache] if self.cache is not None else [])]:
+        for _, fut in self.joining.values():  # still starting: nothing to close, ended at once
+            fut.cancel()
+        starting = [h for h, _ in self.joining.values()]
+        self.joining.clear()
+        for h in [*starting, *self.workers.values(), *([self.cache] if self.cache is not None else [])]:
             with contextlib.suppress(Exception):
                 ray.kill(h)  # the cache actor last: the workers wrote their last answers to it as they closed
         self.workers.clear()
@@ -345,7 +228,7 @@ class RayExecutor:
             await setup
         except Exception as exc:
             self.joining.pop(name, None)
-            _drop(name, handle, exc)
+            drop_worker(name, handle, exc)
             return
         self.joining.pop(name, None)
         self.workers[name] = handle
@@ -473,24 +356,6 @@ class RayExecutor:
 
 
 _EMPTY = object()
-
-
-def _nodes() -> list[str]:
-    """The ids of the cluster's live nodes that have CPUs, in a stable order."""
-    import ray
-
-    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
-
-
-def _place(nodes: list[str], i: int) -> Any:
-    """Worker ``i``'s placement: round robin over ``nodes``. Ray's SPREAD and soft node affinity are
-    best effort and put several zero-CPU workers on one node at times; a hard affinity to a node
-    that went away fails that worker's start, and :meth:`Launch.executor` goes on without it."""
-    if not nodes:
-        return "SPREAD"
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False)
 
 
 def _nowait(todo: asyncio.Queue) -> Any:

@@ -1,6 +1,6 @@
 """One Ray worker: every per-row step of a run, over rows leased by the driver.
 
-A :class:`RowWorker` is a Ray async actor (made by :mod:`llmap.run.ray.executor`). It
+A :class:`RowWorker` is a Ray async actor (made by :mod:`llmap.run.ray.launch`). It
 builds the job's providers, lanes and :class:`~llmap.run.dispatch.Dispatcher`
 (and :class:`~llmap.run.packer.Packer`) exactly as a local run does, plugs
 each lane into the cluster-wide budget (:mod:`llmap.run.ray.budget`), and
