@@ -155,6 +155,35 @@ def test_the_workers_look_up_and_write_the_response_cache(cluster, tmp_path, mon
         assert {s for (s,) in db.execute("SELECT DISTINCT source FROM rows")} == {"cache"}
 
 
+def test_a_stored_answer_that_escalates_goes_on_as_a_cascade_in_the_worker(cluster, tmp_path):
+    """A cache hit that meets escalate_if is not the row's answer: the worker takes it on to the next model."""
+    with Simulator(latency_median=0.01) as sim:
+        job = _job(tmp_path, sim.base_url, 30, limits="hedge_tail = false\n")
+        text = job.read_text()
+        model = text[text.index("[model]"):text.index("[limits]")]
+        cheap = model.replace("[model]", "[[model]]") + 'escalate_if = "score < 0.5"\n'
+        strong = model.replace("[model]", "[[model]]").replace('name = "sim"', 'name = "strong"')
+        job.write_text(text.replace(model, cheap + strong))
+        first = Job.from_toml(job).run(executor="ray", workers=2)
+        (path,) = (tmp_path / ".llmap").glob("*.ledger.sqlite")
+        with sqlite3.connect(path) as db:
+            escalated = {k for (k,) in db.execute("SELECT key FROM attempts WHERE outcome = 'escalated'")}
+            before = dict(db.execute("SELECT key, output FROM rows"))
+        sent = sim.stats()["requests"]
+        second = Job.from_toml(job).run(executor="ray", workers=2, fresh=True)
+        again = sim.stats()["requests"] - sent
+    assert first.counts["done"] == second.counts["done"] == 30 and 0 < len(escalated) < 30
+    assert again == len(escalated)  # the strong model's answers are not looked up first (README: not guaranteed)
+    with sqlite3.connect(path) as db:
+        run = db.execute("SELECT max(id) FROM runs").fetchone()[0]
+        tried = db.execute("SELECT key, model, outcome FROM attempts WHERE run = ? ORDER BY id", (run,)).fetchall()
+        after = dict(db.execute("SELECT key, output FROM rows"))
+    assert after == before  # the same answers, the cheap model's from the cache
+    cascaded = {k for k, m, o in tried if m == "openai:strong"}
+    assert cascaded == escalated
+    assert all((k, "openai:sim", "cache") in tried for k in escalated)
+
+
 def test_a_worker_crashing_mid_lease_still_settles_every_row_exactly_once(cluster, tmp_path, monkeypatch):
     monkeypatch.setattr("llmap.run.ray.executor.LEASE_ROWS", 15)
     with Simulator(latency_median=0.2) as sim:
