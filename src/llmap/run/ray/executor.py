@@ -229,6 +229,10 @@ class RayExecutor:
         except Exception as exc:
             self.joining.pop(name, None)
             drop_worker(name, handle, exc)
+            if not self.workers and not self.joining:
+                self.stats.halt("every Ray worker is gone (the last could not start); finished rows are kept, "
+                                "run the same command again to continue")
+            self._wake()
             return
         self.joining.pop(name, None)
         self.workers[name] = handle
@@ -255,7 +259,7 @@ class RayExecutor:
                 lease, buf = buf[:n], buf[n:]
                 self._ready.append(lease)
                 self._wake()
-                while len(self._ready) >= len(self.workers) and not self.stats.stop.is_set() and self.workers:
+                while len(self._ready) >= max(1, len(self.workers)) and not self.stats.stop.is_set():
                     await self._changed.wait()  # back-pressure: the queue holds the rest
             if items is None:
                 break
