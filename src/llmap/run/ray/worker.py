@@ -221,8 +221,10 @@ class RowWorker:
             return [], ready
         try:
             found = await self.cache.get_many.remote(list({r.ckey for r in ready}))
-        except Exception as exc:  # the cache is an optimisation: a lookup that fails sends the rows
+        except Exception as exc:  # the cache actor is gone: the run goes on, sending what it would have found
             log.warning("llmap: response cache lookup failed (%s); sending the rows", exc)
+            self.stats.warn(f"the response cache could not be read ({type(exc).__name__}); rows are sent without "
+                            "looking it up")
             return [], ready
         pairs, todo = await self.steps.answer(ready, found)
         for r in todo:
@@ -343,9 +345,10 @@ class RowWorker:
             return
         try:
             await self.cache.write.remote(entries, hits)
-        except Exception as exc:
-            self.stats.warn(f"the response cache could not be written ({type(exc).__name__}: {exc}); the ledger "
-                            "keeps every answer, a later run pays again for these")
+        except Exception as exc:  # said once per kind of error (the driver says each warning once)
+            log.warning("llmap: response cache write failed (%s)", exc)
+            self.stats.warn(f"the response cache could not be written ({type(exc).__name__}); the ledger keeps "
+                            "every answer, a later run pays again for the answers not cached")
 
     async def _write_loop(self) -> None:
         while True:
