@@ -61,7 +61,7 @@ from llmap.store.ledger import Ledger, PlannedRow, RowResult
 from llmap.store.lock import LedgerLock
 
 if TYPE_CHECKING:
-    from llmap.run.ray.executor import Launch
+    from llmap.run.ray.launch import Launch
 
 __all__ = ["Job", "Prepared", "RunResult", "require_no_running_loop"]
 
@@ -222,11 +222,13 @@ class Job:
         renderer = prep.compiled.renderer
         variables = renderer.variables
         planned: list[PlannedRow] = []
+        dumps = json.JSONEncoder(ensure_ascii=False, default=str).encode  # json.dumps(..., same), built once
         for r in keyed_rows(self.spec, prep.compiled, prep.source, prep.input.data_columns):
-            data = json.dumps(r.row, ensure_ascii=False, default=str)
+            data = dumps(r.row)
             cut = renderer.truncated_columns(r.row) if renderer.max_chars else None
             truncated = json.dumps(cut) if cut else None
-            if variables and all(v is None or v == "" for v in r.inputs.values()):
+            vals = r.inputs.values()  # every input empty: first the cheap test that one is
+            if variables and (None in vals or "" in vals) and all(v is None or v == "" for v in vals):
                 planned.append(PlannedRow(r.key, r.seq, r.input_hash, data, "skipped", "every template input is empty",
                                           truncated))
             else:
@@ -261,9 +263,10 @@ class Job:
             detach: with ``[model] batch``, submit the batches and return
                 without waiting for them (``--detach``); the next run collects them.
             executor: ``"local"`` (this process sends every request) or ``"ray"``: this
-                process keeps the ledger and the cache, and ``workers`` Ray actors send the
-                requests under one cluster-wide rate limit (:mod:`llmap.run.ray.executor`; needs
-                ``llmap[ray]``).
+                process keeps the ledger (plans, leases rows, commits), and ``workers`` Ray actors
+                render, look up the response cache (a file on this machine, through an actor), send
+                under one cluster-wide rate limit, and write the cache (:mod:`llmap.run.ray.executor`;
+                needs ``llmap[ray]``).
             workers: Ray workers (default: one per CPU of the cluster); ``executor="ray"`` only.
             ray_address: the Ray cluster: ``"auto"`` (default) joins a running one, else
                 starts a local one; ``executor="ray"`` only.
@@ -298,7 +301,7 @@ class Job:
         await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
         try:
             if self._executor == "ray":  # the workers start while the job is checked and planned
-                from llmap.run.ray.executor import Launch
+                from llmap.run.ray.launch import Launch
 
                 self._launch = Launch(self.spec, workers=workers, address=ray_address)
             return await self._arun(limit=limit, fresh=fresh, progress=progress, export_output=export_output,
@@ -405,13 +408,16 @@ class Job:
                          stats.retries, stats.cache_read_tokens, running, self._detach and self.spec.model.batch,
                          self._op_summary)
 
-    def _settled_hook(self, stats: DispatchStats, prep: Prepared) -> Callable[[list[RowResult], list[str]], None]:
-        """Alerts and structured row logs, run on every batch of settled rows."""
+    def _settled_hook(self, stats: DispatchStats,
+                      prep: Prepared) -> Callable[[list[RowResult], list[str]], None] | None:
+        """Alerts and structured row logs, run on every batch of settled rows; None when there are neither."""
         alerts = self.spec.alerts
         alert = None
         if alerts.max_failure_rate is not None:
             alert = FailureRateAlert(alerts.max_failure_rate, alerts.window)
         log = self._log
+        if alert is None and log is None:
+            return None
 
         def hook(results: list[RowResult], datas: list[str]) -> None:
             for r, data in zip(results, datas, strict=True):
@@ -446,7 +452,7 @@ class Job:
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
         stats.on_warn = lambda text: progress.message(f"llmap: {text}")
         cache = remote = None
-        if spec.cache.enabled:
+        if spec.cache.enabled and self._launch is None:  # Ray: the workers use the cache actor, not this process
             with guard(default_cache_dir() / CACHE_FILE, "response cache"):
                 cache = ResponseCache(ttl_s=spec.cache.ttl_s)
         try:
@@ -477,10 +483,16 @@ class Job:
             if self._launch is not None and tally.total > tally.done + tally.failed + tally.skipped + tally.fallback:
                 launch, self._launch = self._launch, None
                 remote = await launch.executor(dispatcher, stats)
-                progress.message(f"llmap: {len(remote.workers)} Ray workers send the requests")
-            await run_pool(ledger, run_id, dispatcher, stats, tally, progress,
-                           quota=(per_group.column, per_group.n) if per_group else None, packer=packer,
-                           on_settled=self._settled_hook(stats, prep), remote=remote)
+                progress.message(f"llmap: {remote.size} Ray workers send the requests")
+            quota = (per_group.column, per_group.n) if per_group else None
+            if remote is not None:
+                from llmap.run.remote import run_remote_pool
+
+                await run_remote_pool(ledger, run_id, dispatcher, stats, tally, progress, remote=remote, quota=quota,
+                                      packer=packer, on_settled=self._settled_hook(stats, prep))
+                return
+            await run_pool(ledger, run_id, dispatcher, stats, tally, progress, quota=quota, packer=packer,
+                           on_settled=self._settled_hook(stats, prep))
         finally:
             if remote is not None:
                 await remote.aclose()

@@ -25,6 +25,9 @@ replaces the rows that failed, until a pass takes nothing.
 
 Memory stays flat: the queue, the commit buffer and the packs are bounded,
 and rows waiting for an identical row keep only their key and data.
+
+:class:`~llmap.run.remote.RemotePool` is this loop with the requests settled elsewhere (the Ray
+executor's workers).
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
 
 from llmap.control.quota import GroupQuota, QuotaDecision
 from llmap.errors import DiskFull
@@ -47,7 +49,7 @@ from llmap.run.rows import PendingRow, RowSteps
 from llmap.run.stats import DispatchStats
 from llmap.store.ledger import Ledger, RowResult
 
-__all__ = ["Pool", "RemoteRows", "install_sigterm", "run_pool"]
+__all__ = ["Pool", "first_of", "install_sigterm", "run_pool"]
 
 #: Rows committed to the ledger at once at most (results are committed at the end of the loop turn they
 #: settle in, and the request log and progress every ``FLUSH_S`` seconds).
@@ -57,17 +59,6 @@ FLUSH_S = 0.25
 PAGE_ROWS = 512
 #: Rows that may wait for an identical row before the producer pauses (memory bound).
 MAX_WAITING = 100_000
-
-
-class RemoteRows(Protocol):
-    """Settles the rows the pool hands out somewhere else (the Ray executor's workers,
-    :mod:`llmap.run.ray.executor`) instead of in local workers. ``run`` reads packs of rows from
-    ``todo`` until ``None`` and calls ``settle(results, rows)`` once per row; ``queue_items``
-    bounds ``todo``."""
-
-    queue_items: int
-
-    async def run(self, todo: asyncio.Queue, settle: Callable[[list[RowResult], list[Any]], None]) -> None: ...
 
 
 class Pool:
@@ -90,23 +81,18 @@ class Pool:
         packer: settles packs of rows (``[prompt] pack``), or None for one row per request.
         on_settled: called with each batch of settled rows and their input data
             (JSON), before they are committed (alerts, structured logs).
-        remote: settle rows there instead of in local workers (the Ray executor); cache hits,
-            in-run duplicates, quotas and commits stay here.
     """
 
     def __init__(self, ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: DispatchStats, tally: Tally,
                  progress: Progress, *, quota: tuple[str, int] | None = None, packer: Packer | None = None,
-                 on_settled: Callable[[list[RowResult], list[str]], None] | None = None,
-                 remote: RemoteRows | None = None) -> None:
+                 on_settled: Callable[[list[RowResult], list[str]], None] | None = None) -> None:
         self.ledger, self.run_id = ledger, run_id
         self.d, self.stats, self.tally, self.progress = dispatcher, stats, tally, progress
-        self.packer, self.on_settled, self.remote = packer, on_settled, remote
+        self.packer, self.on_settled = packer, on_settled
         self.steps = RowSteps(dispatcher, packer)
         self.answers = dispatcher.answers
-        self.n_workers = 1 if remote is not None else min(1024, 2 * max(lane.max_in_flight
-                                                                         for lane in dispatcher.lanes))
-        self.todo: asyncio.Queue[list[PendingRow] | None] = asyncio.Queue(
-            maxsize=remote.queue_items if remote is not None else self.n_workers * 2)
+        self.n_workers = min(1024, 2 * max(lane.max_in_flight for lane in dispatcher.lanes))
+        self.todo: asyncio.Queue[list[PendingRow] | None] = asyncio.Queue(maxsize=self.n_workers * 2)
         self.buffer: list[RowResult] = []
         self.outstanding = 0  # rows taken and not yet settled (quota passes wait for 0)
         self.settled = asyncio.Event()
@@ -141,10 +127,7 @@ class Pool:
         """
         self.d.watch_tail(lambda: self.handed_out.is_set() and self.todo.qsize() <= self.n_workers)
         prod = asyncio.create_task(self.producer(), name="llmap-producer")
-        if self.remote is not None:
-            workers = [asyncio.create_task(self.remote.run(self.todo, self.settle), name="llmap-remote-rows")]
-        else:
-            workers = [asyncio.create_task(self.worker(), name="llmap-worker") for _ in range(self.n_workers)]
+        workers = self.start_workers()
         helpers = [asyncio.create_task(self.ticker(), name="llmap-commit-ticker"),
                    asyncio.create_task(self.d.watchdog(), name="llmap-timeout-watchdog")]
         tasks = [prod, *workers, *helpers]
@@ -163,6 +146,10 @@ class Pool:
             self.flush(last=True)
         if self.disk_full:
             raise self.disk_full[0]
+
+    def start_workers(self) -> list[asyncio.Task]:
+        """The tasks that settle what the producer hands out: :attr:`n_workers` local workers."""
+        return [asyncio.create_task(self.worker(), name="llmap-worker") for _ in range(self.n_workers)]
 
     def halt_on_disk_full(self, exc: DiskFull) -> None:
         """A write found the disk full: no new requests; the error is raised when the pool is down."""
@@ -204,12 +191,7 @@ class Pool:
                 answers.flush(wait=last)
             except DiskFull as exc:  # the cache's disk is full: still commit to the ledger, which may have room
                 self.halt_on_disk_full(exc)
-        log = stats.take_request_log()
-        if self.buffer or log:
-            self.ledger.record(self.buffer, run_id=self.run_id, requests=log)  # durable before it counts
-            for r in self.buffer:
-                setattr(tally, r.status, getattr(tally, r.status) + 1)
-            self.buffer.clear()
+        if self.commit(stats.take_request_log()):
             self._unreported = True
         if not (advance and self._unreported):
             return
@@ -222,6 +204,18 @@ class Pool:
         tally.in_flight = sum(lane.in_flight for lane in self.d.lanes)
         tally.concurrency = sum(lane.limit for lane in self.d.lanes)
         self.progress.advance(tally)
+
+    def commit(self, log: list[tuple]) -> bool:
+        """Commit the settled rows and the request entries ``log``, then count the rows (durable before it
+        counts). Returns whether anything was committed."""
+        if not (self.buffer or log):
+            return False
+        self.ledger.record(self.buffer, run_id=self.run_id, requests=log)  # durable before it counts
+        tally = self.tally
+        for r in self.buffer:
+            setattr(tally, r.status, getattr(tally, r.status) + 1)
+        self.buffer.clear()
+        return True
 
     # -- settle ------------------------------------------------------------------------------
     def settle(self, results: Sequence[RowResult], rows: Sequence[PendingRow]) -> None:
@@ -357,7 +351,7 @@ class Pool:
                     await self.end_pack()
                     while self.n_waiting > MAX_WAITING and not stop.is_set():
                         self.wake.clear()
-                        await _first_of(self.wake, stop)
+                        await first_of(self.wake, stop)
                         await self.drain_promoted()
             await self.drain_promoted()
         await self.end_pack()
@@ -371,7 +365,7 @@ class Pool:
             await self.one_pass()
         else:
             while await self.one_pass() and not stop.is_set():
-                await _first_of(self.settled, stop)  # the next pass replaces rows that failed
+                await first_of(self.settled, stop)  # the next pass replaces rows that failed
                 self.flush()
         while not stop.is_set():  # rows still waiting for an identical row's answer
             await self.drain_promoted()
@@ -380,7 +374,7 @@ class Pool:
                 break
             self.wake.clear()
             if not self.promoted:
-                await _first_of(self.wake, stop)
+                await first_of(self.wake, stop)
         self.handed_out.set()
         for _ in range(self.n_workers):
             await self.todo.put(None)
@@ -408,11 +402,10 @@ class Pool:
 async def run_pool(ledger: Ledger, run_id: int, dispatcher: Dispatcher, stats: DispatchStats, tally: Tally,
                    progress: Progress, *, quota: tuple[str, int] | None = None,
                    packer: Packer | None = None,
-                   on_settled: Callable[[list[RowResult], list[str]], None] | None = None,
-                   remote: RemoteRows | None = None) -> None:
+                   on_settled: Callable[[list[RowResult], list[str]], None] | None = None) -> None:
     """Settle every pending row of plan ``run_id``: ``await Pool(...).run()`` (see :class:`Pool`)."""
     await Pool(ledger, run_id, dispatcher, stats, tally, progress, quota=quota, packer=packer,
-               on_settled=on_settled, remote=remote).run()
+               on_settled=on_settled).run()
 
 
 async def _supervise(tasks: list[asyncio.Task], *, until_done: list[asyncio.Task]) -> None:
@@ -435,7 +428,7 @@ async def _supervise(tasks: list[asyncio.Task], *, until_done: list[asyncio.Task
             remaining.discard(t)
 
 
-async def _first_of(*events: asyncio.Event) -> None:
+async def first_of(*events: asyncio.Event) -> None:
     """Wait until any of ``events`` is set."""
     waits = [asyncio.create_task(e.wait()) for e in events]
     try:

@@ -14,7 +14,8 @@ keeps a copy:
    template error on the first rows, with no NULL to blame, is the
    template's: the run stops and says so.
 2. :meth:`RowSteps.from_cache`: a stored answer settles the row, unless it
-   meets the primary model's ``escalate_if`` (then the row goes on alone).
+   meets the primary model's ``escalate_if`` (then the row goes on alone);
+   :meth:`RowSteps.answer` does it for many rows at once (a Ray worker's lease).
 3. :meth:`RowSteps.solve`: settle a pack of rows (or one row) through the
    :class:`~llmap.run.packer.Packer` or the
    :class:`~llmap.run.dispatch.Dispatcher`, containing its exception: a row's
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,7 +131,7 @@ class RowSteps:
         return ready, failed
 
     # -- 1. prepare ------------------------------------------------------------------------
-    def prepare(self, rows: Iterable[PendingRow], *, look_ahead: bool = True
+    def prepare(self, rows: Iterable[PendingRow], *, look_ahead: bool = True, keyed: bool | None = None
                 ) -> tuple[list[PendingRow], list[tuple[RowResult, PendingRow]]]:
         """Render rows and key their requests on the primary model.
 
@@ -138,15 +139,17 @@ class RowSteps:
         the rows that rendered are keyed and their keys looked up in the response cache ahead, in
         one query (:meth:`~llmap.store.answers.AnswerCache.prefetch`; each row is then taken with
         :meth:`~llmap.store.answers.AnswerCache.peek` or ``pass_over``); without it (a row the
-        dispatcher looks up itself), ``ckey`` stays None. Stops early (the rest stay pending) once
-        the run is stopping.
+        dispatcher looks up itself), ``ckey`` stays None unless ``keyed`` (the caller looks the keys
+        up elsewhere: a Ray worker asks the cache actor, then :meth:`answer`). Stops early (the rest
+        stay pending) once the run is stopping.
 
         Returns:
             ``(ready, failed)``: the rows that rendered, and a failed result for each row whose
             template failed on its values (paired with the row).
         """
         d = self.d
-        answers = d.answers if look_ahead else None
+        answers = d.answers if look_ahead or keyed else None
+        look_ahead = look_ahead and answers is not None
         primary = d.lanes[0]
         schema = d.schema.json_schema
         ready: list[PendingRow] = []
@@ -166,7 +169,7 @@ class RowSteps:
             if answers is not None:
                 r.ckey = answers.key(primary.model, r.messages, schema)
             ready.append(r)
-        if answers is not None:
+        if look_ahead:
             answers.prefetch([r.ckey for r in ready])
         return ready, failed
 
@@ -188,6 +191,29 @@ class RowSteps:
             row.single = True  # a cascade, or an answer that breaks a check on this row: it goes alone
             return None
         return cached(row.key, entry)
+
+    async def answer(self, rows: Sequence[PendingRow], found: Mapping[str, CacheEntry]
+                     ) -> tuple[list[tuple[RowResult, PendingRow]], list[PendingRow]]:
+        """Settle keyed rows from stored answers looked up elsewhere (:meth:`from_cache` for each).
+
+        Args:
+            rows: prepared rows, keyed (``ckey`` set).
+            found: cache key -> stored answer, for the keys found.
+
+        Returns:
+            ``(answered, todo)``: each row settled by its stored answer (paired with the row), and the
+            rows left to send, in order (a row whose stored answer escalates is marked ``single``).
+        """
+        answered: list[tuple[RowResult, PendingRow]] = []
+        todo: list[PendingRow] = []
+        for r in rows:
+            hit = found.get(r.ckey) if found and r.ckey is not None else None
+            res = await self.from_cache(r, hit) if hit is not None else None
+            if res is None:
+                todo.append(r)
+            else:
+                answered.append((res, r))
+        return answered, todo
 
     # -- 3. solve ------------------------------------------------------------------------------
     async def solve(self, items: Sequence[PendingRow]) -> list[RowResult] | None:

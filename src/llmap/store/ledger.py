@@ -25,7 +25,6 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,76 +33,12 @@ from llmap.store.diskfull import guard, guard_writes
 from llmap.store.history import snapshot_all, snapshot_planned
 from llmap.store.ledger_schema import MIGRATIONS
 from llmap.store.migrate import apply_migrations
+from llmap.store.results import Encoded, PlannedRow, RowResult
 
-__all__ = ["MIGRATIONS", "STATUSES", "Ledger", "PlannedRow", "RowResult", "open_for_reading"]
+__all__ = ["MIGRATIONS", "STATUSES", "Encoded", "Ledger", "PlannedRow", "RowResult", "open_for_reading"]
 
 #: Every status a row can have. ``fallback``: no model answered; ``[output] fallback`` was used.
 STATUSES = ("pending", "done", "failed", "skipped", "fallback")
-
-@dataclass(frozen=True, slots=True)
-class PlannedRow:
-    """A row as the planner hands it to the ledger.
-
-    Attributes:
-        key: the row's key as text.
-        seq: position in the input (0-based), for export order.
-        input_hash: hash of the row's inputs and the request fingerprint.
-        data: JSON text of the row's projected columns.
-        status: ``pending`` or ``skipped``.
-        error: the skip reason, for ``skipped`` rows.
-        truncated: JSON list of the columns cut to ``[input] max_chars``, or None.
-    """
-
-    key: str
-    seq: int
-    input_hash: str
-    data: str
-    status: str = "pending"
-    error: str | None = None
-    truncated: str | None = None
-
-
-@dataclass(slots=True)
-class RowResult:
-    """The outcome of one row, as the dispatcher reports it.
-
-    Attributes:
-        key: the row's key.
-        status: ``done``, ``failed`` or ``fallback``.
-        output: field name -> value for ``done`` rows.
-        error: the error text for ``failed`` rows.
-        attempts: requests spent on this row in this run (re-asks and retries count).
-        prompt_tokens, completion_tokens: usage summed over those requests.
-        latency_s: seconds spent waiting for answers, summed over this row's
-            requests (queueing for a rate limit not included).
-        model: ``provider:name`` of the model that settled the row.
-        source: where the answer came from: ``model``, ``cache`` (the response
-            cache or an identical request in this run) or ``stale`` (an expired
-            cache entry served because every model failed).
-        tried: every model answer on the way (cascade, re-asks):
-            ``(model, outcome, output or None, prompt tokens, completion tokens)``.
-        confidence: for ``done`` rows, the probability of the values the model chose, from its
-            log-probabilities (:mod:`llmap.quality.confidence`); None when unknown.
-        raw: for rows that did not end ``done``, the model's last answer text (``_raw``), or None.
-        input_hash: the row's input hash as learned on its path (a document fetched then, see
-            :mod:`llmap.io.documents`), recorded in place of the planned one; None keeps the planned one.
-    """
-
-    key: str
-    status: str
-    output: dict[str, Any] | None = None
-    error: str | None = None
-    attempts: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_s: float = 0.0
-    model: str | None = None
-    source: str | None = None
-    tried: list[tuple[str, str, dict[str, Any] | None, int, int]] | None = None
-    confidence: float | None = None
-    raw: str | None = None
-    input_hash: str | None = None
-
 
 _UPSERT = """
 INSERT INTO rows (key, seq, plan, input_hash, status, data, error, truncated, created_at, updated_at, born)
@@ -150,19 +85,22 @@ UPDATE rows SET status = ?, output = ?, error = ?, attempts = attempts + ?, prom
     input_hash = COALESCE(?, input_hash)
 WHERE key = ?
 """
+# the run is the same for every request and attempt of a commit: bound once, as an integer literal
 _REQUEST = """
-INSERT INTO requests (run, t, model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size,
-    cache_read_tokens, cache_write_tokens, cost_usd, path)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO requests (t, model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size,
+    cache_read_tokens, cache_write_tokens, cost_usd, path, run)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {run:d})
 """
 _ATTEMPT = """
-INSERT INTO attempts (run, key, model, outcome, output, prompt_tokens, completion_tokens, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO attempts (key, model, outcome, output, prompt_tokens, completion_tokens, created_at, run)
+VALUES (?, ?, ?, ?, ?, ?, ?, {run:d})
 """
 
 
 def _request_entry(r: Sequence[Any]) -> tuple:
     """A request log entry padded to the table's 11 columns (older shapes lack cache tokens, cost, path)."""
+    if len(r) == 11 and type(r) is tuple:  # the shape DispatchStats.log writes
+        return r
     r = tuple(r)
     return r + (0,) * (9 - len(r)) + (None,) * (11 - max(9, len(r)))
 
@@ -324,12 +262,12 @@ class Ledger:
 
     # -- results --------------------------------------------------------------
     @guard_writes("ledger")
-    def record(self, results: Sequence[RowResult], *, run_id: int = 0,
+    def record(self, results: Sequence[RowResult] | Encoded, *, run_id: int = 0,
                requests: Sequence[tuple] = (), also: Sequence[tuple[str, tuple]] = ()) -> None:
         """Commit a batch of results, the model answers each went through, and the request log.
 
         Args:
-            results: settled rows.
+            results: settled rows, as :class:`RowResult` or already :class:`Encoded`.
             run_id: the run they belong to.
             requests: request log entries ``(t, model, outcome, latency_s,
                 prompt_tokens, completion_tokens, pack_size, cache_read_tokens,
@@ -343,26 +281,14 @@ class Ledger:
 
         Returns once durable.
         """
-        now = time.time()
-        params = [
-            (r.status, json.dumps(r.output, ensure_ascii=False) if r.output is not None else None, r.error,
-             r.attempts, r.prompt_tokens, r.completion_tokens, r.latency_s, r.model, r.source, now,
-             r.confidence if r.status == "done" else None, None if r.status == "done" else r.raw, r.input_hash,
-             r.key)
-            for r in results
-        ]
-        tried = [
-            (run_id, r.key, model, outcome, json.dumps(out, ensure_ascii=False) if out is not None else None, pt, ct,
-             now)
-            for r in results if r.tried for model, outcome, out, pt, ct in r.tried
-        ]
+        enc = results if isinstance(results, Encoded) else Encoded.of(results)
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany(_RECORD, params)
-            if tried:
-                self._db.executemany(_ATTEMPT, tried)
+            self._db.executemany(_RECORD, enc.rows)
+            if enc.attempts:
+                self._db.executemany(_ATTEMPT.format(run=int(run_id)), enc.attempts)
             if requests:
-                self._db.executemany(_REQUEST, [(run_id, *_request_entry(r)) for r in requests])
+                self._db.executemany(_REQUEST.format(run=int(run_id)), list(map(_request_entry, requests)))
             for sql, args in also:
                 self._db.execute(sql, args)
         if results:
@@ -376,10 +302,12 @@ class Ledger:
             out[status] = n
         return out
 
-    def pending(self, plan: int, *, after_seq: int, limit: int) -> list[tuple[int, str, str]]:
-        """Up to ``limit`` pending rows of ``plan`` after ``after_seq``: ``(seq, key, data JSON)``."""
+    def pending(self, plan: int, *, after_seq: int, limit: int, hashes: bool = False) -> list[tuple]:
+        """Up to ``limit`` pending rows of ``plan`` after ``after_seq``: ``(seq, key, data JSON)``, with
+        ``hashes`` ``(seq, key, data JSON, input hash)`` (rows with one input hash render one request)."""
         return self._db.execute(
-            "SELECT seq, key, data FROM rows WHERE plan = ? AND status = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
+            f"SELECT seq, key, data{', input_hash' if hashes else ''} FROM rows WHERE plan = ? AND status = 'pending' "
+            "AND seq > ? ORDER BY seq LIMIT ?",
             (plan, after_seq, limit),
         ).fetchall()
 

@@ -18,9 +18,22 @@ def test_a_row_is_accepted_once_and_a_late_answer_is_dropped():
     assert book.accept(second.id, "r1") is True
     assert book.accept(first.id, "r1") is False  # the silent worker answers late: dropped
     assert book.dropped == 1
-    assert book.accept(first.id, "r2") is True  # nobody settled r2 yet: the first answer wins
-    assert book.accept(second.id, "r2") is False
+    assert book.accept(first.id, "r2") is False  # r2 is leased again: the new lease answers it, not the old one
+    assert book.accept(second.id, "r2") is True
+    assert book.accept(second.id, "r2") is False  # a second answer from the same lease: dropped
+    assert book.dropped == 3
     assert len(book) == 0
+
+
+def test_accept_many_keeps_the_open_rows_in_order_and_memory_holds_only_open_leases():
+    book = LeaseBook(timeout_s=10)
+    lease = book.grant("a", [f"r{i}" for i in range(5)], now=0)
+    assert book.accept_many(lease.id, ["r3", "r1"]) == ["r3", "r1"]
+    assert book.accept_many(lease.id, ["r1", "r0", "r9"]) == ["r0"]  # r1 settled, r9 never leased here
+    assert book.dropped == 2
+    assert book.accept_many(lease.id, ["r4", "r2"]) == ["r4", "r2"]
+    assert len(book) == 0  # the lease is closed once every row settled: nothing kept per settled row
+    assert book.accept_many(lease.id, ["r2"]) == []
 
 
 def test_answers_renew_a_workers_leases():

@@ -36,7 +36,7 @@ def cluster():
     c.add_node(num_cpus=1)
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
-    from llmap.run.ray.executor import _nodes
+    from llmap.run.ray.launch import _nodes
 
     deadline = time.monotonic() + 60  # registered is not yet schedulable: wait until both nodes offer their CPU
     while (len(_nodes()) < 2 or ray.available_resources().get("CPU", 0) < 2) and time.monotonic() < deadline:
@@ -66,17 +66,17 @@ def _workers() -> list[str]:
 
 def test_every_row_exactly_once_across_four_workers(cluster, tmp_path, monkeypatch):
     monkeypatch.setattr("llmap.run.ray.executor.LEASE_ROWS", 25)  # 300 rows: a dozen leases over four workers
-    from llmap.run.ray.executor import Launch
+    from llmap.run.ray.executor import RayExecutor
 
     nodes = set()
-    real = Launch.executor
+    real = RayExecutor.aclose
 
-    async def executor(self, *a, **kw):
-        ex = await real(self, *a, **kw)
-        nodes.update([await h.node.remote() for h in ex.workers.values()])
-        return ex
+    async def aclose(self):  # every worker placed, whether it started first or joined later
+        handles = [*self.workers.values(), *(h for h, _ in self.joining.values())]
+        nodes.update([await h.node.remote() for h in handles])
+        await real(self)
 
-    monkeypatch.setattr(Launch, "executor", executor)
+    monkeypatch.setattr(RayExecutor, "aclose", aclose)
     with Simulator(latency_median=0.02) as sim:
         job = _job(tmp_path, sim.base_url, 300, concurrency=16, limits="hedge_tail = false\n")  # no tail copies
         result = Job.from_toml(job).run(executor="ray", workers=4)
@@ -95,6 +95,118 @@ def test_the_driver_answers_in_run_duplicates_itself(cluster, tmp_path):
         sent = sim.stats()["requests"]
     assert result.counts["done"] == 60
     assert sent == 3  # three distinct requests: the other 57 rows wait for them on the driver
+
+
+def test_a_duplicate_row_is_leased_and_sent_once_even_pages_apart(cluster, tmp_path, monkeypatch):
+    """Rows with one input hash: one row goes to a worker, once; the others never leave the driver, whether
+    their leader is still being answered or settled pages before (the response cache off: no help there)."""
+    from llmap.run.ray.leases import LeaseBook
+
+    monkeypatch.setattr("llmap.run.remote.PAGE_ROWS", 16)  # 200 rows: 13 pages; duplicates 100 rows apart,
+    monkeypatch.setattr("llmap.run.ray.executor.LEASE_ROWS", 8)  # and the driver holds fewer rows than that
+    leased: list[str] = []
+    real = LeaseBook.grant
+
+    def grant(self, worker, keys, now):
+        keys = list(keys)
+        leased.extend(keys)
+        return real(self, worker, keys, now)
+
+    monkeypatch.setattr(LeaseBook, "grant", grant)
+    rows = people(100) + [{**r, "id": f"dup{i:03d}"} for i, r in enumerate(people(100))]
+    write_csv(tmp_path / "people.csv", rows)
+    with Simulator(latency_median=0.01) as sim:
+        (tmp_path / "job.toml").write_text(job_toml(sim.base_url) + "hedge_tail = false\n[cache]\nenabled = false\n",
+                                           encoding="utf-8")
+        result = Job.from_toml(tmp_path / "job.toml").run(executor="ray", workers=2)
+        sent = sim.stats()["requests"]
+    assert result.counts["done"] == 200
+    assert sent == 100 and sorted(leased) == sorted(r["id"] for r in people(100))
+    (path,) = (tmp_path / ".llmap").glob("*.ledger.sqlite")
+    with sqlite3.connect(path) as db:
+        dup = db.execute("SELECT count(*), sum(attempts) FROM rows WHERE key LIKE 'dup%' AND source = 'cache'")
+        assert dup.fetchone() == (100, 0)
+        assert db.execute("SELECT cached FROM runs").fetchone()[0] == 100
+
+
+def test_the_workers_look_up_and_write_the_response_cache(cluster, tmp_path, monkeypatch):
+    """The driver never opens the response cache: the workers answer its hits and write their answers to it."""
+    from llmap.store.cache import ResponseCache
+
+    def no_cache_here(*a, **kw):
+        raise AssertionError("the driver opened the response cache")
+
+    monkeypatch.setattr("llmap.engine.ResponseCache", no_cache_here)
+    cache_file = tmp_path / "llmap-cache" / "responses.sqlite"  # LLMAP_CACHE_DIR (tests/conftest.py)
+    with Simulator(latency_median=0.01) as sim:
+        job = _job(tmp_path, sim.base_url, 40, limits="hedge_tail = false\n")
+        first = Job.from_toml(job).run(executor="ray", workers=2)
+        assert first.counts["done"] == 40 and sim.stats()["requests"] == 40
+        with ResponseCache(cache_file) as cache:
+            assert cache.stats().entries == 40 and cache.stats().hits == 0  # written by the workers
+        second = Job.from_toml(job).run(executor="ray", workers=2, fresh=True)
+        sent = sim.stats()["requests"] - 40
+    assert second.counts["done"] == 40 and sent == 0
+    with ResponseCache(cache_file) as cache:
+        assert cache.stats().hits == 40  # each hit counted once, by the worker that served it
+    (path,) = (tmp_path / ".llmap").glob("*.ledger.sqlite")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT cached FROM runs ORDER BY id DESC").fetchone()[0] == 40
+        assert {s for (s,) in db.execute("SELECT DISTINCT source FROM rows")} == {"cache"}
+
+
+def test_a_stored_answer_that_escalates_goes_on_as_a_cascade_in_the_worker(cluster, tmp_path):
+    """A cache hit that meets escalate_if is not the row's answer: the worker takes it on to the next model."""
+    with Simulator(latency_median=0.01) as sim:
+        job = _job(tmp_path, sim.base_url, 30, limits="hedge_tail = false\n")
+        text = job.read_text()
+        model = text[text.index("[model]"):text.index("[limits]")]
+        cheap = model.replace("[model]", "[[model]]") + 'escalate_if = "score < 0.5"\n'
+        strong = model.replace("[model]", "[[model]]").replace('name = "sim"', 'name = "strong"')
+        job.write_text(text.replace(model, cheap + strong))
+        first = Job.from_toml(job).run(executor="ray", workers=2)
+        (path,) = (tmp_path / ".llmap").glob("*.ledger.sqlite")
+        with sqlite3.connect(path) as db:
+            escalated = {k for (k,) in db.execute("SELECT key FROM attempts WHERE outcome = 'escalated'")}
+            before = dict(db.execute("SELECT key, output FROM rows"))
+        sent = sim.stats()["requests"]
+        second = Job.from_toml(job).run(executor="ray", workers=2, fresh=True)
+        again = sim.stats()["requests"] - sent
+    assert first.counts["done"] == second.counts["done"] == 30 and 0 < len(escalated) < 30
+    assert again == len(escalated)  # the strong model's answers are not looked up first (README: not guaranteed)
+    with sqlite3.connect(path) as db:
+        run = db.execute("SELECT max(id) FROM runs").fetchone()[0]
+        tried = db.execute("SELECT key, model, outcome FROM attempts WHERE run = ? ORDER BY id", (run,)).fetchall()
+        after = dict(db.execute("SELECT key, output FROM rows"))
+    assert after == before  # the same answers, the cheap model's from the cache
+    cascaded = {k for k, m, o in tried if m == "openai:strong"}
+    assert cascaded == escalated
+    assert all((k, "openai:sim", "cache") in tried for k in escalated)
+
+
+def test_a_worker_crashing_mid_lease_still_settles_every_row_exactly_once(cluster, tmp_path, monkeypatch):
+    monkeypatch.setattr("llmap.run.ray.executor.LEASE_ROWS", 15)
+    with Simulator(latency_median=0.2) as sim:
+        job = Job.from_toml(_job(tmp_path, sim.base_url, 240, concurrency=16, limits="hedge_tail = false\n"))
+        out: dict = {}
+        t = threading.Thread(target=lambda: out.setdefault("r", job.run(executor="ray", workers=3)))
+        t.start()
+        deadline = time.monotonic() + 60
+        while (sim.stats()["requests"] < 40 or len(_workers()) < 3) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim = ray.get_actor(sorted(_workers())[0], namespace="llmap")
+        pid = ray.get(victim.__ray_call__.remote(lambda self: os.getpid()))
+        os.kill(pid, signal.SIGKILL)  # the worker's process dies with leases half settled
+        t.join(120)
+        sent = sim.stats()["requests"]
+    result = out["r"]
+    assert result.counts["done"] == 240 and result.counts["pending"] == 0
+    (path,) = (tmp_path / ".llmap").glob("*.ledger.sqlite")
+    with sqlite3.connect(path) as db:
+        committed = db.execute("SELECT key, count(*) FROM attempts GROUP BY key").fetchall()
+        assert len(committed) == 240 and {n for _, n in committed} == {1}  # each row committed once
+        assert [s for (s,) in db.execute("SELECT status FROM rows")] == ["done"] * 240
+    assert sent > 240  # the dead worker's rows in flight were sent again, and still committed once
 
 
 def test_killing_a_worker_mid_run_hands_its_rows_to_the_others(cluster, tmp_path, monkeypatch):
@@ -147,7 +259,13 @@ def test_sigkill_of_the_driver_then_a_rerun_finishes_the_job(cluster, tmp_path):
         assert rerun.returncode == 0, rerun.stderr
         sent = sim.stats()["requests"] - before
     assert [r[1] for r in _ledger_rows(tmp_path)] == ["done"] * 300
-    assert sent == pending  # the rerun sent exactly the rows left pending
+    # The rerun sent only rows left pending: all of them, but those whose answers the killed run's workers had
+    # written to the response cache before the driver committed them (found there, not paid for again).
+    (path,) = (tmp_path / ".llmap").glob("*.ledger.sqlite")
+    with sqlite3.connect(path) as db:
+        run = db.execute("SELECT max(id) FROM runs").fetchone()[0]
+        from_cache = db.execute("SELECT count(*) FROM attempts WHERE run = ? AND outcome = 'cache'", (run,)).fetchone()
+    assert sent + from_cache[0] == pending and sent <= pending
 
 
 def test_four_workers_hold_one_rpm_budget(cluster, tmp_path, monkeypatch):

@@ -4,7 +4,8 @@
 mapper is one llmap dispatcher (render, send, validate, re-ask, fail over)
 plugged into the cluster-wide budget (:mod:`llmap.run.ray.budget`).
 :class:`CacheService` is the response cache actor: llmap's usual cache file on
-the driver's node, shared by every mapper, so an answer paid for by a batch
+the driver's node, shared by every mapper (and, made by :func:`cache_actor`, by
+every worker of ``llmap run --executor ray``), so an answer paid for by a batch
 job, ``llmap.map`` or another pipeline is not paid for again.
 
 Ray is imported only when these run; ``import llmap`` never imports it.
@@ -23,9 +24,9 @@ from llmap.spec import JobSpec
 from llmap.store.cache import CacheEntry, ResponseCache
 from llmap.store.ledger import RowResult
 
-__all__ = ["CACHE_ACTOR", "CacheService", "LlmapMapper"]
+__all__ = ["CACHE_ACTOR", "CacheService", "LlmapMapper", "cache_actor"]
 
-#: The response cache actor's name.
+#: The response cache actor's name (``map_batches``'s; the one :func:`cache_actor` makes for a run has none).
 CACHE_ACTOR = "llmap-response-cache"
 
 
@@ -45,12 +46,35 @@ class CacheService:
         return True
 
     def get_many(self, keys: Sequence[str]) -> dict[str, CacheEntry]:
-        """Fresh answers for ``keys`` (hits are counted)."""
-        return self.cache.get_many(keys)
+        """Fresh answers for ``keys`` (hits are counted by :meth:`write`, for the answers served)."""
+        return self.cache.get_many(keys, count_hits=False)
 
     def put_many(self, entries: Sequence[CacheEntry]) -> int:
         """Store validated answers; returns how many were written."""
         return self.cache.put_many(entries, wait=True)
+
+    def write(self, entries: Sequence[CacheEntry], hits: Sequence[str] = ()) -> int:
+        """Store validated answers and count ``hits`` (keys of stored answers served), in two short
+        transactions; returns how many answers were written.
+
+        Raises:
+            DiskFull: the cache's disk is full (nothing is written).
+        """
+        n = self.cache.put_many(entries, wait=True) if entries else 0
+        self.cache.record_hits(list(hits), wait=True)
+        return n
+
+
+def cache_actor(path: Path, ttl_s: float | None) -> Any:
+    """A response cache actor over ``path`` with ``ttl_s``, on this process's Ray node, for one run's
+    workers (their handle is passed to them). The caller ends it (``ray.kill``) once the workers have
+    closed; several actors over one file share it as several llmap processes do (SQLite WAL)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(CacheService).options(namespace="llmap", num_cpus=0, scheduling_strategy=here).remote(
+        str(path), ttl_s)
 
 
 class LlmapMapper:
@@ -79,7 +103,7 @@ class LlmapMapper:
         from llmap.run.ray.budget import budget_actor
         from llmap.run.ray.worker import RowWorker
 
-        self.worker = RowWorker(self.spec, self.name, budget_actor(self.spec, workers=workers))
+        self.worker = RowWorker(self.spec, self.name, budget_actor(self.spec, workers=workers), self._cache)
         await self.worker.setup()
 
     def __call__(self, batch: Any) -> Any:
@@ -94,27 +118,16 @@ class LlmapMapper:
         return table
 
     async def _solve(self, rows: list[dict[str, Any]]) -> list[RowResult]:
+        """The worker's steps over one batch (render and key, cache lookup, solve each row, cache write)."""
         w = self.worker
-        steps = w.steps
         results: dict[str, RowResult] = {}
-        ready, failed = steps.prepare([PendingRow(str(i), "", row=row) for i, row in enumerate(rows)])
+        ready, failed = w.prepare([PendingRow(str(i), "", row=row) for i, row in enumerate(rows)])
         results.update((res.key, res) for res, _ in failed)
-        hits: dict[str, CacheEntry] = {}
-        if self._cache is not None and ready:
-            hits = await self._cache.get_many.remote(list({r.ckey for r in ready}))
-        todo = []
-        for r in ready:
-            hit = hits.get(r.ckey)
-            res = await steps.from_cache(r, hit) if hit is not None else None
-            if res is not None:
-                results[r.key] = res
-            else:
-                todo.append(r)
-        solved = await asyncio.gather(*(steps.solve([r]) for r in todo))
+        answered, todo = await w.answer(ready)
+        results.update((res.key, res) for res in answered)
+        solved = await asyncio.gather(*(w.solve([r]) for r in todo))
         for r, res in zip(todo, solved, strict=True):
             why = w.stats.stop_reason or "the run stopped before this row was sent"
             results[r.key] = res[0] if res else RowResult(r.key, "failed", error=why)
-        fresh = w.take_entries()
-        if self._cache is not None and fresh:
-            await self._cache.put_many.remote(fresh)
+        await w.write_cache()
         return [results[str(i)] for i in range(len(rows))]

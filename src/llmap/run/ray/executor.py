@@ -1,22 +1,20 @@
-"""The Ray executor: the driver keeps the ledger, Ray workers settle leased rows.
+"""The Ray executor: the driver keeps the leases and the ledger, Ray workers do every per-row step.
 
 ``llmap run JOB --executor ray`` (or ``Job.run(executor="ray")``) runs the
 job's life as a local run does (lock, preflight, plan, export: see
-:mod:`llmap.engine`) and the same worker pool (:func:`llmap.run.pool.run_pool`),
-which pages pending rows out of the ledger, answers cache hits and in-run
-duplicates itself, and commits results in batches. Only the step that sends
-requests moves: :class:`RayExecutor` is the pool's
-:class:`~llmap.run.pool.RemoteRows`.
+:mod:`llmap.engine`). Dispatch runs :class:`~llmap.run.remote.RemotePool`: the
+driver pages pending rows out of the ledger, holds in-run duplicates back by
+input hash, and commits the results; :class:`RayExecutor` is its
+:class:`~llmap.run.remote.RemoteRows`.
 
-* It starts N :class:`~llmap.run.ray.worker.RowWorker` actors (round robin over the
-  cluster's nodes) and the job's
-  budget actor (:mod:`llmap.run.ray.budget`): one RPM/TPM budget, AIMD limit
-  and circuit breaker per model for the whole cluster.
-* It groups the pool's packs into leases of about :data:`LEASE_ROWS` rows
-  and keeps :data:`LEASES_PER_WORKER` leases at each worker, so a worker never
-  waits for the driver.
-* One loop per worker long-polls its results (:meth:`RowWorker.take`) and
-  hands each row's result to the pool once (:class:`~llmap.run.ray.leases.LeaseBook`):
+* :class:`~llmap.run.ray.launch.Launch` starts the workers, the budget actor and the response
+  cache actor while the driver checks and plans. Dispatch begins as soon as one worker is set up;
+  the others join as they come.
+* It cuts the rows it is handed into leases of :data:`LEASE_ROWS` raw rows (key and data JSON)
+  and keeps :data:`LEASES_PER_WORKER` leases at each worker (:mod:`llmap.run.ray.worker` does
+  every per-row step), so a worker never waits for the driver.
+* One loop per worker long-polls its results (:meth:`RowWorker.take`), encoded for the ledger,
+  and hands each row's result to the pool once (:class:`~llmap.run.ray.leases.LeaseBook`):
   a late answer for a row already settled is dropped.
 * A worker that dies, or stays silent for ``lease_timeout_s``, loses its
   leases: their rows go to the other workers. When every worker is gone the
@@ -30,25 +28,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import re
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from llmap import errors as E
 from llmap.run.dispatch import Dispatcher
-from llmap.run.ray.budget import budget_actor
 from llmap.run.ray.leases import LeaseBook
-from llmap.run.ray.worker import Batch, RowWorker
+from llmap.run.ray.worker import Batch
+from llmap.run.remote import Settle
 from llmap.run.rows import PendingRow
 from llmap.run.stats import DispatchStats, Stop
-from llmap.spec import JobSpec
-from llmap.store.ledger import RowResult
+from llmap.store.ledger import Encoded
 
-__all__ = ["Launch", "RayExecutor", "check_executor", "connect", "require_ray"]
+__all__ = ["RayExecutor", "check_executor", "connect", "drop_worker", "require_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +54,10 @@ LEASES_PER_WORKER = 2
 LEASE_TIMEOUT_S = 30.0
 #: Seconds a take waits in the worker for results before it answers empty.
 TAKE_WAIT_S = 0.25
+#: Seconds a worker holds results for the next take: TAKE_LINGER_S per worker (the driver's takes, about
+#: 0.5 ms of CPU each, stay under 1 / TAKE_LINGER_S a second in all), at most TAKE_LINGER_MAX_S (the
+#: longest an answer waits before the driver can commit it).
+TAKE_LINGER_S, TAKE_LINGER_MAX_S = 0.05, 0.25
 
 
 def require_ray() -> Any:
@@ -119,188 +117,154 @@ def connect(address: str | None = "auto") -> None:
                           "`ray start --head` or fix --ray-address") from None
 
 
-def _secrets(spec: JobSpec) -> dict[str, str]:
-    """The environment variables the job's models read (API keys, header values) that are set here:
-    workers on other nodes get them through Ray's runtime environment."""
-    names = set()
-    for m in spec.models:
-        if getattr(m, "api_key_env", None):
-            names.add(m.api_key_env)
-        for v in (getattr(m, "headers", None) or {}).values():
-            names.update(re.findall(r"\$\{(\w+)\}", str(v)))
-    return {n: os.environ[n] for n in sorted(names) if n in os.environ}
+def drop_worker(name: str, handle: Any, exc: BaseException) -> None:
+    """A worker that did not start: said in the log, ended."""
+    import ray
 
-
-class Launch:
-    """Ray workers starting: made at the start of a run, so the workers start while the driver
-    checks and plans the job; :meth:`executor` waits for them.
-
-    Args:
-        spec: the job.
-        workers: how many (default: one per CPU of the cluster).
-        address: the Ray cluster (see :func:`connect`).
-
-    Raises:
-        SpecError: Ray is missing or unreachable (at once: connecting blocks).
-    """
-
-    def __init__(self, spec: JobSpec, *, workers: int | None, address: str | None = "auto") -> None:
-        connect(address)
-        import ray
-
-        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.budget = budget_actor(spec, workers=n)
-        token = uuid.uuid4().hex[:8]
-        env = _secrets(spec)
-        options: dict[str, Any] = {"namespace": "llmap", "num_cpus": 0, "max_concurrency": 10_000}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-        remote = ray.remote(RowWorker)
-        self.handles: dict[str, Any] = {}
-        nodes = _nodes()
-        for i in range(n):
-            name = f"llmap-worker-{spec.name}-{token}-{i}"
-            self.handles[name] = remote.options(name=name, scheduling_strategy=_place(nodes, i), **options).remote(
-                spec, name, self.budget)
-        self._setup = asyncio.ensure_future(asyncio.gather(*(h.setup.remote() for h in self.handles.values()),
-                                                           return_exceptions=True))
-
-    async def executor(self, dispatcher: Dispatcher, stats: DispatchStats, **kw: Any) -> RayExecutor:
-        """Wait until every worker is set up; the executor over them.
-
-        A worker that could not be placed or started (its node went away) is dropped; the
-        others go on.
-
-        Raises:
-            SpecError: a worker cannot build the job's providers (a missing API key variable there).
-            ray.exceptions.RayError: no worker started; the first worker's error.
-        """
-        import ray
-
-        try:
-            results = await self._setup
-        except BaseException:
-            await self.abandon()
-            raise
-        errors = {name: r for name, r in zip(self.handles, results, strict=True) if isinstance(r, BaseException)}
-        for exc in errors.values():
-            cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else None
-            if isinstance(cause, E.LlmapError):  # the job, not the cluster: every worker would fail alike
-                await self.abandon()
-                raise E.SpecError(f"a Ray worker could not start the job: {cause}") from None
-        if len(errors) == len(self.handles):
-            await self.abandon()
-            raise next(iter(errors.values()))
-        for name in errors:
-            log.warning("llmap: Ray worker %s did not start (%s); the others go on", name, errors[name])
-            with contextlib.suppress(Exception):
-                ray.kill(self.handles.pop(name))
-        handles, self.handles = self.handles, {}
-        return RayExecutor(handles, self.budget, dispatcher, stats, **kw)
-
-    async def abandon(self) -> None:
-        """End the workers (the run stopped before it needed them)."""
-        import ray
-
-        self._setup.cancel()
-        await asyncio.gather(self._setup, return_exceptions=True)
-        for h in self.handles.values():
-            with contextlib.suppress(Exception):
-                ray.kill(h)
-        self.handles = {}
+    log.warning("llmap: Ray worker %s did not start (%s); the others go on", name, exc)
+    with contextlib.suppress(Exception):
+        ray.kill(handle)
 
 
 class RayExecutor:
-    """The pool's :class:`~llmap.run.pool.RemoteRows` on a Ray cluster (see the module docstring).
+    """The pool's :class:`~llmap.run.remote.RemoteRows` on a Ray cluster (see the module docstring).
 
-    Made with :meth:`start`; close it with :meth:`aclose`.
+    Made by :meth:`~llmap.run.ray.launch.Launch.executor`; close it with :meth:`aclose`.
+
+    Args:
+        workers: worker name -> actor handle, for the workers set up.
+        budget: the budget actor's handle.
+        dispatcher: the driver's dispatcher (its answer cache counts the workers' hits; its caps
+            rule is checked on the usage merged from the workers).
+        stats: the run's counters (the workers' usage is merged here).
+        joining: worker name -> (handle, setup future) of the workers still starting: each joins
+            the run once set up.
+        cache: the run's response cache actor, ended by :meth:`aclose` after the workers, or None.
+        lease_rows: rows per lease (default :data:`LEASE_ROWS`).
+        lease_timeout_s: seconds a worker may stay silent (default :data:`LEASE_TIMEOUT_S`).
+        clock: monotonic seconds.
 
     Attributes:
-        workers: worker name -> actor handle, for the workers still alive.
+        workers: worker name -> actor handle, for the workers set up and still alive.
+        joining: worker name -> (handle, setup future), for the workers still starting.
         book: the :class:`~llmap.run.ray.leases.LeaseBook`.
     """
 
     def __init__(self, workers: dict[str, Any], budget: Any, dispatcher: Dispatcher, stats: DispatchStats, *,
+                 joining: dict[str, tuple[Any, asyncio.Future]] | None = None, cache: Any | None = None,
                  lease_rows: int | None = None, lease_timeout_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.workers = workers
-        self.budget = budget
+        self.workers = dict(workers)
+        self.budget, self.cache = budget, cache
         self.dispatcher, self.stats = dispatcher, stats
         self.lease_rows = lease_rows or LEASE_ROWS
         self.book = LeaseBook(lease_timeout_s or LEASE_TIMEOUT_S)
         self.clock = clock
-        self.queue_items = max(64, len(workers) * LEASES_PER_WORKER * self.lease_rows)
-        self._ready: deque[list[list[Any]]] = deque()  # leases to hand out: lists of packs
+        self.queue_items = 2  # lists of rows (a page's leaders each); the leases hold the rest
+        self.joining = dict(joining or {})
+        self._ready: deque[list[PendingRow]] = deque()  # leases to hand out
         self._exhausted = False
         self._changed = asyncio.Event()
-        self._rows: dict[str, Any] = {}  # key -> the pool's row, while leased
+        self._rows: dict[str, PendingRow] = {}  # key -> the pool's row, while leased
         self._said: set[str] = set()
         self._stopped = False
+        self._tasks: dict[str, asyncio.Task] = {}
 
-    @classmethod
-    async def start(cls, spec: JobSpec, dispatcher: Dispatcher, stats: DispatchStats, *, workers: int | None,
-                    address: str | None = "auto", **kw: Any) -> RayExecutor:
-        """Connect to Ray, start the budget actor and ``workers`` workers (see :class:`Launch`).
-
-        Raises:
-            SpecError: Ray is missing or unreachable, or a worker cannot build the job's providers.
-        """
-        return await Launch(spec, workers=workers, address=address).executor(dispatcher, stats, **kw)
+    @property
+    def size(self) -> int:
+        """Workers alive or still starting."""
+        return len(self.workers) + len(self.joining)
 
     async def aclose(self) -> None:
-        """Close every worker (unused budget is handed back) and end them."""
+        """Close every worker (the cache is written, unused budget is handed back) and end them."""
         import ray
 
         closing = [h.close.remote() for h in self.workers.values()]
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 10)
-        for h in self.workers.values():
+        for _, fut in self.joining.values():  # still starting: nothing to close, ended at once
+            fut.cancel()
+        starting = [h for h, _ in self.joining.values()]
+        self.joining.clear()
+        for h in [*starting, *self.workers.values(), *([self.cache] if self.cache is not None else [])]:
             with contextlib.suppress(Exception):
-                ray.kill(h)
+                ray.kill(h)  # the cache actor last: the workers wrote their last answers to it as they closed
         self.workers.clear()
+        self.cache = None
 
     # -- the pool's RemoteRows -------------------------------------------------------------
-    async def run(self, todo: asyncio.Queue, settle: Callable[[list[RowResult], list[Any]], None]) -> None:
-        """Lease the pool's packs to the workers until ``todo`` ends and every row is settled."""
+    async def run(self, todo: asyncio.Queue, settle: Settle) -> None:
+        """Lease the pool's rows to the workers until ``todo`` ends and every row is settled."""
         self._settle = settle
-        tasks = [asyncio.create_task(self._feed(todo), name="llmap-ray-feed")]
-        tasks += [asyncio.create_task(self._drive(name), name=f"llmap-ray-{name}") for name in list(self.workers)]
+        feed = asyncio.create_task(self._feed(todo), name="llmap-ray-feed")
+        for name in list(self.workers):
+            self._start(name)
+        joins = [asyncio.create_task(self._join(name, h, fut), name=f"llmap-ray-join-{name}")
+                 for name, (h, fut) in self.joining.items()]
         try:
-            await asyncio.gather(*tasks)
+            while True:
+                drives = list(self._tasks.values())
+                if feed.done() and all(t.done() for t in drives) and (
+                        self._finished() or self.stats.stop.is_set() or not self.joining):
+                    for t in [feed, *drives]:
+                        t.result()  # raises a loop's error
+                    break
+                done, _ = await asyncio.wait([t for t in [feed, *drives, *joins] if not t.done()],
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()
         finally:
-            for t in tasks:
+            for t in [feed, *joins, *self._tasks.values()]:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(feed, *joins, *self._tasks.values(), return_exceptions=True)
+
+    def _start(self, name: str) -> None:
+        self._tasks[name] = asyncio.create_task(self._drive(name), name=f"llmap-ray-{name}")
+
+    async def _join(self, name: str, handle: Any, setup: asyncio.Future) -> None:
+        """A worker still starting joins the run once set up (unless every row is settled by then)."""
+        try:
+            await setup
+        except Exception as exc:
+            self.joining.pop(name, None)
+            drop_worker(name, handle, exc)
+            if not self.workers and not self.joining:
+                self.stats.halt("every Ray worker is gone (the last could not start); finished rows are kept, "
+                                "run the same command again to continue")
+            self._wake()
+            return
+        self.joining.pop(name, None)
+        self.workers[name] = handle
+        if self._finished() or self.stats.stop.is_set():
+            return  # closed with the others by aclose
+        self._start(name)
+        self._wake()
 
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
     async def _feed(self, todo: asyncio.Queue) -> None:
-        """Group the pool's packs into leases of about ``lease_rows`` rows."""
-        lease: list[list[Any]] = []
-        rows = 0
+        """Cut the pool's lists of rows into leases of about ``lease_rows`` rows."""
+        buf: list[PendingRow] = []
+        n = self.lease_rows
         while True:
-            items = await todo.get() if not lease else _nowait(todo)
-            if items is _EMPTY or items is None or rows >= self.lease_rows:
-                if lease:
-                    self._ready.append(lease)
-                    self._wake()
-                lease, rows = [], 0
-                while len(self._ready) >= len(self.workers) and not self.stats.stop.is_set() and self.workers:
+            items = await todo.get() if not buf else _nowait(todo)
+            if items is not _EMPTY and items is not None:
+                if self.stats.stop.is_set():
+                    continue  # keep draining so the producer never blocks; the rows stay pending
+                buf += items
+            while len(buf) >= n or (buf and items is _EMPTY) or (buf and items is None):
+                lease, buf = buf[:n], buf[n:]
+                self._ready.append(lease)
+                self._wake()
+                while len(self._ready) >= max(1, len(self.workers)) and not self.stats.stop.is_set():
                     await self._changed.wait()  # back-pressure: the queue holds the rest
             if items is None:
                 break
-            if items is not _EMPTY:
-                if self.stats.stop.is_set():
-                    continue  # keep draining so the producer never blocks; the rows stay pending
-                lease.append(items)
-                rows += len(items)
         self._exhausted = True
         self._wake()
-
-    def _next(self) -> list[list[Any]] | None:
-        return self._ready.popleft() if self._ready else None
 
     def _finished(self) -> bool:
         return self._exhausted and not self._ready and len(self.book) == 0
@@ -312,19 +276,16 @@ class RayExecutor:
         handle = self.workers[name]
         tail_said = False
         while True:
-            while len(self.book.held_by(name)) < LEASES_PER_WORKER and not self.stats.stop.is_set():
-                packs = self._next()
-                if packs is None:
-                    break
-                lease = self.book.grant(name, [r.key for items in packs for r in items], self.clock())
-                for items in packs:
-                    for r in items:
-                        self._rows[r.key] = r
-                handle.submit.remote(lease.id, [[_slim(r) for r in items] for items in packs])
+            leases = []  # granted now: they travel with the next take (one Ray call for both)
+            held = len(self.book.held_by(name))
+            while held + len(leases) < LEASES_PER_WORKER and not self.stats.stop.is_set() and self._ready:
+                rows = self._ready.popleft()
+                lease = self.book.grant(name, [r.key for r in rows], self.clock())
+                self._rows.update((r.key, r) for r in rows)
+                leases.append((lease.id, lease.keys, [r.data for r in rows]))
+            if leases:
                 self._wake()
-            if self._exhausted and not self._ready and not tail_said:
-                handle.tail.remote()
-                tail_said = True
+            tail = self._exhausted and not self._ready and not tail_said
             if not self.book.held_by(name):
                 if self._finished() or self.stats.stop.is_set():
                     return
@@ -332,8 +293,10 @@ class RayExecutor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), 1.0)
                 continue
+            tail_said = tail_said or tail
             try:
-                batch: Batch = await asyncio.wait_for(handle.take.remote(TAKE_WAIT_S),
+                linger = min(TAKE_LINGER_MAX_S, TAKE_LINGER_S * max(1, len(self.workers)))
+                batch: Batch = await asyncio.wait_for(handle.take.remote(TAKE_WAIT_S, linger, leases, tail),
                                                       self.book.timeout_s)
             except (TimeoutError, ray.exceptions.RayError) as exc:
                 self._lost(name, exc)
@@ -358,14 +321,17 @@ class RayExecutor:
             if w not in self._said:
                 self._said.add(w)
                 st.warn(w)
-        answers = self.dispatcher.answers
-        if answers is not None:
-            for entry in batch.entries:
-                answers.resolve(entry.key, entry)
-        for lease_id, results in batch.results:
-            keep = [r for r in results if self.book.accept(lease_id, r.key)]
+        if batch.hits and self.dispatcher.answers is not None:
+            self.dispatcher.answers.hits += batch.hits
+        pop = self._rows.pop
+        for lease_id, enc, alike in batch.results:
+            keys = [rec[-1] for rec in enc.rows]
+            keep = self.book.accept_many(lease_id, keys)
+            if len(keep) < len(keys):  # late answers for rows settled already: dropped
+                kept = set(keep)
+                enc = Encoded([rec for rec in enc.rows if rec[-1] in kept], [a for a in enc.attempts if a[0] in kept])
             if keep:
-                self._settle(keep, [self._rows.pop(r.key) for r in keep])
+                self._settle(enc, list(map(pop, keep)), alike)
         if batch.halt is not None:
             st.halt(batch.halt)
         with contextlib.suppress(Stop):  # the dispatcher's own cap rule, on the usage merged from the workers
@@ -380,39 +346,20 @@ class RayExecutor:
         with contextlib.suppress(Exception):
             ray.kill(handle)
         keys = self.book.lost(name)
-        if keys:
-            packs = [[self._rows[k]] for k in keys]  # re-leased row by row (a pack is re-formed by the worker)
-            for i in range(0, len(packs), self.lease_rows):
-                self._ready.appendleft(packs[i:i + self.lease_rows])
+        rows = [self._rows[k] for k in keys]
+        for i in reversed(range(0, len(rows), self.lease_rows)):
+            self._ready.appendleft(rows[i:i + self.lease_rows])
         why = "stopped answering" if isinstance(exc, TimeoutError) else "died"
-        if not self.workers:
+        if not self.workers and not self.joining:
             self.stats.halt(f"every Ray worker is gone (the last {why}); finished rows are kept, "
                             "run the same command again to continue")
         else:
             self.stats.warn(f"Ray worker {name} {why}; its {len(keys)} leased rows go to the "
-                            f"{len(self.workers)} other workers")
+                            f"{len(self.workers) + len(self.joining)} other workers")
         self._wake()
 
 
 _EMPTY = object()
-
-
-def _nodes() -> list[str]:
-    """The ids of the cluster's live nodes that have CPUs, in a stable order."""
-    import ray
-
-    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
-
-
-def _place(nodes: list[str], i: int) -> Any:
-    """Worker ``i``'s placement: round robin over ``nodes``. Ray's SPREAD and soft node affinity are
-    best effort and put several zero-CPU workers on one node at times; a hard affinity to a node
-    that went away fails that worker's start, and :meth:`Launch.executor` goes on without it."""
-    if not nodes:
-        return "SPREAD"
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    return NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False)
 
 
 def _nowait(todo: asyncio.Queue) -> Any:
@@ -420,8 +367,3 @@ def _nowait(todo: asyncio.Queue) -> Any:
         return todo.get_nowait()
     except asyncio.QueueEmpty:
         return _EMPTY
-
-
-def _slim(row: PendingRow) -> PendingRow:
-    """The pool's row as a worker needs it (no ledger data: the rendered messages and values suffice)."""
-    return PendingRow(row.key, "", None, row.row, row.messages, row.ckey, row.single)

@@ -7,9 +7,12 @@ hundred rows each). :class:`LeaseBook` keeps who holds which row:
 * a lease whose worker died, or stayed silent past ``timeout_s``, is
   *returned*: its unsettled rows go back to be leased again (they never left
   the ledger's ``pending`` state);
-* a result is accepted once per row and run (:meth:`LeaseBook.accept`): a late
-  answer for a row already settled, from a lease returned after a timeout, is
-  dropped. So each row is committed exactly once, even when it was sent twice.
+* a result is accepted only from the lease that holds its row open
+  (:meth:`LeaseBook.accept`): once per row, since a row is open in at most one
+  lease at a time (a returned lease's rows are leased again, and an answer that
+  comes late from the returned lease is dropped). So each row is committed
+  exactly once, even when it was sent twice, and the book keeps only the open
+  leases: its memory does not grow with the run.
 
 Time is clock seconds, passed in (``now``).
 """
@@ -42,7 +45,7 @@ class Lease:
 
 
 class LeaseBook:
-    """Which worker holds which pending row, and which rows are settled.
+    """Which worker holds which pending row, until it is settled.
 
     Args:
         timeout_s: seconds a worker may stay silent before its leases are returned.
@@ -56,9 +59,8 @@ class LeaseBook:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
         self._leases: dict[int, Lease] = {}
-        self._settled: set[str] = set()
         self._next = 1
-        #: results dropped because their row was settled already (late answers)
+        #: results dropped: their row was settled already, or leased again (late answers)
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -66,7 +68,8 @@ class LeaseBook:
         return len(self._leases)
 
     def grant(self, worker: str, keys: Iterable[str], now: float) -> Lease:
-        """Lease ``keys`` to ``worker`` until ``now + timeout_s``."""
+        """Lease ``keys`` to ``worker`` until ``now + timeout_s``; the caller leases a row to one lease at
+        a time (a row of a returned lease again only after :meth:`give_back` or :meth:`lost`)."""
         keys = list(keys)
         lease = Lease(self._next, worker, keys, now + self.timeout_s, set(keys))
         self._next += 1
@@ -83,27 +86,31 @@ class LeaseBook:
             lease.deadline = now + self.timeout_s
 
     def accept(self, lease_id: int, key: str) -> bool:
-        """A result for ``key`` came from lease ``lease_id``: True when it is the row's first
-        (commit it), False when the row was settled already (drop it)."""
-        lease = self._leases.get(lease_id)
-        if lease is not None:
-            lease.open.discard(key)
-            if not lease.open:
-                del self._leases[lease_id]
-        if key in self._settled:
-            self.dropped += 1
-            return False
-        self._settled.add(key)
-        return True
+        """A result for ``key`` came from lease ``lease_id``: True when the lease holds the row still
+        open (commit it), False otherwise (drop it: the row was settled already, or the lease was
+        returned and its rows leased again, so the new lease answers them)."""
+        return bool(self.accept_many(lease_id, [key]))
 
-    def settled(self, key: str) -> bool:
-        """True once a result for ``key`` was accepted."""
-        return key in self._settled
+    def accept_many(self, lease_id: int, keys: Iterable[str]) -> list[str]:
+        """Results for ``keys`` came from lease ``lease_id``: the keys to commit (see :meth:`accept`),
+        in order; the others are dropped."""
+        lease = self._leases.get(lease_id)
+        keys = list(keys)
+        if lease is None:
+            self.dropped += len(keys)
+            return []
+        open_ = lease.open
+        keep = [k for k in keys if k in open_]
+        open_.difference_update(keep)
+        if not open_:
+            del self._leases[lease_id]
+        self.dropped += len(keys) - len(keep)
+        return keep
 
     def give_back(self, lease: Lease) -> list[str]:
         """Close ``lease`` (its worker died, or stopped): its unsettled keys, to lease again."""
         self._leases.pop(lease.id, None)
-        return [k for k in lease.keys if k in lease.open and k not in self._settled]
+        return [k for k in lease.keys if k in lease.open]
 
     def lost(self, worker: str) -> list[str]:
         """``worker`` is gone: close its leases; the keys to lease again."""
