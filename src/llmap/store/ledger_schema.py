@@ -176,4 +176,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE requests ADD COLUMN path TEXT;
         """,
     ),
+    (
+        # The live page (llmap.ui): its index of the rows follows the ledger by the rows that changed since it last
+        # looked, found through this index instead of a scan of every row. (007 and 008 belong to the quality work.)
+        "009_ui",
+        """
+        CREATE INDEX rows_updated_at ON rows (updated_at);
+        """,
+    ),
 ]
