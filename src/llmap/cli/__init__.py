@@ -1,5 +1,5 @@
-"""The ``llmap`` command line: ``run``, ``status``, ``export``, ``report``, ``estimate``, ``cache``, ``batch``,
-``simulate``.
+"""The ``llmap`` command line: ``run``, ``status``, ``export``, ``report``, ``estimate``, ``ui``, ``cache``,
+``batch``, ``simulate``.
 
 Exit codes: 0 every row done or skipped; 1 some rows failed or the run
 stopped on a provider error; 2 bad job or input (nothing sent); 75 another
@@ -15,6 +15,7 @@ from llmap.cli.batch import batch_app
 from llmap.cli.cache import cache_app
 from llmap.cli.inspect import estimate, export, report, status
 from llmap.cli.run import run
+from llmap.cli.ui import ui
 
 __all__ = ["app", "main"]
 
@@ -35,6 +36,7 @@ app.command("estimate")(estimate)
 app.command("status")(status)
 app.command("export")(export)
 app.command("report")(report)
+app.command("ui")(ui)
 app.add_typer(cache_app, name="cache")
 app.add_typer(batch_app, name="batch")
 
