@@ -100,9 +100,11 @@ def test_the_index_is_kept_for_the_next_start_and_rebuilt_when_it_no_longer_fits
     first = UiIndex(led.path, COLS)
     first.sync()
     first.close()
-    again = UiIndex(led.path, COLS)  # counts reloaded from the file, nothing to build
-    assert again.indexed == 80 and plan_counts(again, 1) == ledger_cells(led.connection, 1)
-    assert again.sync() == 0
+    led.record([RowResult("k00000", "failed", error="Overloaded: 503", model="openai:small")])
+    again = UiIndex(led.path, COLS)  # counts reloaded from the file by the first sync, nothing to build
+    assert not again.ready and plan_counts(again, 1) != ledger_cells(led.connection, 1)  # as of the mark
+    assert again.sync() == 1
+    assert again.ready and again.indexed == 80 and plan_counts(again, 1) == ledger_cells(led.connection, 1)
     again.close()
     other = UiIndex(led.path, Columns(("kind",), None, False))  # other columns: built anew
     assert other.indexed == 0

@@ -69,6 +69,8 @@ def row_detail(db: sqlite3.Connection, key: str, *, renderer: Renderer | None, m
             out["messages"] = renderer.messages(values)
         except RenderError as exc:
             out["render_error"] = str(exc)
+        except Exception as exc:  # a template the job's own run would refuse: say so, never a 500
+            out["render_error"] = f"{type(exc).__name__}: {exc}"
     out["answers"] = [
         {"run": run, "model": m, "outcome": outcome, "output": json.loads(o) if o else None, "prompt_tokens": p,
          "completion_tokens": c, "cost_usd": cost_usd(models[m], p or 0, c or 0) if m in models else None,

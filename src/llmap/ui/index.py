@@ -95,6 +95,10 @@ def _crc(text: str | None) -> int | None:
     return None if text is None else zlib.crc32(text.encode("utf-8", "surrogatepass"))
 
 
+def _dump_counts(counts: Counter) -> str:
+    return json.dumps([[list(cell), n] for cell, n in counts.items() if n])
+
+
 #: The columns of one counted cell: (plan, status, model, source, error class, group).
 Cell = tuple[int, str, str | None, str | None, str | None, object]
 
@@ -124,6 +128,7 @@ class UiIndex:
         self._ready = False
         self._behind = True
         self._rewind = 0.0
+        self._counts_due = False
         self.synced_at: float | None = None
         self.indexed = 0
         self._db = self._open()
@@ -156,7 +161,12 @@ class UiIndex:
             if mark is not None:
                 t, rid = json.loads(mark[0])
                 self._mark = (float(t), int(rid))
-            self._load_counts(db)
+            saved = db.execute("SELECT v FROM meta WHERE k = 'counts'").fetchone()
+            if saved is not None:  # the counts as of the mark, saved with it
+                self._counts = Counter({tuple(cell): n for cell, n in json.loads(saved[0])})
+                self.indexed = sum(self._counts.values())
+            else:
+                self._counts_due = True  # counted by the first sync, not here: the page starts at once
         db.execute(f"ATTACH DATABASE '{self.ledger_path.resolve().as_uri()}?mode=ro' AS L")
         self._create_temp(db)
         return db
@@ -211,6 +221,7 @@ class UiIndex:
         for *cell, n in db.execute("SELECT plan, status, model, source, err, grp, count(*) FROM r "
                                    "GROUP BY plan, status, model, source, err, grp"):
             counts[tuple(cell)] = n
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('counts', ?)", (_dump_counts(counts),))
         with self._lock:
             self._counts = counts
             self.indexed = sum(counts.values())
@@ -233,6 +244,9 @@ class UiIndex:
             Ledger rows read.
         """
         total = 0
+        if self._counts_due and self._built():
+            self._load_counts(self._db)
+            self._counts_due = False
         if self._rewind and self._built():
             self._mark, self._rewind = (self._mark[0] - self._rewind, -1), 0.0
         for _ in range(max_chunks):
@@ -321,20 +335,26 @@ class UiIndex:
                 f"ON CONFLICT (key) DO UPDATE SET {', '.join(f'{n} = excluded.{n}' for n in cols)}")
             db.execute("INSERT INTO fts (rowid, t) SELECT r.id, c.t FROM temp.chg c JOIN r ON r.key = c.key "
                        "WHERE c.old IS NULL OR c.oth IS NOT c.th")
-            self._mark = (float(last[0]), int(last[1]))
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('mark', ?)", (json.dumps(list(self._mark)),))
+            delta: Counter = Counter()
+            for row in moved:
+                if not row[12]:
+                    delta[tuple(row[6:12])] -= 1
+                delta[tuple(row[0:6])] += 1
+            with self._lock:
+                counts = Counter(self._counts)
+            counts.update(delta)  # update keeps the cells that fall to 0 or below (+ would drop them)
+            mark = (float(last[0]), int(last[1]))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('mark', ?)", (json.dumps(list(mark)),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('counts', ?)", (_dump_counts(counts),))
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+        self._mark = mark
         with self._lock:
-            for row in moved:
-                if not row[12]:
-                    self._counts[tuple(row[6:12])] -= 1
-                else:
-                    self.indexed += 1
-                self._counts[tuple(row[0:6])] += 1
+            self._counts = Counter({k: v for k, v in counts.items() if v})
+            self.indexed += sum(1 for row in moved if row[12])
         return len(moved)
 
     def rewind(self, seconds: float) -> None:

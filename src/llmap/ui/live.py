@@ -15,7 +15,7 @@ import math
 import sqlite3
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["InProcess", "LiveView", "RequestLog", "bucket_width", "percentile"]
 
-#: Requests read from the log per tick at most (a finished run's log is read over several ticks).
-LOG_STEP = 100_000
+#: Requests read from the log per tick at most (a finished run's log is read over several ticks, back to back).
+LOG_STEP = 20_000
 #: Latencies kept for the percentiles (the most recent).
 LATENCY_WINDOW = 10_000
 #: Buckets of the errors-over-time chart at most.
@@ -80,7 +80,7 @@ class RequestLog:
         self.last_t: float | None = None
         self.latencies: deque = deque(maxlen=LATENCY_WINDOW)
 
-    def add(self, entries: Sequence[tuple]) -> None:
+    def add(self, entries: Iterable[tuple]) -> None:
         """Take in log entries ``(id, t, model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size,
         cost_usd, path)``, in id order."""
         for _id, t, _model, outcome, latency, pt, ct, pack, cost, path in entries:
@@ -106,11 +106,11 @@ class RequestLog:
 
     def read(self, db: sqlite3.Connection, limit: int = LOG_STEP) -> int:
         """Take in up to ``limit`` entries of the ledger's log past the last one read. Returns how many."""
-        rows = db.execute(
+        before = self.requests
+        self.add(db.execute(
             "SELECT id, t, model, outcome, latency_s, prompt_tokens, completion_tokens, pack_size, cost_usd, path "
-            "FROM requests WHERE run = ? AND id > ? ORDER BY id LIMIT ?", (self.run, self.last_id, limit)).fetchall()
-        self.add(rows)
-        return len(rows)
+            "FROM requests WHERE run = ? AND id > ? ORDER BY id LIMIT ?", (self.run, self.last_id, limit)))
+        return self.requests - before
 
     def figures(self, now: float) -> dict[str, Any]:
         """The request figures the page shows (counts, cost, latency percentiles, errors over time)."""
@@ -197,6 +197,7 @@ class LiveView:
         self._settled: deque = deque()
         self._ledger_counts: tuple[float, dict[str, int]] | None = None
         self.version = 0
+        self.behind = False
         self._summary: dict[str, Any] = {}
 
     # -- ticking ------------------------------------------------------------------------------------------------
@@ -209,11 +210,15 @@ class LiveView:
         if run is not None and (self.log is None or self.log.run != run[0]):
             self.log, self.tiers, self._attempt_id = RequestLog(run[0]), Counter(), 0
             self._settled.clear()
+        self.behind = False
         if self.log is not None:
-            self.log.read(self.db)
+            for _ in range(5):  # a long log in steps of LOG_STEP (each streamed: memory stays flat)
+                self.behind = self.log.read(self.db) >= LOG_STEP  # more to read: the follower ticks again at once
+                if not self.behind:
+                    break
             for aid, model, outcome in self.db.execute(
                     "SELECT id, model, outcome FROM attempts WHERE run = ? AND id > ? ORDER BY id LIMIT ?",
-                    (self.log.run, self._attempt_id, LOG_STEP)).fetchall():
+                    (self.log.run, self._attempt_id, LOG_STEP)):
                 self._attempt_id = aid
                 self.tiers[(model, outcome)] += 1
         rows = self._rows(plan, now) if plan is not None else _empty_rows()
@@ -235,7 +240,7 @@ class LiveView:
                     "holder": holder} if run else None,
             **rows,
             "rate_rows_s": rate, "eta_s": pending / rate if rate and pending else None,
-            "requests": req,
+            "requests": {**req, "complete": not self.behind},
             "cost": {"usd": req["cost_usd"], "cap_usd": self.cap_usd, "tokens": req["tokens"],
                      "cap_tokens": self.cap_tokens},
             "pack": self.pack,

@@ -176,7 +176,8 @@ class UiState:
             while not self._stop.is_set():
                 started = time.monotonic()
                 self.tick()
-                wait = 0.0 if self.index.behind else max(0.0, TICK_S - (time.monotonic() - started))
+                behind = self.index.behind or self.live.behind  # a build, a re-plan, a long request log
+                wait = 0.0 if behind else max(0.0, TICK_S - (time.monotonic() - started))
                 self._stop.wait(wait)
 
         self._thread = threading.Thread(target=loop, name="llmap-ui-follow", daemon=True)

@@ -106,7 +106,7 @@
     const ip = s.in_process || {};
     const retries = ip.retries !== undefined ? ip.retries : (s.run && s.run.retries);
     kv($("requests"), [
-      ["requests", num(rq.requests)], ["429 (rate limited)", num(rq.rate_limited)],
+      ["requests", num(rq.requests) + (rq.complete === false ? " (reading the log…)" : "")], ["429 (rate limited)", num(rq.rate_limited)],
       ["other errors", num((rq.errors || 0) - (rq.rate_limited || 0)), "answers that were not 200: each was retried, failed over, or failed its row"],
       ["retries", retries === null || retries === undefined ? "–" : num(retries), "known in the run's process, and once a run has ended"],
       ["hedged copies", num(rq.hedged)], ["through a batch API", num(rq.batch_requests)],
