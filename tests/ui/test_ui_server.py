@@ -169,3 +169,18 @@ async def test_a_bad_filter_is_a_400_with_its_reason(people_job, serve, params, 
     with serve(job) as (_state, url):
         status, text, _ = await fetch("GET", url + "api/rows?" + params)
     assert status == 400 and message in json.loads(text)["error"]
+
+
+async def test_by_a_column_the_ledger_does_not_keep_is_a_one_line_error(people_job, serve):
+    from llmap.errors import SpecError
+
+    job = people_job(3)
+    await Job.from_toml(job).arun()
+    with pytest.raises(SpecError, match="--by 'age': the ledger keeps only the columns .*add 'age' to"), serve(
+            job, by="age"):
+        pass
+    with serve(job, by="city") as (_state, url):
+        meta = json.loads((await fetch("GET", url + "api/meta"))[1])
+        assert meta["group"] == "city"
+        rows = json.loads((await fetch("GET", url + 'api/rows?group="Cody"'))[1])
+        assert [r["key"] for r in rows["rows"]] == ["p0002"]
