@@ -184,3 +184,20 @@ async def test_by_a_column_the_ledger_does_not_keep_is_a_one_line_error(people_j
         assert meta["group"] == "city"
         rows = json.loads((await fetch("GET", url + 'api/rows?group="Cody"'))[1])
         assert [r["key"] for r in rows["rows"]] == ["p0002"]
+
+
+def test_the_redactor_hides_secrets_and_keeps_json_valid():
+    from llmap.spec import ModelSpec
+    from llmap.ui.safety import Redactor, secrets_of
+
+    m = ModelSpec(provider="openai", name="x", base_url="http://h/v1", api_key_env="MY_KEY",
+                  headers={"X-Org": "${ORG_SECRET}", "X-Plain": "visible"})
+    found = secrets_of([m], {"MY_KEY": "key-123456", "ORG_SECRET": "org-abcdef", "OPENAI_API_KEY": "sk-zzzzzzzz",
+                             "OTHER": "not-a-secret"})
+    assert sorted(found) == ["key-123456", "org-abcdef", "sk-zzzzzzzz"]
+    r = Redactor(found)
+    data = r.data({"e": ["key-123456 and org-abcdef", {"x": "x-api-key: abcdefgh1", "n": float("nan")}],
+                   "ok": "not-a-secret", "auth": "Authorization: Basic dXNlcjpwYXNz"})
+    assert data == {"e": ["*** and ***", {"x": "x-api-key: ***", "n": "nan"}], "ok": "not-a-secret",
+                    "auth": "Authorization: Basic ***"}
+    json.dumps(data, allow_nan=False)

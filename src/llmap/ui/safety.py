@@ -16,6 +16,7 @@ and no secret in anything the page receives.
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import re
 import secrets
@@ -126,9 +127,12 @@ class Redactor:
         return s
 
     def data(self, obj: Any) -> Any:
-        """``obj`` (dicts, lists, strings, numbers) with every string redacted."""
+        """``obj`` (dicts, lists, strings, numbers) with every string redacted (and NaN or infinity, which JSON
+        cannot carry, as text)."""
         if isinstance(obj, str):
             return self.text(obj)
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return str(obj)
         if isinstance(obj, dict):
             return {k: self.data(v) for k, v in obj.items()}
         if isinstance(obj, list | tuple):

@@ -167,6 +167,8 @@ class UiState:
             self.message = None
         except sqlite3.Error as exc:  # e.g. the ledger replaced under us: say so, try again next tick
             self.message = f"cannot read the ledger: {exc}"
+        except Exception as exc:  # the follower never dies: the page says what went wrong and it tries again
+            self.message = f"the page could not follow the ledger: {type(exc).__name__}: {exc}"
         for listener in list(self._listeners):
             listener()
 
@@ -190,6 +192,8 @@ class UiState:
             self._thread.join(timeout=10)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.index.close()
+        with contextlib.suppress(sqlite3.Error):
+            self.live.db.close()
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run blocking work (SQLite) in the page's thread pool."""
