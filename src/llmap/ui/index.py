@@ -177,6 +177,7 @@ class UiIndex:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = OFF")  # a lost index is rebuilt, never trusted over the ledger
         db.execute("PRAGMA busy_timeout = 5000")
+        db.execute("PRAGMA journal_size_limit = 16777216")  # the build's big transactions leave no big WAL file
         db.create_function("crc", 1, _crc, deterministic=True)
         return db
 
@@ -308,6 +309,8 @@ class UiIndex:
         self.indexed += n
         if n < CHUNK:
             self._load_counts(db)
+            with contextlib.suppress(sqlite3.Error):  # readers may hold it: then the next checkpoints do it
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return n
 
     def _pull(self) -> int:
