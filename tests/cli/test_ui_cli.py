@@ -90,6 +90,7 @@ def test_the_port_given_is_the_port_served(tmp_path, sim):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    assert proc.returncode == 0  # SIGTERM stops it like Ctrl-C
 
 
 def test_another_host_needs_allow_remote_and_says_what_it_exposes(tmp_path, sim):

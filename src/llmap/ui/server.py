@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sqlite3
 import tempfile
 import threading
@@ -232,13 +233,16 @@ async def _start(state: UiState) -> web.AppRunner:
 
 
 def serve_forever(state: UiState, on_ready: Callable[[str], None]) -> None:
-    """Serve the page until Ctrl-C (``llmap ui``); ``on_ready`` gets the URL once it answers."""
+    """Serve the page until Ctrl-C or SIGTERM (``llmap ui``); ``on_ready`` gets the URL once it answers."""
     async def main() -> None:
+        stop = asyncio.Event()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # the main thread of a POSIX process
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         runner = await _start(state)
         state.start_following()
         on_ready(state.url)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             state.close()
             await runner.cleanup()
