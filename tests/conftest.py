@@ -1,8 +1,8 @@
 """Shared fixtures: a simulator on 127.0.0.1, job files written into tmp_path, a fake clock.
 
 With ``LLMAP_REQUIRE_LOCAL_MODEL=1`` (set by ``.ci/run``), a test marked
-``local_model``, ``real_server``, ``ray`` or ``ocr`` that skips (say, because
-llama-cpp-python or Ray is missing) fails instead: CI must run them for real.
+``local_model``, ``real_server``, ``ray``, ``ocr`` or ``browser`` that skips (say, because
+llama-cpp-python, Ray, Tesseract or Chromium is missing) fails instead: CI must run them for real.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMAP_CACHE_DIR", str(tmp_path / "llmap-cache"))
 
 
-_MUST_RUN = ("local_model", "real_server", "ray", "ocr")
+_MUST_RUN = ("local_model", "real_server", "ray", "ocr", "browser")
 
 
 def _require() -> bool:

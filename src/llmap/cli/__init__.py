@@ -1,5 +1,5 @@
 """The ``llmap`` command line: ``init``, ``run``, ``status``, ``export``, ``report``, ``estimate``, ``label``,
-``review``, ``eval``, ``runs``, ``rollback``, ``cache``, ``batch``, ``simulate``.
+``review``, ``eval``, ``runs``, ``rollback``, ``ui``, ``cache``, ``batch``, ``simulate``.
 
 Exit codes: 0 every row done or skipped; 1 some rows failed or the run
 stopped on a provider error; 2 bad job or input (nothing sent); 75 another
@@ -21,6 +21,7 @@ from llmap.cli.init import init
 from llmap.cli.inspect import estimate, export, report, status
 from llmap.cli.quality import eval_job, label, review
 from llmap.cli.run import run
+from llmap.cli.ui import ui
 
 __all__ = ["app", "main"]
 
@@ -69,6 +70,7 @@ app.command("review")(review)
 app.command("eval")(eval_job)
 app.command("runs")(runs)
 app.command("rollback")(rollback)
+app.command("ui")(ui)
 app.add_typer(cache_app, name="cache")
 app.add_typer(batch_app, name="batch")
 

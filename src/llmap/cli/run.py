@@ -158,6 +158,11 @@ def run(
     wait_lock: Annotated[bool, typer.Option(
         "--wait-lock", help="If another run of this job holds its ledger, wait for it to finish, then run "
         "(default: refuse at once with exit code 75).")] = False,
+    ui: Annotated[bool, typer.Option(
+        "--ui", help="Serve the job's live page (llmap ui) while the run lasts; its URL, with its token, is "
+        "printed when dispatch starts.")] = False,
+    ui_port: Annotated[int, typer.Option(
+        "--ui-port", min=0, max=65535, help="With --ui: the page's port on 127.0.0.1 (0 picks a free one).")] = 0,
     detach: Annotated[bool, typer.Option(
         "--detach", help="With \\[model] batch = true: submit the batches, print their ids and exit 0 without "
         "waiting; run again later (without --detach) to collect them.")] = False,
@@ -205,10 +210,15 @@ def run(
     if log_prompts and log_json is None:
         raise fail(SpecError("--log-prompts needs --log-json PATH: prompts go to the structured log only"))
     log = None
-    stop_metrics = None
+    stop_metrics = stop_ui = None
 
     def on_start(stats, tally, lanes) -> None:
-        nonlocal stop_metrics
+        nonlocal stop_metrics, stop_ui
+        if ui and stop_ui is None:
+            from llmap.cli.ui import start_beside_run
+
+            url, stop_ui = start_beside_run(job.spec, ui_port, stats, tally, lanes)
+            out.print(f"llmap ui: {url}", highlight=False, soft_wrap=True)
         if metrics_port is None:
             return
         from llmap.observe.metrics import RunMetrics, serve_metrics
@@ -238,6 +248,8 @@ def run(
             log.close()
         if stop_metrics is not None:
             stop_metrics()
+        if stop_ui is not None:
+            stop_ui()
     _summary(result, job_file, job.spec.kind)
     raise typer.Exit(result.exit_code)
 

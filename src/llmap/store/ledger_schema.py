@@ -231,6 +231,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
+        # The live page (llmap.ui): its index of the rows follows the ledger by the rows that changed since it last
+        # looked, found through this index instead of a scan of every row. (007 and 008 belong to the quality work.)
+        "009_ui",
+        """
+        CREATE INDEX rows_updated_at ON rows (updated_at);
+        """,
+    ),
+    (
         # Operators (llmap.operators, llmap.store.operators): every model step's outcome, content-addressed by its
         # request's key (a crash resumes mid-operator without repeating a call); embeddings; cluster families; reduce
         # groups and their chunks; each run's operator summary. Named 010: 007/008 and 009 are taken by other branches.
