@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
@@ -283,10 +284,18 @@ def _converter() -> Any:
     return Bounded(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
 
-def schema_to_gbnf(schema: Mapping[str, Any]) -> str:
+def schema_to_gbnf(schema: Mapping[str, Any], *, json_spacing: bool = True) -> str:
     """The GBNF grammar (start rule ``root``) for answers that satisfy ``schema``, bounds included.
 
     Needs llama-cpp-python (the embedded model's extra); imported on first use.
+
+    Args:
+        schema: a JSON Schema.
+        json_spacing: whitespace exactly as Python's ``json.dumps`` writes it (``", "`` between
+            items, ``": "`` after a key, nothing else), which is how llmap writes the few-shot
+            answers; the text between two values is then fixed, so the decoder can write it
+            without asking the model (see :mod:`llmap.providers.local.decoder`). False keeps
+            llama-cpp-python's optional single space around every token.
 
     Raises:
         ValueError: a bound range is empty, or the schema has a construct the converter rejects.
@@ -297,4 +306,8 @@ def schema_to_gbnf(schema: Mapping[str, Any]) -> str:
         conv.visit(tree, "")
     except AssertionError as exc:  # the converter's way of saying "unsupported"
         raise ValueError(str(exc) or "unsupported schema") from None
-    return conv.format_grammar()
+    text = conv.format_grammar()
+    if json_spacing:  # the converter writes `":" space` after keys and `"," space` between items
+        text = text.replace('":" space', '": "').replace('"," space', '", "')
+        text = re.sub(r"^space ::= .*$", 'space ::= ""', text, flags=re.MULTILINE)
+    return text
