@@ -250,3 +250,49 @@ enabled = false
     rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert res.counts["done"] == 3, rows
     assert all(120 <= r["minutes"] <= 600 for r in rows), rows
+
+
+def test_logprobs_equal_a_softmax_over_the_tokens_the_grammar_allows():
+    import llama_cpp
+    import numpy as np
+
+    from llmap.prompt.grammar import schema_to_gbnf
+    from llmap.providers.local.model import (
+        LOGPROB_SLACK,
+        GrammarChoice,
+        Grammars,
+        chat_prompt,
+        load_model,
+    )
+    from llmap.providers.local.provider import default_model_path
+
+    llm = load_model(str(default_model_path()), n_ctx=1024, n_threads=2, sequences=1, n_batch=512, n_ubatch=512,
+                     n_outputs=8)
+    schema = {"type": "object", "properties": {"kind": {"type": "string", "enum": ["city", "county", "charter"]},
+                                               "note": {"type": "string", "maxLength": 12}},
+              "required": ["kind", "note"], "additionalProperties": False}
+    grammars, scratch = Grammars(llm), GrammarChoice.scratch(llm)
+    choice = GrammarChoice(grammars.sampler(schema_to_gbnf(schema)), scratch)
+    judge = GrammarChoice(grammars.sampler(schema_to_gbnf(schema)), scratch)  # advanced in step, asked in full
+    tokens = chat_prompt(llm, [{"role": "user", "content": "Casper City Schools, a district. Answer with JSON."}]).tokens
+    ctx, n_vocab = llm._ctx.ctx, llm.n_vocab()
+    checked = 0
+    for _ in range(14):
+        assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one((llama_cpp.llama_token * len(tokens))(*tokens),
+                                                                         len(tokens))) == 0
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).copy()
+        tok = choice.pick(logits)
+        if tok is None or llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
+            break
+        allowed = scratch.allowed_all(judge.smpl, logits) != -np.inf
+        want = float(logits[tok]) - float(np.logaddexp.reduce(logits[allowed].astype(np.float64)))
+        assert abs(choice.logprob(logits, tok) - want) <= 2 * LOGPROB_SLACK, llm.detokenize([tok])
+        checked += 1
+        choice.accept(tok)
+        judge.accept(tok)
+        tokens = [tok]
+    assert checked >= 8
+    choice.close()
+    judge.close()
+    grammars.close()
+    llm.close()

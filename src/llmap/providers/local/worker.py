@@ -244,7 +244,7 @@ class _Worker:
             self.fallback.append((msg, (prompt, max_tokens, gbnf)))
             return
         smpl = self.grammars.sampler(gbnf) if gbnf is not None else None
-        self.decoder.submit(Job(msg.get("id"), prompt.tokens, GrammarChoice(smpl, self.scratch), max_tokens,
+        self.decoder.submit(Job(msg.get("id"), prompt.tokens, GrammarChoice(smpl, self.scratch, gbnf), max_tokens,
                                 stop=prompt.stop, stopping=prompt.stopping_criteria,
                                 logprobs=bool(msg.get("logprobs")), json_end=gbnf is not None,
                                 jump=gbnf is not None and forced_text_findable(gbnf)))
