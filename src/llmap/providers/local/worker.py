@@ -51,7 +51,7 @@ BATCH = 256
 #: Most tokens with logits in one step (262,144 floats each): one per row, plus drafts.
 OUTPUTS = 64
 #: Cells of the KV cache per sequence beyond ``n_ctx``, for the rows decoded beside the first.
-CELLS_PER_SEQUENCE = 512
+CELLS_PER_SEQUENCE = 256
 
 
 def _die_with_parent() -> None:
