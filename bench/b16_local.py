@@ -7,6 +7,10 @@ empty ``LLMAP_CACHE_DIR``), with each model process decoding 1, 4, 8 and 16 sequ
 then the default configuration. 1 sequence per batch is one-at-a-time decoding (with the prefix's
 KV state reused and prompt-lookup drafts, as before batching).
 
+Also runs ``python -m llmap run`` itself on the job, for this tree's default configuration and, with
+``--compare SRC``, for another llmap source tree (e.g. ``--compare /work/main/src``: the code before
+batching), and prints the rows/s each printed, in the same sitting.
+
 Prints per configuration: rows/s (wall, as the run reports it), the model processes' CPU time per
 row (their rusage), llmap's own CPU per row, decoder steps and output rows (logits computed) per row,
 and the time split into llama_decode and token choice (grammar). Then the speed-up of each batch size
@@ -14,7 +18,7 @@ over 1 sequence, and every row whose answer differs from one-at-a-time decoding 
 kernels are not batch-invariant: near-ties can flip). Configurations run interleaved, so load from
 other processes hits them alike; ``uptime``'s load is printed before and after.
 
-    python bench/b16_local.py [--repeat 1] [--limit N] [--data DIR] [--processes P]
+    python bench/b16_local.py [--repeat 1] [--limit N] [--data DIR] [--processes P] [--compare SRC]
 """
 
 from __future__ import annotations
@@ -22,8 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,6 +102,18 @@ def run_once(job: Path, processes: int, sequences: int, limit: int | None) -> di
             "completion_tokens": res.completion_tokens}
 
 
+def run_cli(job: Path, src: Path, limit: int | None) -> dict:
+    """``python -m llmap run JOB --fresh`` with ``src`` first on the path; the rows/s and seconds it printed."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    cmd = [sys.executable, "-m", "llmap", "run", str(job), "--fresh", *(["--limit", str(limit)] if limit else [])]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    m = re.search(r"of (\d+) rows.*?([\d.]+) s \(([\d.]+) rows/s\)", out.stdout + out.stderr)
+    if out.returncode != 0 or m is None:
+        raise SystemExit(f"llmap run with {src} failed: {(out.stderr or out.stdout)[-500:]}")
+    rows, elapsed = int(m.group(1)), float(m.group(2))
+    return {"rows": rows, "elapsed_s": elapsed, "rows_per_s": rows / elapsed}  # (the printed rate has 1 decimal)
+
+
 def _load() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -105,6 +124,8 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="at most N rows")
     ap.add_argument("--data", type=Path, default=SHARED_DATA, help="folder with districts_2023_24_nces.csv")
     ap.add_argument("--processes", type=int, default=DEFAULT_PROCESSES, help="model processes (default %(default)s)")
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="another llmap source tree (its src/) to run with `llmap run` in the same sitting")
     args = ap.parse_args()
     procs = min(args.processes, cores())
     configs = [(procs, 1), (procs, 4), (procs, 8), (procs, 16)]
@@ -117,9 +138,13 @@ def main() -> int:
         os.environ["LLMAP_CACHE_DIR"] = str(Path(t) / "cache")  # empty; the model is found in the user cache dir
         job, name = _job(Path(t), args.data.resolve())
         runs: dict[tuple[int, int], list[dict]] = {c: [] for c in configs}
+        clis: dict[str, list[dict]] = {"this tree": []} | ({str(args.compare): []} if args.compare else {})
+        here = Path(__file__).resolve().parents[1] / "src"
         for _ in range(args.repeat):
             for c in configs:  # interleaved, so load from other processes hits every configuration alike
                 runs[c].append(run_once(job, *c, args.limit))
+            for tree in clis:
+                clis[tree].append(run_cli(job, here if tree == "this tree" else Path(tree), args.limit))
     base = runs[configs[0]][0]
     lines = [("job", f"examples/{name}, {base['rows']} rows, response cache off, {cores()} cores"),
              ("load average before / after", f"{load_before}  /  {_load()}  ({time.monotonic() - t0:.0f} s)")]
@@ -142,16 +167,24 @@ def main() -> int:
     for c, d in diffs.items():
         for line in d:
             lines.append((f"  differs at {c[1]} sequences", line))
+    for tree, rs in clis.items():
+        med = statistics.median(r["rows_per_s"] for r in rs)
+        rate_note = f", {med / statistics.median(r['rows_per_s'] for r in clis[str(args.compare)]):.2f}x of " \
+            f"{args.compare}" if args.compare and tree == "this tree" else ""
+        lines.append((f"`llmap run`, {tree}", f"{med:.2f} rows/s as printed ({rs[0]['elapsed_s']:.1f} s, "
+                      f"{rs[0]['rows']} rows){rate_note}"))
     all_done = all(r["done"] == r["rows"] for rs in runs.values() for r in rs)
     lines += [
         ("every row done", str(all_done)),
         ("command", "python bench/b16_local.py" + (f" --repeat {args.repeat}" if args.repeat > 1 else "")
          + (f" --limit {args.limit}" if args.limit else "") + (f" --data {args.data}" if args.data != SHARED_DATA
-                                                              else "")),
+                                                              else "")
+         + (f" --compare {args.compare}" if args.compare else "")),
     ]
     print(table(lines, "B16 embedded model: sequences decoded per batch"))
     print(json.dumps({f"{p}x{s}": round(v, 3) for (p, s), v in rate.items()}
-                     | {"equal": {f"{p}x{s}": base["rows"] - len(d) for (p, s), d in diffs.items()}}))
+                     | {"equal": {f"{p}x{s}": base["rows"] - len(d) for (p, s), d in diffs.items()}}
+                     | {f"cli {k}": round(statistics.median(r["rows_per_s"] for r in v), 3) for k, v in clis.items()}))
     return 0 if all_done else 1
 
 

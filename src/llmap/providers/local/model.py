@@ -35,7 +35,7 @@ import llama_cpp.llama as llama_module
 import numpy as np
 from llama_cpp import Llama
 
-__all__ = ["LOGPROB_SLACK", "MASKS", "MAX_CANDIDATES", "NEAR", "GrammarChoice", "Grammars", "Prompt", "chat_prompt",
+__all__ = ["FORCED", "LOGPROB_SLACK", "MASKS", "MAX_CANDIDATES", "NEAR", "GrammarChoice", "Grammars", "Prompt", "chat_prompt",
            "forced_text_findable", "load_model"]
 
 #: Candidates checked against the grammar before the whole vocabulary is: the tokens whose logit is within
@@ -45,6 +45,8 @@ NEAR = (8.0, 16.0)
 MAX_CANDIDATES = 4096
 #: Whole-vocabulary grammar verdicts remembered per process (32 KB each for a 262k vocabulary).
 MASKS = 256
+#: Fixed texts remembered per process (the oldest goes first).
+FORCED = 4096
 #: Log-probabilities are exact to this much (natural log): the grammar is checked over the whole
 #: vocabulary only when the tokens it was not asked about could hold more probability than that.
 LOGPROB_SLACK = 1e-4
@@ -186,6 +188,8 @@ class _Scratch:
         self.probe_zeros = np.zeros(len(self.probe_ids), dtype=np.float32)
         #: (grammar, answer prefix) -> the grammar's verdict on every token, packed 8 to a byte
         self.masks: OrderedDict[tuple[str, tuple[int, ...]], np.ndarray] = OrderedDict()
+        #: (grammar, answer prefix) -> the text the grammar fixes next
+        self.forced: dict[tuple[str, tuple[int, ...]], str] = {}
 
     def allowed(self, smpl: Any, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """The grammar's verdict on ``ids`` (at most :data:`MAX_CANDIDATES`): their logits, -inf where it rejects one."""
@@ -236,10 +240,14 @@ class GrammarChoice:
         character may come next; while it allows exactly one and not the end
         of generation, that character is fixed. Exact for grammars whose
         literals and character classes are ASCII (see :func:`forced_text_findable`).
+        Remembered per (grammar, answer prefix) when the choice has a ``key``.
         """
         if self.smpl is None:
             return ""
         sc = self.scratch
+        key = (self.key, tuple(self.history)) if self.key is not None else None
+        if key is not None and key in sc.forced:
+            return sc.forced[key]
         probe = llama_cpp.llama_sampler_clone(self.smpl)
         out: list[str] = []
         try:
@@ -251,7 +259,12 @@ class GrammarChoice:
                 llama_cpp.llama_sampler_accept(probe, int(sc.probe_ids[ok[0]]))
         finally:
             llama_cpp.llama_sampler_free(probe)
-        return "".join(out)
+        text = "".join(out)
+        if key is not None:
+            sc.forced[key] = text
+            if len(sc.forced) > FORCED:
+                sc.forced.pop(next(iter(sc.forced)))
+        return text
 
     def pick(self, logits: np.ndarray) -> int | None:
         """The greedy token for these logits, or None when the grammar allows no token.
