@@ -303,8 +303,10 @@ class BatchDecoder:
         self.timers["decode_s"] += time.perf_counter() - t0
         self.counters["steps"] += 1
         self.counters["step_tokens"] += n
-        if rc != 0:
-            return [self._finish(job, "error", error=f"llama_decode returned {rc}") for job, _, _ in plan]
+        if rc != 0:  # (1: no room in the KV cache) the rows of this step fail; their cells go
+            failed = [self._finish(job, "error", error=f"llama_decode returned {rc}") for job, _, _ in plan]
+            llama_cpp.llama_memory_seq_rm(self.mem, 0, len(self.prefix), -1)  # a half-made extension too
+            return failed
         done: list[Finished] = []
         t0 = time.perf_counter()
         for job, start, fed in plan:

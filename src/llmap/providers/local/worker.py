@@ -181,12 +181,14 @@ class _Worker:
         import llama_cpp
 
         from llmap.providers.local.decoder import BatchDecoder
+        from llmap.providers.local.drafting import DRAFT_MAX
         from llmap.providers.local.model import GrammarChoice, Grammars, load_model
 
         llama_cpp.llama_log_set(_quiet_log(), None)  # llama.cpp's C logs stay off the terminal
         self.n_ctx = int(msg["n_ctx"])
         sequences = max(1, int(msg.get("sequences", 1)))
-        cells = self.n_ctx + (sequences - 1) * min(self.n_ctx, CELLS_PER_SEQUENCE)
+        # one row of n_ctx tokens (and a draft) always fits; each further row gets CELLS_PER_SEQUENCE
+        cells = self.n_ctx + DRAFT_MAX + 1 + (sequences - 1) * min(self.n_ctx, CELLS_PER_SEQUENCE)
         outputs = max(OUTPUTS, sequences)
         try:
             self.llm = load_model(msg["model_path"], n_ctx=cells, n_threads=int(msg["n_threads"]),
