@@ -19,6 +19,7 @@ kernels are not batch-invariant: near-ties can flip). Configurations run interle
 other processes hits them alike; ``uptime``'s load is printed before and after.
 
     python bench/b16_local.py [--repeat 1] [--limit N] [--data DIR] [--processes P] [--compare SRC]
+    python bench/b16_local.py --steps    # where a decode step's time goes, by rows per batch
 """
 
 from __future__ import annotations
@@ -114,6 +115,51 @@ def run_cli(job: Path, src: Path, limit: int | None) -> dict:
     return {"rows": rows, "elapsed_s": elapsed, "rows_per_s": rows / elapsed}  # (the printed rate has 1 decimal)
 
 
+def step_costs(threads: int = 1) -> list[tuple[str, str]]:
+    """One llama_decode of n rows' next tokens after a shared 240-token prefix, with logits for every row
+    and for one: the output layer's share (Gemma's 262,144 x 640) against the rest of the model."""
+    import llama_cpp
+
+    from llmap.providers.local.model import load_model
+    from llmap.providers.local.provider import default_model_path
+
+    llm = load_model(str(default_model_path()), n_ctx=4096, n_threads=threads, sequences=32, n_batch=512,
+                     n_ubatch=512, n_outputs=64)
+    ctx, mem = llm._ctx.ctx, llama_cpp.llama_get_memory(llm._ctx.ctx)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> float:
+        batch.n_tokens = len(entries)
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, int(logits)
+            batch.seq_id[i][0] = seq
+        t0 = time.perf_counter()
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        return time.perf_counter() - t0
+
+    prefix = 240
+    decode([(100 + i % 50, i, 0, False) for i in range(prefix)])
+    out = []
+    for n in (1, 2, 4, 8, 16, 32):
+        for s in range(1, n + 1):
+            llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
+            llama_cpp.llama_memory_seq_cp(mem, 0, s, 0, prefix)
+        cost = {}
+        for every in (True, False):
+            best = min(decode([(7 + k, prefix + k, s, every or s == 1) for s in range(1, n + 1)]) for k in range(3))
+            for s in range(1, n + 1):
+                llama_cpp.llama_memory_seq_rm(mem, s, prefix, -1)
+            cost[every] = best
+        head = (cost[True] - cost[False]) / max(1, n - 1) if n > 1 else float("nan")
+        out.append((f"{n:>2} rows, {threads} thread", f"{1000 * cost[True]:.0f} ms/step with every row's logits "
+                    f"({1000 * cost[True] / n:.1f} ms/row), {1000 * cost[False]:.0f} ms with one "
+                    f"({1000 * cost[False] / n:.1f} ms/row)" + (f"; output layer {1000 * head:.1f} ms per row"
+                                                              if n > 1 else "")))
+    llama_cpp.llama_batch_free(batch)
+    llm.close()
+    return out
+
+
 def _load() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -126,7 +172,13 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=DEFAULT_PROCESSES, help="model processes (default %(default)s)")
     ap.add_argument("--compare", type=Path, default=None,
                     help="another llmap source tree (its src/) to run with `llmap run` in the same sitting")
+    ap.add_argument("--steps", action="store_true", help="only time one decode step by rows per batch")
     args = ap.parse_args()
+    if args.steps:
+        load = _load()
+        print(table([("load average", load), *step_costs(), ("command", "python bench/b16_local.py --steps")],
+                    "B16 embedded model: one llama_decode step by rows per batch"))
+        return 0
     procs = min(args.processes, cores())
     configs = [(procs, 1), (procs, 4), (procs, 8), (procs, 16)]
     default = (min(DEFAULT_PROCESSES, cores()), DEFAULT_SEQUENCES)
