@@ -107,12 +107,16 @@ def run_cli(job: Path, src: Path, limit: int | None) -> dict:
     """``python -m llmap run JOB --fresh`` with ``src`` first on the path; the rows/s and seconds it printed."""
     env = {**os.environ, "PYTHONPATH": str(src)}
     cmd = [sys.executable, "-m", "llmap", "run", str(job), "--fresh", *(["--limit", str(limit)] if limit else [])]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # llmap and the model processes it reaped
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     m = re.search(r"of (\d+) rows.*?([\d.]+) s \(([\d.]+) rows/s\)", out.stdout + out.stderr)
     if out.returncode != 0 or m is None:
         raise SystemExit(f"llmap run with {src} failed: {(out.stderr or out.stdout)[-500:]}")
     rows, elapsed = int(m.group(1)), float(m.group(2))
-    return {"rows": rows, "elapsed_s": elapsed, "rows_per_s": rows / elapsed}  # (the printed rate has 1 decimal)
+    return {"rows": rows, "elapsed_s": elapsed, "rows_per_s": rows / elapsed,  # (the printed rate has 1 decimal)
+            "cpu_s": cpu}
 
 
 def step_costs(threads: int = 1) -> list[tuple[str, str]]:
@@ -224,7 +228,8 @@ def main() -> int:
         rate_note = f", {med / statistics.median(r['rows_per_s'] for r in clis[str(args.compare)]):.2f}x of " \
             f"{args.compare}" if args.compare and tree == "this tree" else ""
         lines.append((f"`llmap run`, {tree}", f"{med:.2f} rows/s as printed ({rs[0]['elapsed_s']:.1f} s, "
-                      f"{rs[0]['rows']} rows){rate_note}"))
+                      f"{rs[0]['rows']} rows){rate_note}; CPU {rs[0]['cpu_s']:.1f} s in all "
+                      f"({1000 * rs[0]['cpu_s'] / rs[0]['rows']:.0f} ms/row: imports, model load, preflight included)"))
     all_done = all(r["done"] == r["rows"] for rs in runs.values() for r in rs)
     lines += [
         ("every row done", str(all_done)),
