@@ -160,6 +160,7 @@ class _Worker:
             out = {"error": {"kind": "runtime", "message": str(exc)}}
         if out is not None:
             self.started.pop(rid, None)
+            self.cancelled.discard(rid)
             self.reply({**out, "id": rid})
 
     def cancel(self, rid: Any) -> None:
@@ -253,6 +254,7 @@ class _Worker:
 
     def finished(self, fin: Any) -> None:
         op, t0 = self.started.pop(fin.rid, ("complete", time.monotonic()))
+        self.cancelled.discard(fin.rid)
         if fin.finish == "cancelled":
             out: dict[str, Any] = {"cancelled": True}
         elif fin.error is not None:
