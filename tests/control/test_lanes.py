@@ -12,7 +12,7 @@ import pytest
 from llmap.control.breaker import BreakerState, CircuitBreaker
 from llmap.control.cluster import Report, View
 from llmap.control.concurrency import AIMDConcurrency
-from llmap.control.lanes import Lane, LaneAIMD, LaneBreaker, LaneLimiter
+from llmap.control.lanes import INITIAL_CONCURRENCY, Lane, LaneAIMD, LaneBreaker, LaneLimiter
 from llmap.control.limits import Limiter, RateLimiter
 from llmap.run.ray.budget import BudgetLink
 from llmap.spec import LimitsSpec, ModelSpec
@@ -134,3 +134,30 @@ async def test_a_lane_paces_and_breaks_on_the_injected_clock_and_sleep(fake_time
     assert lane.breaker.peek() is BreakerState.OPEN
     fake_time.advance(lane.breaker.time_until_probe())
     assert lane.breaker.allow()
+
+
+class _SizedProvider:
+    def __init__(self, max_concurrency: int, *, own: bool = False) -> None:
+        self.label = "p:x"
+        self.max_concurrency = max_concurrency
+        if own:
+            self.own_concurrency = True
+
+
+def _sized_lane(provider, **limits) -> Lane:
+    return Lane(0, provider, ModelSpec(provider="openai", name="x"), LimitsSpec(**limits), clock=lambda: 0.0)
+
+
+def test_an_http_lane_is_capped_by_limits_concurrency_and_probes_first():
+    lane = _sized_lane(_SizedProvider(256), concurrency=4)
+    assert (lane.max_in_flight, lane.aimd.limit, lane.probing, lane.limit) == (4, 4, True, 1)
+    lane = _sized_lane(_SizedProvider(256))
+    assert lane.aimd.limit == INITIAL_CONCURRENCY and lane.probing
+
+
+def test_a_provider_that_sizes_its_own_concurrency_is_filled_at_once():
+    # the embedded model: [limits] concurrency = 2 means 2 processes, each decoding 16 rows together
+    lane = _sized_lane(_SizedProvider(32, own=True), concurrency=2)
+    assert (lane.max_in_flight, lane.aimd.limit, lane.probing, lane.limit) == (32, 32, False, 32)
+    lane = _sized_lane(_SizedProvider(32, own=True))
+    assert lane.limit == 32

@@ -139,9 +139,12 @@ class Lane:
         otpm = model.otpm or limits.otpm
         self.limiter: LaneLimiter = Limiter(RateLimiter(rpm, tpm, itpm=itpm, otpm=otpm, now=clock()), clock=clock,
                                             sleep=sleep)
-        cap = min(limits.concurrency or MAX_CONCURRENCY, provider.max_concurrency)
-        self.aimd: LaneAIMD = AIMDConcurrency(initial=min(cap, limits.concurrency or INITIAL_CONCURRENCY),
-                                              minimum=1, maximum=cap)
+        # A provider that sizes its own concurrency (the embedded model: processes x sequences, where
+        # [limits] concurrency counts processes) is filled at once, and has no rate limit to probe for.
+        own = bool(getattr(provider, "own_concurrency", False))
+        cap = provider.max_concurrency if own else min(limits.concurrency or MAX_CONCURRENCY, provider.max_concurrency)
+        initial = cap if own else min(cap, limits.concurrency or INITIAL_CONCURRENCY)
+        self.aimd: LaneAIMD = AIMDConcurrency(initial=initial, minimum=1, maximum=cap)
         self.breaker: LaneBreaker = CircuitBreaker(
             cooldown_max_s=BREAKER_COOLDOWN_MAX_S,
             clock=clock,
@@ -150,7 +153,7 @@ class Lane:
         #: Nothing is known of this model's limits (none configured), or its provider still learns what
         #: the server takes (``discovering``): one request goes first, and the rest wait for its answer,
         #: which may carry rate-limit headers (see :meth:`on_success`).
-        self.probing = not self.limiter.limited or bool(getattr(provider, "discovering", False))
+        self.probing = self._probes(self.limiter)
         self._cap = cap
         self.timeout = AdaptiveTimeout(model.timeout_s)
         self.output_tokens = OutputTokenEstimator(model.max_tokens)
@@ -170,7 +173,12 @@ class Lane:
         :class:`~llmap.run.ray.budget.BudgetLink` and its ``aimd`` and ``breaker`` views)
         instead of this lane's own."""
         self.limiter, self.aimd, self.breaker = limiter, aimd, breaker
-        self.probing = not limiter.limited or bool(getattr(self.provider, "discovering", False))
+        self.probing = self._probes(limiter)
+
+    def _probes(self, limiter: LaneLimiter) -> bool:
+        if getattr(self.provider, "own_concurrency", False):
+            return False
+        return not limiter.limited or bool(getattr(self.provider, "discovering", False))
 
     @property
     def max_in_flight(self) -> int:

@@ -3,8 +3,10 @@
 The last user message decides what a "complete" request does:
 ``crash`` kills this process with SIGSEGV, ``abort`` with SIGABRT, ``slow`` waits
 (up to 10 s) until the request is cancelled, ``hang`` sleeps 30 s whatever happens,
-``context`` answers a context error;
+``context`` answers a context error, ``later`` is answered only after the next
+request (replies out of order), ``crashlater`` crashes on the next request;
 anything else is echoed back as ``{"echo": <text>, "pid": <pid>}``.
+Requests with ``logprobs`` get one ``[char, -0.1]`` pair per character of the content.
 FAKE_CRASH_AT=ping makes the preflight generation crash. Every request is
 appended to $FAKE_LOG (one JSON line each), cancels included.
 """
@@ -18,6 +20,8 @@ import time
 
 cancelled: set = set()
 inbox: list = []
+deferred: list = []
+crash_next = False
 cond = threading.Condition()
 log = os.environ.get("FAKE_LOG")
 out = sys.stdout
@@ -58,7 +62,7 @@ def handle(msg: dict) -> dict:
             os.kill(os.getpid(), signal.SIGSEGV)
         return {"ok": True, "latency_s": 0.0}
     text = msg["messages"][-1]["content"]
-    if text == "crash":
+    if crash_next or text == "crash":
         sys.stderr.write("ggml.c:1234: GGML_ASSERT(fake) failed\n")
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGSEGV)
@@ -75,8 +79,12 @@ def handle(msg: dict) -> dict:
                 cond.wait(0.05)
         if msg["id"] in cancelled:
             return {"cancelled": True}
-    return {"content": json.dumps({"echo": text, "pid": os.getpid()}), "prompt_tokens": 3, "completion_tokens": 2,
-            "latency_s": 0.0}
+    content = " " + json.dumps({"echo": text, "pid": os.getpid()}) + "\n"
+    out = {"content": content, "prompt_tokens": 3, "completion_tokens": 2, "latency_s": 0.0,
+           "finish_reason": "length" if text == "long" else "stop"}
+    if msg.get("logprobs"):
+        out["logprobs"] = [[c, -0.1] for c in content]
+    return out
 
 
 threading.Thread(target=reader, daemon=True).start()
@@ -87,6 +95,15 @@ while True:
         msg = inbox.pop(0)
     if msg is None:
         break
+    if msg.get("op") == "complete" and msg["messages"][-1]["content"] in ("later", "crashlater"):
+        deferred.append(msg)
+        crash_next = crash_next or msg["messages"][-1]["content"] == "crashlater"
+        continue
     r = handle(msg)
     r["id"] = msg["id"]
     reply(r)
+    for d in deferred:
+        r = handle(d)
+        r["id"] = d["id"]
+        reply(r)
+    deferred.clear()

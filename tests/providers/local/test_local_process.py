@@ -127,7 +127,7 @@ async def test_a_cancelled_request_never_answers_the_next_one(provider_factory):
 async def test_concurrency_runs_that_many_processes_and_splits_the_cores(provider_factory, monkeypatch):
     monkeypatch.setattr("llmap.providers.local.provider.cores", lambda: 4)
     p = provider_factory(processes=2)
-    assert (p.processes, p.n_threads, p.max_concurrency) == (2, 2, 2)
+    assert (p.processes, p.n_threads, p.max_concurrency) == (2, 2, 2 * p.sequences)
     await p.check()
     try:
         pids = set(p.pids)
@@ -196,3 +196,56 @@ async def test_a_cancelled_request_that_never_answers_is_killed_and_the_process_
         assert not _alive(first)
     finally:
         await p.aclose()
+
+
+async def test_several_requests_in_flight_on_one_process_each_get_their_own_reply(provider_factory):
+    p = provider_factory(processes=1)
+    await p.check()
+    try:
+        # the fake answers "later" only after the request behind it: both must be in flight at once
+        later = asyncio.create_task(p.complete(_req("later", key="a")))
+        await asyncio.sleep(0.2)
+        assert not later.done()
+        now = await asyncio.wait_for(p.complete(_req("now", key="b")), 5)
+        assert json.loads(now.content)["echo"] == "now"
+        assert json.loads((await asyncio.wait_for(later, 5)).content)["echo"] == "later"
+    finally:
+        await p.aclose()
+
+
+async def test_a_crash_fails_every_request_in_flight_with_its_own_row(provider_factory):
+    p = provider_factory(processes=1)
+    await p.check()
+    try:
+        first = asyncio.create_task(p.complete(_req("crashlater", key="a")))
+        await asyncio.sleep(0.2)
+        second = asyncio.create_task(p.complete(_req("x", key="b")))
+        errors = await asyncio.gather(first, second, return_exceptions=True)
+    finally:
+        await p.aclose()
+    assert all(isinstance(e, E.LocalModelCrashed) and "crashed with SIGSEGV" in str(e) for e in errors), errors
+    assert [e.row_key for e in errors] == ["a", "b"]
+
+
+async def test_logprobs_and_stop_reason_come_through_trimmed_like_the_content(provider_factory):
+    p = provider_factory()
+    await p.check()
+    try:
+        asked = await p.complete(Request([{"role": "user", "content": "hi"}], None, 0.0, 16, logprobs=True))
+        plain = await p.complete(_req("hi"))
+        cut = await p.complete(_req("long"))
+    finally:
+        await p.aclose()
+    assert asked.content == plain.content and asked.content.startswith("{") and asked.content.endswith("}")
+    assert "".join(t for t, _ in asked.logprobs) == asked.content  # the reply's leading space and newline are cut
+    assert all(lp == -0.1 for _, lp in asked.logprobs)
+    assert plain.logprobs is None
+    assert (plain.stop_reason, cut.stop_reason) == (None, "max_tokens")
+
+
+def test_trim_logprobs_cuts_whitespace_across_tokens():
+    from llmap.providers.local.provider import trim_logprobs
+
+    toks = [(" ", -1.0), (" {", -0.5), ("a", -0.2), ("} ", -0.3), ("\n", -0.4)]
+    assert trim_logprobs(toks, " " + " {a} \n") == (("{", -0.5), ("a", -0.2), ("}", -0.3))
+    assert trim_logprobs([("x", -0.1)], "x") == (("x", -0.1),)

@@ -8,38 +8,40 @@ selects any other GGUF file.
 
 llama.cpp never runs in llmap's own process. Each model process is
 ``python -m llmap.providers.local.worker``, spoken to with one JSON object
-per line over its stdin/stdout (see that module). Why a child process of our
-own rather than ``multiprocessing``: a pool there cannot tell a crash from a
-slow answer without its own bookkeeping, cannot stop a generation it has
-started, and pickles every request; here a native crash is simply EOF on a
-pipe plus the child's exit signal, and a cancelled request is a one-line
-message.
+per line over its stdin/stdout (see that module and
+:mod:`llmap.providers.local.process`). Why a child process of our own rather
+than ``multiprocessing``: a pool there cannot tell a crash from a slow answer
+without its own bookkeeping, cannot stop a generation it has started, and
+pickles every request; here a native crash is simply EOF on a pipe plus the
+child's exit signal, and a cancelled request is a one-line message.
 
-* **Crash.** A SIGSEGV, SIGILL or abort in llama.cpp kills the child only. The
-  request raises :class:`~llmap.errors.LocalModelCrashed`, a fatal error: the
-  run stops with one line naming the fix, the row stays pending, finished rows
-  are kept, and the exit code is 1.
+* **Batches.** Each process decodes up to ``sequences`` rows together
+  (:mod:`llmap.providers.local.decoder`): the provider keeps that many
+  requests in flight per process, each matched to its reply by id, and sends
+  a request to the process with the fewest in flight.
+* **Crash.** A SIGSEGV, SIGILL or abort in llama.cpp kills the child only.
+  Every request in flight there raises :class:`~llmap.errors.LocalModelCrashed`,
+  a fatal error: the run stops with one line naming the fix, the rows stay
+  pending, finished rows are kept, and the exit code is 1.
 * **Cancel.** A cancelled request (Ctrl-C, a hedged copy that lost, a
-  timeout) tells the child to stop at its next token; the process takes no
-  new request until it has answered the old one, so a late answer is never
-  read as the next request's.
+  timeout) tells the child to stop it at its next token; its slot is free once
+  the child has answered ``cancelled``. A child that has not answered within
+  :data:`CANCEL_GRACE_S` is killed and restarted on next use; the other
+  requests it held raise :class:`~llmap.errors.Overloaded` (retried).
 * **Preflight.** :meth:`LocalProvider.check` starts every process, loads the
   model and runs one tiny generation, so a build that crashes on this CPU
   fails before any row.
 * **Concurrency.** ``[limits] concurrency`` = N runs N processes (at most one
   per core), each with cores / N threads; default :data:`DEFAULT_PROCESSES`.
+  Requests in flight: processes x sequences.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import importlib.util
-import json
 import os
-import shlex
-import signal
 import sys
 import tempfile
 import time
@@ -49,11 +51,17 @@ from typing import Any
 
 from llmap import errors as E
 from llmap.providers.base import Completion, Request
+from llmap.providers.local.process import (
+    PORTABLE_CMAKE_ARGS,
+    ModelProcess,
+    crash_message,
+    reinstall_command,
+)
 from llmap.spec import ModelSpec
 from llmap.store.cache import default_cache_dir
 
-__all__ = ["DEFAULT_PROCESSES", "LocalProvider", "cache_dir", "crash_message", "default_model_path",
-           "reinstall_command"]
+__all__ = ["DEFAULT_PROCESSES", "DEFAULT_SEQUENCES", "PORTABLE_CMAKE_ARGS", "LocalProvider", "cache_dir",
+           "crash_message", "default_model_path", "reinstall_command", "trim_logprobs"]
 
 #: Former name of :func:`llmap.store.cache.default_cache_dir`, kept for importers.
 cache_dir = default_cache_dir
@@ -61,12 +69,10 @@ cache_dir = default_cache_dir
 #: Model processes when ``[limits] concurrency`` is unset. Measured on 2 cores
 #: (bench/b16_local.py): 2 processes of 1 thread beat 1 process of 2 threads.
 DEFAULT_PROCESSES = 2
+#: Rows each process decodes together (bench/b16_local.py measures 1, 4, 8 and 16).
+DEFAULT_SEQUENCES = 16
 #: Seconds a cancelled request may take to answer before its process is killed (and restarted on next use).
 CANCEL_GRACE_S = 30.0
-#: Seconds to wait for a child to exit after its stdin closes, before it is killed.
-CLOSE_GRACE_S = 2.0
-#: The compile flags of a portable llama.cpp build: no AMX or AVX-512 (not on every CPU), baseline AVX2/FMA/F16C.
-PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 
 
 def cores() -> int:
@@ -121,180 +127,6 @@ def default_model_path() -> Path:
     return target
 
 
-def reinstall_command() -> str:
-    """The shell command that rebuilds the installed llama-cpp-python portably (no AMX, no native flags)."""
-    try:
-        from importlib.metadata import version
-
-        pin = f"llama-cpp-python=={version('llama-cpp-python')}"
-    except Exception:
-        pin = "llama-cpp-python"
-    return (f'CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" {shlex.quote(sys.executable)} -m pip install --force-reinstall '
-            f"--no-deps --no-cache-dir --no-binary llama-cpp-python '{pin}'")
-
-
-def crash_message(returncode: int | None, last_line: str = "") -> str:
-    """One line for a model process that died: what happened and the fix.
-
-    Args:
-        returncode: the child's exit status (negative: killed by that signal).
-        last_line: the last line it wrote to stderr, quoted when not empty.
-    """
-    said = f" (its last words: {last_line.strip()[:200]!r})" if last_line.strip() else ""
-    sig = -returncode if returncode is not None and returncode < 0 else None
-    if sig in (signal.SIGKILL, signal.SIGTERM):
-        return (f"the embedded model's process was killed ({signal.Signals(sig).name}){said}; if it was the "
-                "out-of-memory killer, lower [limits] concurrency (one model process per row in flight) or free memory")
-    if sig is not None:
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
-        why = ("an instruction this CPU does not have" if sig == signal.SIGILL
-               else "usually a llama-cpp-python build for CPU features this machine lacks, such as AMX")
-        return (f"the embedded model's process crashed with {name} in llama.cpp{said}: {why}; reinstall "
-                f"llama-cpp-python portably: {reinstall_command()}")
-    return (f"the embedded model's process exited with code {returncode}{said}; check that llama-cpp-python "
-            f"imports and runs, or reinstall it portably: {reinstall_command()}")
-
-
-class _Process:
-    """One model process and its pipes. Used by one request at a time."""
-
-    def __init__(self, index: int, command: list[str]) -> None:
-        self.index = index
-        self.command = command
-        self.proc: asyncio.subprocess.Process | None = None
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
-        self._stderr_task: asyncio.Task | None = None
-        self._next_id = 0
-        self.current: int | None = None
-        #: True once we killed it ourselves (a cancelled request that never answered): restart on next use
-        self.killed = False
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    async def start(self, load: dict[str, Any], *, label: str, preflight: bool = True) -> None:
-        """Spawn the child, load the model and run one tiny generation.
-
-        Raises:
-            SpecError: the model does not load, or (``preflight``) the process dies doing so.
-            LocalModelCrashed: the process dies, when not ``preflight``.
-        """
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.stderr_tail.clear()
-        self.killed = False
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.command,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=env, limit=64 * 1024 * 1024,
-        )
-        self._stderr_task = asyncio.create_task(self._drain_stderr(self.proc))
-        try:
-            reply = await self.call({"op": "load", **load}, label=label)
-            if "error" in reply:
-                raise E.SpecError(
-                    f"cannot load model {load['model_path']!r}: {reply['error']['message']}; check it is a GGUF file")
-            await self.call({"op": "ping"}, label=label)
-        except BaseException as exc:
-            await self.close()
-            if preflight and isinstance(exc, E.LocalModelCrashed):
-                raise E.SpecError(f"{exc}; no row was sent") from exc
-            raise
-
-    async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stderr is not None
-        with contextlib.suppress(Exception):
-            async for line in proc.stderr:
-                text = line.decode("utf-8", "replace").rstrip()
-                if text:
-                    self.stderr_tail.append(text)
-
-    async def call(self, msg: dict[str, Any], *, label: str, row_key: str | None = None) -> dict[str, Any]:
-        """Send one request and wait for its reply.
-
-        Raises:
-            LocalModelCrashed: the process died before answering.
-        """
-        proc = self.proc
-        assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        self._next_id += 1
-        rid = self.current = self._next_id
-        try:
-            proc.stdin.write((json.dumps({**msg, "id": rid}, ensure_ascii=False) + "\n").encode("utf-8"))
-            await proc.stdin.drain()
-            while True:
-                line = await proc.stdout.readline()
-                if not line:
-                    break
-                try:
-                    reply = json.loads(line)
-                except ValueError:
-                    self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
-                    continue
-                if reply.get("id") == rid:
-                    return reply
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        finally:
-            self.current = None
-        raise await self._crashed(label, row_key)
-
-    async def _crashed(self, label: str, row_key: str | None) -> E.LocalModelCrashed:
-        proc = self.proc
-        assert proc is not None
-        try:
-            code = await asyncio.wait_for(proc.wait(), CLOSE_GRACE_S)
-        except TimeoutError:
-            proc.kill()
-            code = await proc.wait()
-        if self._stderr_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._stderr_task, 1.0)
-        last = self.stderr_tail[-1] if self.stderr_tail else ""
-        sig = -code if code is not None and code < 0 else None
-        return E.LocalModelCrashed(crash_message(code, last), signal=sig, returncode=code, model=label,
-                                   row_key=row_key)
-
-    def cancel(self) -> None:
-        """Ask the child to stop the request in progress at its next token."""
-        proc, rid = self.proc, self.current
-        if proc is None or proc.stdin is None or rid is None or not self.alive:
-            return
-        with contextlib.suppress(Exception):
-            proc.stdin.write((json.dumps({"op": "cancel", "target": rid}) + "\n").encode("utf-8"))
-
-    def kill(self) -> None:
-        """Kill the child (a cancelled request it never answered); the next request starts a fresh one."""
-        if self.alive:
-            self.killed = True
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()  # type: ignore[union-attr]
-
-    async def close(self) -> None:
-        """Close stdin (the child exits), wait up to :data:`CLOSE_GRACE_S` seconds, then kill it."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(Exception):
-                proc.stdin.close()  # type: ignore[union-attr]
-            try:
-                await asyncio.wait_for(proc.wait(), CLOSE_GRACE_S)
-            except (TimeoutError, asyncio.CancelledError):
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        if self._stderr_task is not None:
-            self._stderr_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._stderr_task
-            self._stderr_task = None
-
-
 class LocalProvider:
     """A GGUF model in child processes via llama-cpp-python.
 
@@ -303,8 +135,10 @@ class LocalProvider:
         processes: model processes to run, from ``[limits] concurrency``; None:
             :data:`DEFAULT_PROCESSES`. Capped at the number of cores; each
             process gets cores / processes threads.
+        sequences: rows each process decodes together (default :data:`DEFAULT_SEQUENCES`;
+            1 decodes one row at a time).
         prefix_reuse: reuse the KV state of the prompt prefix rows share
-            (default True; False is the reference path, with the same answers).
+            (default True; False evaluates every prompt whole).
         command: the worker's command line; default ``python -m
             llmap.providers.local.worker`` (tests pass a fake worker).
 
@@ -314,9 +148,12 @@ class LocalProvider:
 
     discovering = False  # grammar-constrained output: nothing to learn about the server
     structured = None
+    #: the lane keeps processes x sequences requests in flight from the start, whatever ``[limits]
+    #: concurrency`` says (here it counts processes), and sends no probe first (no rate limit to learn)
+    own_concurrency = True
 
-    def __init__(self, spec: ModelSpec, *, processes: int | None = None, prefix_reuse: bool = True,
-                 command: Sequence[str] | None = None) -> None:
+    def __init__(self, spec: ModelSpec, *, processes: int | None = None, sequences: int | None = None,
+                 prefix_reuse: bool = True, command: Sequence[str] | None = None) -> None:
         self.spec = spec
         self.label = spec.label
         self.command = list(command) if command else [sys.executable, "-m", "llmap.providers.local.worker"]
@@ -335,10 +172,13 @@ class LocalProvider:
         n = cores()
         self.processes = max(1, min(processes or DEFAULT_PROCESSES, n))
         self.n_threads = max(1, n // self.processes)
-        self.max_concurrency = self.processes
+        self.sequences = max(1, sequences or DEFAULT_SEQUENCES)
+        self.max_concurrency = self.processes * self.sequences
         self.prefix_reuse = prefix_reuse
-        self._procs = [_Process(i, self.command) for i in range(self.processes)]
-        self._idle: asyncio.Queue[_Process] | None = None
+        self._procs = [ModelProcess(i, self.command) for i in range(self.processes)]
+        self._waiters: list[asyncio.Future] = []
+        #: per process, the requests cancelled and not yet answered: it gets no new request meanwhile
+        self._cancelling: dict[int, set[int]] = {p.index: set() for p in self._procs}
         self._started = False
         self._start_lock: asyncio.Lock | None = None
 
@@ -349,7 +189,7 @@ class LocalProvider:
 
     def _load_msg(self) -> dict[str, Any]:
         return {"model_path": str(self.model_path), "n_ctx": self.spec.n_ctx, "n_threads": self.n_threads,
-                "prefix_reuse": self.prefix_reuse}
+                "prefix_reuse": self.prefix_reuse, "sequences": self.sequences}
 
     async def check(self) -> None:
         """Start every model process: load the model and run one tiny generation in each.
@@ -376,43 +216,72 @@ class LocalProvider:
             if errors:
                 await self.aclose()
                 raise errors[0]
-            self._idle = asyncio.Queue()
-            for p in self._procs:
-                self._idle.put_nowait(p)
             self._started = True
 
-    def _release(self, proc: _Process) -> None:
-        if self._idle is not None:  # None: the provider was closed meanwhile
-            self._idle.put_nowait(proc)
+    async def _acquire(self) -> ModelProcess:
+        """A slot on the process with the fewest requests in flight.
+
+        Waits while every slot is taken. A process with a cancelled request
+        it has not answered yet gets nothing new: it may be stuck, and is
+        killed if it does not answer within :data:`CANCEL_GRACE_S`.
+        """
+        while True:
+            free = [p for p in self._procs if p.load < self.sequences and not self._cancelling[p.index]]
+            if free:
+                proc = min(free, key=lambda p: p.load)
+                proc.load += 1
+                return proc
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def _release(self, proc: ModelProcess) -> None:
+        proc.load -= 1
+        self._wake()
 
     async def complete(self, request: Request) -> Completion:
-        """Run one request on a free model process; see :class:`llmap.providers.base.Provider`.
+        """Run one request on a model process; see :class:`llmap.providers.base.Provider`.
 
         Raises:
             LocalModelCrashed: the process died (fatal: the run stops; the row stays pending).
             ContextTooLong: the prompt does not fit ``n_ctx``.
             BadRequest: llama-cpp-python rejected the request.
-            Overloaded: llama.cpp could not decode (no KV cache slot); retried.
+            Overloaded: llama.cpp could not decode, or the process was restarted; retried.
         """
         await self.check()
-        assert self._idle is not None
-        proc = await self._idle.get()
+        proc = await self._acquire()
         msg = {"op": "complete", "messages": request.messages, "schema": request.schema,
                "temperature": request.temperature, "max_tokens": request.max_tokens}
+        if request.logprobs:
+            msg["logprobs"] = True
         t0 = time.monotonic()
         try:
-            if not proc.alive:
-                if proc.proc is not None and not proc.killed:  # it died on its own while idle: a crash too
-                    raise await proc._crashed(self.label, request.row_key)
-                await proc.start(self._load_msg(), label=self.label, preflight=False)
-            task = asyncio.ensure_future(proc.call(msg, label=self.label, row_key=request.row_key))
-        except BaseException:
+            async with proc.lock:
+                if not proc.alive:
+                    if proc.proc is not None and not proc.killed:  # it died on its own: a crash
+                        raise proc.died or E.LocalModelCrashed(crash_message(None), model=self.label)
+                    await proc.start(self._load_msg(), label=self.label, preflight=False)
+            rid, fut = proc.send(msg, row_key=request.row_key)
+        except BaseException as exc:
             self._release(proc)
+            if isinstance(exc, E.ProviderError):
+                exc.row_key = request.row_key
             raise
         try:
-            reply = await asyncio.shield(task)
+            await proc.flush()
+            reply = await asyncio.shield(fut)
         except asyncio.CancelledError:
-            self._release_after(proc, task)
+            self._release_after(proc, rid, fut)
             raise
         except BaseException:
             self._release(proc)
@@ -420,18 +289,23 @@ class LocalProvider:
         self._release(proc)
         return self._completion(reply, request, time.monotonic() - t0)
 
-    def _release_after(self, proc: _Process, task: asyncio.Future) -> None:
-        """A cancelled request: stop the child's generation; free the process once it has answered."""
-        proc.cancel()
+    def _release_after(self, proc: ModelProcess, rid: int, fut: asyncio.Future) -> None:
+        """A cancelled request: stop it in the child; free its slot once the child has answered."""
+        if fut.done():
+            self._release(proc)
+            return
+        proc.cancel(rid)
+        self._cancelling[proc.index].add(rid)
         handle = asyncio.get_running_loop().call_later(CANCEL_GRACE_S, proc.kill)
 
-        def done(t: asyncio.Future) -> None:
+        def done(f: asyncio.Future) -> None:
             handle.cancel()
-            if not t.cancelled():
-                t.exception()  # retrieved: a crash here surfaces on the process's next use
+            if not f.cancelled():
+                f.exception()  # retrieved: a crash here surfaces on the process's next use
+            self._cancelling[proc.index].discard(rid)
             self._release(proc)
 
-        task.add_done_callback(done)
+        fut.add_done_callback(done)
 
     def _completion(self, reply: dict[str, Any], request: Request, latency_s: float) -> Completion:
         err = reply.get("error")
@@ -444,33 +318,51 @@ class LocalProvider:
                 raise E.Overloaded(text, **kw)
             raise E.BadRequest(text, **kw)
         try:
+            raw = str(reply["content"])
+            content = raw.strip()
+            logprobs = None
+            if reply.get("logprobs") is not None:
+                logprobs = trim_logprobs([(str(t), float(lp)) for t, lp in reply["logprobs"]], raw)
             return Completion(
-                content=str(reply["content"]).strip(),
+                content=content,
                 prompt_tokens=int(reply.get("prompt_tokens") or 0),
                 completion_tokens=int(reply.get("completion_tokens") or 0),
                 latency_s=latency_s,
+                stop_reason="max_tokens" if reply.get("finish_reason") == "length" else None,
+                logprobs=logprobs,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise E.MalformedResponse(f"{self.label}: unexpected reply {reply!r:.120}", model=self.label,
                                       row_key=request.row_key) from exc
 
     async def stats(self) -> list[dict[str, Any]]:
-        """Each idle process's model counters and timers (for benchmarks)."""
+        """Each running process's decoder counters and timers (for benchmarks)."""
         out = []
-        if self._idle is None:
-            return out
-        taken = [await self._idle.get() for _ in range(self.processes)]
-        try:
-            for p in taken:
-                if p.alive:
-                    out.append(await p.call({"op": "stats"}, label=self.label))
-        finally:
-            for p in taken:
-                self._release(p)
+        for p in self._procs:
+            if p.alive:
+                with contextlib.suppress(E.ProviderError):
+                    out.append(await p.call({"op": "stats"}))
         return out
 
     async def aclose(self) -> None:
         """Stop every model process (none is left running)."""
         self._started = False
-        self._idle = None
         await asyncio.gather(*(p.close() for p in self._procs), return_exceptions=True)
+
+
+def trim_logprobs(tokens: list[tuple[str, float]], raw: str) -> tuple[tuple[str, float], ...]:
+    """The tokens of ``raw`` with the whitespace :meth:`str.strip` removes from ``raw`` cut from their texts.
+
+    The completion's content is stripped; its tokens' texts must still
+    concatenate to it. A token left with no text is dropped.
+    """
+    lead = len(raw) - len(raw.lstrip())
+    keep = len(raw.strip())
+    out: list[tuple[str, float]] = []
+    pos = 0
+    for text, lp in tokens:
+        start, end = max(pos, lead), min(pos + len(text), lead + keep)
+        pos += len(text)
+        if end > start:
+            out.append((text[start - (pos - len(text)):end - (pos - len(text))], lp))
+    return tuple(out)
