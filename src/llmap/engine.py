@@ -164,6 +164,7 @@ class Job:
         self._launch: Launch | None = None  # Ray workers starting, until dispatch takes them
         self._detach = False
         self._on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None
+        self._ray: tuple[int | None, str | None] = (None, "auto")  # Ray's workers and address (a [cascade]'s phases)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Job:
@@ -278,13 +279,14 @@ class Job:
         if executor != "local" or workers is not None:
             from llmap.run.ray.executor import check_executor
 
-            check_executor(executor, workers, batch=bool(self.spec.model.batch))
+            check_executor(executor, workers, batch=any(m.batch for m in self.spec.models))
         self._executor = executor
         self._detach = detach
         lock = LedgerLock(self.spec.ledger_path, job=self.spec.name)
         await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
         try:
-            if self._executor == "ray":  # the workers start while the job is checked and planned
+            self._ray = (workers, ray_address)
+            if self._executor == "ray" and self.spec.cascade is None:  # the workers start while the job is planned
                 from llmap.run.ray.executor import Launch
 
                 self._launch = Launch(self.spec, workers=workers, address=ray_address)
@@ -370,7 +372,7 @@ class Job:
                         layout = prep.input.layout
                         export(result_batches(ledger, run_id, layout), layout.schema, out)
                     counts = ledger.counts(run_id)
-                    if self.spec.model.batch:
+                    if any(m.batch for m in self.spec.models):
                         running = tuple(r.provider_id or f"batch {r.id}" for r in BatchBook(ledger).held())
                     if reason == "complete" and counts["pending"] == 0 and counts["failed"] == 0:
                         self._mark_complete(ledger)
@@ -380,11 +382,12 @@ class Job:
         stop = None
         if stats.stop_reason is not None:
             stop = f"{stats.stop_reason}; fix it and run again: finished rows are kept"
-        left = 0 if self._detach and self.spec.model.batch else counts["pending"]
+        detached = self._detach and any(m.batch for m in self.spec.models)
+        left = 0 if detached else counts["pending"]
         exit_code = 0 if counts["failed"] == 0 and left == 0 and stop is None else 1
         return RunResult(counts, out, exit_code, stop, stats.requests, stats.prompt_tokens,
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
-                         stats.retries, stats.cache_read_tokens, running, self._detach and self.spec.model.batch)
+                         stats.retries, stats.cache_read_tokens, running, detached)
 
     def _settled_hook(self, stats: DispatchStats, prep: Prepared) -> Callable[[list[RowResult], list[str]], None]:
         """Alerts and structured row logs, run on every batch of settled rows."""
@@ -421,7 +424,7 @@ class Job:
             elif new is BreakerState.CLOSED and old is not BreakerState.CLOSED:
                 progress.message(f"llmap: {lane.label} answers again; circuit breaker closed")
 
-        lanes = [Lane(i, p, m, spec.limits, on_breaker=on_breaker)
+        lanes = [Lane(0 if (guaranteed := spec.cascade is not None) else i, p, m, spec.limits, on_breaker=on_breaker)
                  for i, (p, m) in enumerate(zip(prep.providers, spec.models, strict=True))]
         stats.on_halt = lambda reason: progress.message(
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
@@ -431,6 +434,18 @@ class Job:
             with guard(default_cache_dir() / CACHE_FILE, "response cache"):
                 cache = ResponseCache(ttl_s=spec.cache.ttl_s)
         try:
+            if self._log is not None:
+                stats.on_request = self._log.request
+            if self._on_start is not None:
+                self._on_start(stats, tally, lanes)
+            if guaranteed:
+                from llmap.run.guaranteed import GuaranteedCascade
+
+                await GuaranteedCascade(spec=spec, compiled=prep.compiled, ledger=ledger, run_id=run_id, lanes=lanes,
+                                        stats=stats, tally=tally, progress=progress, answers=AnswerCache(cache),
+                                        on_settled=self._settled_hook(stats, prep), detach=self._detach,
+                                        ray=self._ray if self._executor == "ray" else None).run()
+                return
             dispatcher = Dispatcher(lanes, prep.compiled.renderer, prep.compiled.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
                                     answers=AnswerCache(cache), escalate_if=prep.compiled.escalate_if,
@@ -439,10 +454,6 @@ class Job:
             if spec.prompt.pack != 1:
                 packer = Packer(dispatcher, spec.prompt.pack)
             per_group = spec.input.per_group
-            if self._log is not None:
-                stats.on_request = self._log.request
-            if self._on_start is not None:
-                self._on_start(stats, tally, lanes)
             if spec.model.batch:  # the first model's requests go through its provider's batch API
                 from llmap.run.batch.runner import run_batches
 

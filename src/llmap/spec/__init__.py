@@ -19,9 +19,11 @@ The contract (docs/job-spec.md has every key, default and unit)::
     [limits]  concurrency, rpm, tpm, itpm, otpm, ...
     [batch]   max_requests, max_bytes, poll_s, deadline, retry   (for [model] batch = true)
     [eval]    gold, tolerance, models, sample, seed                (llmap eval, llmap review)
+    [cascade] guarantee, field, target, delta, label_budget, on_miss, seed   (a cascade with a guarantee)
 """
 
 from llmap.spec.base import FIELD_TYPES
+from llmap.spec.cascade import CascadeSpec
 from llmap.spec.job import JobSpec, parse_spec, read_spec
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
@@ -35,6 +37,7 @@ __all__ = [
     "Example",
     "FieldSpec",
     "CacheSpec",
+    "CascadeSpec",
     "CheckSpec",
     "EvalSpec",
     "InputSpec",

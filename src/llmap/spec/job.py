@@ -16,6 +16,7 @@ from llmap.errors import SpecError
 from llmap.io.diagnose import missing_file
 from llmap.providers.params import answer_params
 from llmap.spec.base import StrictModel
+from llmap.spec.cascade import CascadeSpec
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
 from llmap.spec.quality import EvalSpec
@@ -38,6 +39,7 @@ class JobSpec(StrictModel):
     alerts: AlertsSpec = AlertsSpec()
     batch: BatchSpec = BatchSpec()
     eval: EvalSpec = EvalSpec()
+    cascade: CascadeSpec | None = None
     ledger: str | None = None
     base_dir: Path = Path(".")
 
@@ -85,6 +87,8 @@ class JobSpec(StrictModel):
         }
         if self.output.checks:  # only when set, so existing ledgers keep their hashes: done rows meet new checks
             doc["checks"] = [c.model_dump() for c in self.output.checks]
+        if self.cascade is not None:  # a guaranteed cascade settles rows differently; its keys only shape decisions
+            doc["cascade"] = "guaranteed"
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def prompt_fingerprint(self) -> str:
@@ -109,9 +113,10 @@ def _loc(err: dict) -> str:
 _TABLES: dict[str, type[StrictModel]] = {
     "input": InputSpec, "input.per_group": PerGroup, "prompt": PromptSpec, "output": OutputSpec,
     "output.fields": FieldSpec, "model": ModelSpec, "limits": LimitsSpec, "cache": CacheSpec, "alerts": AlertsSpec,
-    "batch": BatchSpec,
+    "batch": BatchSpec, "cascade": CascadeSpec,
 }
-_TOP_KEYS = ["name", "ledger", "input", "prompt", "output", "model", "limits", "cache", "alerts", "batch"]
+_TOP_KEYS = ["name", "ledger", "input", "prompt", "output", "model", "limits", "cache", "alerts", "batch", "eval",
+             "cascade"]
 
 
 def _closest(word: str, choices: list[str]) -> str:

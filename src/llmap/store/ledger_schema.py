@@ -7,7 +7,8 @@ usage, exit reason, models, the hash of prompt and fields, rollback),
 ``requests`` (one per request sent: time, model, outcome, latency, tokens,
 prompt-cache reads and writes, pack size), ``row_history`` (each row's state
 before a run changed it: :mod:`llmap.store.history`), ``labels`` (the true
-answers a person gave: :mod:`llmap.store.labels`) and ``meta``. A migration once released is never edited: a later
+answers a person gave: :mod:`llmap.store.labels`), ``cascade_rows`` and ``cascade_decisions`` (a cascade with a
+guarantee: :mod:`llmap.store.cascade`) and ``meta``. A migration once released is never edited: a later
 change
 is a new entry at the end.
 """
@@ -227,6 +228,51 @@ MIGRATIONS: list[tuple[str, str]] = [
             source TEXT NOT NULL,
             created_at REAL NOT NULL,
             PRIMARY KEY (key, field)
+        );
+        """,
+    ),
+    (
+        # A cascade with a guarantee (issue 21, :mod:`llmap.store.cascade`): each row's proxy answer and score, its
+        # place in a decision's population and sample, the oracle's answer, whether the threshold keeps it; and the
+        # decisions (the sample drawn, the threshold chosen, its bound, reuses by incremental runs).
+        "008_cascade",
+        """
+        CREATE TABLE cascade_rows (
+            key TEXT PRIMARY KEY,
+            input_hash TEXT NOT NULL,
+            proxy_status TEXT NOT NULL,
+            proxy_output TEXT,
+            proxy_model TEXT,
+            proxy_source TEXT,
+            proxy_error TEXT,
+            score REAL,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            latency_s REAL NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            decision INTEGER,
+            via_reuse INTEGER NOT NULL DEFAULT 0,
+            sampled INTEGER NOT NULL DEFAULT 0,
+            keep INTEGER,
+            oracle_status TEXT,
+            oracle_output TEXT,
+            run INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX cascade_rows_decision ON cascade_rows (decision, sampled, keep);
+        CREATE TABLE cascade_decisions (
+            id INTEGER PRIMARY KEY,
+            run INTEGER NOT NULL,
+            decision_key TEXT NOT NULL,
+            settings TEXT NOT NULL,
+            population INTEGER NOT NULL,
+            sample INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('sampling', 'decided', 'missed')),
+            threshold REAL,
+            choice TEXT,
+            reuses TEXT NOT NULL DEFAULT '[]',
+            created_at REAL NOT NULL,
+            decided_at REAL
         );
         """,
     ),
