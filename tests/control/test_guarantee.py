@@ -150,8 +150,8 @@ def test_an_oracle_failure_on_a_sampled_row_counts_against_the_proxy():
     scores = [0.99] * 100
     ok = choose_threshold(scores, ["a"] * 100, dict.fromkeys(range(30), "a"), guarantee="agreement", target=0.9,
                           delta=0.1)
-    failed = choose_threshold(scores, ["a"] * 100, {**dict.fromkeys(range(30), "a"), **dict.fromkeys(range(20), FAILED)},
-                              guarantee="agreement", target=0.9, delta=0.1)
+    sample = {**dict.fromkeys(range(30), "a"), **dict.fromkeys(range(20), FAILED)}
+    failed = choose_threshold(scores, ["a"] * 100, sample, guarantee="agreement", target=0.9, delta=0.1)
     assert ok.met and not failed.met
 
 
