@@ -173,16 +173,16 @@ def test_a_proxy_without_confidence_stops_with_a_message_then_escalates_all_with
         assert result.exit_code == 1
         assert "no threshold meets agreement >= 0.9" in result.stop_reason
         assert "returned no log-probabilities" in result.stop_reason and "escalate_all" in result.stop_reason
-        assert result.counts["done"] == 40 and result.counts["pending"] == 260  # the sampled rows, no more
+        assert result.counts["pending"] == 300  # no row kept quietly
         sent = by_model(sim)
-        assert sent["proxy"] >= 300 and sent["oracle"] >= 40
+        assert sent["proxy"] >= 300 and "oracle" not in sent  # no oracle call spent on a sample that could not help
         text = job.read_text(encoding="utf-8").replace("[cascade]\n", '[cascade]\non_miss = "escalate_all"\n')
         job.write_text(text, encoding="utf-8")
         result, said = run(job)
         assert result.exit_code == 0 and result.counts["done"] == 300
         after = by_model(sim)
         assert after["proxy"] == sent["proxy"]  # no proxy call again
-        assert after["oracle"] - sent["oracle"] == 260  # the rows not sampled; the sampled ones are done
+        assert 300 <= after["oracle"] <= 301  # every row once (and one request refused for logprobs)
         assert not any("drew a sample" in m for m in said)
     with ledger(tmp_path) as db:
         assert db.execute("SELECT count(*) FROM cascade_decisions").fetchone()[0] == 1

@@ -232,6 +232,10 @@ class GuaranteedCascade:
             else:
                 self.say(f"{what} since no threshold met the target; deciding again")
         n = min(self.cascade.label_budget, len(pop))
+        if all(r.score is None for r in pop):  # nothing could be kept: spend no oracle call on a sample
+            n = 0
+            self.say(f"no answer of the proxy {self.lanes[0].label} has a _confidence, so no threshold can keep one; "
+                     "no sample is drawn")
         sample = draw_sample([r.key for r in pop], n, self.cascade.seed)
         c = self.cascade
         settings = {"guarantee": c.guarantee, "field": self.field, "target": c.target, "delta": c.delta,
@@ -240,9 +244,11 @@ class GuaranteedCascade:
         decision = book.start(run=self.run_id, key=self.key, settings=settings, plan=self.run_id, sample=sample)
         drawn = set(sample)
         have = sum(1 for r in pop if r.oracle_status == "done" and r.key in drawn)
-        self.say(f"drew a sample of {n:,} of {len(pop):,} rows (seed {c.seed})"
-                 + (f"; {have:,} of them already have the oracle's answer" if have else "")
-                 + ("; every row is in the sample, so every row takes the oracle's answer" if n == len(pop) else ""))
+        if n:
+            self.say(f"drew a sample of {n:,} of {len(pop):,} rows (seed {c.seed})"
+                     + (f"; {have:,} of them already have the oracle's answer" if have else "")
+                     + ("; every row is in the sample, so every row takes the oracle's answer"
+                        if n == len(pop) else ""))
         return decision
 
     def _try_reuse(self, decision: Decision, pop: list[PopulationRow], mine: list[PopulationRow],
