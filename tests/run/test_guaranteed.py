@@ -346,3 +346,37 @@ def test_the_oracle_and_the_proxy_can_go_by_batch_at_half_price(tmp_path, which)
     oracle_rows = sum(r["_model"] == "openai:oracle" for r in out.values())
     assert paths["openai:oracle batch"] == oracle_rows and "openai:oracle realtime" not in paths
     assert paths[f"openai:proxy {'batch' if which == 'both' else 'realtime'}"] == 500
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_with_ray_the_workers_send_and_the_driver_decides(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from llmap.run.ray import executor
+
+    launched: list[list[str]] = []  # each phase's workers, by the models they were started with
+    real = executor.Launch.__init__
+
+    def launch(self, spec, **kw):
+        launched.append([m.name for m in spec.models])
+        real(self, spec, **kw)
+
+    monkeypatch.setattr(executor.Launch, "__init__", launch)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never another's cluster
+    try:
+        rows = texts(400)
+        write_rows(tmp_path, rows)
+        with Simulator(model_accuracy="proxy=0.85,oracle=1") as sim:
+            job = write_job(tmp_path, sim.base_url, cascade="target = 0.9\ndelta = 0.1\nlabel_budget = 100")
+            result, _ = run(job, executor="ray", workers=2)
+            assert result.exit_code == 0, result.stop_reason
+            kept = sum(r["_model"] == "openai:proxy" for r in output(tmp_path).values())
+            assert by_model(sim) == {"proxy": 400, "oracle": 400 - kept} and kept > 0
+        assert launched == [["proxy"], ["oracle"], ["oracle"]]  # the proxy's phase, the sample, the rest
+        assert agreement(output(tmp_path), rows) >= 0.9
+        with ledger(tmp_path) as db:
+            assert db.execute("SELECT state FROM cascade_decisions").fetchone()[0] == "decided"
+    finally:
+        ray.shutdown()
