@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmap import errors as E
-from llmap.control.alerts import FailureRateAlert
 from llmap.control.breaker import BreakerState
 from llmap.control.lanes import Lane
 from llmap.io.sinks import check_writable, export, result_batches
 from llmap.io.sources import Source
-from llmap.observe.logs import JsonLog, LoggedProgress
+from llmap.observe.logs import JsonLog, LoggedProgress, settled_hook
 from llmap.observe.progress import NullProgress, Progress, Tally
 from llmap.operators.runner import check_kind_executor, finish_operator, prepare_operator, run_operator
 from llmap.plan import (
@@ -171,6 +170,7 @@ class Job:
         self._detach = False
         self._on_start: Callable[[DispatchStats, Tally, list[Lane]], None] | None = None
         self._op_summary: dict[str, Any] | None = None
+        self._ray: tuple[int | None, str | None] = (None, "auto")  # Ray's workers and address (a [cascade]'s phases)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Job:
@@ -294,13 +294,14 @@ class Job:
         if executor != "local" or workers is not None:
             from llmap.run.ray.executor import check_executor
 
-            check_executor(executor, workers, batch=bool(self.spec.model.batch))
+            check_executor(executor, workers, batch=any(m.batch for m in self.spec.models))
         self._executor = executor
         self._detach = detach
         lock = LedgerLock(self.spec.ledger_path, job=self.spec.name)
         await lock.acquire(wait=wait_lock, on_wait=(progress or NullProgress()).message)
         try:
-            if self._executor == "ray":  # the workers start while the job is checked and planned
+            self._ray = (workers, ray_address)
+            if self._executor == "ray" and self.spec.cascade is None:  # the workers start while the job is planned
                 from llmap.run.ray.launch import Launch
 
                 self._launch = Launch(self.spec, workers=workers, address=ray_address)
@@ -391,7 +392,7 @@ class Job:
                         export(result_batches(ledger, run_id, layout, spec=self.spec), layout.schema, out)
                         self._op_summary = finish_operator(self.spec, ledger, run_id) or self._op_summary
                     counts = ledger.counts(run_id)
-                    if self.spec.model.batch:
+                    if any(m.batch for m in self.spec.models):
                         running = tuple(r.provider_id or f"batch {r.id}" for r in BatchBook(ledger).held())
                     if reason == "complete" and counts["pending"] == 0 and counts["failed"] == 0:
                         self._mark_complete(ledger)
@@ -401,33 +402,17 @@ class Job:
         stop = None
         if stats.stop_reason is not None:
             stop = f"{stats.stop_reason}; fix it and run again: finished rows are kept"
-        left = 0 if self._detach and self.spec.model.batch else counts["pending"]
+        detached = self._detach and any(m.batch for m in self.spec.models)
+        left = 0 if detached else counts["pending"]
         exit_code = 0 if counts["failed"] == 0 and left == 0 and stop is None else 1
         return RunResult(counts, out, exit_code, stop, stats.requests, stats.prompt_tokens,
                          stats.completion_tokens, time.monotonic() - started, stats.cost_usd, stats.rate_limited,
-                         stats.retries, stats.cache_read_tokens, running, self._detach and self.spec.model.batch,
-                         self._op_summary)
+                         stats.retries, stats.cache_read_tokens, running, detached, self._op_summary)
 
     def _settled_hook(self, stats: DispatchStats,
                       prep: Prepared) -> Callable[[list[RowResult], list[str]], None] | None:
-        """Alerts and structured row logs, run on every batch of settled rows; None when there are neither."""
-        alerts = self.spec.alerts
-        alert = None
-        if alerts.max_failure_rate is not None:
-            alert = FailureRateAlert(alerts.max_failure_rate, alerts.window)
-        log = self._log
-        if alert is None and log is None:
-            return None
-
-        def hook(results: list[RowResult], datas: list[str]) -> None:
-            for r, data in zip(results, datas, strict=True):
-                if log is not None:
-                    messages = prep.compiled.renderer.messages(json.loads(data)) if log.log_prompts else None
-                    log.row(r, messages)
-                if alert is not None and r.status in ("done", "failed") and alert.observe(r.status == "failed"):
-                    stats.halt(alert.message())
-
-        return hook
+        """Alerts and structured row logs on every batch of settled rows (:func:`llmap.observe.logs.settled_hook`)."""
+        return settled_hook(self.spec.alerts, self._log, prep.compiled.renderer, stats.halt)
 
     def _mark_complete(self, ledger: Ledger) -> None:
         """Record what ``llmap run --if-changed`` compares against (see :mod:`llmap.store.fingerprint`)."""
@@ -446,7 +431,7 @@ class Job:
             elif new is BreakerState.CLOSED and old is not BreakerState.CLOSED:
                 progress.message(f"llmap: {lane.label} answers again; circuit breaker closed")
 
-        lanes = [Lane(i, p, m, spec.limits, on_breaker=on_breaker)
+        lanes = [Lane(0 if (guaranteed := spec.cascade is not None) else i, p, m, spec.limits, on_breaker=on_breaker)
                  for i, (p, m) in enumerate(zip(prep.providers, spec.models, strict=True))]
         stats.on_halt = lambda reason: progress.message(
             f"llmap: stopping: {reason}; requests in flight will finish, progress is kept")
@@ -456,6 +441,18 @@ class Job:
             with guard(default_cache_dir() / CACHE_FILE, "response cache"):
                 cache = ResponseCache(ttl_s=spec.cache.ttl_s)
         try:
+            if self._log is not None:
+                stats.on_request = self._log.request
+            if self._on_start is not None:
+                self._on_start(stats, tally, lanes)
+            if guaranteed:
+                from llmap.run.guaranteed import GuaranteedCascade
+
+                await GuaranteedCascade(spec=spec, compiled=prep.compiled, ledger=ledger, run_id=run_id, lanes=lanes,
+                                        stats=stats, tally=tally, progress=progress, answers=AnswerCache(cache),
+                                        on_settled=self._settled_hook(stats, prep), detach=self._detach,
+                                        ray=self._ray if self._executor == "ray" else None).run()
+                return
             dispatcher = Dispatcher(lanes, prep.compiled.renderer, prep.compiled.schema, spec.limits,
                                     max_reask=spec.output.max_reask, fallback=spec.output.fallback, stats=stats,
                                     answers=AnswerCache(cache), escalate_if=prep.compiled.escalate_if,
@@ -464,10 +461,6 @@ class Job:
             if spec.prompt.pack != 1:
                 packer = Packer(dispatcher, spec.prompt.pack)
             per_group = spec.input.per_group
-            if self._log is not None:
-                stats.on_request = self._log.request
-            if self._on_start is not None:
-                self._on_start(stats, tally, lanes)
             if spec.kind in ("cluster", "resolve", "reduce"):  # windows, pairs or groups of rows become requests
                 self._op_summary = await run_operator(spec, prep.compiled, ledger, run_id, lanes, stats,
                                                       dispatcher.answers, progress, tally, prep.embedder)

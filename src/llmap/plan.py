@@ -20,6 +20,7 @@ more than one key to check lives here, in one place, so a bad job is one
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,8 +42,8 @@ from llmap.quality.confidence import Confidence
 from llmap.spec import JobSpec, parse_spec, read_spec
 from llmap.store.fingerprint import input_hash, key_text
 
-__all__ = ["Compiled", "InputPlan", "KeyedRow", "build_source", "check_input", "compile_spec", "keyed_rows",
-           "load_spec", "row_key", "spec_from_dict"]
+__all__ = ["Compiled", "InputPlan", "KeyedRow", "build_source", "cascade_field", "check_input", "compile_spec",
+           "keyed_rows", "load_spec", "row_key", "spec_from_dict"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def compile_spec(spec: JobSpec, *, source: str = "job") -> Compiled:
     _check_batch(spec, source)
     _check_eval(spec, source)
     _check_documents(spec, renderer, source)
+    _check_cascade(spec, source)
     confidence = Confidence(spec.output.fields, spec.output.confidence, source=source)
     escalate = _bind_cascade(spec, source)
     fingerprint = spec.request_fingerprint()
@@ -343,16 +345,17 @@ def _check_cost_cap(spec: JobSpec, source: str) -> None:
 
 def _check_batch(spec: JobSpec, source: str) -> None:
     """``[model] batch`` sends the first model's requests through its batch API; the models after it answer in
-    real time (failover, cascade, retries), and ``per_group`` quotas need real-time answers to count."""
+    real time (failover, cascade, retries), and ``per_group`` quotas need real-time answers to count. In a
+    ``[cascade]`` each model answers in its own phase, so either may go by batch."""
     later = [m for m in spec.models[1:] if m.batch]
-    if later:
+    if later and spec.cascade is None:
         raise E.SpecError(f"{source}: [[model]] {later[0].name!r} has batch = true, but only the first [[model]] can "
                           "go by batch (the ones after it answer in real time); move it first or drop batch")
-    if spec.model.batch and spec.input.per_group is not None:
+    if any(m.batch for m in spec.models) and spec.input.per_group is not None:
         raise E.SpecError(f"{source}: [input] per_group counts answers as they come, which a batch cannot; drop "
                           "per_group or [model] batch")
     given = spec.model_fields_set
-    if "batch" in given and not spec.model.batch:
+    if "batch" in given and not any(m.batch for m in spec.models):
         raise E.SpecError(f"{source}: [batch] is set but no [model] has batch = true; add batch = true to the first "
                           "[model] or drop [batch]")
 
@@ -380,6 +383,60 @@ def _check_documents(spec: JobSpec, renderer: Renderer, source: str) -> None:
         raise E.SpecError(f"{source}: [input.documents] {in_system[0]!r} may hold an image, which goes to the "
                           "model as an image part, and only user messages carry those; read it in [prompt] user, "
                           "or set its kind to \"pdf\", \"html\" or \"text\"")
+
+
+def cascade_field(spec: JobSpec) -> str:
+    """The output field ``[cascade]`` promises about: ``field``, else a filter's deciding field, else the job's only
+    field."""
+    assert spec.cascade is not None
+    if spec.cascade.field:
+        return spec.cascade.field
+    return spec.filter_field() if spec.kind == "filter" else next(iter(spec.output.fields))
+
+
+def _check_cascade(spec: JobSpec, source: str) -> None:
+    """``[cascade]``: two models (the proxy, then the oracle), no ``escalate_if``, a field the promise can be about,
+    and a proxy whose answers carry ``_confidence``."""
+    c = spec.cascade
+    if c is None:
+        return
+    fields = spec.output.fields
+    where = f"{source}: [cascade]"
+    if spec.kind not in ("map", "filter"):
+        raise E.SpecError(f"{where} keeps or escalates each row's answer, which kind = {spec.kind!r} does not give "
+                          "(its requests cover several rows); drop [cascade], or use kind = \"map\" or \"filter\"")
+    if len(spec.models) != 2:
+        raise E.SpecError(f"{where} needs exactly two [[model]] tables, the proxy first and the oracle last; the job "
+                          f"has {len(spec.models)}")
+    for m in spec.models:
+        if m.escalate_if is not None:
+            raise E.SpecError(f"{where} chooses which rows go to the oracle from a sample; drop escalate_if from "
+                              f"[[model]] {m.name!r}")
+    if spec.kind == "filter" and c.field is not None and c.field != spec.filter_field():
+        raise E.SpecError(f"{where} field {c.field!r} is not the field the filter decides by "
+                          f"({spec.filter_field()!r}); drop [cascade] field, or set [filter] field = {c.field!r}")
+    if c.field is None and len(fields) > 1 and spec.kind != "filter":
+        raise E.SpecError(f"{where} field is required when the job has several fields; name the one the promise is "
+                          f"about, one of: {', '.join(fields)}")
+    name = cascade_field(spec)
+    if name not in fields:
+        near = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else f"; fields: {', '.join(fields)}"
+        raise E.SpecError(f"{where} field {name!r} is not an output field{hint}")
+    if c.guarantee in ("precision", "recall") and fields[name].type != "boolean":
+        raise E.SpecError(f"{where} guarantee = {c.guarantee!r} is about a boolean field (true is positive); "
+                          f"{name!r} is a {fields[name].type}: use guarantee = \"agreement\", or a boolean field")
+    if spec.output.confidence is False:
+        raise E.SpecError(f"{where} ranks the proxy's answers by their _confidence, which [output] confidence = false "
+                          "turns off; drop it (or list the fields it covers)")
+    proxy = spec.models[0]
+    if proxy.provider == "anthropic":
+        raise E.SpecError(f"{where}: the proxy [[model]] {proxy.name!r} is anthropic, whose Messages API returns no "
+                          "log-probabilities, so no answer would have a _confidence to keep it by; make an "
+                          "OpenAI-compatible model (or the embedded one) the first [[model]]")
+    if spec.input.per_group is not None:
+        raise E.SpecError(f"{where} decides from a sample of every row, which [input] per_group quotas would cut; drop "
+                          "one of them")
 
 
 def _bind_cascade(spec: JobSpec, source: str) -> tuple[EscalateIf | None, ...]:

@@ -17,6 +17,7 @@ from rich.table import Table
 from llmap.cli.common import JobFile, err, fail, load_job, out, paragraphs
 from llmap.errors import DiskFull, SpecError
 from llmap.io.sinks import export_job
+from llmap.observe.cascade import cascade_html, cascade_lines, cascade_summary
 from llmap.observe.report import build_run_summary, model_report, path_split
 from llmap.observe.status import failed_rows, job_status
 from llmap.store.ledger import STATUSES
@@ -52,7 +53,8 @@ def status(
                   for g, c in rep.groups.items()]
         sys.stdout.write(json.dumps({"job": job.spec.name, "total": rep.total, "by": by, "groups": groups,
                                      "structured": rep.structured, "batches": rep.batches,
-                                     "hedged": {"copies": rep.hedged[0], "cost_usd": rep.hedged[1]}},
+                                     "hedged": {"copies": rep.hedged[0], "cost_usd": rep.hedged[1]},
+                                     "cascade": rep.cascade.as_dict() if rep.cascade is not None else None},
                                     default=str) + "\n")
         return
     quota = job.spec.input.per_group
@@ -82,6 +84,8 @@ def status(
                       f"(est. ${rep.hedged[1]:,.4f}, in its cost)", highlight=False, markup=False)
     if rep.batches:
         console.print(_batch_table(rep.batches))
+    for line in cascade_lines(rep.cascade) if rep.cascade is not None else ():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     if rep.total.get("failed"):
         console.print(f"see the failed rows and their errors with: llmap status {job_file} --failed",
                       highlight=False, markup=False, soft_wrap=True)
@@ -172,13 +176,15 @@ def report(
 
         summary = build_run_summary(job.spec.ledger_path, run_no, by)
         confidence = confidence_lines(job.spec)
+        cascade = _cascade(job.spec)
         try:
             evaluation = evaluate(job.spec)
         except SpecError:  # no labels: no evaluation section
             evaluation = None
         if html is not None:
             write_html_report(job.spec.ledger_path, html, run=run_no, group_by=by, title=f"llmap: {job.spec.name}",
-                              quality_html=eval_html(evaluation) if evaluation is not None else None)
+                              quality_html=eval_html(evaluation) if evaluation is not None else None,
+                              cascade_html=cascade_html(cascade) if cascade is not None else None)
     except SpecError as exc:
         raise fail(exc) from None
     console = Console(width=max(120, out.width) if not sys.stdout.isatty() else None)
@@ -191,6 +197,8 @@ def report(
         console.print(f"_confidence: {c.model}: {c.with_confidence:,} of {c.done:,} done rows"
                       + (f"; none for the others: {c.why}" if c.why else ""), highlight=False, markup=False,
                       soft_wrap=True)
+    for line in cascade_lines(cascade) if cascade is not None else ():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     console.print(_run_table(summary))
     if evaluation is not None:
         console.print(eval_tables(evaluation))
@@ -200,6 +208,17 @@ def report(
         out.print(line, highlight=False, markup=False, soft_wrap=True)
     if html is not None:
         out.print(f"html report: {os.path.normpath(html)}", highlight=False, soft_wrap=True)
+
+
+def _cascade(spec):
+    """The job's guaranteed cascade (:func:`~llmap.observe.cascade.cascade_summary`), or None."""
+    from llmap.store.ledger import open_for_reading
+
+    ledger, plan = open_for_reading(spec.ledger_path, job=spec.name)
+    try:
+        return cascade_summary(ledger, plan)
+    finally:
+        ledger.close()
 
 
 _MODEL_COLUMNS = ("settled", "from cache", "stale", "escalated", "prompt tokens", "cache reads", "completion tokens",

@@ -206,9 +206,15 @@ def simulate(
     model_accuracy: Annotated[str, typer.Option(
         help="Calibrated accuracy per model name, e.g. 'cheap=0.6,mid=0.8,best=0.95' (others: --accuracy).")] = "",
     calibration: Annotated[str, typer.Option(
-        help="Calibrated models: well (right as often as they say), over (over-confident) or under.")] = "well",
+        help="Calibrated models: well (right as often as they say), over (over-confident), under, or a power p "
+             "(right with probability c^p at confidence c; over is 2).")] = "well",
     refuse_logprobs: Annotated[bool, typer.Option(
         help="Answer requests with logprobs: true 400, as a model without log-probabilities does.")] = False,
+    labels: Annotated[str, typer.Option(
+        help="A labels file (CSV or JSONL, as llmap label reads): the true answers of the rows it matches. A model "
+             "without an accuracy answers them (an oracle); a calibrated one is right or wrong against them.")] = "",
+    labels_match: Annotated[str, typer.Option(
+        help="With --labels: its column whose text appears in each row's prompt (e.g. district_name).")] = "",
 ) -> None:
     """Serve an OpenAI-compatible chat completions API and Anthropic's Messages API, answering from JSON schemas.
 
@@ -267,6 +273,8 @@ def simulate(
             group_error_rate=group_error_rate,
             embed_noise=embed_noise,
             embed_dim=embed_dim,
+            labels=labels,
+            labels_match=labels_match,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

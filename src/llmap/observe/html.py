@@ -225,7 +225,8 @@ def _models_table(s: RunSummary) -> str:
     return f'<table class="models">{head}{body}</table>'
 
 
-def render_html(summary: RunSummary, *, title: str, quality_html: str | None = None) -> str:
+def render_html(summary: RunSummary, *, title: str, quality_html: str | None = None,
+                cascade_html: str | None = None) -> str:
     """The report as one self-contained HTML page (no script, nothing fetched).
 
     Args:
@@ -233,6 +234,7 @@ def render_html(summary: RunSummary, *, title: str, quality_html: str | None = N
         title: the page's heading and ``<title>``.
         quality_html: the evaluation section (:func:`llmap.observe.quality.eval_html`), or None when the job
             has no labels.
+        cascade_html: the guaranteed cascade's section (:func:`llmap.observe.cascade.cascade_html`), or None.
 
     Returns:
         The HTML text. Each plot is an ``<svg class="plot" data-plot="...">``
@@ -254,6 +256,7 @@ def render_html(summary: RunSummary, *, title: str, quality_html: str | None = N
         "<h2>Errors</h2>", _plot_errors(s),
         "<h2>Models</h2>", _plot_models(s), _models_table(s),
         f"<h2>Rows by group{' (--by ' + svg.esc(s.group_by) + ')' if s.group_by else ''}</h2>", _plot_groups(s),
+        *(['<h2 id="cascade">Cascade with a guarantee</h2>', cascade_html] if cascade_html else []),
         *(['<h2 id="eval">Is it right? (labels against answers)</h2>', quality_html] if quality_html else []),
         "</main></body></html>",
     ]
@@ -261,7 +264,8 @@ def render_html(summary: RunSummary, *, title: str, quality_html: str | None = N
 
 
 def write_html_report(ledger_path: Path, out_path: Path, *, run: int | None = None, group_by: str | None = None,
-                      title: str | None = None, quality_html: str | None = None) -> Path:
+                      title: str | None = None, quality_html: str | None = None,
+                      cascade_html: str | None = None) -> Path:
     """Build the summary of ``run`` and write it as HTML to ``out_path``, atomically.
 
     Args:
@@ -271,6 +275,7 @@ def write_html_report(ledger_path: Path, out_path: Path, *, run: int | None = No
         group_by: a stored input column to count row statuses by, or None.
         title: the page title; default ``llmap report: <job> run <n>``.
         quality_html: the evaluation section, or None.
+        cascade_html: the guaranteed cascade's section, or None.
 
     Returns:
         ``out_path``.
@@ -281,7 +286,8 @@ def write_html_report(ledger_path: Path, out_path: Path, *, run: int | None = No
     """
     summary = build_run_summary(Path(ledger_path), run, group_by)
     job = Path(ledger_path).name.removesuffix(".sqlite").removesuffix(".ledger")
-    page = render_html(summary, title=title or f"llmap report: {job} run {summary.run}", quality_html=quality_html)
+    page = render_html(summary, title=title or f"llmap report: {job} run {summary.run}", quality_html=quality_html,
+                       cascade_html=cascade_html)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -21,13 +21,49 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from llmap.control.alerts import FailureRateAlert
 from llmap.errors import SpecError
 from llmap.store.ledger import RowResult
 
 if TYPE_CHECKING:
-    from llmap.observe.progress import Progress, Tally
+    from collections.abc import Callable
 
-__all__ = ["JsonLog", "LoggedProgress"]
+    from llmap.observe.progress import Progress, Tally
+    from llmap.prompt.render import Renderer
+    from llmap.spec import AlertsSpec
+
+__all__ = ["JsonLog", "LoggedProgress", "settled_hook"]
+
+
+def settled_hook(alerts: AlertsSpec, log: JsonLog | None, renderer: Renderer,
+                 halt: Callable[[str], None]) -> Callable[[list[RowResult], list[str]], None] | None:
+    """What runs on every batch of settled rows: ``row`` events in ``log`` (with the rendered prompt when it logs
+    prompts) and the ``[alerts]`` failure-rate alert, which calls ``halt(message)`` when it fires.
+
+    Args:
+        alerts: the job's ``[alerts]``.
+        log: the run's ``--log-json`` log, or None.
+        renderer: renders a row's prompt from its input JSON (only for ``log_prompts``).
+        halt: stops dispatch with a reason (``DispatchStats.halt``).
+
+    Returns:
+        ``hook(results, datas)`` (each row's result and its input as JSON text), or None when there is neither an
+        alert nor a log.
+    """
+    alert = None
+    if alerts.max_failure_rate is not None:
+        alert = FailureRateAlert(alerts.max_failure_rate, alerts.window)
+    if alert is None and log is None:
+        return None
+
+    def hook(results: list[RowResult], datas: list[str]) -> None:
+        for r, data in zip(results, datas, strict=True):
+            if log is not None:
+                log.row(r, renderer.messages(json.loads(data)) if log.log_prompts else None)
+            if alert is not None and r.status in ("done", "failed") and alert.observe(r.status == "failed"):
+                halt(alert.message())
+
+    return hook
 
 
 class JsonLog:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmap.observe.cascade import CascadeSummary, cascade_summary
 from llmap.plan import build_source, row_key
 from llmap.spec import JobSpec
 from llmap.store.batches import BatchBook
@@ -45,6 +46,8 @@ class StatusReport:
     batches: list[dict[str, Any]] = field(default_factory=list)
     #: the latest run's hedged copies whose answer was dropped, and their estimated cost in USD (in its cost)
     hedged: tuple[int, float] = (0, 0.0)
+    #: a cascade with a guarantee: its threshold, bound, rows and cost (:mod:`llmap.observe.cascade`), or None
+    cascade: CascadeSummary | None = None
 
 
 def job_status(spec: JobSpec, by: str | None = None) -> StatusReport:
@@ -61,6 +64,7 @@ def job_status(spec: JobSpec, by: str | None = None) -> StatusReport:
         total = ledger.counts(plan)
         structured = structured_by_model(ledger.connection)
         batches = BatchBook(ledger).summary(plan)
+        cascade = cascade_summary(ledger, plan)
         hedged = ledger.connection.execute(
             "SELECT count(*), coalesce(sum(cost_usd), 0) FROM requests WHERE outcome = 'hedged' "
             "AND run = (SELECT max(id) FROM runs)").fetchone()
@@ -75,7 +79,8 @@ def job_status(spec: JobSpec, by: str | None = None) -> StatusReport:
     finally:
         ledger.close()
     ordered = dict(sorted(groups.items(), key=lambda kv: (kv[0] is None, str(kv[0]))))
-    return StatusReport(total, by, ordered, spec.ledger_path, structured, batches, (int(hedged[0]), float(hedged[1])))
+    return StatusReport(total, by, ordered, spec.ledger_path, structured, batches, (int(hedged[0]), float(hedged[1])),
+                        cascade)
 
 
 def structured_by_model(db: sqlite3.Connection, *, runs: int = 50) -> dict[str, str]:

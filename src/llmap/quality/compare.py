@@ -168,7 +168,7 @@ async def compare(spec: JobSpec, names: list[str], *, sample: int | None = None,
     for m, priced in models:
         slug = _slug(m.label)
         sub = spec.model_copy(update={
-            "models": [m], "input": inp, "ledger": str(folder / f"{slug}.ledger.sqlite"),
+            "models": [m], "cascade": None, "input": inp, "ledger": str(folder / f"{slug}.ledger.sqlite"),
             "output": spec.output.model_copy(update={"path": str(folder / f"{slug}.parquet")}),
         })
         say(f"llmap: eval: {m.label}: {len(pool):,} rows")

@@ -15,7 +15,8 @@ user message is just its one column gets the same answer packed or not.
 
 A *calibrated* model (``accuracy`` given, :mod:`llmap.sim.calibrated`) starts
 from the row's true answer (seeded by its text alone) and gets each enum or
-boolean field wrong with a probability tied to the confidence it reports. With
+boolean field wrong with a probability tied to the confidence it reports. With labels
+(:mod:`llmap.sim.labels`), a row they match has its labelled values as its true answer. With
 ``logprobs: true`` in the request, :meth:`Answer.logprobs` gives the answer's
 token log-probabilities in OpenAI's shape.
 """
@@ -33,6 +34,7 @@ from typing import Any
 from llmap.prompt.pack import find_items
 from llmap.quality.confidence import json_spans
 from llmap.sim.calibrated import TRUTH_MODEL, item_properties, logprobs_payload, perturb
+from llmap.sim.labels import LabelTruth
 from llmap.sim.schema import (
     SchemaPlan,
     canonical_json,
@@ -244,6 +246,8 @@ def _packed_items(
     corrupt_item_rate: float,
     calibrated: tuple[Mapping[str, Any], float, float] | None = None,
     confidences: dict[tuple[Any, ...], float] | None = None,
+    labels: LabelTruth | None = None,
+    properties: Mapping[str, Any] | None = None,
 ) -> list[Any]:
     assert plan.item is not None
     items: list[Any] = []
@@ -251,7 +255,9 @@ def _packed_items(
         if rng is not None and drop_item_rate and rng.random() < drop_item_rate:
             continue
         text = item_text(row)
-        item = plan.item(row_seed(TRUTH_MODEL if calibrated else model, text), 1)
+        item = _labelled(lambda seed: plan.item(seed, 1), text, labels, properties or {}, row)  # type: ignore[misc]
+        if item is None:
+            item = plan.item(row_seed(TRUTH_MODEL if calibrated else model, text), 1)
         if isinstance(item, dict):
             if calibrated is not None and confidences is not None:
                 props, accuracy, power = calibrated
@@ -264,6 +270,18 @@ def _packed_items(
     return items
 
 
+def _labelled(generate: Any, text: str, labels: LabelTruth | None, properties: Mapping[str, Any],
+              item: Mapping[str, Any] | None = None) -> Any:
+    """The row's true answer with its labelled values (:mod:`llmap.sim.labels`), or None when no label row
+    matches ``text`` (or there are no labels)."""
+    if labels is None:
+        return None
+    value = generate(row_seed(TRUTH_MODEL, text))
+    if isinstance(value, dict) and labels.apply(value, properties, text, item):
+        return value
+    return None
+
+
 def make_answer(
     body: Mapping[str, Any],
     *,
@@ -272,6 +290,7 @@ def make_answer(
     corrupt_item_rate: float = 0.0,
     accuracy: float | None = None,
     power: float = 1.0,
+    labels: LabelTruth | None = None,
 ) -> Answer:
     """The deterministic answer to a chat completion request.
 
@@ -284,6 +303,8 @@ def make_answer(
         accuracy: a calibrated model's expected accuracy (:mod:`llmap.sim.calibrated`); None: the
             ordinary deterministic answer.
         power: the calibrated model's curve (right with probability ``c ** power`` at confidence ``c``).
+        labels: true answers from a labels file (:mod:`llmap.sim.labels`): a row they match has them as its
+            true answer, which a model without ``accuracy`` gives as it is (the oracle mode).
 
     Returns:
         The :class:`Answer`. With a ``json_schema`` response format, a
@@ -318,15 +339,18 @@ def make_answer(
         model = body.get("model")
         confidences: dict[tuple[Any, ...], float] = {}
         calibrated = None if accuracy is None else (item_properties(schema, plan.pack_key), accuracy, power)
+        props = item_properties(schema, plan.pack_key)
         if rows is None:
             text = last_user_text(messages)
-            value = plan.generate(row_seed(model if calibrated is None else TRUTH_MODEL, text), 0)
+            value = _labelled(lambda seed: plan.generate(seed, 0), text, labels, props)
+            if value is None:
+                value = plan.generate(row_seed(model if calibrated is None else TRUTH_MODEL, text), 0)
             if calibrated is not None and isinstance(value, dict):
                 got = perturb(value, calibrated[0], str(model), text, accuracy, power)
                 confidences = {(n,): c for n, c in got.items()}
         else:
             items = _packed_items(plan, model, rows, rng, drop_item_rate, corrupt_item_rate, calibrated,
-                                  confidences)
+                                  confidences, labels, props)
             if plan.pack_key == "":
                 value = items
                 confidences = {k[1:]: c for k, c in confidences.items()}

@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from llmap.sim.answers import completion_tokens, make_answer, prompt_tokens
-from llmap.sim.calibrated import CURVES, accuracy_for
+from llmap.sim.calibrated import accuracy_for
 from llmap.sim.config import SimConfig
+from llmap.sim.labels import labels_of
 from llmap.sim.limits import Clock
 
 if TYPE_CHECKING:
@@ -322,7 +323,7 @@ class BatchesMixin:
             answer = make_answer(body, rng=self._rng, drop_item_rate=cfg.drop_item_rate,
                                  corrupt_item_rate=cfg.corrupt_item_rate,
                                  accuracy=accuracy_for(model, cfg.accuracy, cfg.accuracies),
-                                 power=CURVES[cfg.calibration])
+                                 power=cfg.power, labels=labels_of(cfg))
         except ValueError as exc:
             return 400, {"error": {"message": f"Invalid response_format: {exc}", "type": "invalid_request_error",
                                    "param": "response_format", "code": None}}

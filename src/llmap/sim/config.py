@@ -128,7 +128,13 @@ class SimConfig:
             (:mod:`llmap.sim.calibrated`); None = the ordinary deterministic answers.
         model_accuracy: per model name, ``"name=0.9,other=0.6"``: that model's accuracy (as ``accuracy``).
         calibration: how the reported confidence relates to being right: ``"well"`` (right as often as it
-            says), ``"over"`` (over-confident) or ``"under"`` (under-confident).
+            says), ``"over"`` (over-confident) or ``"under"`` (under-confident); or the curve's power ``p`` as a
+            number (right with probability ``c ** p`` at confidence ``c``: ``"3"`` is more over-confident than
+            ``"over"``, which is 2).
+        labels: a labels file (CSV or JSONL, as ``llmap label`` reads) whose values are the true answers of the
+            rows they match (:mod:`llmap.sim.labels`): a model without an accuracy answers them as they are
+            (an oracle), a calibrated one is right or wrong against them. ``""``: no labels.
+        labels_match: the labels file's column whose text appears in a row's prompt (required with ``labels``).
         refuse_logprobs: answer a request with ``logprobs: true`` 400 (as a model without log-probabilities).
 
     Raises:
@@ -176,6 +182,8 @@ class SimConfig:
     group_error_rate: float = 0.0
     embed_noise: float = 0.35
     embed_dim: int = 64
+    labels: str = ""
+    labels_match: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.outage, str):
@@ -230,8 +238,14 @@ class SimConfig:
         if self.accuracy is not None:
             _check_rate("accuracy", self.accuracy)
         self.accuracies  # noqa: B018 - validates model_accuracy
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
+        self.power  # noqa: B018 - validates calibration
+        if self.labels and not self.labels_match:
+            raise ValueError("labels needs labels_match: the labels file's column whose text appears in each row's "
+                             "prompt")
+        if self.labels:
+            from llmap.sim.labels import load_labels
+
+            load_labels(self.labels, self.labels_match)  # a missing file or column is said at once
 
     @property
     def accuracies(self) -> tuple[tuple[str, float], ...]:
@@ -253,6 +267,26 @@ class SimConfig:
                 raise ValueError(f"model_accuracy: {part!r} must look like name=0.9 (a fraction in [0, 1])")
             out.append((name, acc))
         return tuple(out)
+
+    @property
+    def power(self) -> float:
+        """The calibration curve's power ``p`` (:data:`llmap.sim.calibrated.CURVES`, or ``calibration`` as a number).
+
+        Raises:
+            ValueError: ``calibration`` is neither a curve's name nor a positive number.
+        """
+        from llmap.sim.calibrated import CURVES
+
+        if self.calibration in CURVES:
+            return CURVES[self.calibration]
+        try:
+            p = float(self.calibration)
+        except ValueError:
+            p = -1.0
+        if not 0 < p <= 100:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)} or a power in (0, 100], got "
+                             f"{self.calibration!r}")
+        return p
 
     @property
     def accepted_formats(self) -> tuple[str, ...]:

@@ -55,6 +55,7 @@ from aiohttp import web
 
 from llmap.sim.answers import completion_tokens, last_user_text, make_answer, message_text
 from llmap.sim.config import SimConfig
+from llmap.sim.labels import labels_of
 from llmap.sim.limits import Clock, MessagesLimiter
 
 if TYPE_CHECKING:
@@ -321,7 +322,7 @@ class MessagesMixin:
         if isinstance(schema, dict):
             chat["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}}
         text = make_answer(chat, rng=self._rng, drop_item_rate=self._config.drop_item_rate,
-                           corrupt_item_rate=self._config.corrupt_item_rate).content
+                           corrupt_item_rate=self._config.corrupt_item_rate, labels=labels_of(self._config)).content
         output = completion_tokens(text)
         cut = output > max_tokens
         if forced is not None:

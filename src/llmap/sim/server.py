@@ -56,9 +56,10 @@ from typing import IO, Any
 from aiohttp import web
 
 from llmap.sim.answers import completion_tokens, make_answer, message_text, prompt_tokens
-from llmap.sim.calibrated import CURVES, accuracy_for
+from llmap.sim.calibrated import accuracy_for
 from llmap.sim.config import SimConfig
 from llmap.sim.groups import GroupsMixin
+from llmap.sim.labels import labels_of
 from llmap.sim.limits import Admission, Clock, RateLimiter, Sleep, ratelimit_headers
 from llmap.sim.message_batches import BatchAPIsMixin
 from llmap.sim.messages import MessagesMixin
@@ -354,7 +355,8 @@ class SimServer(MessagesMixin, BatchAPIsMixin, GroupsMixin):
                 drop_item_rate=cfg.drop_item_rate,
                 corrupt_item_rate=cfg.corrupt_item_rate,
                 accuracy=accuracy_for(model, cfg.accuracy, cfg.accuracies),
-                power=CURVES[cfg.calibration],
+                power=cfg.power,
+                labels=labels_of(cfg),
             )
         except ValueError as exc:
             msg = f"Invalid response_format: {exc}"

@@ -21,9 +21,11 @@ The contract (docs/job-spec.md has every key, default and unit)::
     [batch]   max_requests, max_bytes, poll_s, deadline, retry   (for [model] batch = true)
     [eval]    gold, tolerance, models, sample, seed                (llmap eval, llmap review)
     [fetch]   allow_private, per_host_rpm, per_host_concurrency, max_mb, timeout_s, ...   (document URLs)
+    [cascade] guarantee, field, target, delta, label_budget, on_miss, seed   (a cascade with a guarantee)
 """
 
 from llmap.spec.base import FIELD_TYPES
+from llmap.spec.cascade import CascadeSpec
 from llmap.spec.documents import DocumentSpec, FetchSpec
 from llmap.spec.job import JobSpec, parse_spec, read_spec
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
@@ -35,6 +37,7 @@ __all__ = [
     "AlertsSpec",
     "BatchSpec",
     "CacheSpec",
+    "CascadeSpec",
     "CheckSpec",
     "DocumentSpec",
     "EvalSpec",

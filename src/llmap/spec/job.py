@@ -16,6 +16,7 @@ from llmap.errors import SpecError
 from llmap.io.diagnose import missing_file
 from llmap.providers.params import answer_params
 from llmap.spec.base import StrictModel
+from llmap.spec.cascade import CascadeSpec
 from llmap.spec.documents import FetchSpec
 from llmap.spec.limits import AlertsSpec, BatchSpec, CacheSpec, LimitsSpec
 from llmap.spec.model import ModelSpec
@@ -56,6 +57,7 @@ class JobSpec(StrictModel):
     filter: FilterSpec = FilterSpec()
     embeddings: EmbeddingsSpec = EmbeddingsSpec()
     fetch: FetchSpec = FetchSpec()
+    cascade: CascadeSpec | None = None
     ledger: str | None = None
     base_dir: Path = Path(".")
 
@@ -108,9 +110,9 @@ class JobSpec(StrictModel):
     def filter_field(self) -> str:
         """``kind = "filter"``: the boolean field that decides: ``[filter] field``, else the only boolean field.
 
-        The seam for the guaranteed cascade (issue 21): a ``[cascade] guarantee = "precision" | "recall"`` on a
-        filter promises it for this field, so its ``field`` must equal this one (check it here when ``[cascade]``
-        lands); the filter itself is the map path, so the cascade's answers are what the export keeps.
+        A ``[cascade]`` on a filter promises about this field (:func:`llmap.plan.cascade_field`; another
+        ``[cascade] field`` is refused there); the filter itself is the map path, so the cascade's answers are what
+        the export keeps.
 
         Raises:
             ValueError: no such field, not a boolean, or several booleans and none named.
@@ -196,6 +198,8 @@ class JobSpec(StrictModel):
         if self.input.documents:  # only when set, so existing ledgers keep their hashes
             doc["documents"] = {k: v.model_dump() for k, v in self.input.documents.items()}
             doc["images"] = [m.takes_images for m in self.models]
+        if self.cascade is not None:  # a guaranteed cascade settles rows differently; its keys only shape decisions
+            doc["cascade"] = "guaranteed"
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def prompt_fingerprint(self) -> str:
@@ -220,9 +224,10 @@ def _loc(err: dict) -> str:
 _TABLES: dict[str, type[StrictModel]] = {
     "input": InputSpec, "input.per_group": PerGroup, "prompt": PromptSpec, "output": OutputSpec,
     "output.fields": FieldSpec, "model": ModelSpec, "limits": LimitsSpec, "cache": CacheSpec, "alerts": AlertsSpec,
-    "batch": BatchSpec,
+    "batch": BatchSpec, "cascade": CascadeSpec,
 }
-_TOP_KEYS = ["name", "ledger", "input", "prompt", "output", "model", "limits", "cache", "alerts", "batch"]
+_TOP_KEYS = ["name", "ledger", "input", "prompt", "output", "model", "limits", "cache", "alerts", "batch", "eval",
+             "cascade"]
 
 
 def _closest(word: str, choices: list[str]) -> str:

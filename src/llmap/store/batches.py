@@ -202,14 +202,17 @@ class BatchBook:
             "SELECT l.ckey, l.batch, l.custom_id, l.item FROM batch_lines l JOIN batches b ON b.id = l.batch "
             "WHERE b.state IN ('intent', 'open') AND l.ckey IS NOT NULL AND l.item = l.key")}
 
-    def free_pending(self, plan: int, *, after_seq: int, limit: int) -> list[tuple[int, str, str, str]]:
+    def free_pending(self, plan: int, *, after_seq: int, limit: int,
+                     only: str | None = None) -> list[tuple[int, str, str, str]]:
         """Up to ``limit`` pending rows of ``plan`` after ``after_seq`` that no held batch holds (a row changed
-        since its batch took it is free): ``(seq, key, data JSON, input hash)``."""
+        since its batch took it is free): ``(seq, key, data JSON, input hash)``. ``only``: a further condition
+        over ``rows`` (a guaranteed cascade's phase: :mod:`llmap.run.guaranteed`)."""
+        extra = f" AND ({only})" if only else ""
         return self.db.execute(
             "SELECT seq, key, data, input_hash FROM rows WHERE plan = ? AND status = 'pending' AND seq > ? AND "
             "key NOT IN (SELECT l.key FROM batch_lines l JOIN batches b ON b.id = l.batch JOIN rows r "
             "ON r.key = l.key WHERE b.state IN ('intent', 'open') AND (l.input_hash IS NULL "
-            "OR l.input_hash = r.input_hash)) ORDER BY seq LIMIT ?", (plan, after_seq, limit)).fetchall()
+            f"OR l.input_hash = r.input_hash)){extra} ORDER BY seq LIMIT ?", (plan, after_seq, limit)).fetchall()
 
     def held_rows(self) -> int:
         """Rows held by batches that may still answer."""

@@ -34,7 +34,7 @@ from typing import Any
 
 from llmap.errors import SpecError
 
-__all__ = ["ROW_COLUMNS", "RunInfo", "list_runs", "rollback", "snapshot_all", "snapshot_planned"]
+__all__ = ["ROW_COLUMNS", "RunInfo", "list_runs", "rollback", "snapshot_all", "snapshot_keys", "snapshot_planned"]
 
 #: The columns of ``rows`` that a copy keeps (every one).
 ROW_COLUMNS = ("key", "seq", "plan", "input_hash", "status", "attempts", "data", "output", "prompt_tokens",
@@ -81,6 +81,17 @@ def snapshot_planned(db: sqlite3.Connection, run_id: int, prev_plan: int | None,
             changed.append(key)
     n = 0
     for chunk in _chunks(changed):
+        marks = ",".join("?" * len(chunk))
+        n += db.execute(f"INSERT OR IGNORE INTO row_history (run, {_COLS}) SELECT ?, {_COLS} FROM rows "
+                        f"WHERE key IN ({marks})", [run_id, *chunk]).rowcount
+    return n
+
+
+def snapshot_keys(db: sqlite3.Connection, run_id: int, keys: Sequence[str]) -> int:
+    """Copy the rows ``keys`` into ``row_history`` under ``run_id`` (inside the caller's transaction): a run is
+    about to change them outside its plan (a guaranteed cascade sends rows kept earlier to the oracle)."""
+    n = 0
+    for chunk in _chunks(list(keys)):
         marks = ",".join("?" * len(chunk))
         n += db.execute(f"INSERT OR IGNORE INTO row_history (run, {_COLS}) SELECT ?, {_COLS} FROM rows "
                         f"WHERE key IN ({marks})", [run_id, *chunk]).rowcount

@@ -7,9 +7,10 @@ usage, exit reason, models, the hash of prompt and fields, rollback),
 ``requests`` (one per request sent: time, model, outcome, latency, tokens,
 prompt-cache reads and writes, pack size), ``row_history`` (each row's state
 before a run changed it: :mod:`llmap.store.history`), ``labels`` (the true
-answers a person gave: :mod:`llmap.store.labels`), ``meta``, and the
-operators' tables (``op_*``, :mod:`llmap.store.operators`). A migration once
-released is never edited: a later change is a new entry at the end.
+answers a person gave: :mod:`llmap.store.labels`), ``cascade_rows`` and
+``cascade_decisions`` (a cascade with a guarantee: :mod:`llmap.store.cascade`),
+``meta``, and the operators' tables (``op_*``, :mod:`llmap.store.operators`). A
+migration once released is never edited: a later change is a new entry at the end.
 """
 
 from __future__ import annotations
@@ -231,8 +232,53 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
+        # A cascade with a guarantee (issue 21, :mod:`llmap.store.cascade`): each row's proxy answer and score, its
+        # place in a decision's population and sample, the oracle's answer, whether the threshold keeps it; and the
+        # decisions (the sample drawn, the threshold chosen, its bound, reuses by incremental runs).
+        "008_cascade",
+        """
+        CREATE TABLE cascade_rows (
+            key TEXT PRIMARY KEY,
+            input_hash TEXT NOT NULL,
+            proxy_status TEXT NOT NULL,
+            proxy_output TEXT,
+            proxy_model TEXT,
+            proxy_source TEXT,
+            proxy_error TEXT,
+            score REAL,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            latency_s REAL NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            decision INTEGER,
+            via_reuse INTEGER NOT NULL DEFAULT 0,
+            sampled INTEGER NOT NULL DEFAULT 0,
+            keep INTEGER,
+            oracle_status TEXT,
+            oracle_output TEXT,
+            run INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE INDEX cascade_rows_decision ON cascade_rows (decision, sampled, keep);
+        CREATE TABLE cascade_decisions (
+            id INTEGER PRIMARY KEY,
+            run INTEGER NOT NULL,
+            decision_key TEXT NOT NULL,
+            settings TEXT NOT NULL,
+            population INTEGER NOT NULL,
+            sample INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('sampling', 'decided', 'missed')),
+            threshold REAL,
+            choice TEXT,
+            reuses TEXT NOT NULL DEFAULT '[]',
+            created_at REAL NOT NULL,
+            decided_at REAL
+        );
+        """,
+    ),
+    (
         # The live page (llmap.ui): its index of the rows follows the ledger by the rows that changed since it last
-        # looked, found through this index instead of a scan of every row. (007 and 008 belong to the quality work.)
+        # looked, found through this index instead of a scan of every row.
         "009_ui",
         """
         CREATE INDEX rows_updated_at ON rows (updated_at);
@@ -241,7 +287,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     (
         # Operators (llmap.operators, llmap.store.operators): every model step's outcome, content-addressed by its
         # request's key (a crash resumes mid-operator without repeating a call); embeddings; cluster families; reduce
-        # groups and their chunks; each run's operator summary. Named 010: 007/008 and 009 are taken by other branches.
+        # groups and their chunks; each run's operator summary.
         "010_operators",
         """
         CREATE TABLE op_steps (

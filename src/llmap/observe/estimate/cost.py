@@ -211,7 +211,8 @@ def cost_and_time(est: Estimate, spec: Any, hist: History) -> None:
     est.cost_usd = est.cost_upper_usd = primary.cost_usd
     if model.batch:
         est.batch_factor, est.batch_cost_usd = model.price_batch_factor, primary.cost_usd * model.price_batch_factor
-    for m in _cascade(spec.models):
+    cascade = getattr(spec, "cascade", None)
+    for m in _cascade(spec.models) if cascade is None else spec.models[1:]:  # [cascade]: the oracle
         step = _model_cost(m, "escalation", n, n, est.prompt_tokens, hist, prefix)
         est.models.append(step)
         est.cost_upper_usd += step.cost_usd
@@ -267,7 +268,13 @@ def _notes(est: Estimate, spec: Any) -> list[str]:
     elif pack > 1:
         notes.append(f"pack = {pack}: {pack} rows per request; prompt tokens are the unpacked sum "
                      "(a pack sends the system prompt once, so roughly the same or less)")
-    if len(est.models) > 1:
+    cascade = getattr(spec, "cascade", None)
+    if cascade is not None:
+        least = min(cascade.label_budget, est.to_request)
+        notes.append(f"[cascade]: the oracle answers the sample ({least:,} rows) and the rows below the threshold "
+                     "the sample proves safe, so between that and every row: costed as if every row (an upper "
+                     "bound); time is for the proxy only")
+    elif len(est.models) > 1:
         notes.append("cascade: later models are costed as if every row escalated (an upper bound); "
                      "time is for the primary model only")
     failover = len(spec.models) - len(est.models)

@@ -59,6 +59,8 @@ class BatchContext:
         followup: per row, the re-ask its next batch request carries.
         single: rows whose next batch request goes alone (they were damaged in a pack).
         user_cancelled: ``llmap batch cancel`` cancelled a batch of the job: submit nothing more.
+        only: which pending rows this path settles (a condition over ``rows``), or None for every one
+            (a guaranteed cascade's phase: :mod:`llmap.run.guaranteed`).
     """
 
     ledger: Ledger
@@ -81,6 +83,7 @@ class BatchContext:
     followup: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     single: set[str] = field(default_factory=set)
     user_cancelled: bool = False
+    only: str | None = None
     _tasks: set[asyncio.Task] = field(default_factory=set)
     _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_REALTIME))
     _buffer: list[tuple[RowResult, str]] = field(default_factory=list)

@@ -79,7 +79,7 @@ def batch_api(provider: Provider) -> BatchAPI:
 async def run_batches(*, ledger: Ledger, run_id: int, job: str, spec: BatchSpec, provider: Provider,
                       dispatcher: Dispatcher, stats: DispatchStats, tally: Tally, progress: Progress, pack: int,
                       on_settled: Callable[[list[RowResult], list[str]], None] | None = None, detach: bool = False,
-                      clock: Callable[[], float] = time.time,
+                      only: str | None = None, clock: Callable[[], float] = time.time,
                       sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
     """Settle every pending row of plan ``run_id`` through the first model's batch API (see the module docstring).
 
@@ -94,6 +94,8 @@ async def run_batches(*, ledger: Ledger, run_id: int, job: str, spec: BatchSpec,
         pack: rows per batch request (``[prompt] pack``).
         on_settled: the engine's hook on settled rows.
         detach: submit, collect what has ended, and return without waiting for the rest.
+        only: settle only the pending rows meeting this condition over ``rows`` (a guaranteed cascade's phase);
+            None: every pending row.
         clock: POSIX seconds (deadlines); ``sleep``: awaitable delay (both injectable).
 
     Raises:
@@ -103,7 +105,7 @@ async def run_batches(*, ledger: Ledger, run_id: int, job: str, spec: BatchSpec,
     api = batch_api(provider)
     size = SizeLimit(min(spec.max_requests, api.max_requests), min(spec.max_bytes_n, api.max_bytes))
     ctx = BatchContext(ledger, BatchBook(ledger), run_id, job, spec, api, dispatcher, stats, tally, progress,
-                       pack=max(1, pack), on_settled=on_settled, clock=clock, size=size)
+                       pack=max(1, pack), on_settled=on_settled, clock=clock, size=size, only=only)
     undo_sigterm = install_sigterm(asyncio.current_task())  # SIGTERM stops like Ctrl-C: batches keep running
     try:
         await _Loop(ctx, sleep).run(detach)
@@ -139,7 +141,7 @@ class _Loop:
                     if ctx.in_realtime:  # only real time is left: wait for it, then look again
                         await ctx.drain()
                         continue
-                    free = ctx.book.free_pending(ctx.run_id, after_seq=-1, limit=1)
+                    free = ctx.book.free_pending(ctx.run_id, after_seq=-1, limit=1, only=ctx.only)
                     if not free or ctx.user_cancelled or not created:
                         break
                 await self._wait(ctx.spec.poll_s)

@@ -103,7 +103,7 @@ class Submitter:
         created, after = 0, -1
         answers = ctx.dispatcher.answers
         while not ctx.stats.stop.is_set():
-            page = book.free_pending(ctx.run_id, after_seq=after, limit=PAGE_ROWS)
+            page = book.free_pending(ctx.run_id, after_seq=after, limit=PAGE_ROWS, only=ctx.only)
             if not page:
                 break
             after = page[-1][0]
