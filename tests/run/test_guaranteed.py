@@ -16,6 +16,7 @@ import pytest
 
 from _support import LLMAP
 from llmap import Job
+from llmap.errors import SpecError
 from llmap.observe.progress import CountingProgress
 from llmap.prompt.schema import OutputSchema
 from llmap.sim import Simulator
@@ -162,6 +163,37 @@ def test_precision_or_recall_of_a_boolean_filter_field(tmp_path, field_kind):
     rate = tp / sum(out[k]["keep"] for k in rows) if field_kind == "precision" else tp / sum(true.values())
     assert rate >= 0.9
     assert sum(r["_model"] == "openai:proxy" for r in out.values()) > 100  # it kept proxy answers
+
+
+def test_a_filter_with_a_precision_guarantee_exports_the_kept_rows(tmp_path):
+    rows = texts(1000)
+    write_rows(tmp_path, rows)
+    with Simulator(model_accuracy="proxy=0.85,oracle=1") as sim:
+        job = write_job(tmp_path, sim.base_url, fields='keep = { type = "boolean" }', top='kind = "filter"',
+                        cascade='guarantee = "precision"\ntarget = 0.9\ndelta = 0.1\nlabel_budget = 250')
+        result, _ = run(job)
+        assert result.exit_code == 0
+    out = output(tmp_path)
+    schema = OutputSchema(FLAG).json_schema
+    true = {k: truth(schema, rows[k])["keep"] for k in rows}
+    assert out and all(r["keep"] for r in out.values())  # the export holds the kept rows only
+    assert sum(true[k] for k in out) / len(out) >= 0.9
+    assert any(r["_model"] == "openai:proxy" for r in out.values())
+
+
+@pytest.mark.parametrize(("top", "fields", "cascade", "says"), [
+    ('kind = "filter"', 'keep = { type = "boolean" }\nurgent = { type = "boolean" }\n[filter]\nfield = "keep"',
+     'guarantee = "precision"\nfield = "urgent"\ntarget = 0.9', "not the field the filter decides by"),
+    ('kind = "reduce"', 'summary = { type = "string" }', 'guarantee = "agreement"\ntarget = 0.9',
+     "kind = 'reduce'"),
+])
+def test_a_cascade_the_operator_cannot_keep_is_refused_before_any_request(tmp_path, top, fields, cascade, says):
+    write_rows(tmp_path, texts(10))
+    with Simulator() as sim:
+        job = write_job(tmp_path, sim.base_url, fields=fields, top=top, cascade=cascade)
+        with pytest.raises(SpecError, match=says):
+            Job.from_toml(job).run()
+        assert sim.stats()["requests"] == 0
 
 
 def test_a_proxy_without_confidence_stops_with_a_message_then_escalates_all_without_a_new_sample(tmp_path):
