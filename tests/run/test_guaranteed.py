@@ -384,16 +384,16 @@ def test_the_oracle_and_the_proxy_can_go_by_batch_at_half_price(tmp_path, which)
 @pytest.mark.timeout(300)
 def test_with_ray_the_workers_send_and_the_driver_decides(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    from llmap.run.ray import executor
+    from llmap.run.ray import launch as starts
 
     launched: list[list[str]] = []  # each phase's workers, by the models they were started with
-    real = executor.Launch.__init__
+    real = starts.Launch.__init__
 
     def launch(self, spec, **kw):
         launched.append([m.name for m in spec.models])
         real(self, spec, **kw)
 
-    monkeypatch.setattr(executor.Launch, "__init__", launch)
+    monkeypatch.setattr(starts.Launch, "__init__", launch)
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never another's cluster

@@ -98,13 +98,11 @@ def test_requeue_moves_settled_rows_back_to_pending_in_chunks(tmp_path, monkeypa
     assert db.execute("SELECT count(*) FROM attempts").fetchone()[0] > 0  # the earlier answers are kept
 
 
-def test_rollback_needs_the_quality_work(tmp_path, monkeypatch):
-    led = fill_ledger(tmp_path / "l.sqlite", 3)
-    monkeypatch.setattr(actions, "rollback_function", lambda: None)
-    with pytest.raises(actions.ActionRefused, match="needs `llmap rollback`"):
-        actions.rollback(led.path, 1)
-    calls = []
-    monkeypatch.setattr(actions, "rollback_function", lambda: lambda db, run: calls.append(run) or [run])
+def test_rollback_refuses_while_a_run_holds_the_ledger_and_for_a_run_not_there(tmp_path):
+    led = fill_ledger(tmp_path / "l.sqlite", 30)
+    db = led.connection
+    settled = db.execute("SELECT count(*) FROM rows WHERE status != 'pending'").fetchone()[0]
+    assert settled > 0
     lock = LedgerLock(led.path)
     assert lock.try_acquire()
     try:
@@ -112,5 +110,10 @@ def test_rollback_needs_the_quality_work(tmp_path, monkeypatch):
             actions.rollback(led.path, 1)
     finally:
         lock.release()
-    assert actions.held_by(led.path) is None
-    assert "rolled back run 1" in actions.rollback(led.path, 1) and calls == [1]
+    with pytest.raises(actions.ActionRefused, match="run 7 not found; runs are 1..1"):
+        actions.rollback(led.path, 7)
+    assert "rolled back run 1" in actions.rollback(led.path, 1)
+    assert db.execute("SELECT count(*) FROM rows WHERE status != 'pending'").fetchone()[0] == 0  # as before run 1
+    assert actions.held_by(led.path) is None  # the lock taken for the rollback is given back
+    with pytest.raises(actions.ActionRefused, match="rolled back already"):
+        actions.rollback(led.path, 1)

@@ -7,7 +7,7 @@ import json
 from collections import Counter
 
 import pytest
-from ui_support import add_labels_table, fill_ledger
+from ui_support import add_labels_table, fill_ledger, make_old
 
 from llmap.spec.sections import FieldSpec
 from llmap.ui import quality
@@ -31,11 +31,13 @@ def test_wilson_refuses_more_successes_than_trials():
 
 def test_the_page_sees_what_the_ledger_has_of_the_quality_work(tmp_path):
     led = fill_ledger(tmp_path / "l.sqlite", 10)
+    assert quality.features(led.connection) == {"labels": True, "confidence": True, "raw": True, "rollback": True}
+    make_old(led.path)  # as an llmap before the quality work left it
     assert quality.features(led.connection) == {"labels": False, "confidence": False, "raw": False,
-                                                "rollback": quality.rollback_function() is not None}
+                                                "rollback": False}
     add_labels_table(led.path, confidence=True)
     got = quality.features(led.connection)
-    assert got["labels"] and got["confidence"] and not got["raw"]
+    assert got["labels"] and got["confidence"] and not got["raw"] and not got["rollback"]
 
 
 def test_labels_written_from_the_page_are_eval_figures(tmp_path):

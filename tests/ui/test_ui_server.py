@@ -8,7 +8,7 @@ import sqlite3
 
 import aiohttp
 import pytest
-from ui_support import SCRIPT, add_labels_table
+from ui_support import SCRIPT, add_labels_table, make_old
 
 from llmap.engine import Job
 
@@ -109,6 +109,7 @@ async def test_labels_need_the_labels_table_then_land_in_it(people_job, serve):
     job = people_job(6)
     await Job.from_toml(job).arun()
     ledger = job.parent / ".llmap" / "job.ledger.sqlite"
+    make_old(ledger)  # a ledger from before the quality work: no labels table, no rows' history
     with serve(job) as (state, url):
         h = {"X-CSRF-Token": state.csrf}
         status, text, _ = await fetch("POST", url + "api/label", json={"key": "p0001", "field": "kind", "value": "a"},
@@ -152,14 +153,36 @@ async def test_requeue_says_what_it_will_do_then_does_it(people_job, serve, sim)
         assert status == 200 and json.loads(text)["rows"] == 4
         bad = await fetch("POST", url + "api/requeue", json={"status": "nope"}, headers=h)
         assert bad[0] == 400 and "status must be one of" in bad[1]
-        rb = await fetch("POST", url + "api/rollback", json={"run": 1}, headers=h)
-        assert rb[0] == 409 and "llmap rollback" in rb[1]
+        rb = await fetch("POST", url + "api/rollback", json={"run": 9}, headers=h)
+        assert rb[0] == 409 and "run 9 not found" in rb[1]
     counts = dict(db.execute("SELECT status, count(*) FROM rows GROUP BY status"))
     assert counts == {"done": 6, "failed": 2, "pending": 4}
     before = sim.stats()["requests"]
     await Job.from_toml(job).arun()
     assert dict(db.execute("SELECT status, count(*) FROM rows GROUP BY status")) == {"done": 12}
     assert sim.stats()["requests"] == before  # as the confirmation says: unchanged requests come from the cache
+
+
+async def test_rollback_from_the_page_puts_the_rows_back_as_the_first_run_left_them(people_job, serve, sim):
+    job = people_job(8)
+    await Job.from_toml(job).arun()
+    db = sqlite3.connect(job.parent / ".llmap" / "job.ledger.sqlite")
+    first = db.execute("SELECT key, status, output FROM rows ORDER BY key").fetchall()
+    job.write_text(job.read_text().replace("Name: {{ name }}", "Person: {{ name }}"), encoding="utf-8")
+    await Job.from_toml(job).arun()  # run 2: the changed prompt asks every row again
+    assert db.execute("SELECT max(id) FROM runs").fetchone()[0] == 2
+    assert db.execute("SELECT key, status, output FROM rows ORDER BY key").fetchall() != first
+    sent = sim.stats()["requests"]
+    with serve(job) as (state, url):
+        h = {"X-CSRF-Token": state.csrf}
+        meta = json.loads((await fetch("GET", url + "api/meta"))[1])
+        assert meta["rollback"]["enabled"] and meta["rollback"]["why"] is None
+        status, text, _ = await fetch("POST", url + "api/rollback", json={"run": 2}, headers=h)
+        assert status == 200 and "rolled back run 2" in json.loads(text)["message"]
+        again = await fetch("POST", url + "api/rollback", json={"run": 2}, headers=h)
+        assert again[0] == 409 and "rolled back already" in again[1]
+    assert db.execute("SELECT key, status, output FROM rows ORDER BY key").fetchall() == first
+    assert sim.stats()["requests"] == sent  # a rollback sends nothing
 
 
 @pytest.mark.parametrize("params,message", [("status=zzz", "status must be one of"), ("sort=nope", "cannot sort")])

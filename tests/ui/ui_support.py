@@ -46,6 +46,22 @@ def fill_ledger(path: Path, n: int, *, seed: int = 3, run_id: int | None = None)
     return led
 
 
+def make_old(ledger: Path) -> None:
+    """Take out what migration 007_quality added (the labels table, rows' confidence and raw columns, the rows'
+    history), as a ledger written by an llmap before the quality work has it."""
+    db = sqlite3.connect(ledger)
+    try:
+        db.execute("DROP TABLE IF EXISTS labels")
+        db.execute("DROP TABLE IF EXISTS row_history")
+        cols = {r[1] for r in db.execute("PRAGMA table_info(rows)")}
+        for col in ("confidence", "raw"):
+            if col in cols:
+                db.execute(f"ALTER TABLE rows DROP COLUMN {col}")
+        db.commit()
+    finally:
+        db.close()
+
+
 def add_labels_table(ledger: Path, *, confidence: bool = False) -> None:
     """The labels table (and optionally rows.confidence) as the quality work's migration 007_quality makes them;
     nothing when they exist already."""

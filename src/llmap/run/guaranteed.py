@@ -44,6 +44,7 @@ from llmap.spec import JobSpec
 from llmap.store.answers import AnswerCache
 from llmap.store.cascade import NEEDS_PROXY, CascadeBook, Decision, PopulationRow
 from llmap.store.ledger import Ledger, RowResult
+from llmap.store.results import Encoded
 
 __all__ = ["GuaranteedCascade", "PhaseLedger", "ray_phases"]
 
@@ -75,15 +76,18 @@ class PhaseLedger:
     def path(self) -> Any:
         return self.ledger.path
 
-    def pending(self, plan: int, *, after_seq: int, limit: int) -> list[tuple[int, str, str]]:
-        return self.book.pending(plan, self.only, after_seq=after_seq, limit=limit)
+    def pending(self, plan: int, *, after_seq: int, limit: int, hashes: bool = False) -> list[tuple]:
+        return self.book.pending(plan, self.only, after_seq=after_seq, limit=limit, hashes=hashes)
 
     def grouped_counts(self, plan: int, column: str) -> list[tuple[Any, str, int]]:
         return self.ledger.grouped_counts(plan, column)
 
-    def record(self, results: Sequence[RowResult], *, run_id: int = 0, requests: Sequence[tuple] = (),
+    def record(self, results: Sequence[RowResult] | Encoded, *, run_id: int = 0, requests: Sequence[tuple] = (),
                also: Sequence[tuple[str, tuple]] = ()) -> None:
-        """Commit a phase's results, the request log and ``also`` in one transaction."""
+        """Commit a phase's results (as rows, or encoded by Ray workers), the request log and ``also`` in one
+        transaction."""
+        if isinstance(results, Encoded):
+            results = results.decode()
         if self.proxy:
             self.ledger.record([], run_id=run_id, requests=requests,
                                also=[*also, *self.book.proxy_sql(results, run_id)])

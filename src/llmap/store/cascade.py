@@ -159,11 +159,12 @@ class CascadeBook:
         """The rows a decision keeps (``keep``) or sends to the oracle."""
         return f"key IN (SELECT key FROM cascade_rows WHERE decision = {int(decision)} AND keep = {int(keep)})"
 
-    def pending(self, plan: int, only: str, *, after_seq: int, limit: int) -> list[tuple[int, str, str]]:
-        """Up to ``limit`` pending rows of ``plan`` after ``after_seq`` meeting ``only``: ``(seq, key, data)``."""
+    def pending(self, plan: int, only: str, *, after_seq: int, limit: int, hashes: bool = False) -> list[tuple]:
+        """Up to ``limit`` pending rows of ``plan`` after ``after_seq`` meeting ``only``: ``(seq, key, data)``, with
+        ``hashes`` ``(seq, key, data, input hash)`` (as :meth:`llmap.store.ledger.Ledger.pending`)."""
         return self.db.execute(
-            f"SELECT seq, key, data FROM rows WHERE plan = ? AND status = 'pending' AND seq > ? AND ({only}) "
-            "ORDER BY seq LIMIT ?", (plan, after_seq, limit)).fetchall()
+            f"SELECT seq, key, data{', input_hash' if hashes else ''} FROM rows WHERE plan = ? AND status = 'pending' "
+            f"AND seq > ? AND ({only}) ORDER BY seq LIMIT ?", (plan, after_seq, limit)).fetchall()
 
     def count_pending(self, plan: int, only: str) -> int:
         """Pending rows of ``plan`` meeting ``only``."""

@@ -7,8 +7,8 @@
   progress takes those still ahead of it). Their earlier answers stay in the ledger's ``attempts``. Failed rows
   are retried by every run anyway; re-queueing done rows is for answers you do not trust, and with the response
   cache on an unchanged request gets its cached answer back (change the prompt or model, or turn the cache off).
-- **Roll back** needs the quality work's ``llmap.store.history.rollback`` and refuses while a run holds the
-  ledger (see :func:`~llmap.ui.quality.rollback_function`).
+- **Roll back** is ``llmap rollback`` (:func:`llmap.store.history.rollback`); it refuses while a run holds the
+  ledger, and for a run that is not there or was rolled back already.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmap.errors import SpecError
+from llmap.store.history import rollback as undo_run
 from llmap.store.lock import Holder, LedgerLock, lock_path
-from llmap.ui.quality import rollback_function
 
 __all__ = ["REQUEUE_CHUNK", "ActionRefused", "held_by", "requeue", "rollback", "running_text", "stop_run"]
 
@@ -146,19 +147,23 @@ def requeue(ledger_path: Path, keys: Sequence[str], *, now: Callable[[], float] 
 
 
 def rollback(ledger_path: Path, run_id: int) -> str:
-    """Roll back one run with the quality work's rollback (0 requests; the cost history stays).
+    """Roll back one run as ``llmap rollback`` does (0 requests; the cost history stays).
 
     Raises:
-        ActionRefused: this llmap has no rollback, or a run holds the ledger.
+        ActionRefused: a run holds the ledger; no such run, or it was rolled back already (the message says
+            which runs there are).
     """
-    undo = rollback_function()
-    if undo is None:
-        raise ActionRefused("rolling back needs `llmap rollback` (the quality work), which this llmap lacks")
-    if held_by(ledger_path) is not None:
+    lock = LedgerLock(ledger_path)
+    if not lock.try_acquire():  # held while rolling back, so no run starts halfway through
         raise ActionRefused("a run holds the ledger: stop it first, then roll back")
-    db = sqlite3.connect(ledger_path, isolation_level=None, timeout=10.0)
     try:
-        undone = undo(db, run_id)
+        db = sqlite3.connect(ledger_path, isolation_level=None, timeout=10.0)
+        try:
+            undone = undo_run(db, run_id)
+        except SpecError as exc:
+            raise ActionRefused(str(exc)) from None
+        finally:
+            db.close()
     finally:
-        db.close()
+        lock.release()
     return f"rolled back run {run_id} (runs undone: {undone}); the next export follows"

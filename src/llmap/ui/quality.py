@@ -24,8 +24,8 @@ from typing import Any
 from llmap.quality.metrics import Z95, wilson
 from llmap.store.labels import Label, write_labels
 
-__all__ = ["Z95", "allocate", "evaluate", "features", "labels_of", "review_sample", "rollback_function",
-           "same_answer", "wilson", "write_label"]
+__all__ = ["Z95", "allocate", "evaluate", "features", "labels_of", "review_sample", "same_answer", "wilson",
+           "write_label"]
 
 #: Statuses of rows a review may show (rows with an outcome).
 SETTLED = ("done", "failed", "fallback")
@@ -37,17 +37,12 @@ def _columns(db: sqlite3.Connection, table: str) -> set[str]:
 
 def features(db: sqlite3.Connection) -> dict[str, bool]:
     """What the ledger holds of the quality work: ``labels`` (the labels table), ``confidence`` (rows'
-    confidence column), ``raw`` (a failed row's last raw answer) and ``rollback`` (the rollback function)."""
+    confidence column), ``raw`` (a failed row's last raw answer) and ``rollback`` (the rows' history that
+    :func:`llmap.store.history.rollback` puts back). The page reads a ledger without migrating it: one written
+    by an llmap older than the quality work (migration ``007_quality``) has none of them until its next run."""
     rows = _columns(db, "rows")
     return {"labels": {"key", "field", "value", "source", "created_at"} <= _columns(db, "labels"),
-            "confidence": "confidence" in rows, "raw": "raw" in rows, "rollback": rollback_function() is not None}
-
-
-def rollback_function() -> Any:
-    """``llmap.store.history.rollback(db, run_id)``: what the page's rollback button calls."""
-    from llmap.store.history import rollback
-
-    return rollback
+            "confidence": "confidence" in rows, "raw": "raw" in rows, "rollback": bool(_columns(db, "row_history"))}
 
 
 def write_label(ledger_path: Path, key: str, field: str, value: Any, *, source: str = "ui",

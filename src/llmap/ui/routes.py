@@ -75,8 +75,8 @@ def meta(state: Any) -> dict[str, Any]:
         "data_columns": state.data_columns, "group": state.group, "statuses": list(STATUSES),
         "features": state.features, "models": list(state.models), "pack": spec.prompt.pack,
         "rollback": {"enabled": rollback,
-                     "why": None if rollback else "rolling back needs `llmap rollback` (the quality work: issue 19), "
-                     "which this llmap does not have yet"},
+                     "why": None if rollback else "this ledger was written by an llmap without rollback (it keeps "
+                     "no row history yet); runs from the next one on can be rolled back"},
         "labels": {"enabled": state.features["labels"],
                    "why": None if state.features["labels"] else "no labels yet: this ledger has no labels table "
                    "(it comes with `llmap label` and `llmap eval`)"},

@@ -258,7 +258,10 @@
       const e = $(id);
       if (e && e.value !== "" && !(e.closest("label") || {}).hidden) p[e.name] = e.value;
     }
-    for (const e of document.querySelectorAll("[data-field]")) if (e.value !== "") p["f." + e.dataset.field] = e.value;
+    // the filter form's field inputs only: the row's detail has [data-field] elements of its own (its label form)
+    for (const e of $("filters").querySelectorAll("input[data-field], select[data-field]")) {
+      if (e.value !== "") p["f." + e.dataset.field] = e.value;
+    }
     return p;
   }
   function filterBy(p) {
