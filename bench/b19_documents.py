@@ -6,9 +6,8 @@ one job with the embedded model (Gemma 3 270M, response cache off) over the PDF 
 (``[input.documents]``) and the same job over the notes as a text column. Prints, against
 the notes' true ``instructional_minutes``: exact match, mean absolute error (MAE), the share
 within 15 minutes, with Wilson 95% intervals; the share of rows whose answer is the same
-from the PDF as from the text column; and wall times. (The quality branch's ``llmap eval`` is
-not on this branch: the figures are computed here.) Needs ``pip install -e '.[local,test]'``
-and ``../shared/data``.
+from the PDF as from the text column; and wall times (computed here, as ``llmap eval`` would).
+Needs ``pip install -e '.[local,test]'`` and ``../shared/data``.
 
 ``--overhead`` measures what reading documents costs instead, on the simulator (no model
 time): the notes x ``--copies`` as a text column, as PDFs read for the first time (fresh

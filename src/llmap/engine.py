@@ -291,6 +291,9 @@ class Job:
                    workers: int | None = None, ray_address: str | None = "auto") -> RunResult:
         """Run the job in the current event loop. See :meth:`run`."""
         check_kind_executor(self.spec, executor)
+        if executor != "local" and self.spec.input.documents:
+            raise E.SpecError(f"[input.documents] are read in this process, not by Ray workers yet; drop --executor "
+                              f"{executor}, or turn the documents into a text column first")
         if executor != "local" or workers is not None:
             from llmap.run.ray.executor import check_executor
 
@@ -427,7 +430,8 @@ class Job:
         def on_breaker(lane: Lane, old: BreakerState, new: BreakerState) -> None:
             if new is BreakerState.OPEN:
                 progress.message(f"llmap: circuit breaker for {lane.label} opened; "
-                                 + ("failing over" if len(prep.providers) > 1 else "pausing requests to it"))
+                                 + ("failing over" if len(prep.providers) > 1 and spec.cascade is None
+                                    else "pausing requests to it"))
             elif new is BreakerState.CLOSED and old is not BreakerState.CLOSED:
                 progress.message(f"llmap: {lane.label} answers again; circuit breaker closed")
 

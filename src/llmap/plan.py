@@ -434,6 +434,9 @@ def _check_cascade(spec: JobSpec, source: str) -> None:
         raise E.SpecError(f"{where}: the proxy [[model]] {proxy.name!r} is anthropic, whose Messages API returns no "
                           "log-probabilities, so no answer would have a _confidence to keep it by; make an "
                           "OpenAI-compatible model (or the embedded one) the first [[model]]")
+    if spec.input.documents:
+        raise E.SpecError(f"{where} does not read [input.documents] yet (its phases would send the documents' paths, "
+                          "not their text); drop one of them, or turn the documents into a text column first")
     if spec.input.per_group is not None:
         raise E.SpecError(f"{where} decides from a sample of every row, which [input] per_group quotas would cut; drop "
                           "one of them")

@@ -161,3 +161,16 @@ def test_a_provider_that_sizes_its_own_concurrency_is_filled_at_once():
     assert (lane.max_in_flight, lane.aimd.limit, lane.probing, lane.limit) == (32, 32, False, 32)
     lane = _sized_lane(_SizedProvider(32, own=True))
     assert lane.limit == 32
+
+
+def test_a_cluster_budget_plugged_into_an_own_concurrency_lane_keeps_its_own_gate():
+    # on Ray each worker runs its own model processes: the cluster's AIMD share (1 of [limits] concurrency = 2
+    # across 2 workers) would cut 32 rows decoded together down to one
+    lane = _sized_lane(_SizedProvider(32, own=True), concurrency=2)
+    link = _link()
+    lane.plug(link, link.aimd, link.breaker)
+    assert lane.limiter is link and lane.breaker is link.breaker
+    assert lane.aimd is not link.aimd and lane.limit == 32 and not lane.probing
+    http = _sized_lane(_SizedProvider(256), concurrency=2)
+    http.plug(link, link.aimd, link.breaker)
+    assert http.aimd is link.aimd  # an HTTP lane shares the cluster's gate

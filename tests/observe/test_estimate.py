@@ -218,20 +218,22 @@ def test_local_model_is_not_loaded(make_job, sim, tmp_path, monkeypatch):
     monkeypatch.setattr("llmap.providers.local.provider.cores", lambda: 2)
     job = _local(make_job(4))
     est = estimate(Job.from_toml(job).spec)  # a run would fail preflight: the model file is missing
-    assert est.to_request == 4 and est.time_s == pytest.approx(4 * 1.0 / 2)
+    assert est.to_request == 4 and est.time_s == pytest.approx(4 * 5.0 / (2 * 16))
 
 
-def test_the_embedded_model_runs_as_many_requests_as_model_processes(make_job, sim, monkeypatch):
-    # The run keeps one request in flight per model process: 2 by default, [limits] concurrency when set,
-    # at most one per core. The estimate said 1 (a bell job's 2.0 min estimate ran in 55 s).
+def test_the_embedded_model_runs_16_rows_together_in_each_model_process(make_job, sim, monkeypatch):
+    # The run keeps 16 requests in flight per model process (batched decoding): 2 processes by default,
+    # [limits] concurrency when set, at most one per core. The estimate once said 1 (a bell job's 2.0 min
+    # estimate ran in 55 s), then one per process (batched decoding made that 16 times too slow).
     monkeypatch.setattr("llmap.providers.local.provider.cores", lambda: 4)
     est = estimate(Job.from_toml(_local(make_job(8))).spec)
-    assert est.concurrency == 2 and "2 model processes" in est.concurrency_source
-    assert est.time_s == pytest.approx(8 * 1.0 / 2)
+    assert est.concurrency == 32 and "2 model processes" in est.concurrency_source
+    assert "16 rows decoded together" in est.concurrency_source
+    assert est.time_s == pytest.approx(8 * 5.0 / 32)
     est = estimate(Job.from_toml(_local(make_job(8), "[limits]\nconcurrency = 3\n")).spec)
-    assert est.concurrency == 3 and "[limits] concurrency" in est.concurrency_source
+    assert est.concurrency == 48 and "[limits] concurrency" in est.concurrency_source
     monkeypatch.setattr("llmap.providers.local.provider.cores", lambda: 1)
-    assert estimate(Job.from_toml(_local(make_job(8))).spec).concurrency == 1
+    assert estimate(Job.from_toml(_local(make_job(8))).spec).concurrency == 16
 
 
 def test_no_prices_are_asked_for_the_embedded_model(make_job, sim):

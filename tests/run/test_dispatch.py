@@ -62,6 +62,24 @@ async def test_tail_hedge_beats_a_hung_first_copy():
     assert res.status == "done" and p.calls == 2 and d.stats.hedged == 1
 
 
+async def test_no_hedge_on_a_provider_that_sizes_its_own_concurrency():
+    async def behave(n):
+        if n == 1:
+            await asyncio.sleep(0.2)  # 20 times the p95, then it answers (as the embedded model would)
+        return Completion(ANSWER, 5, 3, 0.01)
+
+    p = Provider("local", behave)
+    p.own_concurrency = True
+    d = _dispatcher([p], hedge_budget=1.0)
+    lane = d.lanes[0]
+    for _ in range(30):
+        lane.timeout.observe(0.01)
+    d.watch_tail(lambda: True)
+    assert lane.limit == 8 and not lane.probing  # filled at once: room for a copy, were it allowed
+    res = await asyncio.wait_for(d.solve("k", {"t": "x"}), timeout=5)
+    assert res.status == "done" and p.calls == 1 and d.stats.hedged == 0
+
+
 def _tail_lane(d: Dispatcher, p95_s: float = 0.01) -> Lane:
     lane = d.lanes[0]
     for _ in range(30):

@@ -89,6 +89,9 @@ def test_documents_change_the_request_fingerprint_only_when_set() -> None:
      "'schedule' may hold an image, which goes to the model as an image part"),
     ({"model": {"provider": "openai", "name": "gpt-4o", "base_url": "http://x/v1", "batch": True}},
      "[input.documents] does not go with [model] batch"),
+    ({"model": [{"provider": "openai", "name": "proxy", "base_url": "http://x/v1"},
+                {"provider": "openai", "name": "oracle", "base_url": "http://x/v1"}], "cascade": {"target": 0.9}},
+     "[cascade] does not read [input.documents] yet"),
 ])
 def test_plan_checks(over: dict, message: str, monkeypatch) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
@@ -110,3 +113,13 @@ def test_missing_libraries_are_named_with_the_extra(monkeypatch) -> None:
     with pytest.raises(SpecError, match=r"\[input.documents\] 'schedule' \(kind = 'pdf'\) needs pypdf; install them "
                                         r"with `pip install 'llmap\[documents\]'`"):
         spec_from_dict(_doc(), base_dir=Path("."), name="job", source="job.toml")
+
+
+def test_document_columns_are_refused_on_ray_before_anything_runs(tmp_path) -> None:
+    from llmap.engine import Job
+
+    (tmp_path / "in.csv").write_text("id,schedule\n1,a.pdf\n", encoding="utf-8")
+    spec = spec_from_dict(_doc(), base_dir=tmp_path, name="job", source="job.toml")
+    with pytest.raises(SpecError, match=r"\[input.documents\] are read in this process, not by Ray workers"):
+        Job(spec).run(executor="ray")
+    assert not (tmp_path / ".llmap").exists()  # refused before the ledger was opened

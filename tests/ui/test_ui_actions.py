@@ -12,6 +12,7 @@ import textwrap
 import pytest
 from ui_support import fill_ledger
 
+from llmap.store.batches import BatchBook, Line
 from llmap.store.lock import LedgerLock, lock_path
 from llmap.ui import actions
 
@@ -112,7 +113,16 @@ def test_rollback_refuses_while_a_run_holds_the_ledger_and_for_a_run_not_there(t
         lock.release()
     with pytest.raises(actions.ActionRefused, match="run 7 not found; runs are 1..1"):
         actions.rollback(led.path, 7)
-    assert "rolled back run 1" in actions.rollback(led.path, 1)
+    book = BatchBook(led)
+    bid = book.intent(run=1, model="openai:m", provider="openai", tag="t", file_hash="f", requests=1, size=1,
+                      tokens=1, lines=[Line("c1", "k00001", "k00001")])
+    with pytest.raises(actions.ActionRefused, match="1 provider batch of this job may still answer rows"):
+        actions.rollback(led.path, 1)
+    led.connection.execute("UPDATE batches SET state = 'collected' WHERE id = ?", (bid,))
+    led.connection.commit()
+    exported = []
+    assert "rolled back run 1: 0 requests" in actions.rollback(led.path, 1, lambda: exported.append(1) or ("o", 0))
+    assert exported == []  # rolling back the first run leaves no row: nothing to write
     assert db.execute("SELECT count(*) FROM rows WHERE status != 'pending'").fetchone()[0] == 0  # as before run 1
     assert actions.held_by(led.path) is None  # the lock taken for the rollback is given back
     with pytest.raises(actions.ActionRefused, match="rolled back already"):

@@ -7,6 +7,7 @@ import json
 import sqlite3
 
 import aiohttp
+import pyarrow.parquet as pq
 import pytest
 from ui_support import SCRIPT, add_labels_table, make_old
 
@@ -117,6 +118,8 @@ async def test_labels_need_the_labels_table_then_land_in_it(people_job, serve):
         assert status == 409 and "no labels yet" in text
         meta = json.loads((await fetch("GET", url + "api/meta"))[1])
         assert not meta["labels"]["enabled"] and not meta["rollback"]["enabled"] and meta["rollback"]["why"]
+        refused = await fetch("POST", url + "api/rollback", json={"run": 1}, headers=h)
+        assert refused[0] == 409 and "keeps no row history" in refused[1]
     add_labels_table(ledger)
     with serve(job) as (state, url):
         h = {"X-CSRF-Token": state.csrf}
@@ -178,11 +181,14 @@ async def test_rollback_from_the_page_puts_the_rows_back_as_the_first_run_left_t
         meta = json.loads((await fetch("GET", url + "api/meta"))[1])
         assert meta["rollback"]["enabled"] and meta["rollback"]["why"] is None
         status, text, _ = await fetch("POST", url + "api/rollback", json={"run": 2}, headers=h)
-        assert status == 200 and "rolled back run 2" in json.loads(text)["message"]
+        said = json.loads(text)["message"]
+        assert status == 200 and "rolled back run 2: 0 requests" in said and "output written again" in said
         again = await fetch("POST", url + "api/rollback", json={"run": 2}, headers=h)
         assert again[0] == 409 and "rolled back already" in again[1]
     assert db.execute("SELECT key, status, output FROM rows ORDER BY key").fetchall() == first
     assert sim.stats()["requests"] == sent  # a rollback sends nothing
+    exported = {r["id"]: r["kind"] for r in pq.read_table(job.parent / "out" / "result.parquet").to_pylist()}
+    assert exported == {k: json.loads(o)["kind"] for k, _, o in first}  # the output follows at once
 
 
 @pytest.mark.parametrize("params,message", [("status=zzz", "status must be one of"), ("sort=nope", "cannot sort")])

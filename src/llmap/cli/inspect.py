@@ -34,8 +34,8 @@ def status(
                                                                      "(key, model, error), in input order.")] = False,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show how many rows are pending, done, failed and skipped, read from the job's ledger, and the
-    structured-output dialect each model used.
+    """Show how many rows are pending, done, failed and skipped, read from the job's ledger, the
+    structured-output dialect each model used, a \\[cascade]'s decision and open provider batches.
 
     With --failed, list each failed row and its error instead: the rows a rerun will retry.
     """

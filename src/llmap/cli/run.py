@@ -144,8 +144,9 @@ def run(
         help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics while the run lasts.")] = None,
     executor: Annotated[str, typer.Option(
         "--executor", metavar="local|ray", rich_help_panel=_RAY,
-        help="local: this process sends every request. ray: this process keeps the ledger and the cache, and Ray "
-             "workers send the requests under one rate limit for the whole cluster (pip install 'llmap\\[ray]').")]
+        help="local: this process sends every request. ray: this process keeps the ledger; Ray workers render the "
+             "rows, look up the response cache and send the requests under one rate limit for the whole cluster "
+             "(pip install 'llmap\\[ray]').")]
         = "local",
     ray_address: Annotated[str, typer.Option(
         "--ray-address", metavar="ADDRESS", rich_help_panel=_RAY,

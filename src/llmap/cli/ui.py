@@ -34,11 +34,11 @@ def ui(
     and on a finished job: rows by status and group, rows/s and ETA, cost against the cap, 429s, retries,
     latency and errors over time, cache hits, packs and the cascade's tiers, batches by state; a table of every
     row with filters, sorting and search; a row's prompt, attempts and labels; a review sample with keyboard
-    shortcuts; buttons to stop the run and re-queue rows.
+    shortcuts; buttons to stop the run, re-queue rows and roll back a run.
 
     It prints its URL, which carries a random token: every request without it is refused (403). It binds
-    127.0.0.1 unless --host and --allow-remote say otherwise, needs no internet, and runs until Ctrl-C. Filters
-    and search use an index it builds beside the ledger (<ledger>.ui-index; safe to delete).
+    127.0.0.1 unless --host and --allow-remote say otherwise, needs no internet, and runs until Ctrl-C or
+    SIGTERM. Filters and search use an index it builds beside the ledger (<ledger>.ui-index; safe to delete).
     """
     from llmap.ui.server import UiOptions, UiState, check_host, serve_forever
 

@@ -171,8 +171,11 @@ class Lane:
         """Use a rate limiter, AIMD limit and circuit breaker shared with other processes
         (the Ray executor's cluster-wide budget, :mod:`llmap.run.ray.budget`: a
         :class:`~llmap.run.ray.budget.BudgetLink` and its ``aimd`` and ``breaker`` views)
-        instead of this lane's own."""
-        self.limiter, self.aimd, self.breaker = limiter, aimd, breaker
+        instead of this lane's own. A provider that sizes its own concurrency (the embedded model: each Ray
+        worker runs its own model processes) keeps its own AIMD gate: there is no shared budget to split."""
+        self.limiter, self.breaker = limiter, breaker
+        if not getattr(self.provider, "own_concurrency", False):
+            self.aimd = aimd
         self.probing = self._probes(limiter)
 
     def _probes(self, limiter: LaneLimiter) -> bool:

@@ -359,8 +359,10 @@ class Dispatcher:
                 msgs = messages.get(i, base_messages)
                 req = Request(msgs, self.schema.json_schema, model.temperature, model.max_tokens, row_key=key,
                               shared_prefix=shared, logprobs=self.settler.logprobs)
+                # never on a provider that sizes its own concurrency (the embedded model): a copy on the same
+                # CPUs only adds load, and its cancel holds a model process until it answers
                 hedge = (self.limits.hedge_tail and not rate_limited and self.in_tail()
-                         and lane.in_flight * 2 < lane.limit)
+                         and lane.in_flight * 2 < lane.limit and not getattr(lane.provider, "own_concurrency", False))
                 try:
                     if hedge:  # a copy only once the request is slower than the p95 latency
                         comp = await hedged(self.send, lane, req, lane.timeout.quantile(0.95), self.stats,

@@ -100,9 +100,14 @@ class BatchBook:
         ledger: the job's ledger, open for writing (or read-only, for the readers).
     """
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, *, model: str | None = None) -> None:
+        """``model``: see only that model's batches (its label, ``"openai:gpt-4o"``) where held batches are read:
+        a guaranteed cascade's phase collects its own model's batches, never the other phase's."""
         self.db = ledger.connection
         self.path = ledger.path  # a full disk names the ledger
+        self._only = " AND model = ?" if model is not None else ""
+        self._only_b = " AND b.model = ?" if model is not None else ""
+        self._args: tuple = (model,) if model is not None else ()
 
     # -- writing --------------------------------------------------------------
     @guard_writes("ledger")
@@ -168,7 +173,7 @@ class BatchBook:
     def held(self) -> list[BatchRecord]:
         """Batches that may still answer (``intent`` or ``open``), oldest first."""
         return [_record(r) for r in self.db.execute(
-            f"SELECT {_COLUMNS} FROM batches WHERE state IN ('intent', 'open') ORDER BY id")]
+            f"SELECT {_COLUMNS} FROM batches WHERE state IN ('intent', 'open'){self._only} ORDER BY id", self._args)]
 
     def get(self, batch: int) -> BatchRecord:
         """One batch by its local id."""
@@ -200,7 +205,7 @@ class BatchBook:
         """Cache key -> (batch, custom id, item) of every item of a held batch: an identical row joins it."""
         return {ck: (b, cid, item) for ck, b, cid, item in self.db.execute(
             "SELECT l.ckey, l.batch, l.custom_id, l.item FROM batch_lines l JOIN batches b ON b.id = l.batch "
-            "WHERE b.state IN ('intent', 'open') AND l.ckey IS NOT NULL AND l.item = l.key")}
+            f"WHERE b.state IN ('intent', 'open') AND l.ckey IS NOT NULL AND l.item = l.key{self._only_b}", self._args)}
 
     def free_pending(self, plan: int, *, after_seq: int, limit: int,
                      only: str | None = None) -> list[tuple[int, str, str, str]]:
@@ -218,7 +223,7 @@ class BatchBook:
         """Rows held by batches that may still answer."""
         return int(self.db.execute(
             "SELECT count(DISTINCT l.key) FROM batch_lines l JOIN batches b ON b.id = l.batch "
-            "WHERE b.state IN ('intent', 'open')").fetchone()[0])
+            f"WHERE b.state IN ('intent', 'open'){self._only_b}", self._args).fetchone()[0])
 
     def summary(self, plan: int) -> list[dict[str, Any]]:
         """Per batch of the latest 50: its ids, state, provider status, lines, rows and rows of ``plan`` done

@@ -146,24 +146,40 @@ def requeue(ledger_path: Path, keys: Sequence[str], *, now: Callable[[], float] 
     return moved
 
 
-def rollback(ledger_path: Path, run_id: int) -> str:
-    """Roll back one run as ``llmap rollback`` does (0 requests; the cost history stays).
+def rollback(ledger_path: Path, run_id: int, export: Callable[[], tuple[Path, int]] | None = None) -> str:
+    """Roll back one run as ``llmap rollback`` does (0 requests; the cost history stays), then write the output
+    again with ``export`` (``llmap.io.sinks.export_job`` for the job: ``(path, rows)``) unless no row is left.
 
     Raises:
-        ActionRefused: a run holds the ledger; no such run, or it was rolled back already (the message says
-            which runs there are).
+        ActionRefused: a run holds the ledger, or it cannot be locked; a provider batch of the job may still
+            answer rows (they would settle the rolled-back rows again); no such run, or it was rolled back
+            already (the message says which runs there are).
     """
     lock = LedgerLock(ledger_path)
-    if not lock.try_acquire():  # held while rolling back, so no run starts halfway through
+    try:
+        got = lock.try_acquire()
+    except SpecError as exc:  # the lock file cannot be made (a read-only folder)
+        raise ActionRefused(str(exc)) from None
+    if not got:  # held while rolling back, so no run starts halfway through
         raise ActionRefused("a run holds the ledger: stop it first, then roll back")
     try:
         db = sqlite3.connect(ledger_path, isolation_level=None, timeout=10.0)
         try:
+            held = db.execute("SELECT count(*) FROM batches WHERE state IN ('intent', 'open')").fetchone()[0]
+            if held:
+                raise ActionRefused(f"{held} provider batch{'es' if held > 1 else ''} of this job may still answer "
+                                    "rows; let `llmap run` collect them, or stop them with `llmap batch cancel`, "
+                                    "then roll back")
             undone = undo_run(db, run_id)
+            left = db.execute("SELECT count(*) FROM rows").fetchone()[0]
         except SpecError as exc:
             raise ActionRefused(str(exc)) from None
         finally:
             db.close()
+        message = f"rolled back run{'s' if len(undone) > 1 else ''} {', '.join(map(str, undone))}: 0 requests"
+        if export is not None and left:
+            path, n = export()
+            message += f"; output written again: {path} ({n:,} rows)"
+        return message
     finally:
         lock.release()
-    return f"rolled back run {run_id} (runs undone: {undone}); the next export follows"

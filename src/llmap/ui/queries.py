@@ -107,7 +107,8 @@ class RowQuery:
         conf_below = None
         if conf is not None:
             if not columns.confidence:
-                raise ValueError("this ledger has no confidence column (it comes with the quality work)")
+                raise ValueError("this ledger has no confidence column yet (a ledger from before migration "
+                                 "007_quality: the next `llmap run` adds it)")
             try:
                 conf_below = float(conf)
             except ValueError:

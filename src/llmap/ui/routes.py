@@ -16,7 +16,7 @@ path                       verb  what
 ``api/label``              POST  a label: ``{key, field, value}``
 ``api/stop``               POST  stop the run (SIGTERM to its process)
 ``api/requeue``            POST  re-queue the rows a filter selects, or the failed ones
-``api/rollback``           POST  roll back a run ``{run}`` (needs the quality work)
+``api/rollback``           POST  roll back a run ``{run}`` as ``llmap rollback`` does, then export
 =========================  ====  ==========================================================================
 
 Every JSON answer goes through the job's :class:`~llmap.ui.safety.Redactor`.
@@ -34,6 +34,7 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from llmap.io.sinks import export_job
 from llmap.store.ledger import STATUSES
 from llmap.ui import actions, quality
 from llmap.ui.detail import row_detail
@@ -289,8 +290,10 @@ def add_routes(app: web.Application, state: Any) -> None:
             run_id = int(body.get("run"))
         except (TypeError, ValueError):
             return _fail(state, "roll back needs {run: RUN_ID}")
+        if not state.features["rollback"]:
+            return _fail(state, meta(state)["rollback"]["why"], 409)
         try:
-            message = await state.run(actions.rollback, state.ledger_path, run_id)
+            message = await state.run(actions.rollback, state.ledger_path, run_id, lambda: export_job(state.spec))
         except actions.ActionRefused as exc:
             return _fail(state, str(exc), 409)
         state.index.rewind(5.0)

@@ -30,6 +30,9 @@ __all__ = ["CACHE_MIN_TOKENS", "DEFAULT_CHARS_PER_TOKEN", "DEFAULT_LATENCY_S", "
 DEFAULT_CHARS_PER_TOKEN = 4.0
 #: Seconds per request assumed when the ledger has no answered request of the primary model.
 DEFAULT_LATENCY_S = 1.0
+#: Seconds per request assumed for the embedded model without past runs: a row decoded among 16 in each of 2
+#: processes (B16 on 2 cores: 61 Wyoming rows in 9.6 s, model load included, 32 in flight: about 5 s each).
+LOCAL_LATENCY_S = 5.0
 #: The shortest shared prefix assumed cached, tokens (Anthropic's smallest minimum).
 CACHE_MIN_TOKENS = 1024
 
@@ -222,17 +225,20 @@ def cost_and_time(est: Estimate, spec: Any, hist: History) -> None:
     est.tpm = model.tpm or limits.tpm
     if model.label in hist.latency:
         est.latency_s, est.latency_source = hist.latency[model.label], "past runs"
+    elif model.provider == "local":
+        est.latency_s, est.latency_source = LOCAL_LATENCY_S, "assumed (B16: 16 rows decoded together per process)"
     else:
         est.latency_s, est.latency_source = DEFAULT_LATENCY_S, "assumed"
-    if model.provider == "local":  # one request per model process (llmap.providers.local.provider)
-        from llmap.providers.local.provider import DEFAULT_PROCESSES, cores
+    if model.provider == "local":  # processes x rows each decodes together (llmap.providers.local.provider)
+        from llmap.providers.local.provider import DEFAULT_PROCESSES, DEFAULT_SEQUENCES, cores
 
         n = cores()
         wanted = limits.concurrency or DEFAULT_PROCESSES
-        est.concurrency = max(1, min(wanted, n))
+        procs = max(1, min(wanted, n))
+        est.concurrency = procs * DEFAULT_SEQUENCES
         why = "[limits] concurrency" if limits.concurrency else "the default"
-        est.concurrency_source = (f"embedded model: {est.concurrency} model process"
-                                  f"{'es' if est.concurrency != 1 else ''} ({why}, at most one per core of {n})")
+        est.concurrency_source = (f"embedded model: {procs} model process{'es' if procs != 1 else ''} ({why}, at "
+                                  f"most one per core of {n}) x {DEFAULT_SEQUENCES} rows decoded together")
     elif limits.concurrency:
         est.concurrency, est.concurrency_source = limits.concurrency, "[limits] concurrency"
     else:

@@ -104,7 +104,9 @@ async def run_batches(*, ledger: Ledger, run_id: int, job: str, spec: BatchSpec,
     """
     api = batch_api(provider)
     size = SizeLimit(min(spec.max_requests, api.max_requests), min(spec.max_bytes_n, api.max_bytes))
-    ctx = BatchContext(ledger, BatchBook(ledger), run_id, job, spec, api, dispatcher, stats, tally, progress,
+    # a guaranteed cascade's phase (``only``) sees its own model's batches: the other phase's are not its to collect
+    book = BatchBook(ledger, model=api.label if only is not None else None)
+    ctx = BatchContext(ledger, book, run_id, job, spec, api, dispatcher, stats, tally, progress,
                        pack=max(1, pack), on_settled=on_settled, clock=clock, size=size, only=only)
     undo_sigterm = install_sigterm(asyncio.current_task())  # SIGTERM stops like Ctrl-C: batches keep running
     try:
