@@ -30,6 +30,7 @@ system = "Label the text."
 user = "{{{{ text }}}}"
 [output]
 path = "out/ab.jsonl"
+{output_extra}
 [output.fields]
 label = {{ type = "string", enum = ["a", "b", "c"] }}
 score = {{ type = "number" }}
@@ -47,7 +48,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--extra", default="")
+    ap.add_argument("--extra", default="", help="TOML appended to the job (after [limits])")
+    ap.add_argument("--no-confidence", action="store_true",
+                    help="[output] confidence = false: no log-probabilities asked for or read (what _confidence "
+                         "costs; only for versions that know the key)")
     ap.add_argument("--latency", type=float, default=0.0)
     ap.add_argument("versions", nargs="+", metavar="NAME=SRC")
     a = ap.parse_args()
@@ -66,7 +70,8 @@ def main() -> None:
                 shutil.rmtree(d, ignore_errors=True)
                 d.mkdir()
                 (d / "job.toml").write_text(JOB.format(csv=tmp / "rows.csv", base_url=sim.base_url,
-                                                       concurrency=a.concurrency, extra=a.extra))
+                                                       concurrency=a.concurrency, extra=a.extra,
+                                                       output_extra="confidence = false" if a.no_confidence else ""))
                 env = {**os.environ, "PYTHONPATH": str(Path(src).resolve()), "LLMAP_CACHE_DIR": str(d / "cache")}
                 r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
