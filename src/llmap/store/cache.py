@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from llmap.store.diskfull import guard_writes, is_disk_full
-from llmap.store.migrate import apply_migrations
+from llmap.store.migrate import open_store
 
 __all__ = [
     "CacheEntry",
@@ -240,19 +240,7 @@ class ResponseCache:
             if "confidence" not in cols:
                 self._extra = "NULL, NULL"
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
-        )
-        try:
-            # busy_timeout first: switching to WAL needs a lock another process may hold.
-            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            apply_migrations(self._db, MIGRATIONS)
-        except BaseException:
-            self._db.close()
-            raise
+        self._db = open_store(self.path, MIGRATIONS, busy_timeout_ms=BUSY_TIMEOUT_MS)
 
     # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:

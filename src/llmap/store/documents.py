@@ -35,7 +35,7 @@ from pathlib import Path
 
 from llmap.store.cache import default_cache_dir
 from llmap.store.diskfull import guard_writes
-from llmap.store.migrate import apply_migrations
+from llmap.store.migrate import open_store
 
 __all__ = ["FILE_NAME", "DocumentStore", "FetchedEntry", "TextEntry"]
 
@@ -152,17 +152,7 @@ class DocumentStore:
             self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=BUSY_TIMEOUT_MS / 1000)
-        try:
-            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            apply_migrations(self._db, MIGRATIONS)
-        except BaseException:
-            self._db.close()
-            raise
+        self._db = open_store(self.path, MIGRATIONS, busy_timeout_ms=BUSY_TIMEOUT_MS)
 
     def close(self) -> None:
         """Close the connection."""

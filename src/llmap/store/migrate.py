@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from pathlib import Path
 
-__all__ = ["apply_migrations"]
+__all__ = ["apply_migrations", "open_store"]
 
 
 def apply_migrations(db: sqlite3.Connection, migrations: list[tuple[str, str]]) -> None:
@@ -53,3 +54,24 @@ def apply_migrations(db: sqlite3.Connection, migrations: list[tuple[str, str]]) 
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+
+def open_store(path: Path, migrations: list[tuple[str, str]], *, busy_timeout_ms: int) -> sqlite3.Connection:
+    """Open (creating its folder) a SQLite store shared across threads and processes: autocommit,
+    ``busy_timeout`` first (switching to WAL needs a lock another process may hold), WAL with
+    ``synchronous = NORMAL`` (a process kill loses nothing committed), then ``migrations`` applied.
+
+    Raises:
+        sqlite3.Error: the file cannot be opened or migrated (the connection is closed first).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
+    try:
+        db.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        apply_migrations(db, migrations)
+    except BaseException:
+        db.close()
+        raise
+    return db

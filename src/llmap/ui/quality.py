@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llmap.quality.metrics import Z95, wilson
+from llmap.quality.review import allocate
 from llmap.store.labels import Label, write_labels
 
 __all__ = ["Z95", "allocate", "evaluate", "features", "labels_of", "review_sample", "same_answer", "wilson",
@@ -127,25 +128,6 @@ def evaluate(db: sqlite3.Connection, plan: int, fields: Mapping[str, Any]) -> di
             fig["confusion"] = [[matrix.get((json.dumps(t), json.dumps(a)), 0) for a in classes] for t in classes]
         out[name] = fig
     return {"labels": total, "fields": out}
-
-
-def allocate(sizes: Mapping[Any, int], n: int) -> dict[Any, int]:
-    """Share ``n`` rows among groups of ``sizes`` as equally as their sizes allow (larger groups first for
-    the remainder); a group never gets more than it has."""
-    alloc = dict.fromkeys(sizes, 0)
-    active = sorted((g for g in sizes if sizes[g] > 0), key=lambda g: (-sizes[g], str(g)))
-    left = min(n, sum(sizes.values()))
-    while left > 0 and active:
-        share = max(1, left // len(active))
-        for g in list(active):
-            take = min(share, sizes[g] - alloc[g], left)
-            alloc[g] += take
-            left -= take
-            if alloc[g] >= sizes[g]:
-                active.remove(g)
-            if left == 0:
-                break
-    return alloc
 
 
 def _draw(seed: int, key: str) -> int:
