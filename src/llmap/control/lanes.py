@@ -139,9 +139,9 @@ class Lane:
         otpm = model.otpm or limits.otpm
         self.limiter: LaneLimiter = Limiter(RateLimiter(rpm, tpm, itpm=itpm, otpm=otpm, now=clock()), clock=clock,
                                             sleep=sleep)
-        # A provider that sizes its own concurrency (the embedded model: processes x sequences, where
-        # [limits] concurrency counts processes) is filled at once, and has no rate limit to probe for.
-        own = bool(getattr(provider, "own_concurrency", False))
+        #: the provider sizes its own concurrency (the embedded model: processes x sequences, where [limits]
+        #: concurrency counts processes): filled at once, no probe, no shared AIMD gate, no hedged copies
+        self.own_concurrency = own = bool(getattr(provider, "own_concurrency", False))
         cap = provider.max_concurrency if own else min(limits.concurrency or MAX_CONCURRENCY, provider.max_concurrency)
         initial = cap if own else min(cap, limits.concurrency or INITIAL_CONCURRENCY)
         self.aimd: LaneAIMD = AIMDConcurrency(initial=initial, minimum=1, maximum=cap)
@@ -174,12 +174,12 @@ class Lane:
         instead of this lane's own. A provider that sizes its own concurrency (the embedded model: each Ray
         worker runs its own model processes) keeps its own AIMD gate: there is no shared budget to split."""
         self.limiter, self.breaker = limiter, breaker
-        if not getattr(self.provider, "own_concurrency", False):
+        if not self.own_concurrency:
             self.aimd = aimd
         self.probing = self._probes(limiter)
 
     def _probes(self, limiter: LaneLimiter) -> bool:
-        if getattr(self.provider, "own_concurrency", False):
+        if self.own_concurrency:
             return False
         return not limiter.limited or bool(getattr(self.provider, "discovering", False))
 

@@ -362,7 +362,7 @@ class Dispatcher:
                 # never on a provider that sizes its own concurrency (the embedded model): a copy on the same
                 # CPUs only adds load, and its cancel holds a model process until it answers
                 hedge = (self.limits.hedge_tail and not rate_limited and self.in_tail()
-                         and lane.in_flight * 2 < lane.limit and not getattr(lane.provider, "own_concurrency", False))
+                         and lane.in_flight * 2 < lane.limit and not lane.own_concurrency)
                 try:
                     if hedge:  # a copy only once the request is slower than the p95 latency
                         comp = await hedged(self.send, lane, req, lane.timeout.quantile(0.95), self.stats,
