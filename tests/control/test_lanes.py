@@ -174,3 +174,73 @@ def test_a_cluster_budget_plugged_into_an_own_concurrency_lane_keeps_its_own_gat
     http = _sized_lane(_SizedProvider(256), concurrency=2)
     http.plug(link, link.aimd, link.breaker)
     assert http.aimd is link.aimd  # an HTTP lane shares the cluster's gate
+
+
+class _Discovering:
+    """A provider still learning the server's request shape; ``grace``: how soon a refusal would show."""
+
+    def __init__(self, grace: float | None) -> None:
+        self.label, self.max_concurrency, self.discovering = "openai:m", 8, True
+        if grace is not None:
+            self.discovery_grace_s = grace
+
+
+def _grace_lane(grace: float | None, **limits) -> tuple[Lane, list[float], asyncio.Event]:
+    slept: list[float] = []
+    over = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        await over.wait()
+
+    lane = Lane(0, _Discovering(grace), ModelSpec(provider="openai", name="m"),
+                LimitsSpec(concurrency=8, **limits), clock=lambda: 0.0, sleep=sleep)
+    return lane, slept, over
+
+
+async def _turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_with_known_limits_the_probe_holds_the_others_only_for_the_providers_grace():
+    # a refused request shape comes back on arrival: waiting for a whole answer would leave the bucket idle
+    lane, slept, over = _grace_lane(0.25, rpm=3000)
+    await lane.enter()  # the probe
+    others = [asyncio.ensure_future(lane.enter()) for _ in range(3)]
+    await _turns()
+    assert slept == [0.25] and not any(o.done() for o in others) and lane.probing
+    over.set()  # the grace is over, no refusal came
+    await asyncio.wait_for(asyncio.gather(*others), 1)
+    assert not lane.probing and lane.in_flight == 4
+
+
+async def test_with_unknown_limits_or_no_grace_the_others_wait_for_the_answer():
+    for grace, limits in ((0.25, {}), (None, {"rpm": 3000})):  # headers to learn; a provider that must see the answer
+        lane, slept, over = _grace_lane(grace, **limits)
+        await lane.enter()
+        other = asyncio.ensure_future(lane.enter())
+        over.set()
+        await _turns()
+        assert slept == [] and not other.done()
+        lane.on_success()
+        await asyncio.wait_for(other, 1)
+        assert not lane.probing
+
+
+async def test_a_probe_that_fails_within_its_grace_passes_the_probe_on_with_a_grace_of_its_own():
+    lane, slept, over = _grace_lane(0.25, rpm=3000)
+    await lane.enter()
+    other = asyncio.ensure_future(lane.enter())
+    await _turns()
+    lane.leave()  # refused in every shape: no answer
+    await asyncio.wait_for(other, 1)  # the next request probes, alone
+    assert lane.probing and lane.in_flight == 1
+    await _turns()
+    assert slept == [0.25, 0.25]  # a new grace, not what was left of the first one
+    third = asyncio.ensure_future(lane.enter())
+    await _turns()
+    assert not third.done()
+    over.set()
+    await asyncio.wait_for(third, 1)
+    assert not lane.probing

@@ -139,6 +139,7 @@ class Lane:
         otpm = model.otpm or limits.otpm
         self.limiter: LaneLimiter = Limiter(RateLimiter(rpm, tpm, itpm=itpm, otpm=otpm, now=clock()), clock=clock,
                                             sleep=sleep)
+        self._sleep = sleep
         #: the provider sizes its own concurrency (the embedded model: processes x sequences, where [limits]
         #: concurrency counts processes): filled at once, no probe, no shared AIMD gate, no hedged copies
         self.own_concurrency = own = bool(getattr(provider, "own_concurrency", False))
@@ -154,6 +155,7 @@ class Lane:
         #: the server takes (``discovering``): one request goes first, and the rest wait for its answer,
         #: which may carry rate-limit headers (see :meth:`on_success`).
         self.probing = self._probes(self.limiter)
+        self._grace_task: asyncio.Task | None = None
         self._cap = cap
         self.timeout = AdaptiveTimeout(model.timeout_s)
         self.output_tokens = OutputTokenEstimator(model.max_tokens)
@@ -206,10 +208,35 @@ class Lane:
                     self._wake()  # pass the wake-up on
                 raise
         self.in_flight += 1
+        if self.probing and self._grace_task is None and self.limiter.limited:
+            grace = getattr(self.provider, "discovery_grace_s", None)  # read now: the preflight may have set it
+            if grace is not None:
+                self._grace_task = asyncio.ensure_future(self._grace(grace))
+
+    async def _grace(self, seconds: float) -> None:
+        """End the probe ``seconds`` after its request went, if no answer has ended it sooner.
+
+        Only when the limits are known (told, or read from headers) and the provider
+        says what it is still learning shows itself *at once* (``discovery_grace_s``:
+        an OpenAI-compatible server refuses a request shape on arrival, before any
+        generation, so a refusal comes back within a round trip, long before an
+        answer). Waiting for the whole answer would leave the server's bucket full
+        and idle for a generation's time (B17: 0.98 s of a 30 s job). A refusal
+        that comes later than the grace costs one refused request per row sent
+        meanwhile; each is sent again at once in the next shape (see
+        :mod:`llmap.providers.openai`).
+        """
+        await self._sleep(seconds)
+        if self.probing:
+            self.probing = False
+            self._wake()
 
     def leave(self) -> None:
         """Free a slot taken by :meth:`enter`."""
         self.in_flight -= 1
+        if self._grace_task is not None and (self.probing or self._grace_task.done()):
+            self._grace_task.cancel()  # the probe ended without an answer: the next request probes, with its own grace
+            self._grace_task = None
         self._wake()
 
     def _wake(self) -> None:
@@ -230,6 +257,9 @@ class Lane:
         doubles every round trip up to the ceiling) instead of sending the
         whole first wave at once.
         """
+        if self._grace_task is not None:
+            self._grace_task.cancel()
+            self._grace_task = None
         if self.probing:
             self.probing = False
             if not self.limiter.limited and isinstance(self.aimd, AIMDConcurrency):  # a plugged one keeps its state

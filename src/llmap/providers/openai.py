@@ -17,7 +17,9 @@ run counts it. Until the server has answered once (in this run, or in an
 earlier one that :class:`~llmap.store.dialects.DialectMemory` remembers) the
 provider is ``discovering`` and its lane sends one request at a time, so a
 server that refuses the first dialect costs one refused request, not one per
-row in flight, and a server that refuses everything is found out by the
+row in flight. When the limits are known, the others wait for that first
+answer at most :data:`DISCOVERY_GRACE_S` or 3 preflight round trips (a refusal
+comes back on arrival, an answer only after generation). A server that refuses everything is found out by the
 misconfiguration check (:mod:`llmap.control.misconfig`) after a few requests,
 not a burst.
 """
@@ -25,6 +27,7 @@ not a burst.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from llmap import errors as E
@@ -45,6 +48,11 @@ _MAX_RESENDS = 7
 TOP_LOGPROBS = 1
 #: The instruction ``structured = "prompt"`` adds to the system prompt (the re-ask says the same words).
 PROMPT_INSTRUCTION = "Reply with only a JSON object that matches this JSON Schema: "
+#: Seconds the first request of a job against a server whose shape is not known yet goes alone, when the limits
+#: are known: a server refuses a request shape on arrival (before generating), so a refusal is back within a
+#: round trip, long before an answer. At least this, and 3 round trips of the preflight's ``GET /models`` (a
+#: local server answers that in milliseconds; a hosted API in 0.1-0.3 s).
+DISCOVERY_GRACE_S = 0.1
 
 
 class OpenAIProvider:
@@ -83,6 +91,9 @@ class OpenAIProvider:
         self.memory = memory if memory is not None else DialectMemory()
         self.shape = RequestShape.start(spec.structured, self.memory.get(self.base_url, spec.name),
                                         frozenset(spec.params))
+        #: while ``discovering`` with known limits, the others wait this long for the first answer (seconds;
+        #: see :meth:`llmap.control.lanes.Lane._grace`); raised to 3 round trips by :meth:`check`
+        self.discovery_grace_s = DISCOVERY_GRACE_S
         self.http = HttpClient(self.base_url, label=self.label, headers=self._headers, secrets=self._secrets,
                                concurrency=concurrency, connect_timeout_s=spec.connect_timeout_s,
                                read_timeout_s=spec.timeout_s, query=spec.query)
@@ -103,12 +114,14 @@ class OpenAIProvider:
         Raises:
             SpecError: the server cannot be reached, or rejects the key.
         """
+        t0 = time.monotonic()
         try:
             status = await self.http.probe("/models")
         except OSError as exc:
             raise E.SpecError(
                 f"cannot reach [model] base_url {self.base_url}: {exc}; start the server or fix base_url"
             ) from None
+        self.discovery_grace_s = max(DISCOVERY_GRACE_S, 3 * (time.monotonic() - t0))
         if status in (401, 403):
             who = f"the key in ${self.spec.api_key_env}" if self.spec.api_key_env else "a request without an API key"
             raise E.SpecError(
