@@ -158,6 +158,7 @@ class BatchDecoder:
         #: True: admit no new job (the worker drains the batch to run a request on its own)
         self.hold = False
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 2)
+        self._apart_memo: dict[tuple[int, str], bool] = {}
         #: counters for the benchmark
         self.counters = {"prompt_eval": 0, "prompt_reused": 0, "steps": 0, "step_tokens": 0, "outputs": 0,
                          "drafted": 0, "draft_kept": 0, "forced": 0, "full_checks": 0}
@@ -373,23 +374,42 @@ class BatchDecoder:
         return None
 
     def _jump(self, job: Job) -> str | None:
-        """Append the tokens of the text the grammar now fixes (``{"kind": "``, ``", "confidence": ``),
-        but the last, which could merge with what the model writes next; no logits are computed for
-        them. Their log-probability is reported as 0. Returns why the job ended, or None."""
+        """Append the tokens of the text the grammar now fixes (``{"kind": "``, ``", "confidence": ``);
+        no logits are computed for them, and their log-probability is reported as 0. The last one is
+        left to the model when it could merge with what the model writes next (see :meth:`_fixed`).
+        Returns why the job ended, or None."""
         if not job.jump:
             return None
-        text = job.grammar.forced()
-        if not text:
-            return None
-        toks = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-        if self.llm.detokenize(toks).decode("utf-8", "replace") != text:
-            return None
-        for tok in toks[:-1][:max(0, job.max_tokens - len(job.out) - 1)]:  # the model writes the last one
+        for tok in self._fixed(job)[:max(0, job.max_tokens - len(job.out) - 1)]:
             self.counters["forced"] += 1
             why = self._accept(job, tok, None)
             if why is not None:
                 return why
         return None
+
+    def _fixed(self, job: Job) -> list[int]:
+        """The tokens of the text the grammar fixes from here: the text's own tokenization, without its last
+        token unless no character the grammar allows next would merge with it (``"kind": "`` then ``city``:
+        no token starts with `` "c``, so `` "`` is fixed too; ``": `` then ``-``: `` -`` is one token, so the
+        model writes the space, or the space and the sign together)."""
+        text, after = job.grammar.forced()
+        if not text:
+            return []
+        toks = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        if self.llm.detokenize(toks).decode("utf-8", "replace") != text:
+            return []
+        if after is None or not all(self._apart(toks[-1], c) for c in after):
+            toks = toks[:-1]
+        return toks
+
+    def _apart(self, tok: int, char: str) -> bool:
+        """True when ``char`` written after ``tok`` is tokenized apart from it (``tok`` stays a token)."""
+        known = self._apart_memo.get((tok, char))
+        if known is None:
+            piece = self.llm.detokenize([tok]) + char.encode("utf-8")
+            known = self.llm.tokenize(piece, add_bos=False, special=False)[:1] == [tok]
+            self._apart_memo[(tok, char)] = known
+        return known
 
     def _cut_at_stop(self, job: Job) -> bool:
         text = self.llm.detokenize(job.out)

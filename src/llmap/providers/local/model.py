@@ -186,10 +186,14 @@ class _Scratch:
         self.probe_chars = chars
         self.probe_ids = np.array([*ids, *sorted(eog)], dtype=np.int32)
         self.probe_zeros = np.zeros(len(self.probe_ids), dtype=np.float32)
+        # a token of one character outside ASCII: a grammar that allows it next allows text the probe cannot list
+        wide = llm.tokenize("é".encode(), add_bos=False, special=False)
+        self.wide_id = np.array(wide[:1] if len(wide) == 1 else [], dtype=np.int32)
         #: (grammar, answer prefix) -> the grammar's verdict on every token, packed 8 to a byte
         self.masks: OrderedDict[tuple[str, tuple[int, ...]], np.ndarray] = OrderedDict()
-        #: (grammar, answer prefix) -> the text the grammar fixes next
-        self.forced: dict[tuple[str, tuple[int, ...]], str] = {}
+        #: (grammar, answer prefix) -> the text the grammar fixes next, and the characters it allows after that
+        #: (None: a character outside printable ASCII may come next)
+        self.forced: dict[tuple[str, tuple[int, ...]], tuple[str, str | None]] = {}
 
     def allowed(self, smpl: Any, ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """The grammar's verdict on ``ids`` (at most :data:`MAX_CANDIDATES`): their logits, -inf where it rejects
@@ -234,8 +238,11 @@ class GrammarChoice:
         """Buffers for ``llm``'s vocabulary, shared by every row of a process."""
         return _Scratch(llm)
 
-    def forced(self, limit: int = 64) -> str:
-        """The text the grammar allows and nothing else from here (up to ``limit`` characters), or "".
+    def forced(self, limit: int = 64) -> tuple[str, str | None]:
+        """The text the grammar allows and nothing else from here (up to ``limit`` characters), or "", and the
+        characters it allows after that text: a string of printable ASCII characters ("" when only the end of
+        the answer may come), or None when a character outside printable ASCII may come there (or the limit
+        was reached).
 
         Asks the grammar, one character at a time, which printable ASCII
         character may come next; while it allows exactly one and not the end
@@ -244,28 +251,32 @@ class GrammarChoice:
         Remembered per (grammar, answer prefix) when the choice has a ``key``.
         """
         if self.smpl is None:
-            return ""
+            return "", None
         sc = self.scratch
         key = (self.key, tuple(self.history)) if self.key is not None else None
         if key is not None and key in sc.forced:
             return sc.forced[key]
         probe = llama_cpp.llama_sampler_clone(self.smpl)
         out: list[str] = []
+        after: str | None = None
         try:
             for _ in range(limit):
                 ok = np.flatnonzero(sc.allowed(probe, sc.probe_ids, sc.probe_zeros) != -np.inf)
                 if len(ok) != 1 or ok[0] >= len(sc.probe_chars):
+                    wide = len(sc.wide_id) == 0 or sc.allowed(probe, sc.wide_id, sc.probe_zeros[:1])[0] != -np.inf
+                    if not wide:  # (the end of the answer may come too: no text to merge with)
+                        after = "".join(sc.probe_chars[i] for i in ok if i < len(sc.probe_chars))
                     break
                 out.append(sc.probe_chars[ok[0]])
                 llama_cpp.llama_sampler_accept(probe, int(sc.probe_ids[ok[0]]))
         finally:
             llama_cpp.llama_sampler_free(probe)
-        text = "".join(out)
+        found = ("".join(out), after)
         if key is not None:
-            sc.forced[key] = text
+            sc.forced[key] = found
             if len(sc.forced) > FORCED:
                 sc.forced.pop(next(iter(sc.forced)))
-        return text
+        return found
 
     def pick(self, logits: np.ndarray) -> int | None:
         """The greedy token for these logits, or None when the grammar allows no token.
