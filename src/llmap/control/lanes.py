@@ -153,7 +153,8 @@ class Lane:
         )
         #: Nothing is known of this model's limits (none configured), or its provider still learns what
         #: the server takes (``discovering``): one request goes first, and the rest wait for its answer,
-        #: which may carry rate-limit headers (see :meth:`on_success`).
+        #: which may carry rate-limit headers (see :meth:`on_success`); with known limits, at most the
+        #: provider's ``discovery_grace_s`` (see :meth:`_grace`).
         self.probing = self._probes(self.limiter)
         self._grace_task: asyncio.Task | None = None
         self._cap = cap
