@@ -19,9 +19,9 @@ provider is ``discovering`` and its lane sends one request at a time, so a
 server that refuses the first dialect costs one refused request, not one per
 row in flight. When the limits are known, the others wait for that first
 answer at most :data:`DISCOVERY_GRACE_S` or 3 preflight round trips (a refusal
-comes back on arrival, an answer only after generation). A server that refuses everything is found out by the
-misconfiguration check (:mod:`llmap.control.misconfig`) after a few requests,
-not a burst.
+comes back on arrival, an answer only after generation). A server that refuses
+everything is found out by the misconfiguration check
+(:mod:`llmap.control.misconfig`) after a few requests, not a burst.
 """
 
 from __future__ import annotations
