@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from llmap.store.ledger import Ledger
+from llmap.store.vectors import stored_vectors
 
 __all__ = ["Family", "OperatorBook", "StepRecord", "output_pages"]
 
@@ -126,14 +127,7 @@ class OperatorBook:
     # -- vectors -------------------------------------------------------------------------------
     def vectors(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """Stored embeddings among ``keys`` (float32 vectors)."""
-        out: dict[str, np.ndarray] = {}
-        keys = list(dict.fromkeys(keys))
-        for i in range(0, len(keys), _PAGE):
-            chunk = keys[i:i + _PAGE]
-            q = f"SELECT key, vec FROM op_vectors WHERE key IN ({','.join('?' * len(chunk))})"
-            for k, blob in self.db.execute(q, chunk):
-                out[k] = np.frombuffer(blob, dtype=np.float32)
-        return out
+        return stored_vectors(self.db, "op_vectors", keys)
 
     def put_vectors(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
         """Commit embeddings ``(key, vector)`` of ``model`` (one transaction)."""

@@ -21,9 +21,9 @@ import numpy as np
 
 from llmap.store.cache import BUSY_TIMEOUT_MS, canonical_json, default_cache_dir
 from llmap.store.diskfull import guard, guard_writes
-from llmap.store.migrate import apply_migrations
+from llmap.store.migrate import open_store
 
-__all__ = ["FILE_NAME", "VectorCache", "vector_key"]
+__all__ = ["FILE_NAME", "VectorCache", "stored_vectors", "vector_key"]
 
 #: The cache's file name inside the cache folder.
 FILE_NAME = "embeddings.sqlite"
@@ -45,6 +45,19 @@ MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 
+def stored_vectors(db: sqlite3.Connection, table: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The float32 vectors among ``keys`` in ``table`` (columns ``key``, ``vec``), read in chunks of
+    :data:`_CHUNK` keys (SQLite's limit on bound parameters)."""
+    out: dict[str, np.ndarray] = {}
+    keys = list(dict.fromkeys(keys))
+    for i in range(0, len(keys), _CHUNK):
+        chunk = keys[i:i + _CHUNK]
+        q = f"SELECT key, vec FROM {table} WHERE key IN ({','.join('?' * len(chunk))})"
+        for k, blob in db.execute(q, chunk):
+            out[k] = np.frombuffer(blob, dtype=np.float32)
+    return out
+
+
 def vector_key(model: str, text: str) -> str:
     """The key of ``text`` embedded by ``model`` (``provider:name``): SHA-256 of their canonical JSON."""
     return hashlib.sha256(canonical_json({"model": model, "text": text}).encode("utf-8")).hexdigest()
@@ -64,23 +77,11 @@ class VectorCache:
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else default_cache_dir() / FILE_NAME
         with guard(self.path, "embeddings cache"):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            apply_migrations(self._db, MIGRATIONS)
+            self._db = open_store(self.path, MIGRATIONS, busy_timeout_ms=BUSY_TIMEOUT_MS)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
         """The stored vectors among ``keys`` (float32)."""
-        out: dict[str, np.ndarray] = {}
-        keys = list(dict.fromkeys(keys))
-        for i in range(0, len(keys), _CHUNK):
-            chunk = keys[i:i + _CHUNK]
-            q = f"SELECT key, vec FROM vectors WHERE key IN ({','.join('?' * len(chunk))})"
-            for k, blob in self._db.execute(q, chunk):
-                out[k] = np.frombuffer(blob, dtype=np.float32)
-        return out
+        return stored_vectors(self._db, "vectors", keys)
 
     @guard_writes("embeddings cache")
     def put_many(self, model: str, items: Sequence[tuple[str, np.ndarray]]) -> None:
